@@ -1,0 +1,13 @@
+#!/usr/bin/env node
+// Entry point: runs the compiled CLI from dist/ (built by `npm run build`, which `npm ci` runs via `prepare`).
+import { existsSync } from "node:fs";
+
+const entry = new URL("../dist/cli.js", import.meta.url);
+if (!existsSync(entry)) {
+  process.stderr.write("compute-bridge: dist/ is missing; run `npm run build` first\n");
+  process.exit(1);
+}
+const { main } = await import(entry.href);
+const code = await main(process.argv.slice(2));
+process.exitCode = code;
+if (process.argv[2] !== "run") process.exit(code);

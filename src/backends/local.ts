@@ -1,0 +1,353 @@
+import { spawn } from "node:child_process";
+import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, rmSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
+import path from "node:path";
+import type { LocalConfig } from "../config/schema.js";
+import type { Almanac, Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
+import { abortError, type Clock } from "../util/clock.js";
+import { DigestMismatchError, FetchError, fetchVerified } from "../util/fetch-verify.js";
+import type { Logger } from "../util/logger.js";
+import {
+  BackendError,
+  CapacityError,
+  ImageVerificationError,
+  InvalidRequestError,
+  TransientError,
+  type BackendContext,
+  type ManagedBackend,
+  type Satisfaction,
+} from "./backend.js";
+import { SUPERVISOR_SCRIPT } from "./local/supervisor.js";
+
+/** How long a freshly spawned supervisor may take to report its workload's pid. */
+const START_TIMEOUT_MS = 15_000;
+const WORKLOAD_PATH = "/usr/local/bin:/usr/bin:/bin";
+
+interface RunResult {
+  exit_status: number | null;
+  cpu_seconds: number | null;
+  started_ms: number | null;
+  ended_ms: number | null;
+  failure: string;
+}
+
+/**
+ * Runs workloads as local processes, each under a detached supervisor (local/supervisor.ts) that
+ * records its exit and usage in state_dir, so a restarted daemon re-attaches instead of losing or
+ * re-running it. Development and single-host use; not TDX-capable.
+ */
+export class LocalBackend implements ManagedBackend {
+  readonly name = "local";
+  private readonly root: string;
+  private readonly runs: string;
+  private readonly images: string;
+  private readonly supervisor: string;
+  private readonly active = new Set<string>();
+  private readonly log: Logger;
+  private readonly clock: Clock;
+  private readonly almanac: Almanac;
+
+  constructor(
+    private readonly cfg: LocalConfig,
+    ctx: BackendContext,
+  ) {
+    this.root = path.join(ctx.stateDir, "local");
+    this.runs = path.join(this.root, "runs");
+    this.images = path.join(this.root, "images");
+    this.supervisor = path.join(this.root, "supervisor.sh");
+    this.log = ctx.log.child({ backend: this.name });
+    this.clock = ctx.clock;
+    this.almanac = ctx.almanac;
+  }
+
+  private ready = false;
+  /** Create the state directories and (re)write the supervisor script; first use only. */
+  private ensureReady(): void {
+    if (this.ready) return;
+    mkdirSync(this.runs, { recursive: true, mode: 0o700 });
+    mkdirSync(this.images, { recursive: true, mode: 0o700 });
+    // Rewritten at every start so an upgrade ships its supervisor; running ones keep their copy open.
+    const tmp = `${this.supervisor}.${process.pid}.tmp`;
+    writeFileSync(tmp, SUPERVISOR_SCRIPT, { mode: 0o700 });
+    renameSync(tmp, this.supervisor);
+    this.ready = true;
+  }
+
+  capabilities(): Capabilities {
+    return {
+      regions: [this.cfg.region],
+      tdx_capable: false,
+      max_cpu_millicores: this.cfg.cpu_millicores,
+      max_ram_mib: this.cfg.ram_mib,
+    };
+  }
+
+  canSatisfy(grant: ComputeGrant): Satisfaction {
+    if (grant.region !== this.cfg.region) return { ok: false, code: "region_not_served", message: `local serves region ${this.cfg.region} only` };
+    if (grant.tdx_required) return { ok: false, code: "tdx_not_supported", message: "local runs plain processes, not TDX guests" };
+    if (grant.cpu_millicores > this.cfg.cpu_millicores || grant.ram_mib > this.cfg.ram_mib)
+      return { ok: false, code: "too_large", message: `grant needs ${grant.cpu_millicores}m CPU / ${grant.ram_mib} MiB; local offers at most ${this.cfg.cpu_millicores}m / ${this.cfg.ram_mib} MiB` };
+    if (this.active.size >= this.cfg.max_concurrent && !this.active.has(grant.request_id))
+      return { ok: false, code: "at_capacity", message: `local is running ${this.active.size} of ${this.cfg.max_concurrent} workloads` };
+    return { ok: true };
+  }
+
+  async provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<ProvisionedInstance> {
+    this.ensureReady();
+    const runDir = this.runDir(grant.request_id);
+    if (this.active.size >= this.cfg.max_concurrent && !this.active.has(grant.request_id))
+      throw new CapacityError(`local is running ${this.active.size} of ${this.cfg.max_concurrent} workloads`, this.name).withOffering(this.cfg.region, "local");
+    this.active.add(grant.request_id);
+    try {
+      if (!existsSync(path.join(runDir, "started"))) {
+        if (envelope.image.format !== "bundle")
+          throw new InvalidRequestError(`the local backend runs "bundle" images (an executable or a tar/tar.gz); got "${envelope.image.format}"`, this.name);
+        const image = await this.fetchImage(envelope, signal);
+        await this.prepare(runDir, image, envelope);
+        this.spawnSupervisor(runDir, grant, envelope);
+      }
+      await this.waitStarted(runDir, signal);
+    } catch (e) {
+      if (!existsSync(path.join(runDir, "started"))) this.active.delete(grant.request_id);
+      throw e;
+    }
+    return {
+      request_id: grant.request_id,
+      backend: this.name,
+      instance_id: `local-${grant.request_id}`,
+      region: this.cfg.region,
+      host: null,
+      ssh_port: null,
+      ssh_user: null,
+      host_key_sha256: null,
+      started_at: new Date(this.readResultOrStart(runDir)).toISOString(),
+      cpu_millicores: grant.cpu_millicores,
+      ram_mib: grant.ram_mib,
+      details: { run_dir: runDir },
+    };
+  }
+
+  async watchUntilExit(instance: ProvisionedInstance, validTo: Date, signal: AbortSignal): Promise<ExitObservation> {
+    const runDir = this.runDir(instance.request_id);
+    this.active.add(instance.request_id);
+    // The supervisor's own watchdog kills at valid_to; give it a few polls to record the result.
+    const giveUpAt = validTo.getTime() + 3 * this.cfg.poll_interval_ms + 1000;
+    for (;;) {
+      if (signal.aborted) throw abortError(signal);
+      const result = readResult(runDir);
+      if (result) return this.observation(runDir, result);
+      if (!this.supervisorAlive(runDir)) {
+        const late = readResult(runDir);
+        if (late) return this.observation(runDir, late);
+        return { kind: "lost", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: null, failure: { kind: "lost", message: "the workload's supervisor is gone without a result (host rebooted or supervisor killed)" } };
+      }
+      if (this.clock.now() >= giveUpAt)
+        return { kind: "expired", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: new Date(this.clock.now()).toISOString(), failure: null };
+      await this.clock.sleep(this.cfg.poll_interval_ms, signal);
+    }
+  }
+
+  async terminate(instance: ProvisionedInstance): Promise<void> {
+    const runDir = this.runDir(instance.request_id);
+    try {
+      if (!existsSync(runDir)) return;
+      // Claim the run if nobody started it yet: a supervisor that starts later exits at once.
+      try {
+        mkdirSync(path.join(runDir, "started"));
+        writeResult(runDir, { exit_status: null, cpu_seconds: null, started_ms: null, ended_ms: this.clock.now(), failure: "terminated before start" });
+        return;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+      }
+      const pgid = readPid(path.join(runDir, "started", "workload_pid"));
+      if (!readResult(runDir) && pgid) {
+        signalGroup(pgid, "SIGTERM");
+        const killAt = this.clock.now() + this.cfg.terminate_grace_seconds * 1000;
+        while (!readResult(runDir) && this.supervisorAlive(runDir) && this.clock.now() < killAt) await this.clock.sleep(Math.min(50, this.cfg.poll_interval_ms));
+      }
+      if (pgid) signalGroup(pgid, "SIGKILL");
+      const deadline = this.clock.now() + START_TIMEOUT_MS;
+      while (!readResult(runDir) && this.supervisorAlive(runDir)) {
+        if (this.clock.now() > deadline) {
+          const sup = readPid(path.join(runDir, "started", "supervisor_pid"));
+          if (sup) signalGroup(sup, "SIGKILL");
+          break;
+        }
+        await this.clock.sleep(Math.min(50, this.cfg.poll_interval_ms));
+      }
+      rmSync(path.join(runDir, "work"), { recursive: true, force: true });
+    } finally {
+      this.active.delete(instance.request_id);
+    }
+  }
+
+  /** Stop workloads no live grant owns (e.g. state restored from a backup). */
+  async reconcile(live: ReadonlySet<string>): Promise<void> {
+    this.ensureReady();
+    for (const id of readdirSync(this.runs)) {
+      if (live.has(id)) continue;
+      const runDir = this.runDir(id);
+      if (readResult(runDir) || !this.supervisorAlive(runDir)) continue;
+      this.log.warn({ request_id: id }, "stopping orphaned local workload (no live grant)");
+      await this.terminate({ request_id: id } as ProvisionedInstance);
+    }
+  }
+
+  status(): Record<string, unknown> {
+    return { active: this.active.size, max_concurrent: this.cfg.max_concurrent };
+  }
+
+  // ---- internals ------------------------------------------------------------------------------
+
+  private runDir(requestId: string): string {
+    return path.join(this.runs, requestId);
+  }
+
+  /** Content-addressed image cache: a file named by its sha256 exists only once verified. */
+  private async fetchImage(envelope: Envelope, signal: AbortSignal): Promise<string> {
+    const file = path.join(this.images, envelope.image.sha256);
+    if (existsSync(file)) return file;
+    try {
+      await fetchVerified(envelope.image.url, envelope.image.sha256, file, { maxBytes: this.cfg.max_image_bytes, signal });
+    } catch (e) {
+      if (e instanceof DigestMismatchError) throw new ImageVerificationError(e.message, this.name);
+      if (e instanceof FetchError) throw new TransientError(e.message, this.name, { cause: e });
+      throw e;
+    }
+    return file;
+  }
+
+  private async prepare(runDir: string, image: string, envelope: Envelope): Promise<void> {
+    const work = path.join(runDir, "work");
+    rmSync(work, { recursive: true, force: true });
+    mkdirSync(work, { recursive: true, mode: 0o700 });
+    if (isTarball(image)) {
+      await run("tar", ["-xf", image, "-C", work, "--no-same-owner", "--no-same-permissions", "--delay-directory-restore"], `unpacking the bundle`);
+    } else {
+      copyFileSync(image, path.join(work, "workload"));
+      chmodSync(path.join(work, "workload"), 0o700);
+    }
+    const env: Record<string, string> = { PATH: WORKLOAD_PATH, HOME: work, LANG: "C.UTF-8", ...(envelope.env ?? {}) };
+    writeFileSync(path.join(runDir, "env0"), Object.entries(env).map(([k, v]) => `${k}=${v}\0`).join(""), { mode: 0o600 });
+  }
+
+  private spawnSupervisor(runDir: string, grant: ComputeGrant, envelope: Envelope): void {
+    const command = envelope.command ?? [existsSync(path.join(runDir, "work", "workload")) ? "./workload" : "./run"];
+    const deadline = String(this.validToMs(grant));
+    const child = spawn("/bin/bash", [this.supervisor, runDir, deadline, "--", ...command], {
+      detached: true,
+      stdio: "ignore",
+      env: { PATH: WORKLOAD_PATH, LANG: "C.UTF-8" },
+    });
+    child.on("error", (e) => this.log.error({ request_id: grant.request_id, err: e }, "supervisor failed to start"));
+    child.unref();
+  }
+
+  private validToMs(grant: ComputeGrant): number {
+    return this.almanac.toWallMs(grant.valid_to);
+  }
+
+  private async waitStarted(runDir: string, signal: AbortSignal): Promise<void> {
+    const deadline = this.clock.now() + START_TIMEOUT_MS;
+    const pidFile = path.join(runDir, "started", "workload_pid");
+    while (!existsSync(pidFile) && !readResult(runDir)) {
+      if (this.clock.now() > deadline) throw new BackendError("the workload supervisor did not start within 15 s", this.name);
+      await this.clock.sleep(10, signal);
+    }
+  }
+
+  private readResultOrStart(runDir: string): number {
+    return readResult(runDir)?.started_ms ?? this.clock.now();
+  }
+
+  private observation(runDir: string, r: RunResult): ExitObservation {
+    const expired = existsSync(path.join(runDir, "expired"));
+    return {
+      kind: expired ? "expired" : "exited",
+      exit_code: expired ? null : r.exit_status,
+      cpu_seconds: r.cpu_seconds,
+      peak_memory_mib: null,
+      ended_at: r.ended_ms ? new Date(r.ended_ms).toISOString() : null,
+      failure: r.failure ? { kind: "workload_start", message: r.failure } : null,
+    };
+  }
+
+  private supervisorAlive(runDir: string): boolean {
+    const pid = readPid(path.join(runDir, "started", "supervisor_pid"));
+    // Between its mkdir and writing its pid the supervisor counts as alive.
+    if (!pid) return existsSync(path.join(runDir, "started")) && !readResult(runDir);
+    try {
+      // Guard against pid reuse: the process must be our supervisor for this run.
+      const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+      return cmdline.includes(runDir);
+    } catch {
+      return false;
+    }
+  }
+}
+
+function readPid(file: string): number | null {
+  try {
+    const n = Number(readFileSync(file, "utf8").trim());
+    return Number.isInteger(n) && n > 1 ? n : null;
+  } catch {
+    return null;
+  }
+}
+
+function readResult(runDir: string): RunResult | null {
+  let text: string;
+  try {
+    text = readFileSync(path.join(runDir, "result"), "utf8");
+  } catch {
+    return null;
+  }
+  const kv = new Map<string, string>();
+  for (const line of text.split("\n")) {
+    const i = line.indexOf("=");
+    if (i > 0) kv.set(line.slice(0, i), line.slice(i + 1));
+  }
+  const num = (k: string) => {
+    const v = kv.get(k);
+    if (v === undefined || v === "") return null;
+    const n = Number(v);
+    return Number.isFinite(n) ? n : null;
+  };
+  return { exit_status: num("exit_status"), cpu_seconds: num("cpu_seconds"), started_ms: num("started_ms"), ended_ms: num("ended_ms"), failure: kv.get("failure") ?? "" };
+}
+
+function writeResult(runDir: string, r: RunResult): void {
+  const text = `exit_status=${r.exit_status ?? ""}\ncpu_seconds=${r.cpu_seconds ?? ""}\nstarted_ms=${r.started_ms ?? ""}\nended_ms=${r.ended_ms ?? ""}\nfailure=${r.failure}\n`;
+  writeFileSync(path.join(runDir, "result.tmp"), text);
+  renameSync(path.join(runDir, "result.tmp"), path.join(runDir, "result"));
+}
+
+function signalGroup(pgid: number, sig: NodeJS.Signals): void {
+  try {
+    process.kill(-pgid, sig);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "ESRCH") throw e;
+  }
+}
+
+/** gzip magic, or "ustar" at offset 257: a tarball to unpack rather than an executable. */
+function isTarball(file: string): boolean {
+  const fd = openSync(file, "r");
+  try {
+    const buf = Buffer.alloc(262);
+    const n = readSync(fd, buf, 0, 262, 0);
+    if (n >= 2 && buf[0] === 0x1f && buf[1] === 0x8b) return true;
+    return n >= 262 && buf.subarray(257, 262).toString("latin1") === "ustar";
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function run(cmd: string, args: string[], what: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "pipe"] });
+    let err = "";
+    child.stderr.on("data", (d: Buffer) => (err = (err + d.toString()).slice(-2000)));
+    child.on("error", reject);
+    child.on("close", (code) => (code === 0 ? resolve() : reject(new InvalidRequestError(`${what} failed: ${err.trim() || `exit ${code}`}`, "local"))));
+  });
+}

@@ -1,0 +1,35 @@
+import type { BackendName, BootConfig } from "../config/schema.js";
+import type { BackendContext, ManagedBackend } from "./backend.js";
+
+/** Raised when a configured backend is not part of this build. */
+export class NotBuiltError extends Error {
+  override name = "NotBuiltError";
+  constructor(readonly backend: BackendName) {
+    super(`backends.${backend}: the ${backend} backend is not built yet in this version of compute-bridge; remove the [backends.${backend}] section`);
+  }
+}
+
+type Factory = (cfg: BootConfig, ctx: BackendContext) => Promise<ManagedBackend>;
+
+/**
+ * One line per backend. Each module is imported only when its section is configured, so a
+ * disabled backend's cloud SDK never enters the process.
+ */
+export const REGISTRY: Record<BackendName, Factory | null> = {
+  aws: null,
+  gcp: null,
+  azure: null,
+  baremetal: null,
+  local: async (cfg, ctx) => new (await import("./local.js")).LocalBackend(cfg.backends.local!, ctx),
+};
+
+/** The backends this build drives (part of the card's measured identity). */
+export function builtBackends(): BackendName[] {
+  return (Object.keys(REGISTRY) as BackendName[]).filter((n) => REGISTRY[n] !== null).sort();
+}
+
+export async function createBackend(name: BackendName, cfg: BootConfig, ctx: BackendContext): Promise<ManagedBackend> {
+  const factory = REGISTRY[name];
+  if (!factory) throw new NotBuiltError(name);
+  return factory(cfg, ctx);
+}

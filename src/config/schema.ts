@@ -1,0 +1,337 @@
+import { z } from "zod";
+import { Region } from "../domain/grant.js";
+
+/**
+ * The boot TOML, as zod schemas. Every object is strict: a misspelt key is an error, never a
+ * silently disabled backend. Secrets are only ever referenced (`*_file` or `*_env`), never inline.
+ */
+
+const HostPort = z
+  .string()
+  .regex(/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'must be "host:port"')
+  .refine((s) => {
+    const port = Number(s.slice(s.lastIndexOf(":") + 1));
+    return port >= 0 && port <= 65535;
+  }, "port must be 0-65535");
+
+const Path = z.string().min(1, "must be a non-empty path");
+const EnvVarName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/, "must be an environment variable name");
+const Name = z.string().regex(/^[a-z0-9][a-z0-9-]{0,62}$/, "must be lowercase letters, digits and '-'");
+const PositiveInt = z.number().int().positive();
+const Url = z.string().url();
+
+/** A secret given as a file path or as the name of an environment variable, never inline. */
+function secretRef<K extends string>(key: K, required: boolean) {
+  const file = `${key}_file` as const;
+  const env = `${key}_env` as const;
+  return {
+    shape: { [file]: Path.optional(), [env]: EnvVarName.optional() } as Record<`${K}_file` | `${K}_env`, z.ZodOptional<z.ZodString>>,
+    check(v: Record<string, unknown>, ctx: z.RefinementCtx) {
+      const n = (v[file] !== undefined ? 1 : 0) + (v[env] !== undefined ? 1 : 0);
+      if (n > 1) ctx.addIssue({ code: "custom", path: [file], message: `give either ${file} or ${env}, not both` });
+      if (required && n === 0) ctx.addIssue({ code: "custom", path: [file], message: `required: ${file} (a file holding the secret) or ${env} (an environment variable name)` });
+    },
+  };
+}
+
+const listenerToken = secretRef("token", true);
+export const ListenerConfig = z
+  .strictObject({
+    bind: HostPort,
+    ...listenerToken.shape,
+    tls_cert_file: Path.optional(),
+    tls_key_file: Path.optional(),
+    client_ca_file: Path.optional(),
+    metrics_bind: HostPort.optional(),
+    body_limit_bytes: PositiveInt.max(64 * 1024 * 1024).default(1024 * 1024),
+  })
+  .superRefine((v, ctx) => {
+    listenerToken.check(v, ctx);
+    if ((v.tls_cert_file === undefined) !== (v.tls_key_file === undefined))
+      ctx.addIssue({ code: "custom", path: ["tls_cert_file"], message: "tls_cert_file and tls_key_file go together" });
+    if (v.client_ca_file !== undefined && v.tls_cert_file === undefined)
+      ctx.addIssue({ code: "custom", path: ["client_ca_file"], message: "client_ca_file needs tls_cert_file and tls_key_file" });
+  });
+
+export const BridgeConfig = z.strictObject({
+  provider_id: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, "must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+  state_dir: Path,
+});
+
+export const AlmanacConfig = z.strictObject({
+  genesis: z.union([z.date(), z.string()]).transform((v, ctx) => {
+    const d = v instanceof Date ? v : new Date(v);
+    if (!Number.isFinite(d.getTime())) {
+      ctx.addIssue({ code: "custom", message: "must be an RFC 3339 date-time, e.g. 2026-01-01T00:00:00Z" });
+      return z.NEVER;
+    }
+    return d;
+  }),
+  tick_seconds: z.number().positive("must be > 0"),
+});
+
+export const LogConfig = z.strictObject({
+  level: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"),
+});
+
+export const NO_BACKENDS =
+  "no backends configured — enable at least one of aws / gcp / azure / baremetal in the boot config (or local, for development)";
+
+export const BACKEND_NAMES = ["aws", "gcp", "azure", "baremetal", "local"] as const;
+export type BackendName = (typeof BACKEND_NAMES)[number];
+
+export const FleetConfig = z.strictObject({
+  order: z.array(z.enum(BACKEND_NAMES)).optional(),
+  /** How many backends a grant may try after capacity errors before it fails. */
+  max_attempts: PositiveInt.max(10).default(3),
+  /** How long a (backend, region, shape) that just reported no capacity is skipped. */
+  unavailable_ttl_seconds: z.number().int().nonnegative().default(300),
+});
+
+const marketToken = secretRef("token", true);
+export const MarketConfig = z
+  .strictObject({
+    card_url: Url.optional(),
+    log_url: Url.optional(),
+    ...marketToken.shape,
+    retry_max_seconds: z.number().positive().default(300),
+  })
+  .superRefine((v, ctx) => marketToken.check(v, ctx));
+
+// ---- backends -------------------------------------------------------------------------------
+
+const Timeouts = {
+  /** From the create call until the instance is running with an address. */
+  launch_timeout_seconds: PositiveInt.default(900),
+  /** From running until SSH answers with a banner. */
+  ready_timeout_seconds: PositiveInt.default(600),
+  poll_interval_seconds: z.number().positive().default(10),
+  /** Orphans younger than this are left alone by the sweep (their create may still be recorded). */
+  orphan_grace_seconds: z.number().nonnegative().default(600),
+};
+
+export const LocalConfig = z.strictObject({
+  region: Region,
+  cpu_millicores: PositiveInt,
+  ram_mib: PositiveInt,
+  max_concurrent: PositiveInt,
+  poll_interval_ms: PositiveInt.default(200),
+  terminate_grace_seconds: z.number().nonnegative().default(5),
+  max_image_bytes: PositiveInt.default(1024 * 1024 * 1024),
+});
+
+const AwsRegion = z.strictObject({
+  image_id: z.string().regex(/^ami-[0-9a-f]{8,17}$/, 'must be an AMI id like "ami-0123456789abcdef0"'),
+  subnet_id: z.string().regex(/^subnet-[0-9a-f]{8,17}$/, 'must be a subnet id like "subnet-0123abcd"'),
+  security_group_ids: z.array(z.string().regex(/^sg-[0-9a-f]{8,17}$/, 'must be a security group id like "sg-0123abcd"')).min(1),
+  key_name: z.string().min(1).optional(),
+});
+
+const awsAccessKey = secretRef("access_key_id", false);
+const awsSecretKey = secretRef("secret_access_key", false);
+export const AwsConfig = z
+  .strictObject({
+    regions: z.record(Region, AwsRegion).refine((r) => Object.keys(r).length > 0, "at least one region"),
+    instance_types: z.array(z.string().regex(/^[a-z0-9]+\.[a-z0-9]+$/, 'must be an instance type like "m6i.large"')).min(1),
+    max_concurrent_instances: PositiveInt,
+    profile: z.string().min(1).optional(),
+    ...awsAccessKey.shape,
+    ...awsSecretKey.shape,
+    endpoint: Url.optional(),
+    tag_prefix: z.string().regex(/^[A-Za-z0-9:._-]{1,64}$/).default("compute-bridge"),
+    ssh_user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("ec2-user"),
+    ...Timeouts,
+  })
+  .superRefine((v, ctx) => {
+    awsAccessKey.check(v, ctx);
+    awsSecretKey.check(v, ctx);
+    const hasKeyId = v.access_key_id_file !== undefined || v.access_key_id_env !== undefined;
+    const hasSecret = v.secret_access_key_file !== undefined || v.secret_access_key_env !== undefined;
+    if (hasKeyId !== hasSecret)
+      ctx.addIssue({ code: "custom", path: [hasKeyId ? "secret_access_key_file" : "access_key_id_file"], message: "access_key_id_* and secret_access_key_* go together" });
+    if (v.profile !== undefined && hasKeyId)
+      ctx.addIssue({ code: "custom", path: ["profile"], message: "give either profile or access_key_id_*/secret_access_key_*, not both" });
+    if (v.profile === undefined && !hasKeyId)
+      ctx.addIssue({ code: "custom", path: ["profile"], message: "credentials required: profile, or access_key_id_file + secret_access_key_file" });
+  });
+
+const MachineShape = z.strictObject({
+  name: z.string().regex(/^[A-Za-z0-9_.-]{1,80}$/, "must be a machine type/size name"),
+  vcpus: PositiveInt,
+  memory_mib: PositiveInt,
+});
+
+export const GcpConfig = z.strictObject({
+  project: z.string().regex(/^[a-z][a-z0-9-]{4,28}[a-z0-9]$/, "must be a GCP project id"),
+  zones: z.array(z.string().regex(/^[a-z]+-[a-z]+[0-9]+-[a-z]$/, 'must be a zone like "us-central1-a"')).min(1),
+  machine_types: z.array(MachineShape).default([]),
+  tdx_machine_types: z.array(MachineShape).default([]),
+  max_concurrent_instances: PositiveInt,
+  image: z.string().min(1),
+  tdx_image: z.string().min(1).optional(),
+  network: z.string().min(1).default("global/networks/default"),
+  subnetwork: z.string().min(1).optional(),
+  credentials_file: Path,
+  api_endpoint: Url.optional(),
+  ssh_user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("compute-bridge"),
+  label_prefix: z.string().regex(/^[a-z][a-z0-9_-]{0,30}$/).default("compute-bridge"),
+  ...Timeouts,
+}).superRefine((v, ctx) => {
+  if (v.machine_types.length + v.tdx_machine_types.length === 0)
+    ctx.addIssue({ code: "custom", path: ["machine_types"], message: "configure machine_types and/or tdx_machine_types" });
+  if (v.tdx_machine_types.length > 0 && v.tdx_image === undefined)
+    ctx.addIssue({ code: "custom", path: ["tdx_image"], message: "required when tdx_machine_types is set (a TDX-capable guest image)" });
+  v.tdx_machine_types.forEach((m, i) => {
+    if (!m.name.startsWith("c3-"))
+      ctx.addIssue({ code: "custom", path: ["tdx_machine_types", i, "name"], message: `"${m.name}" is not a TDX machine type (Intel TDX on GCE runs on C3: c3-standard-*, c3-highmem-*, ...)` });
+  });
+});
+
+/** Intel TDX confidential sizes on Azure: DCesv5/ECesv5 and DCedsv5/ECedsv5 (v5, v6). */
+export const AZURE_TDX_SIZE = /^Standard_[DE]C\d+e(d)?s_v[56]$/i;
+/** AMD SEV-SNP confidential sizes: DCasv5/DCadsv5/ECasv5/ECadsv5 (and v6). */
+export const AZURE_SEV_SNP_SIZE = /^Standard_[DE]C\d+a(d)?s_v[56]$/i;
+
+const AzureImage = z.strictObject({
+  publisher: z.string().min(1),
+  offer: z.string().min(1),
+  sku: z.string().min(1),
+  version: z.string().min(1).default("latest"),
+});
+
+const azureSecret = secretRef("client_secret", false);
+export const AzureConfig = z
+  .strictObject({
+    subscription_id: z.guid("must be a subscription id (GUID)"),
+    resource_group: z.string().regex(/^[-\w._()]{1,90}$/, "must be a resource group name"),
+    regions: z.array(Region).min(1),
+    vm_sizes: z.array(MachineShape).default([]),
+    tdx_vm_sizes: z.array(MachineShape).default([]),
+    max_concurrent_instances: PositiveInt,
+    image: AzureImage,
+    confidential_image: AzureImage.optional(),
+    subnet_id: z.string().regex(/^\/subscriptions\/[^/]+\/resourceGroups\/[^/]+\/providers\/Microsoft\.Network\/virtualNetworks\/[^/]+\/subnets\/[^/]+$/i, "must be a full subnet resource id"),
+    tenant_id: z.guid("must be a GUID").optional(),
+    client_id: z.guid("must be a GUID").optional(),
+    ...azureSecret.shape,
+    managed_identity: z.boolean().default(false),
+    endpoint: Url.optional(),
+    authority_host: Url.optional(),
+    /** PEM bundle to trust in addition to the system CAs (private endpoints, tests). */
+    ca_file: Path.optional(),
+    admin_username: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("computebridge"),
+    ...Timeouts,
+  })
+  .superRefine((v, ctx) => {
+    azureSecret.check(v, ctx);
+    const sp = v.tenant_id !== undefined || v.client_id !== undefined || v.client_secret_file !== undefined || v.client_secret_env !== undefined;
+    if (v.managed_identity && sp)
+      ctx.addIssue({ code: "custom", path: ["managed_identity"], message: "give either managed_identity = true or tenant_id + client_id + client_secret_file, not both" });
+    if (!v.managed_identity) {
+      for (const k of ["tenant_id", "client_id"] as const)
+        if (v[k] === undefined) ctx.addIssue({ code: "custom", path: [k], message: "required for a service principal (or set managed_identity = true)" });
+      if (v.client_secret_file === undefined && v.client_secret_env === undefined)
+        ctx.addIssue({ code: "custom", path: ["client_secret_file"], message: "required for a service principal (or set managed_identity = true)" });
+    }
+    if (v.vm_sizes.length + v.tdx_vm_sizes.length === 0)
+      ctx.addIssue({ code: "custom", path: ["vm_sizes"], message: "configure vm_sizes and/or tdx_vm_sizes" });
+    v.tdx_vm_sizes.forEach((s, i) => {
+      if (AZURE_SEV_SNP_SIZE.test(s.name))
+        ctx.addIssue({ code: "custom", path: ["tdx_vm_sizes", i, "name"], message: `"${s.name}" is an AMD SEV-SNP size, not Intel TDX; TDX sizes are DCesv5/ECesv5 and DCedsv5/ECedsv5` });
+      else if (!AZURE_TDX_SIZE.test(s.name))
+        ctx.addIssue({ code: "custom", path: ["tdx_vm_sizes", i, "name"], message: `"${s.name}" is not an Intel TDX size; TDX sizes are DCesv5/ECesv5 and DCedsv5/ECedsv5` });
+    });
+    if (v.tdx_vm_sizes.length > 0 && v.confidential_image === undefined)
+      ctx.addIssue({ code: "custom", path: ["confidential_image"], message: "required when tdx_vm_sizes is set (a confidential-VM image)" });
+  });
+
+export const BareMetalMachine = z
+  .strictObject({
+    name: Name,
+    host: z.string().regex(/^[A-Za-z0-9.:-]{1,253}$/, "must be a host name or IP address"),
+    port: z.number().int().min(1).max(65535).default(22),
+    user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/, "must be a user name"),
+    private_key_file: Path,
+    host_key_sha256: z.string().regex(/^SHA256:[A-Za-z0-9+/]{43}$/, 'must be a pinned host key fingerprint as printed by ssh-keygen -lf, "SHA256:..."'),
+    region: Region,
+    tdx_capable: z.boolean().default(false),
+    cpu_millicores: PositiveInt,
+    ram_mib: PositiveInt,
+    mode: z.enum(["systemd", "virsh"]),
+    work_dir: z.string().regex(/^\/[A-Za-z0-9._/-]*$/, "must be an absolute path of plain characters").default("/var/lib/compute-bridge"),
+    libvirt_uri: z.string().regex(/^[a-z+]+:\/\/[A-Za-z0-9._/@:-]*$/).default("qemu:///system"),
+    ovmf_path: z.string().regex(/^\/[A-Za-z0-9._/-]*$/).optional(),
+    network: z.string().regex(/^[A-Za-z0-9._-]+$/).default("default"),
+  })
+  .superRefine((m, ctx) => {
+    if (m.tdx_capable && m.mode !== "virsh")
+      ctx.addIssue({ code: "custom", path: ["tdx_capable"], message: 'TDX guests need mode = "virsh"' });
+    if (m.tdx_capable && m.ovmf_path === undefined)
+      ctx.addIssue({ code: "custom", path: ["ovmf_path"], message: "required for a TDX machine (an OVMF build with TDX support)" });
+  });
+
+export const BareMetalConfig = z
+  .strictObject({
+    machines: z.array(BareMetalMachine).min(1),
+    keepalive_interval_ms: PositiveInt.default(15000),
+    keepalive_count_max: PositiveInt.default(3),
+    connect_timeout_ms: PositiveInt.default(10000),
+    max_channels_per_machine: PositiveInt.max(9).default(8),
+    poll_interval_ms: PositiveInt.default(1000),
+    ready_timeout_seconds: PositiveInt.default(300),
+  })
+  .superRefine((v, ctx) => {
+    const seen = new Map<string, number>();
+    v.machines.forEach((m, i) => {
+      const prev = seen.get(m.name);
+      if (prev !== undefined) ctx.addIssue({ code: "custom", path: ["machines", i, "name"], message: `duplicate machine name "${m.name}" (also machines[${prev}])` });
+      seen.set(m.name, i);
+    });
+  });
+
+export const BackendsConfig = z.strictObject({
+  aws: AwsConfig.optional(),
+  gcp: GcpConfig.optional(),
+  azure: AzureConfig.optional(),
+  baremetal: BareMetalConfig.optional(),
+  local: LocalConfig.optional(),
+});
+
+export const BootConfig = z
+  .strictObject({
+    bridge: BridgeConfig,
+    listener: ListenerConfig,
+    almanac: AlmanacConfig,
+    log: LogConfig.default({ level: "info" }),
+    fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300 }),
+    market: MarketConfig.optional(),
+    backends: BackendsConfig.default({}),
+  })
+  .superRefine((v, ctx) => {
+    const configured = BACKEND_NAMES.filter((n) => v.backends[n] !== undefined);
+    if (configured.length === 0)
+      ctx.addIssue({ code: "custom", path: ["backends"], message: NO_BACKENDS });
+    const order = v.fleet.order;
+    if (order) {
+      order.forEach((n, i) => {
+        if (v.backends[n] === undefined) ctx.addIssue({ code: "custom", path: ["fleet", "order", i], message: `"${n}" is not configured (no [backends.${n}] section)` });
+        if (order.indexOf(n) !== i) ctx.addIssue({ code: "custom", path: ["fleet", "order", i], message: `"${n}" is listed twice` });
+      });
+      for (const n of configured)
+        if (!order.includes(n)) ctx.addIssue({ code: "custom", path: ["fleet", "order"], message: `configured backend "${n}" is missing from the order (list every configured backend)` });
+    }
+  });
+export type BootConfig = z.infer<typeof BootConfig>;
+export type LocalConfig = z.infer<typeof LocalConfig>;
+export type AwsConfig = z.infer<typeof AwsConfig>;
+export type GcpConfig = z.infer<typeof GcpConfig>;
+export type AzureConfig = z.infer<typeof AzureConfig>;
+export type BareMetalConfig = z.infer<typeof BareMetalConfig>;
+export type BareMetalMachine = z.infer<typeof BareMetalMachine>;
+export type MarketConfig = z.infer<typeof MarketConfig>;
+export type ListenerConfig = z.infer<typeof ListenerConfig>;
+
+/** The fleet order: the operator's, or the default preference among configured backends. */
+export function fleetOrder(cfg: BootConfig): BackendName[] {
+  return cfg.fleet.order ?? BACKEND_NAMES.filter((n) => cfg.backends[n] !== undefined);
+}

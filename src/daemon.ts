@@ -1,0 +1,200 @@
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import type { DestinationStream } from "pino";
+import { loadConfig, resolveFromConfig, type LoadedConfig } from "./config/load.js";
+import { readSecret } from "./config/secrets.js";
+import type { BootConfig } from "./config/schema.js";
+import { Almanac, type ProviderCard } from "./domain/index.js";
+import { buildCard } from "./fleet/card.js";
+import { Fleet } from "./fleet/fleet.js";
+import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
+import { buildListener, readTls, type Listener } from "./listener/server.js";
+import { MarketPublisher } from "./market/publisher.js";
+import { Store } from "./store/store.js";
+import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
+import { systemClock, type Clock } from "./util/clock.js";
+import { Identity } from "./util/identity.js";
+import { createLogger, type Logger } from "./util/logger.js";
+import type { FastifyInstance } from "fastify";
+
+export interface DaemonOptions {
+  configFile: string;
+  logLevel?: string;
+  clock?: Clock;
+  logDestination?: DestinationStream;
+  /** Test knobs: how long past valid_to a backend gets before the bridge terminates anyway, retry pacing. */
+  expiryGraceMs?: number;
+  retryBaseMs?: number;
+  cardCheckIntervalMs?: number;
+  /** Extra listener routes and lifecycle hooks (metrics). */
+  extraRoutes?: (app: FastifyInstance, d: Daemon) => void;
+  events?: ManagerEvents;
+}
+
+export interface Daemon {
+  loaded: LoadedConfig;
+  config: BootConfig;
+  log: Logger;
+  fleet: Fleet;
+  store: Store;
+  manager: GrantManager;
+  identity: Identity;
+  listener: Listener;
+  /** "http(s)://host:port" the listener is bound to. */
+  url: string;
+  card(): ProviderCard;
+  close(): Promise<void>;
+}
+
+/** Build the whole daemon from a boot TOML and start listening. */
+export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
+  const loaded = loadConfig(o.configFile);
+  const cfg = loaded.config;
+  const clock = o.clock ?? systemClock;
+  const log = createLogger(o.logLevel ?? cfg.log.level, o.logDestination);
+  const stateDir = resolveFromConfig(loaded, cfg.bridge.state_dir);
+  const token = readSecret(loaded.dir, "listener.token", { file: cfg.listener.token_file, env: cfg.listener.token_env });
+  const marketToken = cfg.market ? readSecret(loaded.dir, "market.token", { file: cfg.market.token_file, env: cfg.market.token_env }) : null;
+  const tls = readTls({
+    cert: cfg.listener.tls_cert_file && resolveFromConfig(loaded, cfg.listener.tls_cert_file),
+    key: cfg.listener.tls_key_file && resolveFromConfig(loaded, cfg.listener.tls_key_file),
+    ca: cfg.listener.client_ca_file && resolveFromConfig(loaded, cfg.listener.client_ca_file),
+  });
+
+  mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+  const releaseLock = lockStateDir(stateDir);
+  const identity = Identity.loadOrCreate(stateDir);
+  const almanac = new Almanac(cfg.almanac.genesis, cfg.almanac.tick_seconds);
+  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac });
+  const store = new Store(stateDir, clock);
+  const publisher = cfg.market && marketToken ? new MarketPublisher(store, cfg.market, marketToken, log.child({ component: "market" }), clock) : null;
+
+  const manager = new GrantManager({
+    store,
+    fleet,
+    almanac,
+    identity,
+    log,
+    clock,
+    providerId: cfg.bridge.provider_id,
+    maxAttempts: cfg.fleet.max_attempts,
+    publishLogs: Boolean(cfg.market?.log_url),
+    onLogWritten: () => publisher?.notify(),
+    ...(o.expiryGraceMs !== undefined ? { expiryGraceMs: o.expiryGraceMs } : {}),
+    ...(o.retryBaseMs !== undefined ? { retryBaseMs: o.retryBaseMs } : {}),
+    ...(o.events ? { events: o.events } : {}),
+  });
+
+  const card = () => buildCard(cfg, fleet, identity);
+  let lastCardDigest = "";
+  const publishCardIfChanged = () => {
+    if (!cfg.market?.card_url) return;
+    const c = card();
+    const d = sha256Hex(canonicalJson(c));
+    if (d === lastCardDigest) return;
+    lastCardDigest = d;
+    store.enqueue("card", "card", JSON.stringify(c));
+    publisher?.notify();
+  };
+
+  // Re-attach or sweep what backends hold, then continue every open grant.
+  const live = new Set(store.nonTerminal().map((g) => g.request_id));
+  for (const b of fleet.backends) {
+    if (!b.reconcile) continue;
+    try {
+      await b.reconcile(live);
+    } catch (e) {
+      log.error({ backend: b.name, err: e }, "reconcile failed; continuing (it runs again on the next start)");
+    }
+  }
+  const resumed = manager.resumeAll();
+
+  let daemon!: Daemon;
+  const listener = buildListener({
+    manager,
+    store,
+    card,
+    token,
+    log,
+    bodyLimit: cfg.listener.body_limit_bytes,
+    tls,
+    extraRoutes: (app) => o.extraRoutes?.(app, daemon),
+  });
+  const [host, port] = splitHostPort(cfg.listener.bind);
+  await listener.app.listen({ host, port });
+  const addr = listener.app.server.address();
+  const boundPort = typeof addr === "object" && addr ? addr.port : port;
+  const url = `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
+
+  publisher?.start();
+  publishCardIfChanged();
+  const cardTimer = setInterval(publishCardIfChanged, o.cardCheckIntervalMs ?? 30_000);
+  cardTimer.unref();
+
+  log.info(
+    { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), resumed, state_dir: stateDir, config_digest: card().config_digest },
+    "compute-bridge listening",
+  );
+
+  let closing: Promise<void> | null = null;
+  daemon = {
+    loaded,
+    config: cfg,
+    log,
+    fleet,
+    store,
+    manager,
+    identity,
+    listener,
+    url,
+    card,
+    close: () =>
+      (closing ??= (async () => {
+        listener.drain();
+        clearInterval(cardTimer);
+        await manager.shutdown();
+        await Promise.race([listener.app.close(), new Promise((r) => setTimeout(r, 1000).unref())]);
+        await publisher?.stop();
+        await fleet.close();
+        store.close();
+        releaseLock();
+        log.info("compute-bridge stopped; running workloads were left running and resume on the next start");
+        log.flush?.();
+      })()),
+  };
+  return daemon;
+}
+
+export function splitHostPort(bind: string): [string, number] {
+  const i = bind.lastIndexOf(":");
+  let host = bind.slice(0, i);
+  if (host.startsWith("[")) host = host.slice(1, -1);
+  return [host, Number(bind.slice(i + 1))];
+}
+
+/** One daemon per state_dir: a pid file, taken over only when its owner is dead. */
+function lockStateDir(stateDir: string): () => void {
+  const file = path.join(stateDir, "daemon.pid");
+  if (existsSync(file)) {
+    const pid = Number(readFileSync(file, "utf8").trim());
+    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid))
+      throw new Error(`state_dir ${stateDir} is in use by another compute-bridge (pid ${pid}); stop it first`);
+  }
+  writeFileSync(file, `${process.pid}\n`, { mode: 0o600 });
+  return () => {
+    try {
+      if (readFileSync(file, "utf8").trim() === String(process.pid)) rmSync(file, { force: true });
+    } catch {
+      /* already gone */
+    }
+  };
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("compute-bridge") || readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("node");
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,78 @@
+import { z } from "zod";
+import { AlmanacTick } from "./almanac.js";
+
+/** Identifiers that end up in unit names, tags, file names and shell words: keep them boring. */
+export const RequestId = z
+  .string()
+  .min(1)
+  .max(64)
+  .regex(/^[A-Za-z0-9._-]+$/, "must be 1-64 characters of A-Z a-z 0-9 . _ -")
+  .refine((s) => s !== "." && s !== "..", "must not be '.' or '..'");
+
+export const Region = z
+  .string()
+  .min(1)
+  .max(64)
+  .regex(/^[a-z0-9][a-z0-9-]*$/, "must be lowercase letters, digits and '-'");
+
+export const ComputeGrant = z.strictObject({
+  request_id: RequestId,
+  region: Region,
+  tdx_required: z.boolean(),
+  cpu_millicores: z.number().int().min(1).max(1_024_000),
+  ram_mib: z.number().int().min(1).max(16 * 1024 * 1024),
+  valid_to: AlmanacTick,
+});
+export type ComputeGrant = z.infer<typeof ComputeGrant>;
+
+const noNul = (s: string) => !s.includes("\0");
+
+export const ImagePointer = z.strictObject({
+  url: z
+    .string()
+    .max(2048)
+    .refine(noNul, "must not contain NUL")
+    .refine((u) => {
+      try {
+        const p = new URL(u);
+        return ["http:", "https:", "file:"].includes(p.protocol);
+      } catch {
+        return false;
+      }
+    }, "must be an http://, https:// or file:// URL"),
+  sha256: z
+    .string()
+    .regex(/^[0-9a-fA-F]{64}$/, "must be 64 hex characters")
+    .transform((s) => s.toLowerCase()),
+  format: z.enum(["bundle", "disk"]),
+});
+export type ImagePointer = z.infer<typeof ImagePointer>;
+
+export const EnvName = z.string().regex(/^[A-Za-z_][A-Za-z0-9_]{0,127}$/, "must be a shell-safe variable name");
+
+/** One line of an OpenSSH authorized_keys entry: type, base64 body and an optional plain comment. */
+export const SshPublicKey = z
+  .string()
+  .max(16384)
+  .regex(
+    /^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}( [A-Za-z0-9@._+-]{1,128})?$/,
+    "must be a single OpenSSH public key line ('<type> <base64> [comment]')",
+  );
+
+export const Envelope = z.strictObject({
+  image: ImagePointer,
+  command: z
+    .array(z.string().min(1).max(4096).refine(noNul, "must not contain NUL"))
+    .min(1)
+    .max(256)
+    .optional(),
+  env: z
+    .record(EnvName, z.string().max(32768).refine(noNul, "must not contain NUL"))
+    .refine((e) => Object.keys(e).length <= 128, "at most 128 variables")
+    .optional(),
+  ssh_public_key: SshPublicKey.optional(),
+});
+export type Envelope = z.infer<typeof Envelope>;
+
+export const GrantRequest = z.strictObject({ grant: ComputeGrant, envelope: Envelope });
+export type GrantRequest = z.infer<typeof GrantRequest>;

@@ -1,0 +1,42 @@
+import type { ComputeLog, ExitReason, UnsignedComputeLog } from "../domain/index.js";
+import type { GrantRecord, Outcome } from "../store/store.js";
+import type { Identity } from "../util/identity.js";
+
+const REASON: Record<Outcome["state"], ExitReason> = {
+  completed: "exited",
+  failed: "failed",
+  expired: "expired",
+  cancelled: "cancelled",
+};
+
+/**
+ * The signed usage record of one grant. CPU and RAM are billed as allocated (millicores x wall
+ * seconds); cpu_seconds is what the backend measured, where it can. Anything but a workload that
+ * ran to its own end is `partial`.
+ */
+export function buildComputeLog(providerId: string, rec: GrantRecord, outcome: Outcome, nowMs: number, identity: Identity): ComputeLog {
+  const inst = rec.instance;
+  const startedMs = inst ? Date.parse(inst.started_at) : null;
+  const endedMs = outcome.ended_at ? Date.parse(outcome.ended_at) : nowMs;
+  const wall = startedMs !== null ? Math.max(0, (endedMs - startedMs) / 1000) : 0;
+  const round = (n: number) => Math.round(n * 1000) / 1000;
+  const unsigned: UnsignedComputeLog = {
+    request_id: rec.request_id,
+    provider_id: providerId,
+    backend: rec.backend,
+    instance_id: inst?.instance_id ?? null,
+    started_at: inst?.started_at ?? null,
+    ended_at: new Date(endedMs).toISOString(),
+    exit_reason: REASON[outcome.state],
+    exit_code: outcome.exit_code,
+    partial: outcome.state !== "completed",
+    error_kind: outcome.error_kind,
+    usage: {
+      wall_seconds: round(wall),
+      cpu_seconds: outcome.cpu_seconds === null ? null : round(outcome.cpu_seconds),
+      cpu_millicore_seconds: round((inst?.cpu_millicores ?? 0) * wall),
+      ram_mib_seconds: round((inst?.ram_mib ?? 0) * wall),
+    },
+  };
+  return { ...unsigned, signature: identity.signDoc(unsigned) };
+}

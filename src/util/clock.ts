@@ -1,0 +1,41 @@
+/** Time source; tests inject their own so nothing waits on the wall clock. */
+export interface Clock {
+  now(): number;
+  /** Resolves after `ms`, or rejects with an AbortError when `signal` aborts. */
+  sleep(ms: number, signal?: AbortSignal): Promise<void>;
+}
+
+export const systemClock: Clock = {
+  now: () => Date.now(),
+  sleep: (ms, signal) =>
+    new Promise<void>((resolve, reject) => {
+      if (signal?.aborted) return reject(abortError(signal));
+      const t = setTimeout(() => {
+        signal?.removeEventListener("abort", onAbort);
+        resolve();
+      }, Math.max(0, ms));
+      const onAbort = () => {
+        clearTimeout(t);
+        reject(abortError(signal!));
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+    }),
+};
+
+export function abortError(signal: AbortSignal): Error {
+  const r: unknown = signal.reason;
+  if (r instanceof Error) return r;
+  const e = new Error(typeof r === "string" ? r : "aborted");
+  e.name = "AbortError";
+  return e;
+}
+
+export function isAbort(e: unknown, signal?: AbortSignal): boolean {
+  return (signal?.aborted ?? false) || (e instanceof Error && e.name === "AbortError");
+}
+
+/** Capped exponential backoff with full jitter (AWS architecture blog), in ms. */
+export function backoffMs(attempt: number, baseMs: number, capMs: number, random: () => number = Math.random): number {
+  const exp = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
+  return Math.floor(random() * exp);
+}
