@@ -26,6 +26,7 @@ export interface DaemonOptions {
   expiryGraceMs?: number;
   retryBaseMs?: number;
   cardCheckIntervalMs?: number;
+  reconcileIntervalMs?: number;
   /** Extra listener routes and lifecycle hooks (metrics). */
   extraRoutes?: (app: FastifyInstance, d: Daemon) => void;
   events?: ManagerEvents;
@@ -98,16 +99,28 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   };
 
   // Re-attach or sweep what backends hold, then continue every open grant.
-  const live = new Set(store.nonTerminal().map((g) => g.request_id));
-  for (const b of fleet.backends) {
-    if (!b.reconcile) continue;
+  let reconciling = false;
+  const reconcileAll = async () => {
+    if (reconciling) return;
+    reconciling = true;
     try {
-      await b.reconcile(live);
-    } catch (e) {
-      log.error({ backend: b.name, err: e }, "reconcile failed; continuing (it runs again on the next start)");
+      const live = new Set(store.nonTerminal().map((g) => g.request_id));
+      for (const b of fleet.backends) {
+        if (!b.reconcile) continue;
+        try {
+          await b.reconcile(live);
+        } catch (e) {
+          log.error({ backend: b.name, err: e }, "reconcile failed; it runs again at the next interval");
+        }
+      }
+    } finally {
+      reconciling = false;
     }
-  }
+  };
+  await reconcileAll();
   const resumed = manager.resumeAll();
+  const reconcileTimer = setInterval(() => void reconcileAll(), o.reconcileIntervalMs ?? 60_000);
+  reconcileTimer.unref();
 
   let daemon!: Daemon;
   const listener = buildListener({
@@ -152,6 +165,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
       (closing ??= (async () => {
         listener.drain();
         clearInterval(cardTimer);
+        clearInterval(reconcileTimer);
         await manager.shutdown();
         await Promise.race([listener.app.close(), new Promise((r) => setTimeout(r, 1000).unref())]);
         await publisher?.stop();

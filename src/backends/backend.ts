@@ -29,7 +29,11 @@ export interface Backend {
 
 /** Optional lifecycle hooks a backend may add; the Fleet calls them when present. */
 export interface BackendHooks {
-  /** Called once at start with every live request_id: re-attach, or stop orphans. */
+  /**
+   * Called at start (before grants resume) and then about every minute, with the request_ids of
+   * every non-terminal grant: stop what this backend holds for anything else (orphans). A backend
+   * may skip calls that come sooner than its own reconcile interval, except the first.
+   */
   reconcile?(live: ReadonlySet<string>): Promise<void>;
   /** Extra per-backend status for the card (e.g. machines that are down). */
   status?(): Record<string, unknown>;

@@ -108,6 +108,10 @@ const Timeouts = {
   poll_interval_seconds: z.number().positive().default(10),
   /** Orphans younger than this are left alone by the sweep (their create may still be recorded). */
   orphan_grace_seconds: z.number().nonnegative().default(600),
+  /** How often tagged resources are reconciled against live grants (orphan sweep). */
+  reconcile_interval_seconds: z.number().positive().default(300),
+  /** Port the readiness probe expects the guest's sshd on. */
+  ssh_port: z.number().int().min(1).max(65535).default(22),
 };
 
 export const LocalConfig = z.strictObject({
