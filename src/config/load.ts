@@ -68,7 +68,7 @@ export function parseConfigText(text: string, file: string): BootConfig {
     if (e instanceof TomlError) throw new ConfigError(file, [`TOML syntax error at line ${e.line}, column ${e.column}: ${e.message.split("\n")[0]}`]);
     throw e;
   }
-  const parsed = BootConfig.safeParse(raw);
+  const parsed = BootConfig.safeParse(raw, { reportInput: true });
   if (!parsed.success) throw new ConfigError(file, formatIssues(parsed.error));
   return parsed.data;
 }

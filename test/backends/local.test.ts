@@ -1,0 +1,151 @@
+import assert from "node:assert/strict";
+import { existsSync, readFileSync } from "node:fs";
+import path from "node:path";
+import { describe, it } from "node:test";
+import { CapacityError, ImageVerificationError, InvalidRequestError } from "../../src/backends/backend.js";
+import { bundleImage, scriptImage } from "../helpers/images.js";
+import { until } from "../helpers/http.js";
+import { localBackend, localGrant } from "../helpers/local.js";
+import { tempDir } from "../helpers/tmp.js";
+
+const never = new AbortController().signal;
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe("local backend", () => {
+  it("runs a verified bundle to completion with exit code and CPU time", async (t) => {
+    const dir = tempDir(t);
+    const marker = path.join(dir, "ran");
+    const img = bundleImage(dir, "ok", `echo "$GREETING" > ${marker}; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exit 0`);
+    const b = localBackend(path.join(dir, "state"));
+    const g = localGrant("ok-1");
+    const inst = await b.provision(g, { image: { ...img, format: "bundle" }, env: { GREETING: "hello" } }, never);
+    assert.equal(inst.instance_id, "local-ok-1");
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 0);
+    assert.ok(obs.cpu_seconds !== null && obs.cpu_seconds >= 0);
+    assert.equal(readFileSync(marker, "utf8"), "hello\n");
+    await b.terminate(inst);
+  });
+
+  it("reports a non-zero exit code and runs `command` with a single executable", async (t) => {
+    const dir = tempDir(t);
+    const img = scriptImage(dir, "exe", 'exit "$1"');
+    const b = localBackend(path.join(dir, "state"));
+    const g = localGrant("nz-1");
+    const inst = await b.provision(g, { image: { ...img, format: "bundle" }, command: ["./workload", "7"] }, never);
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 7);
+  });
+
+  it("refuses an image whose sha256 does not match: nothing runs, nothing is cached", async (t) => {
+    const dir = tempDir(t);
+    const canary = path.join(dir, "canary");
+    const img = scriptImage(dir, "evil", `touch ${canary}`);
+    const state = path.join(dir, "state");
+    const b = localBackend(state);
+    const wrong = "0".repeat(64);
+    await assert.rejects(b.provision(localGrant("bad-1"), { image: { url: img.url, sha256: wrong, format: "bundle" } }, never), ImageVerificationError);
+    assert.equal(existsSync(canary), false);
+    assert.equal(existsSync(path.join(state, "local", "images", wrong)), false);
+    assert.equal(existsSync(path.join(state, "local", "runs", "bad-1", "started")), false);
+  });
+
+  it("rejects disk images with a clear error", async (t) => {
+    const dir = tempDir(t);
+    const img = scriptImage(dir, "x", "true");
+    const b = localBackend(path.join(dir, "state"));
+    await assert.rejects(b.provision(localGrant("disk-1"), { image: { ...img, format: "disk" } }, never), (e: unknown) => e instanceof InvalidRequestError && /bundle/.test((e as Error).message));
+  });
+
+  it("kills the whole process group at valid_to", async (t) => {
+    const dir = tempDir(t);
+    const pids = path.join(dir, "pids");
+    // The workload forks a grandchild; both must die at the deadline.
+    const img = scriptImage(dir, "sleeper", `sleep 600 & echo $! > ${pids}; echo $$ >> ${pids}; wait`);
+    const b = localBackend(path.join(dir, "state"));
+    const g = localGrant("exp-1", 600);
+    const inst = await b.provision(g, { image: { ...img, format: "bundle" } }, never);
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "expired");
+    const [grandchild, child] = readFileSync(pids, "utf8").trim().split("\n").map(Number);
+    await until(() => !alive(grandchild!) && !alive(child!), "the workload's process group to die", 5000);
+    await b.terminate(inst);
+  });
+
+  it("terminates a running workload, and terminate twice is fine", async (t) => {
+    const dir = tempDir(t);
+    const img = scriptImage(dir, "forever", "sleep 600");
+    const b = localBackend(path.join(dir, "state"));
+    const g = localGrant("term-1");
+    const inst = await b.provision(g, { image: { ...img, format: "bundle" } }, never);
+    const pid = Number(readFileSync(path.join(inst.details.run_dir!, "started", "workload_pid"), "utf8"));
+    assert.ok(alive(pid));
+    await b.terminate(inst);
+    assert.equal(alive(pid), false);
+    await b.terminate(inst);
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 128 + 15, "SIGTERM first, as a polite stop");
+  });
+
+  it("survives a daemon restart: a new backend re-attaches and never starts the workload twice", async (t) => {
+    const dir = tempDir(t);
+    const starts = path.join(dir, "starts");
+    const gate = path.join(dir, "gate");
+    const img = scriptImage(dir, "once", `echo start >> ${starts}; while [ ! -e ${gate} ]; do sleep 0.02; done; exit 3`);
+    const state = path.join(dir, "state");
+    const g = localGrant("restart-1");
+    const env = { image: { ...img, format: "bundle" as const } };
+    const first = await localBackend(state).provision(g, env, never);
+    // "Restart": a fresh backend over the same state_dir provisions the same grant again.
+    const second = localBackend(state);
+    const again = await second.provision(g, env, never);
+    assert.equal(again.instance_id, first.instance_id);
+    const { writeFileSync } = await import("node:fs");
+    writeFileSync(gate, "");
+    const obs = await second.watchUntilExit(again, new Date(g.valid_to), never);
+    assert.equal(obs.exit_code, 3);
+    assert.equal(readFileSync(starts, "utf8"), "start\n", "the workload started exactly once");
+  });
+
+  it("terminate before start claims the run so a late supervisor never starts it", async (t) => {
+    const dir = tempDir(t);
+    const b = localBackend(path.join(dir, "state"));
+    const g = localGrant("claim-1");
+    const { mkdirSync } = await import("node:fs");
+    mkdirSync(path.join(dir, "state", "local", "runs", "claim-1"), { recursive: true });
+    await b.terminate({ request_id: "claim-1" } as never);
+    assert.ok(existsSync(path.join(dir, "state", "local", "runs", "claim-1", "started")));
+    void g;
+  });
+
+  it("enforces max_concurrent at provision time with a CapacityError naming the offering", async (t) => {
+    const dir = tempDir(t);
+    const img = scriptImage(dir, "forever", "sleep 600");
+    const b = localBackend(path.join(dir, "state"), { max_concurrent: 1 });
+    const i1 = await b.provision(localGrant("cap-1"), { image: { ...img, format: "bundle" } }, never);
+    assert.equal(b.canSatisfy(localGrant("cap-2")).ok, false);
+    await assert.rejects(b.provision(localGrant("cap-2"), { image: { ...img, format: "bundle" } }, never), (e: unknown) => e instanceof CapacityError && e.offering?.shape === "local");
+    await b.terminate(i1);
+    assert.equal(b.canSatisfy(localGrant("cap-2")).ok, true);
+  });
+
+  it("declines with reasons", (t) => {
+    const b = localBackend(tempDir(t));
+    assert.deepEqual(b.canSatisfy(localGrant("x", 1000, { region: "eu-1" })).ok, false);
+    const tdx = b.canSatisfy(localGrant("x", 1000, { tdx_required: true }));
+    assert.equal(tdx.ok === false && tdx.code, "tdx_not_supported");
+    const big = b.canSatisfy(localGrant("x", 1000, { cpu_millicores: 999_999 }));
+    assert.equal(big.ok === false && big.code, "too_large");
+  });
+});
