@@ -1,0 +1,57 @@
+import { Writable } from "node:stream";
+import path from "node:path";
+import { startDaemon, type Daemon, type DaemonOptions } from "../../src/daemon.js";
+import { writeLocalConfig, type TestConfigOptions } from "./config.js";
+import { tempDir } from "./tmp.js";
+
+/** Captures the daemon's JSON log lines in memory. */
+export class LogSink extends Writable {
+  lines: string[] = [];
+  override _write(chunk: Buffer, _enc: string, cb: () => void) {
+    this.lines.push(...chunk.toString().split("\n").filter(Boolean));
+    cb();
+  }
+  get text(): string {
+    return this.lines.join("\n");
+  }
+}
+
+export interface TestDaemon {
+  d: Daemon;
+  url: string;
+  dir: string;
+  stateDir: string;
+  configFile: string;
+  logs: LogSink;
+  restart(): Promise<TestDaemon>;
+}
+
+/** An in-process daemon with the local backend on a random loopback port. */
+export async function startTestDaemon(
+  t: { after: (fn: () => void | Promise<void>) => void },
+  opts: Partial<TestConfigOptions> = {},
+  daemonOpts: Partial<DaemonOptions> = {},
+): Promise<TestDaemon> {
+  const dir = tempDir(t);
+  const stateDir = path.join(dir, "state");
+  const configFile = writeLocalConfig(dir, { stateDir, logLevel: "info", ...opts });
+  const launch = async (): Promise<TestDaemon> => {
+    const logs = new LogSink();
+    const d = await startDaemon({ configFile, logDestination: logs, expiryGraceMs: 1500, retryBaseMs: 20, ...daemonOpts });
+    t.after(() => d.close());
+    const td: TestDaemon = {
+      d,
+      url: d.url,
+      dir,
+      stateDir,
+      configFile,
+      logs,
+      restart: async () => {
+        await d.close();
+        return launch();
+      },
+    };
+    return td;
+  };
+  return launch();
+}
