@@ -107,7 +107,7 @@ describe("Fleet from config and the ProviderCard", () => {
     assert.deepEqual(card.backends.map((x) => x.name), ["a", "b", "full"]);
     assert.equal(card.config_digest, configDigest(cfg));
     assert.ok(verifySignedDoc(card, card.public_key));
-    assert.equal(verifySignedDoc({ ...card, max_ram_mib: 1 }, card.public_key), false, "a tampered card must not verify");
+    assert.equal(verifySignedDoc({ ...card, max_ram_mib: 1 } as typeof card, card.public_key), false, "a tampered card must not verify");
     const noTdx = buildCard(cfg, Fleet.of([a], systemClock), id);
     assert.equal(noTdx.tdx_capable, false);
   });
