@@ -1,0 +1,45 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { fileURLToPath } from "node:url";
+
+const RUNNER = fileURLToPath(new URL("./run-daemon.ts", import.meta.url));
+
+export interface ChildDaemon {
+  proc: ChildProcess;
+  url: string;
+  output: () => string;
+  kill9(): Promise<void>;
+  stop(): Promise<number | null>;
+}
+
+/** Start the daemon as a separate process and wait for its "listening" log line. */
+export async function spawnDaemon(configFile: string, env: Record<string, string> = {}): Promise<ChildDaemon> {
+  const proc = spawn(process.execPath, ["--import", "tsx", RUNNER, configFile], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+  let out = "";
+  proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
+  const url = await new Promise<string>((resolve, reject) => {
+    const onData = () => {
+      const m = out.match(/"url":"(http[^"]+)","provider_id"/);
+      if (m) {
+        proc.stdout!.off("data", onData);
+        resolve(m[1]!);
+      }
+    };
+    proc.stdout!.on("data", onData);
+    void exited.then((code) => reject(new Error(`daemon exited (${code}) before listening:\n${out}`)));
+  });
+  return {
+    proc,
+    url,
+    output: () => out,
+    kill9: async () => {
+      proc.kill("SIGKILL");
+      await exited;
+    },
+    stop: async () => {
+      proc.kill("SIGTERM");
+      return exited;
+    },
+  };
+}

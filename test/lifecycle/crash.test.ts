@@ -1,0 +1,129 @@
+import assert from "node:assert/strict";
+import { existsSync, readFileSync, readdirSync, readlinkSync, writeFileSync } from "node:fs";
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+import path from "node:path";
+import { describe, it } from "node:test";
+import { spawnDaemon, type ChildDaemon } from "../helpers/child-daemon.js";
+import { tickIn, writeLocalConfig } from "../helpers/config.js";
+import { call, until } from "../helpers/http.js";
+import { scriptImage } from "../helpers/images.js";
+import { tempDir } from "../helpers/tmp.js";
+
+const TERMINAL = ["completed", "failed", "expired", "cancelled"];
+
+/** Is `pid` still a process of this run (by its command line or working directory)? Guards against pid reuse. */
+function aliveInRun(pid: number, runDir: string): boolean {
+  try {
+    const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    let cwd = "";
+    try {
+      cwd = readlinkSync(`/proc/${pid}/cwd`);
+    } catch {
+      /* exited meanwhile */
+    }
+    return cmdline.includes(runDir) || cwd.startsWith(runDir);
+  } catch {
+    return false;
+  }
+}
+
+/** Serves one file; responses are held until `release()` so grants stay mid-provision. */
+async function slowImageServer(t: { after: (fn: () => void) => void }, file: string) {
+  const held: (() => void)[] = [];
+  let open = false;
+  const server = http.createServer((_req, res) => {
+    const send = () => res.end(readFileSync(file));
+    if (open) send();
+    else held.push(send);
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  t.after(() => server.close());
+  return {
+    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/image`,
+    release: () => {
+      open = true;
+      held.splice(0).forEach((f) => f());
+    },
+  };
+}
+
+describe("crash safety", () => {
+  it("kill -9 while grants provision, run and terminate: every grant ends once, with a ComputeLog, nothing left running", async (t) => {
+    const dir = tempDir(t);
+    const stateDir = path.join(dir, "state");
+    const starts = path.join(dir, "starts");
+    const gate = path.join(dir, "gate");
+    const config = writeLocalConfig(dir, { stateDir, logLevel: "info" });
+    const img = scriptImage(dir, "work", `echo "$ID" >> ${starts}; while [ ! -e ${gate} ]; do sleep 0.02; done; exit 5`);
+    const slow = await slowImageServer(t, img.file);
+    let daemon: ChildDaemon | null = await spawnDaemon(config);
+    t.after(async () => {
+      if (daemon) await daemon.kill9();
+    });
+
+    const post = (url: string, id: string, imageUrl: string, validIn = 300) =>
+      call(url, "POST", "/v1/grants", {
+        grant: { request_id: id, region: "local", tdx_required: false, cpu_millicores: 100, ram_mib: 64, valid_to: tickIn(validIn) },
+        envelope: { image: { url: imageUrl, sha256: img.sha256, format: "bundle" }, env: { ID: id } },
+      });
+
+    // 20 grants that start running, 10 stuck mid-provision (image download held), 3 that will expire while the daemon is down.
+    const running = Array.from({ length: 20 }, (_, i) => `run-${i}`);
+    const provisioning = Array.from({ length: 10 }, (_, i) => `prov-${i}`);
+    const expiring = Array.from({ length: 3 }, (_, i) => `exp-${i}`);
+    for (const id of running) assert.equal((await post(daemon.url, id, img.url)).status, 202);
+    for (const id of provisioning) assert.equal((await post(daemon.url, id, slow.url)).status, 202);
+    for (const id of expiring) assert.equal((await post(daemon.url, id, img.url, 3)).status, 202);
+    await until(() => existsSync(starts) && readFileSync(starts, "utf8").trim().split("\n").length >= 23, "23 workloads to start");
+    const states = await call(daemon.url, "GET", "/v1/grants?limit=1000");
+    assert.ok(states.body.grants.some((g: { state: string }) => g.state === "provisioning"), `some grants are mid-provision at the kill: ${JSON.stringify(states.body.grants.map((g: { request_id: string; state: string }) => [g.request_id, g.state]))}`);
+
+    await daemon.kill9();
+    daemon = null;
+    // The daemon is gone; workloads keep running under their supervisors. Let the expiring ones pass valid_to.
+    slow.release();
+
+    daemon = await spawnDaemon(config);
+    // Let the gate open only after the restart re-attached; then kill again while grants are finishing.
+    writeFileSync(gate, "");
+    await until(async () => {
+      const r = await call(daemon!.url, "GET", "/v1/grants?state=terminating&limit=1000");
+      const c = await call(daemon!.url, "GET", "/v1/grants?state=completed&limit=1000");
+      return r.body.grants.length + c.body.grants.length > 0;
+    }, "some grants to reach terminating/completed");
+    await daemon.kill9();
+    daemon = await spawnDaemon(config);
+
+    const all = [...running, ...provisioning, ...expiring];
+    await until(async () => {
+      const r = await call(daemon!.url, "GET", "/v1/grants?limit=1000");
+      return r.body.grants.length === all.length && r.body.grants.every((g: { state: string }) => TERMINAL.includes(g.state));
+    }, "every grant to reach a terminal state", 60_000, 100);
+
+    for (const id of all) {
+      const log = await call(daemon.url, "GET", `/v1/grants/${id}/log`);
+      assert.equal(log.status, 200, `ComputeLog for ${id}`);
+    }
+    const final = (await call(daemon.url, "GET", "/v1/grants?limit=1000")).body.grants as { request_id: string; state: string }[];
+    for (const g of final.filter((x) => running.includes(x.request_id) || provisioning.includes(x.request_id))) assert.equal(g.state, "completed", `${g.request_id} completed`);
+    for (const id of running) assert.equal((await call(daemon.url, "GET", `/v1/grants/${id}/log`)).body.exit_code, 5);
+
+    const started = readFileSync(starts, "utf8").trim().split("\n");
+    const counts = new Map<string, number>();
+    for (const s of started) counts.set(s, (counts.get(s) ?? 0) + 1);
+    for (const [id, n] of counts) assert.equal(n, 1, `${id} started ${n} times`);
+    for (const id of [...running, ...provisioning]) assert.equal(counts.get(id), 1, `${id} ran exactly once`);
+
+    // No supervisor or workload left running.
+    const runs = path.join(stateDir, "local", "runs");
+    for (const id of readdirSync(runs)) {
+      for (const f of ["supervisor_pid", "workload_pid"]) {
+        const p = path.join(runs, id, "started", f);
+        if (existsSync(p)) assert.equal(aliveInRun(Number(readFileSync(p, "utf8")), path.join(runs, id)), false, `${id} ${f} still alive`);
+      }
+    }
+    assert.equal(await daemon.stop(), 0, "graceful stop exits 0");
+    daemon = null;
+  });
+});
