@@ -19,15 +19,17 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
   proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
   const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
   const url = await new Promise<string>((resolve, reject) => {
+    // The CLI always prints this line to stderr, whatever the log level.
     const onData = () => {
-      const m = out.match(/"url":"(http[^"]+)","provider_id"/);
+      const m = out.match(/compute-bridge listening on (https?:\/\/\S+)/);
       if (m) {
-        proc.stdout!.off("data", onData);
+        proc.stderr!.off("data", onData);
         resolve(m[1]!);
       }
     };
-    proc.stdout!.on("data", onData);
+    proc.stderr!.on("data", onData);
     void exited.then((code) => reject(new Error(`daemon exited (${code}) before listening:\n${out}`)));
+    setTimeout(() => reject(new Error(`daemon did not start listening within 30 s:\n${out}`)), 30_000).unref();
   });
   return {
     proc,

@@ -126,4 +126,32 @@ describe("crash safety", () => {
     assert.equal(await daemon.stop(), 0, "graceful stop exits 0");
     daemon = null;
   });
+
+  it("SIGTERM stops within 10 s without terminating workloads; the next start resumes them", async (t) => {
+    const dir = tempDir(t);
+    const stateDir = path.join(dir, "state");
+    const gate = path.join(dir, "gate");
+    const config = writeLocalConfig(dir, { stateDir });
+    const img = scriptImage(dir, "work", `while [ ! -e ${gate} ]; do sleep 0.02; done; exit 9`);
+    let daemon: ChildDaemon | null = await spawnDaemon(config);
+    t.after(async () => {
+      if (daemon) await daemon.kill9();
+    });
+    const r = await call(daemon.url, "POST", "/v1/grants", {
+      grant: { request_id: "term-1", region: "local", tdx_required: false, cpu_millicores: 100, ram_mib: 64, valid_to: tickIn(300) },
+      envelope: { image: { url: img.url, sha256: img.sha256, format: "bundle" } },
+    });
+    assert.equal(r.status, 202);
+    await until(async () => (await call(daemon!.url, "GET", "/v1/grants/term-1")).body.state === "running", "running");
+    const pid = Number(readFileSync(path.join(stateDir, "local", "runs", "term-1", "started", "workload_pid"), "utf8"));
+    const t0 = Date.now();
+    assert.equal(await daemon.stop(), 0);
+    daemon = null;
+    assert.ok(Date.now() - t0 < 10_000, "stopped within 10 s");
+    assert.ok(aliveInRun(pid, path.join(stateDir, "local", "runs", "term-1")), "the workload kept running");
+    daemon = await spawnDaemon(config);
+    writeFileSync(gate, "");
+    await until(async () => (await call(daemon!.url, "GET", "/v1/grants/term-1")).body.state === "completed", "completed after restart");
+    assert.equal((await call(daemon.url, "GET", "/v1/grants/term-1/log")).body.exit_code, 9);
+  });
 });
