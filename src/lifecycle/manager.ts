@@ -199,9 +199,9 @@ export class GrantManager {
     if (rec.state === "accepted" || rec.state === "provisioning") {
       const early = this.preProvisionOutcome(rec, deadlineMs);
       if (early) {
-        if (rec.state === "accepted") return this.finish(rec, early);
+        if (rec.state === "accepted") return await this.finish(rec, early);
         // A create call may have been in flight: terminate by request_id before finishing.
-        return this.terminateAndFinish(this.toTerminating(rec, early), early, signal);
+        return this.terminateAndFinish(await this.toTerminating(rec, early), early, signal);
       }
       let instance: ProvisionedInstance;
       try {
@@ -212,14 +212,14 @@ export class GrantManager {
         this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: outcome.error_kind, message: outcome.error_message } }, "provisioning failed");
         rec = this.o.store.get(id)!;
         // Whatever a failed create left behind is found by request_id and removed.
-        return this.terminateAndFinish(this.toTerminating(rec, outcome), outcome, signal);
+        return this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
       }
-      rec = this.transition(rec, "running", { instance, note: `instance ${instance.instance_id}` });
+      rec = await this.transition(rec, "running", { instance, note: `instance ${instance.instance_id}` });
     }
 
     // running: watch until exit, expiry or cancel
     const outcome = await this.watch(rec, deadlineMs, task);
-    await this.terminateAndFinish(this.toTerminating(rec, outcome), outcome, signal);
+    await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
   }
 
   private preProvisionOutcome(rec: GrantRecord, deadlineMs: number): Outcome | null {
@@ -237,7 +237,7 @@ export class GrantManager {
     let transient = 0;
     for (;;) {
       if (rec.state !== "provisioning" || rec.backend !== backend.name)
-        rec = this.transition(rec, "provisioning", { backend: backend.name, attempts, note: `idempotency key derived from request_id ${grant.request_id}` });
+        rec = await this.transition(rec, "provisioning", { backend: backend.name, attempts, note: `idempotency key derived from request_id ${grant.request_id}` });
       const t0 = this.o.clock.now();
       try {
         const instance = await backend.provision(grant, this.envelopeFor(rec), signal);
@@ -262,7 +262,7 @@ export class GrantManager {
         const tried = new Set(attempts.map((a) => a.backend));
         const next = attempts.length < this.o.maxAttempts ? this.o.fleet.route(grant, tried) : null;
         if (!next || !next.ok) {
-          rec = this.o.store.transition(grant.request_id, "provisioning", { attempts, note: "no backend left to try" });
+          rec = await this.o.store.transitionAsync(grant.request_id, "provisioning", { attempts, note: "no backend left to try" });
           throw e;
         }
         this.o.log.warn({ request_id: grant.request_id, backend: backend.name, next_backend: next.backend.name, err: { kind, message: messageOf(e) } }, "failing over to the next backend");
@@ -318,14 +318,14 @@ export class GrantManager {
     return { ...this.outcome("completed", obs.exit_code), cpu_seconds: obs.cpu_seconds, ended_at: obs.ended_at };
   }
 
-  private toTerminating(rec: GrantRecord, outcome: Outcome): GrantRecord {
+  private toTerminating(rec: GrantRecord, outcome: Outcome): Promise<GrantRecord> {
     return this.transition(rec, "terminating", { outcome, note: `will end as ${outcome.state}` });
   }
 
   private async terminateAndFinish(rec: GrantRecord, outcome: Outcome, signal: AbortSignal): Promise<void> {
     const backend = this.backendOf(rec);
     await this.terminateWithRetry(backend, rec.instance ?? placeholder(rec.grant, backend.name), signal);
-    this.finish(rec, outcome);
+    await this.finish(rec, outcome);
   }
 
   /** Terminate until the backend confirms; a paid instance is never left behind. */
@@ -343,9 +343,9 @@ export class GrantManager {
     }
   }
 
-  private finish(rec: GrantRecord, outcome: Outcome): void {
+  private async finish(rec: GrantRecord, outcome: Outcome): Promise<void> {
     const log = buildComputeLog(this.o.providerId, rec, outcome, this.o.clock.now(), this.o.identity);
-    const done = this.o.store.finish(rec.request_id, outcome.state, log, { error_kind: outcome.error_kind, error_message: outcome.error_message }, this.o.publishLogs ?? false);
+    const done = await this.o.store.finishAsync(rec.request_id, outcome.state, log, { error_kind: outcome.error_kind, error_message: outcome.error_message }, this.o.publishLogs ?? false);
     this.o.events?.transition?.(rec.backend, rec.state, outcome.state);
     this.o.log.info(
       { request_id: rec.request_id, backend: rec.backend, instance_id: rec.instance?.instance_id, state: done.state, exit_code: log.exit_code, partial: log.partial, ...(outcome.error_kind ? { err: { kind: outcome.error_kind } } : {}) },
@@ -354,8 +354,8 @@ export class GrantManager {
     this.o.onLogWritten?.();
   }
 
-  private transition(rec: GrantRecord, to: GrantRecord["state"], changes: Parameters<Store["transition"]>[2]): GrantRecord {
-    const next = this.o.store.transition(rec.request_id, to, changes);
+  private async transition(rec: GrantRecord, to: GrantRecord["state"], changes: Parameters<Store["transition"]>[2]): Promise<GrantRecord> {
+    const next = await this.o.store.transitionAsync(rec.request_id, to, changes);
     this.o.events?.transition?.(next.backend, rec.state, to);
     this.o.log.info({ request_id: rec.request_id, backend: next.backend, state: to, instance_id: next.instance?.instance_id }, `grant ${to}`);
     return next;

@@ -141,7 +141,8 @@ export interface OutboxItem {
  */
 export class Store {
   readonly db: Database.Database;
-  private pending: { g: NewGrant; resolve: (r: AcceptResult) => void; reject: (e: unknown) => void }[] = [];
+  private pending: { fn: () => unknown; resolve: (r: unknown) => void; reject: (e: unknown) => void }[] = [];
+
   private flushScheduled = false;
   private readonly jsonlPath: string;
   private readonly stmts: ReturnType<Store["prepareStatements"]>;
@@ -188,47 +189,38 @@ export class Store {
     }
   }
 
-  // ---- accept (group commit) ------------------------------------------------------------------
+  // ---- group commit -------------------------------------------------------------------------
 
-  accept(g: NewGrant): Promise<AcceptResult> {
-    return new Promise((resolve, reject) => {
-      this.pending.push({ g, resolve, reject });
+  /**
+   * Run `fn` inside the next group transaction: every call made in the same event-loop turn shares
+   * one fsync'd commit, and each promise settles after that commit. Each fn runs in its own
+   * savepoint, so one failing call rolls back only its own writes.
+   */
+  commit<T>(fn: () => T): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.pending.push({ fn, resolve: resolve as (v: unknown) => void, reject });
       if (!this.flushScheduled) {
         this.flushScheduled = true;
-        setImmediate(() => this.flushAccepts());
+        setImmediate(() => this.flush());
       }
     });
   }
 
-  private flushAccepts(): void {
+  private flush(): void {
     const batch = this.pending;
     this.pending = [];
     this.flushScheduled = false;
-    const results: AcceptResult[] = [];
+    if (batch.length === 0) return;
+    const results: ({ ok: true; v: unknown } | { ok: false; e: unknown })[] = [];
     try {
-      this.timed("accept_batch", () =>
+      this.timed("group_commit", () =>
         this.db.transaction(() => {
-          const now = this.nowIso();
-          for (const { g } of batch) {
-            const existing = this.getRow(g.request_id);
-            if (existing) {
-              const record = toRecord(existing);
-              results.push(existing.body_digest === g.body_digest ? { status: "duplicate", record } : { status: "conflict", record });
-              continue;
+          for (const { fn } of batch) {
+            try {
+              results.push({ ok: true, v: this.db.transaction(fn)() });
+            } catch (e) {
+              results.push({ ok: false, e });
             }
-            this.stmts.insert.run({
-              request_id: g.request_id,
-              body_digest: g.body_digest,
-              grant_json: JSON.stringify(g.grant),
-              envelope_json: JSON.stringify(g.envelope),
-              state: "accepted",
-              backend: g.backend,
-              private_key: g.private_key,
-              public_key: g.public_key,
-              now,
-            });
-            this.stmts.transition.run({ request_id: g.request_id, from_state: null, to_state: "accepted", backend: g.backend, note: null, at: now });
-            results.push({ status: "created", record: toRecord(this.getRow(g.request_id)!) });
           }
         })(),
       );
@@ -236,7 +228,39 @@ export class Store {
       for (const p of batch) p.reject(e);
       return;
     }
-    batch.forEach((p, i) => p.resolve(results[i]!));
+    batch.forEach((p, i) => {
+      const r = results[i]!;
+      if (r.ok) p.resolve(r.v);
+      else p.reject(r.e);
+    });
+  }
+
+  /** Durably record a new grant (or report the existing one) in the next group commit. */
+  accept(g: NewGrant): Promise<AcceptResult> {
+    return this.commit(() => {
+      const existing = this.getRow(g.request_id);
+      if (existing) {
+        const record = toRecord(existing);
+        return existing.body_digest === g.body_digest ? { status: "duplicate" as const, record } : { status: "conflict" as const, record };
+      }
+      const now = this.nowIso();
+      // Accepted and routed in one commit: the first durable state already names the backend, and
+      // the backend's idempotency key derives from request_id, so provisioning may start at once.
+      this.stmts.insert.run({
+        request_id: g.request_id,
+        body_digest: g.body_digest,
+        grant_json: JSON.stringify(g.grant),
+        envelope_json: JSON.stringify(g.envelope),
+        state: "provisioning",
+        backend: g.backend,
+        private_key: g.private_key,
+        public_key: g.public_key,
+        now,
+      });
+      this.stmts.transition.run({ request_id: g.request_id, from_state: null, to_state: "accepted", backend: g.backend, note: null, at: now });
+      this.stmts.transition.run({ request_id: g.request_id, from_state: "accepted", to_state: "provisioning", backend: g.backend, note: "idempotency key derived from request_id", at: now });
+      return { status: "created" as const, record: toRecord(this.getRow(g.request_id)!) };
+    });
   }
 
   // ---- reads ----------------------------------------------------------------------------------
@@ -276,6 +300,11 @@ export class Store {
 
   // ---- transitions ----------------------------------------------------------------------------
 
+  /** Move a grant to `to` (and the fields that change alongside) in the next group commit. */
+  transitionAsync(...args: Parameters<Store["transition"]>): Promise<GrantRecord> {
+    return this.commit(() => this.transition(...args));
+  }
+
   /** Move a grant to `to`, with the fields that change alongside, in one committed transaction. */
   transition(
     id: string,
@@ -303,7 +332,7 @@ export class Store {
         if (changes.error_message !== undefined) (cols.push("error_message = @error_message"), (set.error_message = changes.error_message));
         if (changes.attempts !== undefined) (cols.push("attempts_json = @attempts_json"), (set.attempts_json = JSON.stringify(changes.attempts)));
         if (changes.outcome !== undefined) (cols.push("outcome_json = @outcome_json"), (set.outcome_json = changes.outcome ? JSON.stringify(changes.outcome) : null));
-        this.db.prepare(`UPDATE grants SET ${cols.join(", ")} WHERE request_id = @request_id`).run(set);
+        this.prepared(`UPDATE grants SET ${cols.join(", ")} WHERE request_id = @request_id`).run(set);
         this.stmts.transition.run({ request_id: id, from_state: row.state, to_state: to, backend: changes.backend ?? row.backend, note: changes.note ?? null, at: now });
         return toRecord(this.getRow(id)!);
       })(),
@@ -315,15 +344,22 @@ export class Store {
     return this.get(id);
   }
 
-  /** Final state and its signed ComputeLog in one transaction; the jsonl line follows. */
-  finish(
+  /** finish() in the next group commit; the jsonl line is appended after the commit. */
+  async finishAsync(...args: Parameters<Store["finishTx"]>): Promise<GrantRecord> {
+    const r = await this.commit(() => this.finishTx(...args));
+    this.flushJsonl();
+    return r;
+  }
+
+  /** Final state and its signed ComputeLog in one transaction. */
+  finishTx(
     id: string,
     to: GrantState,
     log: ComputeLog,
     changes: { error_kind?: string | null; error_message?: string | null } = {},
     publish = false,
   ): GrantRecord {
-    const rec = this.timed("finish", () =>
+    return this.timed("finish", () =>
       this.db.transaction(() => {
         const r = this.transition(id, to, { ...changes, note: `exit_reason=${log.exit_reason}` });
         const json = JSON.stringify(log);
@@ -332,8 +368,6 @@ export class Store {
         return r;
       })(),
     );
-    this.flushJsonl();
-    return rec;
   }
 
   computeLog(id: string): ComputeLog | null {
@@ -390,8 +424,16 @@ export class Store {
   }
 
   close(): void {
-    if (this.pending.length) this.flushAccepts();
+    if (this.pending.length) this.flush();
     if (this.db.open) this.db.close();
+  }
+
+  private readonly statementCache = new Map<string, Database.Statement>();
+  /** Prepared statements for SQL built from a fixed set of column lists. */
+  private prepared(sql: string): Database.Statement {
+    let st = this.statementCache.get(sql);
+    if (!st) this.statementCache.set(sql, (st = this.db.prepare(sql)));
+    return st;
   }
 
   private prepareStatements() {

@@ -86,7 +86,7 @@ describe("listener", () => {
     const b = body("run-1", img);
     const r = await call(url, "POST", "/v1/grants", b);
     assert.equal(r.status, 202);
-    assert.deepEqual(r.body, { request_id: "run-1", state: "accepted", backend: "local" });
+    assert.deepEqual(r.body, { request_id: "run-1", state: "provisioning", backend: "local" });
     const early = await call(url, "GET", "/v1/grants/run-1/log");
     if (early.status !== 200) assert.equal(early.status, 409);
     const g = await waitState(url, "run-1", ["completed"]);

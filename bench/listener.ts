@@ -1,0 +1,104 @@
+/**
+ * bench/listener: accepted grants/s and p50/p99 latency of POST /v1/grants (validation, routing,
+ * fsync-durable group commit) against a bare fastify route, in the same run.
+ *   node --import tsx bench/listener.ts [seconds] [connections]
+ */
+import Fastify from "fastify";
+import { mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import type { ManagedBackend } from "../src/backends/backend.js";
+import { Almanac } from "../src/domain/index.js";
+import { buildCard } from "../src/fleet/card.js";
+import { Fleet } from "../src/fleet/fleet.js";
+import { GrantManager } from "../src/lifecycle/manager.js";
+import { buildListener } from "../src/listener/server.js";
+import { Store } from "../src/store/store.js";
+import { systemClock } from "../src/util/clock.js";
+import { Identity } from "../src/util/identity.js";
+import { createLogger } from "../src/util/logger.js";
+import { parseConfigText } from "../src/config/load.js";
+import { loadInChild, table, type LoadResult } from "./lib/load.js";
+
+const TOKEN = "bench-token-0123456789";
+
+/** Accepts every grant and parks it: the bench measures the accept path, not workloads. */
+function parkedBackend(): ManagedBackend {
+  return {
+    name: "parked",
+    capabilities: () => ({ regions: ["bench-1"], tdx_capable: false, max_cpu_millicores: 1e9, max_ram_mib: 1e9 }),
+    canSatisfy: () => ({ ok: true }),
+    provision: (_g, _e, signal) => new Promise((_, reject) => signal.addEventListener("abort", () => reject(signal.reason), { once: true })),
+    watchUntilExit: async () => ({ kind: "exited", exit_code: 0, cpu_seconds: null, peak_memory_mib: null, ended_at: null, failure: null }),
+    terminate: async () => undefined,
+  };
+}
+
+const CFG = `
+[bridge]
+provider_id = "bench"
+state_dir = "/tmp/unused"
+[listener]
+bind = "127.0.0.1:0"
+token_file = "t"
+[almanac]
+genesis = 2026-01-01T00:00:00Z
+tick_seconds = 1
+[backends.local]
+region = "bench-1"
+cpu_millicores = 1000
+ram_mib = 1000
+max_concurrent = 1
+`;
+
+export async function run(seconds = 4, connections = 32): Promise<{ bare: LoadResult; bridge: LoadResult; text: string }> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-"));
+  const log = createLogger("silent");
+  const sample = (i: number) =>
+    JSON.stringify({
+      grant: { request_id: `bench-${process.pid}-${i}`, region: "bench-1", tdx_required: false, cpu_millicores: 1000, ram_mib: 512, valid_to: 10_000_000_000 },
+      envelope: { image: { url: "https://images.example/x.tar.gz", sha256: "a".repeat(64), format: "bundle" }, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb0 bench" },
+    });
+
+  // Baseline: a bare fastify route parsing the same JSON body.
+  const bare = Fastify();
+  bare.post("/v1/grants", async (_req, reply) => reply.code(202).send({ request_id: "x", state: "accepted", backend: "bare" }));
+  await bare.listen({ host: "127.0.0.1", port: 0 });
+  const bareUrl = `http://127.0.0.1:${(bare.server.address() as { port: number }).port}/v1/grants`;
+
+  // The bridge's accept path with a durable store.
+  const store = new Store(dir, systemClock);
+  const fleet = Fleet.of([parkedBackend()], systemClock);
+  const identity = Identity.ephemeral();
+  const manager = new GrantManager({ store, fleet, almanac: new Almanac(new Date("2026-01-01T00:00:00Z"), 1), identity, log, clock: systemClock, providerId: "bench", maxAttempts: 1 });
+  const cfg = parseConfigText(CFG, "bench");
+  const l = buildListener({ manager, store, card: () => buildCard(cfg, fleet, identity), token: TOKEN, log, bodyLimit: 1 << 20 });
+  await l.app.listen({ host: "127.0.0.1", port: 0 });
+  const bridgeUrl = `http://127.0.0.1:${(l.app.server.address() as { port: number }).port}/v1/grants`;
+
+  const headers = { authorization: `Bearer ${TOKEN}` };
+  const template = sample(0).replace(`bench-${process.pid}-0`, `bench-${process.pid}-__I__`);
+  await loadInChild({ url: bareUrl, connections, seconds: 0.5, template }); // warm-up
+  const bareRes = await loadInChild({ url: bareUrl, connections, seconds, template });
+  await loadInChild({ url: bridgeUrl, connections, seconds: 0.5, headers, template, offset: 50_000_000 }); // warm-up
+  const bridgeRes = await loadInChild({ url: bridgeUrl, connections, seconds, headers, template, offset: 10_000_000 });
+
+  await manager.shutdown(1000);
+  await l.app.close();
+  await bare.close();
+  store.close();
+  rmSync(dir, { recursive: true, force: true });
+
+  const text = table([
+    ["route", "req/s", "p50 ms", "p99 ms", "non-2xx"],
+    ["bare fastify POST (baseline)", bareRes.rps, bareRes.p50, bareRes.p99, bareRes.requests - (bareRes.statuses[202] ?? 0)],
+    ["POST /v1/grants (durable accept)", bridgeRes.rps, bridgeRes.p50, bridgeRes.p99, bridgeRes.requests - (bridgeRes.statuses[202] ?? 0)],
+    ["ratio bridge / bare", bridgeRes.rps / bareRes.rps, bridgeRes.p50 / bareRes.p50, bridgeRes.p99 / bareRes.p99, ""],
+  ]);
+  return { bare: bareRes, bridge: bridgeRes, text };
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  const r = await run(Number(process.argv[2] ?? 4), Number(process.argv[3] ?? 32));
+  console.log(`listener accept path, ${r.bridge.seconds.toFixed(1)} s per route, 32 connections\n${r.text}`);
+}
