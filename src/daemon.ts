@@ -15,7 +15,8 @@ import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
 import { Identity } from "./util/identity.js";
 import { createLogger, type Logger } from "./util/logger.js";
-import type { FastifyInstance } from "fastify";
+import Fastify, { type FastifyInstance } from "fastify";
+import { BridgeMetrics } from "./metrics/metrics.js";
 
 export interface DaemonOptions {
   configFile: string;
@@ -44,7 +45,21 @@ export interface Daemon {
   /** "http(s)://host:port" the listener is bound to. */
   url: string;
   card(): ProviderCard;
+  metrics: BridgeMetrics;
+  /** Address of the separate metrics listener, when metrics_bind is set. */
+  metricsUrl: string | null;
   close(): Promise<void>;
+}
+
+function mergeEvents(a: ManagerEvents, b: ManagerEvents): ManagerEvents {
+  const keys = new Set([...Object.keys(a), ...Object.keys(b)]) as Set<keyof ManagerEvents>;
+  const out: Record<string, (...args: never[]) => void> = {};
+  for (const k of keys)
+    out[k] = (...args: never[]) => {
+      (a[k] as ((...x: never[]) => void) | undefined)?.(...args);
+      (b[k] as ((...x: never[]) => void) | undefined)?.(...args);
+    };
+  return out as ManagerEvents;
 }
 
 /** Build the whole daemon from a boot TOML and start listening. */
@@ -66,11 +81,14 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const releaseLock = lockStateDir(stateDir);
   const identity = Identity.loadOrCreate(stateDir);
   const almanac = new Almanac(cfg.almanac.genesis, cfg.almanac.tick_seconds);
-  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac });
   const store = new Store(stateDir, clock);
+  let manager!: GrantManager;
+  const metrics = new BridgeMetrics(store, () => manager.activeCount);
+  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac, metrics });
   const publisher = cfg.market && marketToken ? new MarketPublisher(store, cfg.market, marketToken, log.child({ component: "market" }), clock) : null;
 
-  const manager = new GrantManager({
+  const events = metrics.managerEvents();
+  manager = new GrantManager({
     store,
     fleet,
     almanac,
@@ -83,7 +101,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     onLogWritten: () => publisher?.notify(),
     ...(o.expiryGraceMs !== undefined ? { expiryGraceMs: o.expiryGraceMs } : {}),
     ...(o.retryBaseMs !== undefined ? { retryBaseMs: o.retryBaseMs } : {}),
-    ...(o.events ? { events: o.events } : {}),
+    events: o.events ? mergeEvents(events, o.events) : events,
   });
 
   const card = () => buildCard(cfg, fleet, identity);
@@ -131,8 +149,23 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     log,
     bodyLimit: cfg.listener.body_limit_bytes,
     tls,
-    extraRoutes: (app) => o.extraRoutes?.(app, daemon),
+    extraRoutes: (app) => {
+      if (!cfg.listener.metrics_bind) app.get("/metrics", metricsHandler);
+      o.extraRoutes?.(app, daemon);
+    },
   });
+  async function metricsHandler(_req: unknown, reply: { header(k: string, v: string): unknown; send(b: string): unknown }) {
+    reply.header("content-type", metrics.registry.contentType);
+    return reply.send(await metrics.registry.metrics());
+  }
+  // A separate, unauthenticated metrics listener when metrics_bind is set (keep it on loopback).
+  let metricsServer: FastifyInstance | null = null;
+  if (cfg.listener.metrics_bind) {
+    metricsServer = Fastify({ logger: false }) as unknown as FastifyInstance;
+    metricsServer.get("/metrics", metricsHandler);
+    const [mh, mp] = splitHostPort(cfg.listener.metrics_bind);
+    await metricsServer.listen({ host: mh, port: mp });
+  }
   const [host, port] = splitHostPort(cfg.listener.bind);
   await listener.app.listen({ host, port });
   const addr = listener.app.server.address();
@@ -161,6 +194,8 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     listener,
     url,
     card,
+    metrics,
+    metricsUrl: metricsServer ? `http://${cfg.listener.metrics_bind!.replace(/:0$/, `:${(metricsServer.server.address() as { port: number }).port}`)}` : null,
     close: () =>
       (closing ??= (async () => {
         listener.drain();
@@ -169,6 +204,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
         await manager.shutdown();
         await Promise.race([listener.app.close(), new Promise((r) => setTimeout(r, 1000).unref())]);
         await publisher?.stop();
+        await metricsServer?.close();
         await fleet.close();
         store.close();
         releaseLock();

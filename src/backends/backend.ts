@@ -53,6 +53,18 @@ export interface BackendContext {
   almanac: Almanac;
   /** Offerings that recently reported no capacity; consult it when picking a shape. */
   unavailable: OfferingCache;
+  /** Prometheus hooks (API calls, retries, throttles, SSH sessions, orphans); absent in some tests. */
+  metrics?: BackendMetrics;
+}
+
+/** What backends report for /metrics; every method is cheap and safe on a hot path. */
+export interface BackendMetrics {
+  /** One cloud/host API call: `code` is "ok" or the error code (e.g. InsufficientInstanceCapacity, 429). */
+  apiCall(backend: string, operation: string, code: string): void;
+  retry(backend: string, operation: string): void;
+  throttled(backend: string, operation: string): void;
+  sshSession(backend: string, machine: string, up: boolean): void;
+  orphanSwept(backend: string, kind: string): void;
 }
 
 // ---- typed errors: they drive failover and retries ------------------------------------------

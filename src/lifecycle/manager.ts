@@ -41,6 +41,8 @@ export interface ManagerEvents {
   transition?(backend: string | null, from: string, to: string): void;
   decline?(declines: Decline[]): void;
   provisioned?(backend: string, seconds: number): void;
+  /** From accept to running (the instance reachable). */
+  ready?(backend: string, seconds: number): void;
   failover?(from: string, kind: string): void;
 }
 
@@ -215,6 +217,7 @@ export class GrantManager {
         return this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
       }
       rec = await this.transition(rec, "running", { instance, note: `instance ${instance.instance_id}` });
+      this.o.events?.ready?.(instance.backend, (this.o.clock.now() - Date.parse(rec.created_at)) / 1000);
     }
 
     // running: watch until exit, expiry or cancel

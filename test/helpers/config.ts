@@ -9,6 +9,8 @@ export interface TestConfigOptions {
   tickSeconds?: number;
   local?: Partial<{ region: string; cpu_millicores: number; ram_mib: number; max_concurrent: number; poll_interval_ms: number; terminate_grace_seconds: number }>;
   extra?: string;
+  /** Extra lines in the [listener] section. */
+  listenerExtra?: string;
   logLevel?: string;
 }
 
@@ -26,6 +28,7 @@ state_dir = ${JSON.stringify(o.stateDir)}
 [listener]
 bind = "127.0.0.1:0"
 token_file = "token"
+${o.listenerExtra ?? ""}
 
 [almanac]
 genesis = ${JSON.stringify(o.genesis ?? "2026-01-01T00:00:00Z")}

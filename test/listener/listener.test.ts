@@ -189,4 +189,28 @@ describe("listener", () => {
     td.d.listener.drain();
     assert.equal((await call(td.url, "GET", "/healthz")).status, 503);
   });
+
+  it("serves Prometheus metrics behind the token, or on metrics_bind without it", async (t) => {
+    const { url } = await startTestDaemon(t);
+    const img = scriptImage(tempDir(t), "q", "exit 0");
+    await call(url, "POST", "/v1/grants", body("met-1", img));
+    await call(url, "POST", "/v1/grants", body("met-2", img, { region: "nowhere" }));
+    await waitState(url, "met-1", ["completed"]);
+    assert.equal((await call(url, "GET", "/metrics", undefined, {}, null)).status, 401);
+    const m = await call(url, "GET", "/metrics");
+    assert.equal(m.status, 200);
+    assert.match(m.text, /cb_grants\{state="completed",backend="local"\} 1/);
+    assert.match(m.text, /cb_grant_declines_total\{backend="local",code="region_not_served"\} 1/);
+    assert.match(m.text, /cb_provision_duration_seconds_count\{backend="local"\} 1/);
+    assert.match(m.text, /cb_grant_to_ready_seconds_count\{backend="local"\} 1/);
+    assert.match(m.text, /cb_store_write_seconds_count\{op="group_commit"\} \d+/);
+    assert.match(m.text, /cb_process_resident_memory_bytes/);
+
+    const sep = await startTestDaemon(t, { listenerExtra: 'metrics_bind = "127.0.0.1:0"' });
+    assert.ok(sep.d.metricsUrl);
+    const open = await call(sep.d.metricsUrl!, "GET", "/metrics", undefined, {}, null);
+    assert.equal(open.status, 200);
+    assert.match(open.text, /cb_grants_in_flight/);
+    assert.equal((await call(sep.url, "GET", "/metrics")).status, 404, "not on the main listener when metrics_bind is set");
+  });
 });

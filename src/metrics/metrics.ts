@@ -1,0 +1,70 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import type { BackendMetrics } from "../backends/backend.js";
+import type { Decline } from "../domain/index.js";
+import type { ManagerEvents } from "../lifecycle/manager.js";
+import type { Store } from "../store/store.js";
+
+const SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200];
+
+/** The bridge's Prometheus metrics (names documented in docs/operations.md). */
+export class BridgeMetrics implements BackendMetrics {
+  readonly registry = new Registry();
+  private readonly declines = new Counter({ name: "cb_grant_declines_total", help: "Grants declined, by backend and reason code", labelNames: ["backend", "code"], registers: [this.registry] });
+  private readonly transitions = new Counter({ name: "cb_grant_transitions_total", help: "Grant state transitions", labelNames: ["backend", "from", "to"], registers: [this.registry] });
+  private readonly provisionSeconds = new Histogram({ name: "cb_provision_duration_seconds", help: "provision() duration per backend (create, image, address, SSH readiness)", labelNames: ["backend"], buckets: SECONDS, registers: [this.registry] });
+  private readonly readySeconds = new Histogram({ name: "cb_grant_to_ready_seconds", help: "From accept to running (SSH ready), per backend", labelNames: ["backend"], buckets: SECONDS, registers: [this.registry] });
+  private readonly failovers = new Counter({ name: "cb_failovers_total", help: "Grants moved to the next backend after capacity/quota errors", labelNames: ["backend", "kind"], registers: [this.registry] });
+  private readonly apiCalls = new Counter({ name: "cb_api_calls_total", help: "Cloud/host API calls by backend, operation and result code", labelNames: ["backend", "operation", "code"], registers: [this.registry] });
+  private readonly retries = new Counter({ name: "cb_api_retries_total", help: "Retried API calls", labelNames: ["backend", "operation"], registers: [this.registry] });
+  private readonly throttles = new Counter({ name: "cb_api_throttled_total", help: "Throttled API calls", labelNames: ["backend", "operation"], registers: [this.registry] });
+  private readonly ssh = new Gauge({ name: "cb_ssh_session_up", help: "1 when the persistent SSH session to a machine is up", labelNames: ["backend", "machine"], registers: [this.registry] });
+  private readonly orphans = new Counter({ name: "cb_orphans_swept_total", help: "Resources without a live grant that were removed", labelNames: ["backend", "kind"], registers: [this.registry] });
+  readonly storeWrite = new Histogram({ name: "cb_store_write_seconds", help: "Durable store write (group commit) latency", labelNames: ["op"], buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25], registers: [this.registry] });
+
+  constructor(store: Store, activeGrants: () => number) {
+    collectDefaultMetrics({ register: this.registry, prefix: "cb_" });
+    new Gauge({
+      name: "cb_grants",
+      help: "Grants by state and backend (from the store)",
+      labelNames: ["state", "backend"],
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        for (const [k, n] of Object.entries(store.countByState())) {
+          const [state, backend] = k.split("|");
+          this.set({ state: state!, backend: backend ?? "" }, n);
+        }
+      },
+    });
+    new Gauge({ name: "cb_grants_in_flight", help: "Grants the bridge is driving right now", registers: [this.registry], collect() { this.set(activeGrants()); } });
+    new Gauge({ name: "cb_market_outbox", help: "Card/log deliveries waiting for the market", registers: [this.registry], collect() { this.set(store.outboxSize()); } });
+    store.onWrite = (op, ms) => this.storeWrite.observe({ op }, ms / 1000);
+  }
+
+  /** Hooks for the grant manager. */
+  managerEvents(): ManagerEvents {
+    return {
+      transition: (backend, from, to) => this.transitions.inc({ backend: backend ?? "", from, to }),
+      decline: (declines: Decline[]) => declines.forEach((d) => this.declines.inc({ backend: d.backend, code: d.code })),
+      provisioned: (backend, seconds) => this.provisionSeconds.observe({ backend }, seconds),
+      ready: (backend, seconds) => this.readySeconds.observe({ backend }, seconds),
+      failover: (backend, kind) => this.failovers.inc({ backend, kind }),
+    };
+  }
+
+  apiCall(backend: string, operation: string, code: string): void {
+    this.apiCalls.inc({ backend, operation, code });
+  }
+  retry(backend: string, operation: string): void {
+    this.retries.inc({ backend, operation });
+  }
+  throttled(backend: string, operation: string): void {
+    this.throttles.inc({ backend, operation });
+  }
+  sshSession(backend: string, machine: string, up: boolean): void {
+    this.ssh.set({ backend, machine }, up ? 1 : 0);
+  }
+  orphanSwept(backend: string, kind: string): void {
+    this.orphans.inc({ backend, kind });
+  }
+}
