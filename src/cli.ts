@@ -5,6 +5,9 @@ import { Almanac } from "./domain/index.js";
 import { buildCard } from "./fleet/card.js";
 import { Fleet } from "./fleet/fleet.js";
 import { NotBuiltError } from "./backends/registry.js";
+import type { CheckResult } from "./backends/backend.js";
+import { readSecret } from "./config/secrets.js";
+import { splitHostPort } from "./util/hostport.js";
 import { fleetOrder } from "./config/schema.js";
 import { systemClock } from "./util/clock.js";
 import { Identity } from "./util/identity.js";
@@ -14,9 +17,13 @@ import { VERSION } from "./version.js";
 const HELP = `compute-bridge ${VERSION}: sell compute on a compute market from many clouds at once.
 
 Usage:
-  compute-bridge run --config FILE [--log-level LEVEL]   run the daemon
+  compute-bridge run --config FILE [--log-level LEVEL]   run the daemon (logs: JSON lines on stdout)
   compute-bridge check-config FILE                       validate a boot TOML and print the card it would publish
   compute-bridge card --config FILE                      print the signed ProviderCard
+  compute-bridge grants list [--state S] --config FILE   list grants (asks the running daemon)
+  compute-bridge grants show ID --config FILE            one grant, with its ComputeLog when finished
+  compute-bridge grants cancel ID --config FILE          cancel a grant
+  compute-bridge doctor --config FILE                    check each backend's credentials and reachability
   compute-bridge --help | --version
 
 Exit codes: 0 ok, 1 runtime error, 2 invalid config or usage.
@@ -57,6 +64,10 @@ export async function main(argv: string[], io: Io = stdio): Promise<number> {
         return await printCard(requireConfig(rest), io);
       case "run":
         return await run(requireConfig(rest), flag(rest, "--log-level"), io);
+      case "grants":
+        return await grants(rest, io);
+      case "doctor":
+        return await doctor(requireConfig(rest), io);
       default:
         throw new UsageError(`unknown command "${cmd}"`);
     }
@@ -152,4 +163,107 @@ async function run(file: string, logLevel: string | undefined, io: Io): Promise<
     process.once("SIGTERM", () => stop("SIGTERM"));
     process.once("SIGINT", () => stop("SIGINT"));
   });
+}
+
+/** Talk to the running daemon's listener, with the token from its config. */
+async function grants(args: string[], io: Io): Promise<number> {
+  const [sub, id] = args;
+  const file = requireConfig(args);
+  const loaded = loadConfig(file);
+  const cfg = loaded.config;
+  const token = readSecret(loaded.dir, "listener.token", { file: cfg.listener.token_file, env: cfg.listener.token_env });
+  let [host, port] = splitHostPort(cfg.listener.bind);
+  if (host === "0.0.0.0" || host === "::") host = "127.0.0.1";
+  const base = `${cfg.listener.tls_cert_file ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${port}`;
+  const req = async (method: string, p: string) => {
+    let res: Response;
+    try {
+      res = await fetch(base + p, { method, headers: { authorization: `Bearer ${token}` } });
+    } catch (e) {
+      throw new Error(`cannot reach the daemon at ${base}: ${(e as Error).cause ? String((e as { cause: Error }).cause.message) : (e as Error).message}`);
+    }
+    const body = (await res.json().catch(() => null)) as Record<string, unknown> | null;
+    return { status: res.status, body };
+  };
+  const needId = () => {
+    if (!id || id.startsWith("--")) throw new UsageError(`grants ${sub} needs a request id`);
+    return encodeURIComponent(id);
+  };
+  switch (sub) {
+    case "list": {
+      const state = flag(args, "--state");
+      let after = 0;
+      const rows: string[][] = [["REQUEST_ID", "STATE", "BACKEND", "INSTANCE", "UPDATED"]];
+      for (;;) {
+        const r = await req("GET", `/v1/grants?limit=500&after=${after}${state ? `&state=${encodeURIComponent(state)}` : ""}`);
+        if (r.status !== 200) return report(r, io);
+        const page = r.body as { grants: { request_id: string; state: string; backend: string | null; instance: { instance_id: string } | null; updated_at: string }[]; next_after: number | null };
+        for (const g of page.grants) rows.push([g.request_id, g.state, g.backend ?? "-", g.instance?.instance_id ?? "-", g.updated_at]);
+        if (page.next_after === null) break;
+        after = page.next_after;
+      }
+      io.out(formatTable(rows));
+      return 0;
+    }
+    case "show": {
+      const r = await req("GET", `/v1/grants/${needId()}`);
+      if (r.status !== 200) return report(r, io);
+      const { private_key: _omit, ...view } = r.body as Record<string, unknown>;
+      const log = await req("GET", `/v1/grants/${needId()}/log`);
+      io.out(`${JSON.stringify({ ...view, ...(log.status === 200 ? { compute_log: log.body } : {}) }, null, 2)}\n`);
+      return 0;
+    }
+    case "cancel": {
+      const r = await req("DELETE", `/v1/grants/${needId()}`);
+      if (r.status !== 200 && r.status !== 202) return report(r, io);
+      io.out(`${id}: ${(r.body as { state: string }).state}${r.status === 202 ? " (cancelling)" : ""}\n`);
+      return 0;
+    }
+    default:
+      throw new UsageError("grants needs list, show ID or cancel ID");
+  }
+}
+
+function report(r: { status: number; body: Record<string, unknown> | null }, io: Io): number {
+  io.err(`compute-bridge: the daemon answered ${r.status}: ${String(r.body?.message ?? r.body?.error ?? "")}\n`);
+  return 1;
+}
+
+function formatTable(rows: string[][]): string {
+  const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows.map((r) => r.map((c, i) => c.padEnd(w[i]!)).join("  ").trimEnd()).join("\n") + "\n";
+}
+
+/** Read-only checks of every configured backend: credentials, reachability, tools. */
+async function doctor(file: string, io: Io): Promise<number> {
+  const { loaded, cfg, fleet, notBuilt } = await offlineFleet(file, true);
+  const rows: string[][] = [["BACKEND", "CHECK", "RESULT", "DETAIL"]];
+  let failed = notBuilt.length > 0;
+  for (const e of notBuilt) rows.push([e.backend, "built", "FAIL", "not built in this version"]);
+  try {
+    readSecret(loaded.dir, "listener.token", { file: cfg.listener.token_file, env: cfg.listener.token_env });
+    rows.push(["listener", "token readable", "ok", ""]);
+  } catch (e) {
+    failed = true;
+    rows.push(["listener", "token readable", "FAIL", (e as Error).message]);
+  }
+  for (const b of fleet.backends) {
+    if (!b.check) {
+      rows.push([b.name, "checks", "skip", "this backend has no read-only checks"]);
+      continue;
+    }
+    let results: CheckResult[];
+    try {
+      results = await b.check();
+    } catch (e) {
+      results = [{ check: "checks ran", ok: false, detail: (e as Error).message }];
+    }
+    for (const r of results) {
+      if (!r.ok) failed = true;
+      rows.push([b.name, r.check, r.ok ? "ok" : "FAIL", r.detail]);
+    }
+  }
+  await fleet.close();
+  io.out(formatTable(rows));
+  return failed ? 1 : 0;
 }

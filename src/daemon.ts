@@ -13,6 +13,7 @@ import { MarketPublisher } from "./market/publisher.js";
 import { Store } from "./store/store.js";
 import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
+import { splitHostPort } from "./util/hostport.js";
 import { Identity } from "./util/identity.js";
 import { createLogger, type Logger } from "./util/logger.js";
 import Fastify, { type FastifyInstance } from "fastify";
@@ -215,12 +216,6 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   return daemon;
 }
 
-export function splitHostPort(bind: string): [string, number] {
-  const i = bind.lastIndexOf(":");
-  let host = bind.slice(0, i);
-  if (host.startsWith("[")) host = host.slice(1, -1);
-  return [host, Number(bind.slice(i + 1))];
-}
 
 /** One daemon per state_dir: a pid file, taken over only when its owner is dead. */
 function lockStateDir(stateDir: string): () => void {

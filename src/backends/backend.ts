@@ -37,10 +37,21 @@ export interface BackendHooks {
   reconcile?(live: ReadonlySet<string>): Promise<void>;
   /** Extra per-backend status for the card (e.g. machines that are down). */
   status?(): Record<string, unknown>;
+  /**
+   * `compute-bridge doctor`: check credentials and reachability with read-only calls; never
+   * provisions anything. One entry per thing checked.
+   */
+  check?(): Promise<CheckResult[]>;
   close?(): Promise<void>;
 }
 
 export type ManagedBackend = Backend & BackendHooks;
+
+export interface CheckResult {
+  check: string;
+  ok: boolean;
+  detail: string;
+}
 
 export interface BackendContext {
   providerId: string;

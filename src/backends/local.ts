@@ -13,6 +13,7 @@ import {
   InvalidRequestError,
   TransientError,
   type BackendContext,
+  type CheckResult,
   type ManagedBackend,
   type Satisfaction,
 } from "./backend.js";
@@ -190,6 +191,25 @@ export class LocalBackend implements ManagedBackend {
       this.log.warn({ request_id: id }, "stopping orphaned local workload (no live grant)");
       await this.terminate({ request_id: id } as ProvisionedInstance);
     }
+  }
+
+  async check(): Promise<CheckResult[]> {
+    const out: CheckResult[] = [];
+    try {
+      this.ensureReady();
+      out.push({ check: "state directory writable", ok: true, detail: this.root });
+    } catch (e) {
+      out.push({ check: "state directory writable", ok: false, detail: (e as Error).message });
+    }
+    for (const tool of ["/bin/bash", "tar", "awk"]) {
+      try {
+        await run(tool === "/bin/bash" ? tool : "sh", tool === "/bin/bash" ? ["-c", "true"] : ["-c", `command -v ${tool}`], tool);
+        out.push({ check: `${tool} available`, ok: true, detail: "" });
+      } catch (e) {
+        out.push({ check: `${tool} available`, ok: false, detail: (e as Error).message });
+      }
+    }
+    return out;
   }
 
   status(): Record<string, unknown> {
