@@ -66,3 +66,20 @@ describe("packaging", () => {
     void execFileSync;
   });
 });
+
+describe("grafana dashboard", () => {
+  it("is valid JSON and only queries metrics the bridge exports", async (t) => {
+    const dash = JSON.parse(readFileSync("config/grafana-dashboard.json", "utf8")) as { panels: { targets: { expr: string }[] }[] };
+    const { startTestDaemon } = await import("../helpers/daemon.js");
+    const { call } = await import("../helpers/http.js");
+    const td = await startTestDaemon(t);
+    const exported = (await call(td.url, "GET", "/metrics")).text;
+    const names = new Set([...exported.matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]!));
+    for (const p of dash.panels)
+      for (const target of p.targets)
+        for (const m of target.expr.matchAll(/\b(cb_[a-z0-9_]+)/g)) {
+          const base = m[1]!.replace(/_(bucket|sum|count)$/, "");
+          assert.ok(names.has(base), `dashboard queries ${m[1]}, which /metrics does not export`);
+        }
+  });
+});
