@@ -7,6 +7,7 @@
 # the fake sshd through `SetEnv CB_FAKE_STATE=...`). See standins/README.md.
 
 CB_STANDINS_DIR=${BASH_SOURCE[0]%/*}
+CB_STANDINS_DIR=${CB_STANDINS_DIR/\/bin\/..\//\/}   # ".../bin/../standins" -> ".../standins"
 CB_BIN_DIR=${CB_STANDINS_DIR%/standins}/bin
 
 cb_require_state() {

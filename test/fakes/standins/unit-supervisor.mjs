@@ -293,7 +293,7 @@ function startMain() {
   const rt = nowRt(), mono = nowMono();
   let file = mainArgv[0];
   let args = mainArgv.slice(1);
-  let cwd = conf.WORKDIR || (uid !== undefined && unitEnv.HOME) || '/';
+  let cwd = conf.WORKDIR || '/';
   // Failures systemd reports as exit statuses of the forked child.
   let synthetic = null;
   if (conf.USER_MISSING) synthetic = { status: 217, msg: `Failed to determine user credentials: No such process` };
