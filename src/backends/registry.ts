@@ -16,7 +16,7 @@ type Factory = (cfg: BootConfig, ctx: BackendContext) => Promise<ManagedBackend>
  * disabled backend's cloud SDK never enters the process.
  */
 export const REGISTRY: Record<BackendName, Factory | null> = {
-  aws: null,
+  aws: async (cfg, ctx) => new (await import("./aws.js")).AwsBackend(cfg.backends.aws!, ctx),
   gcp: null,
   azure: null,
   baremetal: null,

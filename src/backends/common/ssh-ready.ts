@@ -1,0 +1,109 @@
+/**
+ * SSH readiness probe shared by the cloud backends: a VM counts as reachable once a TCP
+ * connection to its sshd yields an SSH protocol identification line (RFC 4253 section 4.2),
+ * e.g. "SSH-2.0-OpenSSH_9.2p1 Debian-2". Nothing is sent to the server and no authentication
+ * is attempted; the connection is closed as soon as the banner has been read.
+ */
+import net from "node:net";
+import { abortError, systemClock, type Clock } from "../../util/clock.js";
+
+export interface WaitForSshOptions {
+  /** Give up after this long (measured on `clock`). */
+  timeoutMs: number;
+  /** Pause between attempts. */
+  intervalMs: number;
+  signal?: AbortSignal;
+  clock?: Clock;
+  /** Bound on one attempt (connect + banner); default min(10 s, timeoutMs). */
+  attemptTimeoutMs?: number;
+}
+
+export interface SshReady {
+  /** The identification line without its CR LF. */
+  banner: string;
+  attempts: number;
+  /** Time from the first attempt until the banner arrived, on `clock`. */
+  elapsedMs: number;
+}
+
+export class SshNotReadyError extends Error {
+  override name = "SshNotReadyError";
+  constructor(
+    readonly host: string,
+    readonly port: number,
+    readonly timeoutMs: number,
+    readonly attempts: number,
+    readonly lastError: string,
+  ) {
+    super(`no SSH banner from ${host}:${port} within ${Math.round(timeoutMs / 1000)} s (${attempts} attempt${attempts === 1 ? "" : "s"}; last: ${lastError})`);
+  }
+}
+
+/** Longest pre-banner text accepted (RFC 4253 allows other lines before the version line). */
+const MAX_PREAMBLE_BYTES = 8192;
+
+/** One attempt: connect, read the identification line, close. Rejects with a short reason. */
+export function probeSsh(host: string, port: number, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<string> {
+  return new Promise<string>((resolve, reject) => {
+    if (opts.signal?.aborted) return reject(abortError(opts.signal));
+    let buf = "";
+    let done = false;
+    const socket = net.connect({ host, port });
+    const finish = (err: Error | null, banner?: string) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      opts.signal?.removeEventListener("abort", onAbort);
+      socket.destroy();
+      if (err) reject(err);
+      else resolve(banner!);
+    };
+    const onAbort = () => finish(abortError(opts.signal!));
+    opts.signal?.addEventListener("abort", onAbort, { once: true });
+    const timer = setTimeout(() => finish(new Error(buf ? "timed out waiting for the SSH identification line" : "timed out connecting or waiting for the banner")), Math.max(1, opts.timeoutMs));
+    socket.setNoDelay(true);
+    socket.on("data", (chunk: Buffer) => {
+      buf += chunk.toString("latin1");
+      for (;;) {
+        const nl = buf.indexOf("\n");
+        if (nl < 0) break;
+        const line = buf.slice(0, nl).replace(/\r$/, "");
+        buf = buf.slice(nl + 1);
+        if (!line.startsWith("SSH-")) continue;
+        if (/^SSH-(2\.0|1\.99)-\S/.test(line)) return finish(null, line);
+        return finish(new Error(`unsupported SSH protocol version in "${line.slice(0, 64)}"`));
+      }
+      if (buf.length > MAX_PREAMBLE_BYTES) finish(new Error("no SSH identification line in the first 8 KiB"));
+    });
+    socket.on("error", (e: NodeJS.ErrnoException) => finish(new Error(e.code ?? e.message)));
+    socket.on("close", () => finish(new Error("connection closed before the SSH banner")));
+  });
+}
+
+/**
+ * Retry `probeSsh` every `intervalMs` until a banner arrives or `timeoutMs` passes. Rejects with
+ * SshNotReadyError (naming the last failure) on timeout, or with an AbortError on `signal`.
+ */
+export async function waitForSsh(host: string, port: number, opts: WaitForSshOptions): Promise<SshReady> {
+  const clock = opts.clock ?? systemClock;
+  const start = clock.now();
+  const deadline = start + opts.timeoutMs;
+  const perAttempt = opts.attemptTimeoutMs ?? Math.min(10_000, opts.timeoutMs);
+  let attempts = 0;
+  let last = "no attempt made";
+  for (;;) {
+    if (opts.signal?.aborted) throw abortError(opts.signal);
+    attempts++;
+    try {
+      const remaining = Math.max(1, deadline - clock.now());
+      const banner = await probeSsh(host, port, { timeoutMs: Math.min(perAttempt, remaining), ...(opts.signal ? { signal: opts.signal } : {}) });
+      return { banner, attempts, elapsedMs: clock.now() - start };
+    } catch (e) {
+      if (opts.signal?.aborted) throw abortError(opts.signal);
+      last = e instanceof Error ? e.message : String(e);
+    }
+    const remaining = deadline - clock.now();
+    if (remaining <= 0) throw new SshNotReadyError(host, port, opts.timeoutMs, attempts, last);
+    await clock.sleep(Math.min(opts.intervalMs, remaining), opts.signal);
+  }
+}
