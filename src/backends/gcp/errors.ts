@@ -1,0 +1,137 @@
+import {
+  BackendError,
+  CapacityError,
+  CredentialError,
+  NotFoundError,
+  QuotaError,
+  TransientError,
+} from "../backend.js";
+
+/** GCE answered 409 alreadyExists: the deterministic name is taken (by an earlier call of ours). */
+export class AlreadyExistsError extends BackendError {}
+
+const NETWORK_CODES = new Set(["ECONNRESET", "ECONNREFUSED", "ETIMEDOUT", "EPIPE", "EAI_AGAIN", "ENETUNREACH", "EHOSTUNREACH", "ECONNABORTED", "UND_ERR_SOCKET", "UND_ERR_CONNECT_TIMEOUT"]);
+const RATE_REASONS = new Set(["rateLimitExceeded", "userRateLimitExceeded", "RATE_LIMIT_EXCEEDED"]);
+const QUOTA_REASONS = new Set(["quotaExceeded", "QUOTA_EXCEEDED"]);
+
+/**
+ * Strip anything token-like from text that came back from an HTTP exchange before it reaches an
+ * error message or a log line, and bound its length.
+ */
+export function redact(text: string, max = 400): string {
+  let s = text
+    .replace(/Bearer\s+[A-Za-z0-9._~+/-]+=*/gi, "Bearer [REDACTED]")
+    .replace(/\bya29\.[A-Za-z0-9._-]+/g, "[REDACTED]")
+    .replace(/-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(-----END [A-Z ]*PRIVATE KEY-----|$)/g, "[REDACTED]")
+    .replace(/("?(access_token|id_token|refresh_token|private_key|client_secret)"?\s*[:=]\s*)"[^"]*"/gi, '$1"[REDACTED]"')
+    .replace(/\s+/g, " ")
+    .trim();
+  if (s.length > max) s = `${s.slice(0, max)}…`;
+  return s;
+}
+
+interface ParsedHttpError {
+  status: number | undefined;
+  reason: string | undefined;
+  infoReason: string | undefined;
+  message: string;
+}
+
+/**
+ * What the 6.x client throws for a non-2xx answer: a GaxiosError whose `status` is the HTTP status
+ * and whose `message` is the raw response body (JSON from GCE). Never look at `config` (it holds
+ * the Authorization header).
+ */
+function parseHttpError(e: unknown): ParsedHttpError {
+  const o = (typeof e === "object" && e !== null ? e : {}) as { status?: unknown; code?: unknown; message?: unknown; response?: { status?: unknown } };
+  const num = (v: unknown) => (typeof v === "number" && v >= 100 && v < 600 ? v : undefined);
+  const status = num(o.status) ?? num(o.response?.status) ?? num(o.code);
+  const raw = typeof o.message === "string" ? o.message : String(e);
+  let reason: string | undefined;
+  let infoReason: string | undefined;
+  let message = raw;
+  try {
+    const body = JSON.parse(raw) as {
+      error?: string | { message?: string; errors?: { reason?: string; message?: string }[]; details?: { "@type"?: string; reason?: string }[] };
+      error_description?: string;
+    };
+    if (typeof body.error === "string") {
+      // OAuth token endpoint: {"error": "invalid_grant", "error_description": "..."}
+      reason = body.error;
+      message = body.error_description ?? body.error;
+    } else if (body.error) {
+      reason = body.error.errors?.[0]?.reason;
+      infoReason = body.error.details?.find((d) => d["@type"]?.endsWith("google.rpc.ErrorInfo"))?.reason;
+      message = body.error.message ?? body.error.errors?.[0]?.message ?? raw;
+    }
+  } catch {
+    /* not JSON: keep the text */
+  }
+  return { status, reason, infoReason, message: redact(message) };
+}
+
+function isTokenEndpointError(e: unknown): boolean {
+  const o = e as { config?: { url?: unknown } } | null;
+  const url = o && typeof o === "object" ? o.config?.url : undefined;
+  const s = url instanceof URL ? url.href : typeof url === "string" ? url : "";
+  return /oauth2\.googleapis\.com|\/token(\?|$)|accounts\.google\.com|metadata\.google\.internal|iamcredentials\.googleapis\.com/.test(s);
+}
+
+/**
+ * Map anything a Compute call threw to one of the backend's typed errors, with a message that
+ * names the call and GCE's reason and carries no credential. The original error is deliberately
+ * not attached as `cause`: a GaxiosError holds the request config with the bearer token.
+ */
+export function mapGcpError(e: unknown, what: string, backend: string): BackendError {
+  if (e instanceof BackendError) return e;
+  const code = (e as { code?: unknown } | null)?.code;
+  if (typeof code === "string" && NETWORK_CODES.has(code))
+    return new TransientError(`GCP ${what}: network error ${code}`, backend);
+  const { status, reason, infoReason, message } = parseHttpError(e);
+  const why = [status !== undefined ? `HTTP ${status}` : null, reason].filter(Boolean).join(" ");
+  const text = `GCP ${what} failed${why ? ` (${why})` : ""}: ${message}`;
+  const tokenProblem = /^(invalid_grant|invalid_client|unauthorized_client|access_denied|invalid_scope)\b/.exec(message)?.[1];
+  if (isTokenEndpointError(e) || tokenProblem || (reason && /^(invalid_grant|invalid_client|unauthorized_client|access_denied)$/.test(reason))) {
+    if (status !== undefined && (status === 429 || status >= 500))
+      return new TransientError(`GCP token endpoint unavailable (HTTP ${status}) while authorising ${what}`, backend);
+    return new CredentialError(`GCP rejected the service account when fetching an access token (${reason ?? tokenProblem ?? `HTTP ${status ?? "?"}`}): ${message}; check backends.gcp.credentials_file (the key may be disabled or deleted)`, backend);
+  }
+  if (status === undefined) {
+    if (/DECODER routines|asymmetric key|PEM|private key|No key or keyFile set|Could not load the default credentials|Could not refresh access token/i.test(message))
+      return new CredentialError(`GCP credentials could not be used for ${what}: ${message}; check backends.gcp.credentials_file`, backend);
+    if (/socket hang up|network|fetch failed|timed? ?out/i.test(message)) return new TransientError(text, backend);
+    return new BackendError(text, backend);
+  }
+  if (status === 401)
+    return new CredentialError(`GCP refused the credentials for ${what} (HTTP 401 ${reason ?? "unauthenticated"}); check backends.gcp.credentials_file`, backend);
+  if (status === 403 || status === 429) {
+    if ((reason && RATE_REASONS.has(reason)) || (infoReason && RATE_REASONS.has(infoReason)) || status === 429) return new TransientError(text, backend);
+    if ((reason && QUOTA_REASONS.has(reason)) || (infoReason && QUOTA_REASONS.has(infoReason))) return new QuotaError(text, backend);
+    return new CredentialError(`GCP denied ${what} (HTTP 403 ${reason ?? "forbidden"}): ${message}; grant the service account in backends.gcp.credentials_file the Compute Instance Admin role on the project`, backend);
+  }
+  if (status === 404) return new NotFoundError(text, backend);
+  if (status === 409 && reason === "alreadyExists") return new AlreadyExistsError(text, backend);
+  if (status === 408 || status === 500 || status === 502 || status === 503 || status === 504) return new TransientError(text, backend);
+  if (status === 400 && reason === "resourceNotReady") return new TransientError(text, backend);
+  return new BackendError(text, backend);
+}
+
+export interface OperationErrorLike {
+  errors?: { code?: string | null; message?: string | null; errorDetails?: { errorInfo?: { reason?: string | null } | null }[] | null }[] | null;
+}
+
+const CAPACITY_CODES = /RESOURCE_POOL_EXHAUSTED|ZONE_RESOURCE_POOL_EXHAUSTED|STOCKOUT|RESOURCE_NOT_AVAILABLE|UNSUPPORTED_OPERATION_ZONE_UNAVAILABLE/;
+
+/**
+ * A DONE operation that carries `error`: GCE reports stock-outs and quota this way (the insert
+ * call itself succeeded). Capacity and quota become CapacityError / QuotaError (failover).
+ */
+export function operationError(err: OperationErrorLike, what: string, backend: string): BackendError {
+  const list = err.errors ?? [];
+  const codes = list.map((x) => x.code ?? "UNKNOWN");
+  const text = `GCP ${what} failed: ${list.map((x) => `${x.code ?? "UNKNOWN"}: ${redact(x.message ?? "", 300)}`).join("; ") || "unknown operation error"}`;
+  const capacity = list.some((x) => CAPACITY_CODES.test(x.code ?? "") || (x.errorDetails ?? []).some((d) => d.errorInfo?.reason === "RESOURCE_AVAILABILITY"));
+  if (capacity) return new CapacityError(text, backend);
+  if (codes.some((c) => /QUOTA_EXCEEDED/.test(c))) return new QuotaError(text, backend);
+  return new BackendError(text, backend);
+}
