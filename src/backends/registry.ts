@@ -18,7 +18,7 @@ type Factory = (cfg: BootConfig, ctx: BackendContext) => Promise<ManagedBackend>
 export const REGISTRY: Record<BackendName, Factory | null> = {
   aws: async (cfg, ctx) => new (await import("./aws.js")).AwsBackend(cfg.backends.aws!, ctx),
   gcp: async (cfg, ctx) => new (await import("./gcp.js")).GcpBackend(cfg.backends.gcp!, ctx),
-  azure: null,
+  azure: async (cfg, ctx) => new (await import("./azure.js")).AzureBackend(cfg.backends.azure!, ctx),
   baremetal: null,
   local: async (cfg, ctx) => new (await import("./local.js")).LocalBackend(cfg.backends.local!, ctx),
 };

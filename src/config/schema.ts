@@ -203,6 +203,10 @@ const AzureImage = z.strictObject({
   version: z.string().min(1).default("latest"),
 });
 
+const AzureSubnetId = z
+  .string()
+  .regex(/^\/subscriptions\/[^/]+\/resourceGroups\/[^/]+\/providers\/Microsoft\.Network\/virtualNetworks\/[^/]+\/subnets\/[^/]+$/i, "must be a full subnet resource id");
+
 const azureSecret = secretRef("client_secret", false);
 export const AzureConfig = z
   .strictObject({
@@ -214,7 +218,8 @@ export const AzureConfig = z
     max_concurrent_instances: PositiveInt,
     image: AzureImage,
     confidential_image: AzureImage.optional(),
-    subnet_id: z.string().regex(/^\/subscriptions\/[^/]+\/resourceGroups\/[^/]+\/providers\/Microsoft\.Network\/virtualNetworks\/[^/]+\/subnets\/[^/]+$/i, "must be a full subnet resource id"),
+    /** One subnet (single region) or a table `region = "subnet id"`: a NIC lives in its subnet's region. */
+    subnet_id: z.union([AzureSubnetId, z.record(Region, AzureSubnetId)]),
     tenant_id: z.guid("must be a GUID").optional(),
     client_id: z.guid("must be a GUID").optional(),
     ...azureSecret.shape,
@@ -245,6 +250,12 @@ export const AzureConfig = z
       else if (!AZURE_TDX_SIZE.test(s.name))
         ctx.addIssue({ code: "custom", path: ["tdx_vm_sizes", i, "name"], message: `"${s.name}" is not an Intel TDX size; TDX sizes are DCesv5/ECesv5 and DCedsv5/ECedsv5` });
     });
+    if (typeof v.subnet_id === "string") {
+      if (v.regions.length > 1)
+        ctx.addIssue({ code: "custom", path: ["subnet_id"], message: `a NIC must be in its subnet's region: with several regions give a table, e.g. subnet_id = { ${v.regions.map((r) => `${r} = "..."`).join(", ")} }` });
+    } else {
+      for (const r of v.regions) if (!v.subnet_id[r]) ctx.addIssue({ code: "custom", path: ["subnet_id", r], message: `no subnet for region ${r}` });
+    }
     if (v.tdx_vm_sizes.length > 0 && v.confidential_image === undefined)
       ctx.addIssue({ code: "custom", path: ["confidential_image"], message: "required when tdx_vm_sizes is set (a confidential-VM image)" });
   });

@@ -127,6 +127,21 @@ image = "img"
 credentials_file = "sa.json"
 `, ['backends.gcp.tdx_machine_types[0].name: "n2-standard-4" is not a TDX machine type']],
     ["bad provider id", BASE.replace('provider_id = "p1"', 'provider_id = "has space"') + LOCAL, ["bridge.provider_id: must be 1-64 characters"]],
+    [
+      "azure with several regions but one subnet",
+      BASE +
+        `[backends.azure]
+subscription_id = "00000000-0000-0000-0000-000000000000"
+resource_group = "rg"
+regions = ["westeurope", "eastus"]
+vm_sizes = [{ name = "Standard_D2s_v5", vcpus = 2, memory_mib = 8192 }]
+max_concurrent_instances = 1
+image = { publisher = "a", offer = "b", sku = "c" }
+subnet_id = "/subscriptions/x/resourceGroups/y/providers/Microsoft.Network/virtualNetworks/v/subnets/s"
+managed_identity = true
+`,
+      ["backends.azure.subnet_id: a NIC must be in its subnet's region"],
+    ],
     ["client_ca without TLS", BASE.replace('token_file = "token"', 'token_file = "token"\nclient_ca_file = "ca.pem"') + LOCAL, ["listener.client_ca_file: client_ca_file needs tls_cert_file and tls_key_file"]],
   ];
   for (const [name, text, fragments] of cases) it(`rejects: ${name}`, () => expectProblem(text, ...fragments));

@@ -1,0 +1,781 @@
+/**
+ * The Azure backend against the ARM fake (test/fakes/arm.ts) over https, with the REAL
+ * @azure/arm-compute / @azure/arm-network clients. Nothing but 127.0.0.1 is contacted: the
+ * credential is the fake's (or, in one test, a real ClientSecretCredential against a local
+ * authority); DefaultAzureCredential is never used.
+ *
+ * Run: node --import tsx --test test/backends/azure.test.ts
+ */
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import http from "node:http";
+import https from "node:https";
+import net, { type AddressInfo } from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { Writable } from "node:stream";
+import { after, before, describe, it, type TestContext } from "node:test";
+import { pathToFileURL } from "node:url";
+import { ComputeManagementClient } from "@azure/arm-compute";
+import { NetworkManagementClient } from "@azure/arm-network";
+import { AzureBackend, type AzureBackendOptions } from "../../src/backends/azure.js";
+import { azureNaming, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST } from "../../src/backends/azure/naming.js";
+import { CapacityError, CredentialError, InvalidRequestError, QuotaError, TransientError, type BackendContext } from "../../src/backends/backend.js";
+import { exitMarker, failMarker } from "../../src/backends/common/cloud-init.js";
+import { OfferingCache } from "../../src/backends/offering-cache.js";
+import { createBackend } from "../../src/backends/registry.js";
+import { AzureConfig, type BootConfig } from "../../src/config/schema.js";
+import type { ComputeGrant, Envelope } from "../../src/domain/index.js";
+import { Fleet } from "../../src/fleet/fleet.js";
+import { GrantManager, placeholder } from "../../src/lifecycle/manager.js";
+import { Store } from "../../src/store/store.js";
+import { systemClock } from "../../src/util/clock.js";
+import { Identity } from "../../src/util/identity.js";
+import { createLogger } from "../../src/util/logger.js";
+import { ArmFake, fakeTokenCredential, type ArmFakeOptions, type ResourceType } from "../fakes/arm.js";
+import { makeTestCert, type TestCert } from "../fakes/tls.js";
+import { until } from "../helpers/http.js";
+import { bundleImage } from "../helpers/images.js";
+import { localBackend, MS_ALMANAC } from "../helpers/local.js";
+import { tempDir } from "../helpers/tmp.js";
+
+const RG = "rg-test";
+const REGION = "westeurope";
+const PROVIDER = "test-provider";
+const naming = azureNaming(PROVIDER);
+const never = new AbortController().signal;
+const TYPES: ResourceType[] = ["virtualMachines", "networkInterfaces", "publicIPAddresses", "disks"];
+const IMAGE = { url: "https://127.0.0.1:9/image.tar.gz", sha256: "ab".repeat(32), format: "bundle" as const };
+const SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq3cmOuAVBuSBXcXwmzR3eB7pKxGiM9NeBKf0PrTZ9o test";
+
+let cert: TestCert;
+let caFile: string;
+let sshPort: number;
+const closers: (() => Promise<void> | void)[] = [];
+
+before(async () => {
+  cert = await makeTestCert();
+  // Production trusts a private endpoint's CA through ca_file; the tests trust the fake's that way.
+  const caDir = mkdtempSync(path.join(os.tmpdir(), "azure-ca-"));
+  caFile = path.join(caDir, "fake-ca.pem");
+  writeFileSync(caFile, cert.ca);
+  closers.push(() => rmSync(caDir, { recursive: true, force: true }));
+  // The readiness probe only needs a banner: a tiny TCP server stands in for the guest's sshd.
+  const sshd = net.createServer((s) => s.end("SSH-2.0-OpenSSH_9.2p1 azure-test\r\n"));
+  await new Promise<void>((r) => sshd.listen(0, "127.0.0.1", r));
+  sshPort = (sshd.address() as AddressInfo).port;
+  closers.push(() => new Promise<void>((r) => sshd.close(() => r())));
+});
+
+after(async () => {
+  for (const c of closers.reverse()) await c();
+});
+
+/** Captures JSON log lines (to check that no secret is ever logged). */
+class LogSink extends Writable {
+  lines: string[] = [];
+  override _write(chunk: Buffer, _enc: string, cb: () => void) {
+    this.lines.push(...chunk.toString().split("\n").filter(Boolean));
+    cb();
+  }
+  get text() {
+    return this.lines.join("\n");
+  }
+}
+
+async function startFake(opts: ArmFakeOptions = {}): Promise<ArmFake> {
+  const fake = await ArmFake.start({ tls: cert, seed: 7, ...opts });
+  closers.push(() => fake.close());
+  return fake;
+}
+
+function config(fake: ArmFake, over: Record<string, unknown> = {}): AzureConfig {
+  return AzureConfig.parse({
+    subscription_id: fake.subscriptionId,
+    resource_group: RG,
+    regions: [REGION],
+    vm_sizes: [
+      { name: "Standard_D4s_v5", vcpus: 4, memory_mib: 16384 },
+      { name: "Standard_D2s_v5", vcpus: 2, memory_mib: 8192 },
+    ],
+    tdx_vm_sizes: [{ name: "Standard_DC4es_v5", vcpus: 4, memory_mib: 16384 }],
+    max_concurrent_instances: 10,
+    image: { publisher: "Canonical", offer: "ubuntu-24_04-lts", sku: "server", version: "latest" },
+    confidential_image: { publisher: "Canonical", offer: "0001-com-ubuntu-confidential-vm-jammy", sku: "22_04-lts-cvm" },
+    subnet_id: `/subscriptions/${fake.subscriptionId}/resourceGroups/${RG}/providers/Microsoft.Network/virtualNetworks/vnet/subnets/default`,
+    managed_identity: true,
+    endpoint: fake.endpoint,
+    ca_file: caFile,
+    poll_interval_seconds: 0.01,
+    launch_timeout_seconds: 30,
+    ready_timeout_seconds: 10,
+    orphan_grace_seconds: 0,
+    reconcile_interval_seconds: 0.001,
+    ssh_port: sshPort,
+    ...over,
+  });
+}
+
+interface Setup {
+  fake: ArmFake;
+  backend: AzureBackend;
+  cfg: AzureConfig;
+  ctx: BackendContext;
+  logs: LogSink;
+  dir: string;
+}
+
+async function setup(t: TestContext, o: { fake?: ArmFake; fakeOpts?: ArmFakeOptions; cfg?: Record<string, unknown>; backend?: AzureBackendOptions; unavailable?: OfferingCache } = {}): Promise<Setup> {
+  const fake = o.fake ?? (await startFake(o.fakeOpts));
+  const dir = tempDir(t);
+  const logs = new LogSink();
+  const ctx: BackendContext = {
+    providerId: PROVIDER,
+    stateDir: dir,
+    configDir: dir,
+    log: createLogger("debug", logs),
+    clock: systemClock,
+    almanac: MS_ALMANAC,
+    unavailable: o.unavailable ?? new OfferingCache(60_000, systemClock),
+  };
+  const cfg = config(fake, o.cfg);
+  const backend = new AzureBackend(cfg, ctx, { credential: fake.credential(), retryDelayInMs: 1, ...o.backend });
+  t.after(() => backend.close());
+  return { fake, backend, cfg, ctx, logs, dir };
+}
+
+function grant(id: string, over: Partial<ComputeGrant> = {}): ComputeGrant {
+  return { request_id: id, region: REGION, tdx_required: false, cpu_millicores: 2000, ram_mib: 4096, valid_to: Date.now() + 120_000, ...over };
+}
+
+const envelope: Envelope = { image: IMAGE, ssh_public_key: SSH_KEY };
+
+async function rejection(p: Promise<unknown>): Promise<Error> {
+  try {
+    await p;
+  } catch (e) {
+    return e as Error;
+  }
+  assert.fail("expected a rejection");
+}
+
+function leftovers(fake: ArmFake, hash?: string): string[] {
+  return TYPES.flatMap((t) => fake.list(t, RG).map((r) => `${t}/${String(r["name"])}`)).filter((n) => !hash || n.includes(hash));
+}
+
+function vmBody(fake: ArmFake, name: string) {
+  const bodies = fake.receivedBodies("virtualMachines", name);
+  assert.ok(bodies.length > 0, `no PUT body for VM ${name}`);
+  return bodies.at(-1)!;
+}
+
+/** GrantManager + Store + Fleet wired as in src/daemon.ts, over the given backends. */
+function lifecycle(t: TestContext, dir: string, backends: Parameters<typeof Fleet.of>[0], unavailable: OfferingCache, logs = new LogSink()) {
+  const store = new Store(path.join(dir, "state"), systemClock);
+  const fleet = new Fleet(backends, unavailable);
+  const manager = new GrantManager({
+    store,
+    fleet,
+    almanac: MS_ALMANAC,
+    identity: Identity.loadOrCreate(path.join(dir, "state")),
+    log: createLogger("debug", logs),
+    clock: systemClock,
+    providerId: PROVIDER,
+    maxAttempts: 3,
+    expiryGraceMs: 2000,
+    retryBaseMs: 10,
+    retryCapMs: 200,
+  });
+  let closed = false;
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    await manager.shutdown(2000);
+    store.close();
+  };
+  t.after(close);
+  return { store, fleet, manager, close };
+}
+
+// =================================================================================================
+
+describe("azure backend: card and routing (no SDK, no I/O)", { timeout: 45_000 }, () => {
+  it("declares its capabilities; TDX only with real TDX sizes; decline codes", async (t) => {
+    const { backend, fake, ctx, cfg } = await setup(t);
+    assert.deepEqual(backend.capabilities(), { regions: [REGION], tdx_capable: true, max_cpu_millicores: cfg.max_concurrent_instances * 4000, max_ram_mib: cfg.max_concurrent_instances * 16384 });
+    const plainOnly = new AzureBackend({ ...cfg, tdx_vm_sizes: [], confidential_image: undefined }, ctx, { credential: fake.credential() });
+    assert.equal(plainOnly.capabilities().tdx_capable, false);
+    // Even a config that bypassed the schema cannot make an SEV-SNP size count as TDX.
+    const sneaky = new AzureBackend({ ...cfg, tdx_vm_sizes: [{ name: "Standard_DC4as_v5", vcpus: 4, memory_mib: 16384 }] }, ctx, { credential: fake.credential() });
+    assert.equal(sneaky.capabilities().tdx_capable, false);
+
+    assert.deepEqual(backend.canSatisfy(grant("a")), { ok: true });
+    assert.deepEqual(backend.canSatisfy(grant("a", { tdx_required: true })), { ok: true });
+    const code = (g: ComputeGrant, b = backend) => {
+      const s = b.canSatisfy(g);
+      return s.ok ? "ok" : s.code;
+    };
+    assert.equal(code(grant("a", { region: "eastus" })), "region_not_served");
+    assert.equal(code(grant("a", { tdx_required: true }), plainOnly), "tdx_not_supported");
+    assert.equal(code(grant("a", { cpu_millicores: 8000 })), "too_large");
+    assert.equal(code(grant("a", { tdx_required: true, ram_mib: 32768 })), "too_large");
+    ctx.unavailable.markUnavailable("azure", REGION, "Standard_DC4es_v5");
+    assert.equal(code(grant("a", { tdx_required: true })), "offering_unavailable");
+    assert.equal(code(grant("a")), "ok", "plain sizes are still available");
+    const one = new AzureBackend({ ...cfg, max_concurrent_instances: 1 }, ctx, { credential: fake.credential() });
+    assert.equal(code(grant("a"), one), "ok");
+    assert.equal(fake.calls.length, 0, "capabilities and canSatisfy make no ARM call");
+  });
+
+  it("the registry builds it lazily; capabilities and canSatisfy never load an Azure SDK", async (t) => {
+    const { fake, ctx, cfg } = await setup(t);
+    const viaRegistry = await createBackend("azure", { backends: { azure: cfg } } as unknown as BootConfig, ctx);
+    assert.ok(viaRegistry instanceof AzureBackend);
+    await viaRegistry.close?.();
+
+    // In a fresh process, record every @azure/* module resolution.
+    const dir = tempDir(t);
+    const record = path.join(dir, "resolved.txt");
+    writeFileSync(record, "");
+    const hook = path.join(dir, "hook.mjs");
+    writeFileSync(hook, `import { appendFileSync } from "node:fs";\nexport async function resolve(s, c, next) { if (s.startsWith("@azure/")) appendFileSync(${JSON.stringify(record)}, s + "\\n"); return next(s, c); }\n`);
+    const register = path.join(dir, "register.mjs");
+    writeFileSync(register, `import { register } from "node:module";\nregister(${JSON.stringify(pathToFileURL(hook).href)});\n`);
+    const script = path.join(dir, "probe.ts");
+    const src = (p: string) => JSON.stringify(pathToFileURL(path.resolve(p)).href);
+    writeFileSync(
+      script,
+      `import { AzureBackend } from ${src("src/backends/azure.ts")};
+import { OfferingCache } from ${src("src/backends/offering-cache.ts")};
+import { Almanac } from ${src("src/domain/index.ts")};
+import { createLogger } from ${src("src/util/logger.ts")};
+import { systemClock } from ${src("src/util/clock.ts")};
+const cfg = ${JSON.stringify(config(fake))};
+const b = new AzureBackend(cfg, { providerId: "p", stateDir: "/tmp", configDir: "/tmp", log: createLogger("silent"), clock: systemClock, almanac: new Almanac(new Date(0), 1), unavailable: new OfferingCache(1000, systemClock) });
+const g = { request_id: "x", region: "westeurope", tdx_required: true, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e12 };
+console.log(JSON.stringify({ caps: b.capabilities(), sat: b.canSatisfy(g) }));
+`,
+    );
+    const r = spawnSync(process.execPath, ["--import", "tsx", "--import", pathToFileURL(register).href, script], { encoding: "utf8", timeout: 30_000 });
+    assert.equal(r.status, 0, r.stderr);
+    const out = JSON.parse(r.stdout.trim().split("\n").at(-1)!);
+    assert.equal(out.caps.tdx_capable, true);
+    assert.deepEqual(out.sat, { ok: true });
+    assert.equal(readFileSync(record, "utf8"), "", "no @azure/* module was resolved");
+  });
+});
+
+describe("azure backend: provisioning", { timeout: 45_000 }, () => {
+  it("plain VM: deterministic names, tags, base64 boot script, delete options, no security profile", async (t) => {
+    const { fake, backend } = await setup(t);
+    const id = "job.1_A"; // `.` and `_` are fine in request ids, not in Azure names
+    const n = naming.names(id);
+    const inst = await backend.provision(grant(id), envelope, never);
+    assert.equal(inst.instance_id, n.vm);
+    assert.match(n.vm, /^[a-z0-9-]{1,64}$/);
+    assert.ok(n.osDisk.length <= 80 && n.nic.length <= 80 && n.pip.length <= 80);
+    assert.equal(inst.host, "127.0.0.1");
+    assert.equal(inst.ssh_port, sshPort);
+    assert.equal(inst.ssh_user, "computebridge");
+    assert.equal(inst.details["vm_size"], "Standard_D2s_v5", "the smallest fitting plain size");
+    assert.equal(inst.details["confidential"], "false");
+
+    const body = vmBody(fake, n.vm);
+    const p = body["properties"];
+    assert.deepEqual(body["tags"], { [TAG_PROVIDER]: PROVIDER, [TAG_REQUEST]: id, [TAG_CREATED]: body["tags"][TAG_CREATED] });
+    assert.equal(p["hardwareProfile"]["vmSize"], "Standard_D2s_v5");
+    assert.equal(p["securityProfile"], undefined);
+    assert.equal(p["storageProfile"]["osDisk"]["name"], n.osDisk);
+    assert.equal(p["storageProfile"]["osDisk"]["deleteOption"], "Delete");
+    assert.equal(p["storageProfile"]["osDisk"]["managedDisk"]["securityProfile"], undefined);
+    assert.equal(p["storageProfile"]["imageReference"]["offer"], "ubuntu-24_04-lts");
+    assert.deepEqual(p["networkProfile"]["networkInterfaces"][0]["properties"], { primary: true, deleteOption: "Delete" });
+    assert.equal(p["diagnosticsProfile"]["bootDiagnostics"]["enabled"], true);
+    assert.equal(p["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"], SSH_KEY);
+    const script = Buffer.from(p["osProfile"]["customData"], "base64").toString("utf8");
+    assert.match(script, /^#!\/bin\/sh\n/);
+    assert.ok(script.includes(`CB_REQUEST_ID='${id}'`));
+    assert.ok(script.includes(`CB_IMAGE_SHA256='${IMAGE.sha256}'`));
+
+    const pip = fake.receivedBodies("publicIPAddresses", n.pip)[0]!;
+    assert.equal(pip["sku"]["name"], "Standard");
+    assert.equal(pip["properties"]["publicIPAllocationMethod"], "Static");
+    assert.equal(pip["tags"][TAG_REQUEST], id);
+    const nic = fake.receivedBodies("networkInterfaces", n.nic)[0]!;
+    assert.equal(nic["tags"][TAG_REQUEST], id);
+    assert.match(nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"], /subnets\/default$/);
+    assert.equal(nic["properties"]["ipConfigurations"][0]["properties"]["publicIPAddress"]["properties"]["deleteOption"], "Delete");
+    assert.deepEqual(fake.createsByName, { [n.vm]: 1 });
+
+    // A second provision (a retry) adopts: no new resource, no second PUT of anything.
+    const puts = fake.countCalls({ method: "PUT" });
+    const again = await backend.provision(grant(id), envelope, never);
+    assert.equal(again.instance_id, inst.instance_id);
+    assert.equal(fake.countCalls({ method: "PUT" }), puts);
+
+    await backend.terminate(inst);
+    assert.deepEqual(leftovers(fake), []);
+  });
+
+  it("confidential TDX VM: securityProfile and disk encryption in the PUT body; exit code unknown without a marker", async (t) => {
+    const { fake, backend } = await setup(t);
+    const id = "tdx-1";
+    const n = naming.names(id);
+    const inst = await backend.provision(grant(id, { tdx_required: true }), envelope, never);
+    assert.equal(inst.details["confidential"], "true");
+    const p = vmBody(fake, n.vm)["properties"];
+    assert.equal(p["hardwareProfile"]["vmSize"], "Standard_DC4es_v5");
+    assert.deepEqual(p["securityProfile"], { securityType: "ConfidentialVM", uefiSettings: { secureBootEnabled: true, vTpmEnabled: true } });
+    assert.deepEqual(p["storageProfile"]["osDisk"]["managedDisk"]["securityProfile"], { securityEncryptionType: "DiskWithVMGuestState" });
+    assert.equal(p["storageProfile"]["imageReference"]["sku"], "22_04-lts-cvm");
+    assert.match(fake.serialLog(RG, n.vm) ?? "", /Memory Encryption Features active: Intel TDX/);
+
+    // The guest powers off without printing a marker: exited, exit code unknown.
+    const watch = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
+    fake.guestPowerOff(RG, n.vm);
+    const obs = await watch;
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, null);
+    assert.equal(obs.failure, null);
+    await backend.terminate(inst);
+    assert.deepEqual(leftovers(fake), []);
+  });
+
+  it("quota (OperationNotAllowed) -> QuotaError with the offering; SkuNotAvailable -> CapacityError; nothing left after terminate", async (t) => {
+    const { fake, backend } = await setup(t);
+    fake.faults.allocationFailure = () => "QuotaExceeded";
+    const q = await rejection(backend.provision(grant("q-1"), envelope, never));
+    assert.ok(q instanceof QuotaError, String(q));
+    assert.deepEqual(q.offering, { region: REGION, shape: "Standard_D2s_v5" });
+    assert.match(q.message, /OperationNotAllowed/);
+    assert.match(q.message, /quota/);
+    await backend.terminate(placeholder(grant("q-1"), "azure"));
+    assert.deepEqual(leftovers(fake), []);
+
+    fake.faults.allocationFailure = () => "SkuNotAvailable";
+    const s = await rejection(backend.provision(grant("s-1"), envelope, never));
+    assert.ok(s instanceof CapacityError, String(s));
+    assert.deepEqual(s.offering, { region: REGION, shape: "Standard_D2s_v5" });
+    await backend.terminate(placeholder(grant("s-1"), "azure"));
+    assert.deepEqual(leftovers(fake), []);
+  });
+
+  for (const style of ["azure-async-operation", "location"] as const) {
+    it(`AllocationFailed / ZonalAllocationFailed / Overconstrained in the create LRO (${style}) -> CapacityError`, async (t) => {
+      const { fake, backend } = await setup(t, { fakeOpts: { createLroStyle: style } });
+      for (const code of ["AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest"] as const) {
+        fake.faults.allocationFailure = () => code;
+        const id = `alloc-${code}`;
+        const e = await rejection(backend.provision(grant(id), envelope, never));
+        assert.ok(e instanceof CapacityError, `${code}: ${String(e)}`);
+        assert.match(e.message, new RegExp(code));
+        assert.deepEqual(e.offering, { region: REGION, shape: "Standard_D2s_v5" });
+        await backend.terminate(placeholder(grant(id), "azure"));
+      }
+      assert.deepEqual(leftovers(fake), []);
+    });
+  }
+
+  it("401 -> CredentialError naming the config, never the token; token errors too", async (t) => {
+    const token = "not-the-right-token-0123456789abcdef";
+    const { backend, fake } = await setup(t, { backend: { credential: fakeTokenCredential(token) } });
+    const e = await rejection(backend.provision(grant("cred-1"), envelope, never));
+    assert.ok(e instanceof CredentialError, String(e));
+    assert.match(e.message, /HTTP 401 InvalidAuthenticationToken/);
+    assert.match(e.message, /tenant_id/);
+    assert.ok(!e.message.includes(token));
+    assert.equal(fake.list("virtualMachines").length, 0);
+
+    const failing = {
+      getToken: async () => {
+        throw Object.assign(new Error("ClientSecretCredential authentication failed: AADSTS7000215: Invalid client secret provided."), { name: "AuthenticationError" });
+      },
+    };
+    const { backend: b2 } = await setup(t, { fake, backend: { credential: failing } });
+    const e2 = await rejection(b2.provision(grant("cred-2"), envelope, never));
+    assert.ok(e2 instanceof CredentialError, String(e2));
+    assert.match(e2.message, /could not get an access token.*AADSTS7000215/);
+  });
+
+  it("rejects what a VM cannot run with InvalidRequestError (file:// image, disk format)", async (t) => {
+    const { backend, fake } = await setup(t);
+    for (const image of [{ ...IMAGE, url: "file:///etc/passwd" }, { ...IMAGE, format: "disk" as const }]) {
+      const e = await rejection(backend.provision(grant("bad-img"), { ...envelope, image }, never));
+      assert.ok(e instanceof InvalidRequestError, String(e));
+    }
+    assert.equal(fake.calls.length, 0);
+  });
+
+  it("429 with Retry-After is honoured: retried at once, not after the exponential back-off; endless throttling -> TransientError", async (t) => {
+    // A 5 s base delay: a retry that ignored Retry-After (0 here) would take at least 2.5 s.
+    const { fake, backend } = await setup(t, { backend: { retryDelayInMs: 5000 } });
+    const id = "throttled-1";
+    const n = naming.names(id);
+    fake.failNext("PUT", new RegExp(`virtualMachines/${n.vm}$`), 429, "SubscriptionRequestsThrottled", "Number of 'write' requests exceeded. Please try again after '0' seconds.", 2);
+    fake.failNext("GET", /\/networkInterfaces\//, 429, "SubscriptionRequestsThrottled", "slow down", 1);
+    const t0 = Date.now();
+    await backend.provision(grant(id), envelope, never);
+    assert.ok(Date.now() - t0 < 2000, `took ${Date.now() - t0} ms`);
+    assert.equal(fake.countCalls({ method: "PUT", path: new RegExp(`virtualMachines/${n.vm}$`), status: 429 }), 2);
+    assert.equal(fake.countCalls({ method: "PUT", path: new RegExp(`virtualMachines/${n.vm}$`), status: 201 }), 1);
+    assert.deepEqual(fake.createsByName, { [n.vm]: 1 });
+
+    fake.faults.throttleRate = 1;
+    const e = await rejection(backend.provision(grant("throttled-2"), envelope, never));
+    fake.faults.throttleRate = 0;
+    assert.ok(e instanceof TransientError, String(e));
+    assert.match(e.message, /HTTP 429 SubscriptionRequestsThrottled/);
+  });
+
+  it("a workload that ends before SSH answers still provisions; the marker gives its exit code", async (t) => {
+    const closed = net.createServer();
+    await new Promise<void>((r) => closed.listen(0, "127.0.0.1", r));
+    const deadPort = (closed.address() as AddressInfo).port;
+    await new Promise<void>((r) => closed.close(() => r()));
+    const { fake, backend } = await setup(t, { cfg: { ssh_port: deadPort } });
+    const id = "quick-1";
+    const n = naming.names(id);
+    const p = backend.provision(grant(id), envelope, never);
+    await until(() => fake.powerState(RG, n.vm) === "running", "the VM to run");
+    fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 4)}\n`);
+    const inst = await p;
+    const obs = await backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
+    assert.deepEqual([obs.kind, obs.exit_code], ["exited", 4]);
+    await backend.terminate(inst);
+  });
+});
+
+describe("azure backend: watching", { timeout: 45_000 }, () => {
+  it("one batched list per poll for many VMs (no per-VM calls); exit codes and failures from the serial log", async (t) => {
+    const { fake, backend } = await setup(t);
+    const ids = ["w-0", "w-1", "w-2", "w-3"];
+    const insts = await Promise.all(ids.map((id) => backend.provision(grant(id), envelope, never)));
+    const before = fake.calls.length;
+    const watches = insts.map((i) => backend.watchUntilExit(i, new Date(Date.now() + 60_000), never));
+    const listCalls = () => fake.findCalls((c) => c.seq > before && c.method === "GET" && /\/resourceGroups\/rg-test\/providers\/Microsoft\.Compute\/virtualMachines$/.test(c.path)).length;
+    await until(() => listCalls() >= 3, "a few polls");
+    fake.guestPowerOff(RG, naming.names("w-0").vm, `${exitMarker("w-0", 0)}\n`);
+    fake.guestPowerOff(RG, naming.names("w-1").vm, `[  5.1] cloud-init[900]: ${exitMarker("w-1", 7)}\n`);
+    fake.guestPowerOff(RG, naming.names("w-2").vm, `${failMarker("w-2", "image_verification", "image sha256 mismatch: nothing was run")}\n`);
+    fake.guestPowerOff(RG, naming.names("w-3").vm, `${exitMarker("someone-else", 9)}\n`);
+    const obs = await Promise.all(watches);
+    assert.deepEqual(obs.map((o) => [o.kind, o.exit_code, o.failure?.kind ?? null]), [
+      ["exited", 0, null],
+      ["exited", 7, null],
+      ["exited", null, "image_verification"],
+      ["exited", null, null],
+    ]);
+    const during = fake.findCalls((c) => c.seq > before);
+    const perVm = during.filter((c) => c.method === "GET" && /\/virtualMachines\/[^/]+$/.test(c.path));
+    assert.deepEqual(perVm, [], "no per-VM GET while watching");
+    const lists = listCalls();
+    // At most one list per poll interval for all four VMs (plus the boot-diagnostics lookups).
+    const polls = during.filter((c) => c.kind === "arm" && c.method === "GET").length;
+    assert.equal(polls, lists);
+    assert.equal(during.filter((c) => /retrieveBootDiagnosticsData$/i.test(c.path)).length, 4 + 2 /* w-3 retried: no marker */);
+    for (const i of insts) await backend.terminate(i);
+  });
+
+  it("valid_to is enforced; a vanished VM is lost; a refused $expand falls back to listAll(statusOnly)", async (t) => {
+    const { fake, backend } = await setup(t);
+    const inst = await backend.provision(grant("exp-1"), envelope, never);
+    const t0 = Date.now();
+    const obs = await backend.watchUntilExit(inst, new Date(Date.now() + 300), never);
+    assert.equal(obs.kind, "expired");
+    assert.ok(Date.now() - t0 < 3000);
+
+    // Real ARM documents $expand=instanceView on a list as requiring $filter: fall back.
+    fake.failNext("GET", /\/resourceGroups\/rg-test\/providers\/Microsoft\.Compute\/virtualMachines$/, 400, "InvalidParameter", "The $expand parameter requires a valid $filter.");
+    const watch = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
+    await until(() => fake.countCalls({ method: "GET", path: /\/subscriptions\/[^/]+\/providers\/Microsoft\.Compute\/virtualMachines$/ }) > 0, "the statusOnly list");
+    fake.guestPowerOff(RG, inst.instance_id, `${exitMarker("exp-1", 3)}\n`);
+    assert.equal((await watch).exit_code, 3);
+    assert.equal(fake.findCalls({ path: /\/providers\/Microsoft\.Compute\/virtualMachines$/ }).at(-1)?.query["statusOnly"], "true");
+
+    // Deleted behind the bridge's back: reported lost (after the watcher's missing threshold).
+    const compute = new ComputeManagementClient(fake.credential(), fake.subscriptionId, fake.clientOptions());
+    const inst2 = await backend.provision(grant("gone-1"), envelope, never);
+    const watch2 = backend.watchUntilExit(inst2, new Date(Date.now() + 60_000), never);
+    await compute.virtualMachines.beginDeleteAndWait(RG, inst2.instance_id, { updateIntervalInMs: 1 });
+    const lost = await watch2;
+    assert.equal(lost.kind, "lost");
+    assert.equal(lost.failure?.kind, "lost");
+
+    // Aborting a watch rejects with an AbortError.
+    const ctl = new AbortController();
+    const w3 = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), ctl.signal);
+    ctl.abort();
+    assert.equal((await rejection(w3)).name, "AbortError");
+    await backend.terminate(inst);
+    await backend.terminate(inst2);
+  });
+});
+
+describe("azure backend: terminate and the orphan sweep", { timeout: 45_000 }, () => {
+  it("terminate deletes VM, then NIC, IP and disk, even when Azure would detach them; idempotent; by request_id alone", async (t) => {
+    const { fake, backend } = await setup(t, { fakeOpts: { deleteInProgressPolls: 2 } });
+    const id = "term-1";
+    const n = naming.names(id);
+    const inst = await backend.provision(grant(id), envelope, never);
+    // Make Azure keep the NIC, IP and disk on VM delete (as older API versions did).
+    const compute = new ComputeManagementClient(fake.credential(), fake.subscriptionId, fake.clientOptions());
+    const vm = await compute.virtualMachines.get(RG, n.vm);
+    vm.storageProfile!.osDisk!.deleteOption = "Detach";
+    vm.networkProfile!.networkInterfaces![0]!.deleteOption = "Detach";
+    await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, n.vm, vm, { updateIntervalInMs: 1 });
+    assert.equal(leftovers(fake).length, 4);
+
+    const before = fake.calls.length;
+    await backend.terminate(placeholder(grant(id), "azure"));
+    assert.deepEqual(leftovers(fake), []);
+    const deletes = fake.findCalls((c) => c.seq > before && c.method === "DELETE").map((c) => c.path.split("/").slice(-2, -1)[0]);
+    assert.deepEqual(deletes, ["virtualMachines", "networkInterfaces", "publicIPAddresses", "disks"]);
+    await backend.terminate(inst); // already gone: fine
+    assert.deepEqual(leftovers(fake), []);
+  });
+
+  it("sweeps orphans by tag and by name (leftover NIC/IP/disk), keeps live, young and foreign resources", async (t) => {
+    // The fake's clock runs an hour behind: disks it creates look an hour old.
+    const fake = await startFake({ now: () => Date.now() - 3_600_000 });
+    const network = new NetworkManagementClient(fake.credential(), fake.subscriptionId, fake.clientOptions());
+    const compute = new ComputeManagementClient(fake.credential(), fake.subscriptionId, fake.clientOptions());
+    const patient = await setup(t, { fake, cfg: { orphan_grace_seconds: 600, reconcile_interval_seconds: 3600 } });
+    const live = await patient.backend.provision(grant("live-1"), envelope, never);
+    const dead = await patient.backend.provision(grant("dead-1"), envelope, never);
+    const fast = { updateIntervalInMs: 1 };
+    const location = REGION;
+    const tagsFor = (id: string, created: string, provider = PROVIDER) => ({ [TAG_PROVIDER]: provider, [TAG_REQUEST]: id, [TAG_CREATED]: created });
+    const hourAgo = new Date(Date.now() - 3_600_000).toISOString();
+    const now = new Date().toISOString();
+    // A crash between NIC create and VM create left an IP and a NIC (an hour ago).
+    const left = naming.names("left-1");
+    const leftPip = await network.publicIPAddresses.beginCreateOrUpdateAndWait(RG, left.pip, { location, tags: tagsFor("left-1", hourAgo), sku: { name: "Standard" } }, fast);
+    await network.networkInterfaces.beginCreateOrUpdateAndWait(
+      RG,
+      left.nic,
+      { location, tags: tagsFor("left-1", hourAgo), ipConfigurations: [{ name: "ipconfig1", subnet: { id: patient.cfg.subnet_id as string }, publicIPAddress: { id: leftPip.id! } }] },
+      fast,
+    );
+    // An OS disk a deleted VM detached (untagged, as Azure creates them), and a young leftover.
+    const diskOnly = naming.names("disk-1");
+    await compute.disks.beginCreateOrUpdateAndWait(RG, diskOnly.osDisk, { location, creationData: { createOption: "Empty" }, diskSizeGB: 30 }, fast);
+    const young = naming.names("young-1");
+    await network.publicIPAddresses.beginCreateOrUpdateAndWait(RG, young.pip, { location, tags: tagsFor("young-1", now), sku: { name: "Standard" } }, fast);
+    // Someone else's resources in the same group.
+    await network.publicIPAddresses.beginCreateOrUpdateAndWait(RG, "other-pip", { location, tags: tagsFor("x", hourAgo, "other-provider"), sku: { name: "Standard" } }, fast);
+    await compute.disks.beginCreateOrUpdateAndWait(RG, "data-disk-1", { location, creationData: { createOption: "Empty" }, diskSizeGB: 30 }, fast);
+    await compute.disks.beginCreateOrUpdateAndWait(RG, azureNaming("other-provider").names("disk-1").osDisk, { location, creationData: { createOption: "Empty" }, diskSizeGB: 30 }, fast);
+
+    await patient.backend.reconcile(new Set(["live-1"]));
+    const after1 = leftovers(fake);
+    for (const gone of [left.nic, left.pip, diskOnly.osDisk]) assert.ok(!after1.some((n) => n.endsWith(`/${gone}`)), `${gone} swept`);
+    for (const kept of [live.instance_id, dead.instance_id, young.pip, "other-pip", "data-disk-1"]) assert.ok(after1.some((n) => n.endsWith(`/${kept}`)), `${kept} kept`);
+    assert.equal(after1.filter((n) => n.startsWith("disks/")).length, 4, "live and dead OS disks, data-disk-1 and the other provider's disk");
+
+    // Within the reconcile interval a second call is skipped (no list calls).
+    const calls = fake.calls.length;
+    await patient.backend.reconcile(new Set(["live-1"]));
+    assert.equal(fake.calls.length, calls);
+
+    // A bridge restarted with grace 0: the dead grant's VM, NIC, IP and disk go; the young IP too.
+    const eager = await setup(t, { fake, cfg: { orphan_grace_seconds: 0 } });
+    await eager.backend.reconcile(new Set(["live-1"]));
+    const after2 = leftovers(fake).sort();
+    const liveNames = naming.names("live-1");
+    assert.deepEqual(after2, [
+      `disks/${azureNaming("other-provider").names("disk-1").osDisk}`,
+      "disks/data-disk-1",
+      `disks/${liveNames.osDisk}`,
+      `networkInterfaces/${liveNames.nic}`,
+      "publicIPAddresses/other-pip",
+      `publicIPAddresses/${liveNames.pip}`,
+      `virtualMachines/${liveNames.vm}`,
+    ].sort());
+    // The sweep re-learned the live VM for the concurrency cap.
+    assert.equal(eager.backend.status()["active"], 1);
+    assert.match(eager.logs.text, /deleting orphaned resources/);
+  });
+});
+
+describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
+  it("runs a grant end to end: exit code in the ComputeLog, nothing billable left", async (t) => {
+    const s = await setup(t);
+    const { manager, store } = lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
+    const id = "life.1";
+    const r = await manager.submit({ grant: grant(id), envelope: { image: IMAGE } });
+    assert.equal(r.status, "created");
+    await until(() => store.get(id)?.state === "running", "the grant to run");
+    const rec = store.get(id)!;
+    assert.equal(rec.instance?.backend, "azure");
+    // The manager generated the key pair; the VM got its public half.
+    assert.equal(vmBody(s.fake, naming.names(id).vm)["properties"]["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"], rec.public_key);
+    s.fake.guestPowerOff(RG, naming.names(id).vm, `${exitMarker(id, 3)}\n`);
+    await manager.settled(id);
+    const done = store.get(id)!;
+    assert.equal(done.state, "completed");
+    assert.equal(store.computeLog(id)?.exit_code, 3);
+    assert.equal(store.computeLog(id)?.instance_id, naming.names(id).vm);
+    assert.deepEqual(leftovers(s.fake), []);
+
+    // No marker on the serial console: the exit code is unknown (null) in the ComputeLog.
+    const quiet = "life.2";
+    await manager.submit({ grant: grant(quiet), envelope: { image: IMAGE } });
+    await until(() => store.get(quiet)?.state === "running", "the second grant to run");
+    s.fake.guestPowerOff(RG, naming.names(quiet).vm);
+    await manager.settled(quiet);
+    assert.equal(store.get(quiet)?.state, "completed");
+    assert.equal(store.computeLog(quiet)?.exit_code, null);
+
+    // Cancelled while running: terminated, nothing left.
+    const cancelled = "life.3";
+    await manager.submit({ grant: grant(cancelled), envelope: { image: IMAGE } });
+    await until(() => store.get(cancelled)?.state === "running", "the third grant to run");
+    manager.cancel(cancelled);
+    await manager.settled(cancelled);
+    assert.equal(store.get(cancelled)?.state, "cancelled");
+    assert.deepEqual(leftovers(s.fake), []);
+  });
+
+  it("AllocationFailed in the LRO fails over to the next backend and marks the offering unavailable", async (t) => {
+    const s = await setup(t);
+    s.fake.faults.allocationFailure = (r) => (r.operation === "create" && r.vmSize === "Standard_D2s_v5" ? "AllocationFailed" : false);
+    // The next backend is a real local one: it needs an image it can fetch (over http here).
+    const img = bundleImage(s.dir, "wl", "exit 0");
+    const server = http.createServer((_q, res) => res.end(readFileSync(img.file)));
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    t.after(() => new Promise<void>((r) => server.close(() => r())));
+    const image = { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/wl.tar.gz`, sha256: img.sha256, format: "bundle" as const };
+    const local = localBackend(path.join(s.dir, "local"), { region: REGION });
+    const { manager, store, fleet } = lifecycle(t, s.dir, [s.backend, local], s.ctx.unavailable);
+    const id = "failover-1";
+    await manager.submit({ grant: grant(id), envelope: { image } });
+    await manager.settled(id);
+    const rec = store.get(id)!;
+    assert.equal(rec.state, "completed", JSON.stringify(rec.attempts));
+    assert.equal(rec.backend, "local");
+    assert.deepEqual(rec.attempts.map((a) => [a.backend, a.error_kind]), [["azure", "capacity"]]);
+    assert.match(rec.attempts[0]!.message, /AllocationFailed/);
+    assert.ok(fleet.unavailable.isUnavailable("azure", REGION, "Standard_D2s_v5"));
+    assert.deepEqual(leftovers(s.fake), [], "the failed VM, its NIC and IP were removed");
+    assert.deepEqual(s.fake.createsByName, { [naming.names(id).vm]: 1 });
+
+    // The next grant skips the unavailable size and takes the next one that fits.
+    const next = await s.backend.provision(grant("after-failover"), envelope, never);
+    assert.equal(next.details["vm_size"], "Standard_D4s_v5");
+    await s.backend.terminate(next);
+  });
+
+  it("a restart mid-create adopts the VM, NIC and IP (deterministic names): nothing is duplicated", async (t) => {
+    const s = await setup(t, { fakeOpts: { lroInProgressPolls: 1_000_000 } });
+    const first = lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
+    const id = "restart_1.x";
+    const n = naming.names(id);
+    await first.manager.submit({ grant: grant(id), envelope: { image: IMAGE } });
+    // Every create would hang: let the public IP's and the NIC's finish, hold the VM's. (The fake
+    // runs in this process, so nothing is served between this check and the settle.)
+    await until(() => {
+      if (s.fake.countCalls({ method: "PUT", path: new RegExp(`virtualMachines/${n.vm}$`) }) > 0) return true;
+      s.fake.settleOperations();
+      return false;
+    }, "the VM create call", 20_000, 2);
+    assert.equal(s.fake.provisioningState("virtualMachines", RG, n.vm), "Creating");
+    await first.close(); // the daemon stops while the create is in flight
+
+    // A new process: fresh backend and manager over the same state.
+    const b2 = new AzureBackend(s.cfg, s.ctx, { credential: s.fake.credential(), retryDelayInMs: 1 });
+    t.after(() => b2.close());
+    const second = lifecycle(t, s.dir, [b2], s.ctx.unavailable);
+    const getsBefore = s.fake.countCalls({ method: "GET", path: new RegExp(`virtualMachines/${n.vm}$`) });
+    assert.equal(second.manager.resumeAll(), 1);
+    // It finds the VM still creating and polls it; ARM then finishes the create.
+    await until(() => s.fake.countCalls({ method: "GET", path: new RegExp(`virtualMachines/${n.vm}$`) }) > getsBefore + 1, "the adopted VM to be polled");
+    s.fake.settleOperations();
+    await until(() => second.store.get(id)?.state === "running", "the grant to run after the restart");
+    assert.deepEqual(s.fake.createsByName, { [n.vm]: 1 });
+    assert.equal(s.fake.createCount("networkInterfaces"), 1);
+    assert.equal(s.fake.createCount("publicIPAddresses"), 1);
+    assert.equal(s.fake.countCalls({ method: "PUT", path: new RegExp(`virtualMachines/${n.vm}$`) }), 1, "the VM was not PUT again");
+
+    s.fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 0)}\n`);
+    s.fake.faults.lroInProgressPolls = 0;
+    s.fake.faults.deleteInProgressPolls = 0;
+    await second.manager.settled(id);
+    assert.equal(second.store.get(id)?.state, "completed");
+    assert.deepEqual(leftovers(s.fake), []);
+  });
+});
+
+describe("azure backend: production credentials", { timeout: 45_000 }, () => {
+  it("ClientSecretCredential from client_secret_file against a local authority with ca_file; the secret is never logged", async (t) => {
+    const fake = await startFake();
+    const tenant = "11111111-2222-3333-4444-555555555555";
+    const clientId = "66666666-7777-8888-9999-000000000000";
+    const secret = "s3cr3t-value-that-must-never-be-logged";
+    let tokenRequests = 0;
+    const authority = https.createServer({ cert: cert.cert, key: cert.key }, (req, res) => {
+      let body = "";
+      req.on("data", (c: Buffer) => (body += c.toString()));
+      req.on("end", () => {
+        const base = `https://127.0.0.1:${(authority.address() as AddressInfo).port}/${tenant}`;
+        res.setHeader("content-type", "application/json");
+        if (req.method === "GET" && /\/v2\.0\/\.well-known\/openid-configuration/.test(req.url ?? "")) {
+          res.end(JSON.stringify({ token_endpoint: `${base}/oauth2/v2.0/token`, authorization_endpoint: `${base}/oauth2/v2.0/authorize`, issuer: `${base}/v2.0`, jwks_uri: `${base}/discovery/v2.0/keys` }));
+          return;
+        }
+        if (req.method === "POST" && /\/oauth2\/v2\.0\/token/.test(req.url ?? "")) {
+          tokenRequests++;
+          const form = new URLSearchParams(body);
+          if (form.get("client_secret") !== secret || form.get("client_id") !== clientId) {
+            res.statusCode = 401;
+            res.end(JSON.stringify({ error: "invalid_client", error_description: "AADSTS7000215: Invalid client secret provided.", error_codes: [7000215] }));
+            return;
+          }
+          res.end(JSON.stringify({ token_type: "Bearer", expires_in: 3600, ext_expires_in: 3600, access_token: fake.accessToken }));
+          return;
+        }
+        res.statusCode = 404;
+        res.end("{}");
+      });
+    });
+    await new Promise<void>((r) => authority.listen(0, "127.0.0.1", r));
+    t.after(() => new Promise<void>((r) => authority.close(() => r())));
+    const dir = tempDir(t);
+    writeFileSync(path.join(dir, "client-secret"), `${secret}\n`, { mode: 0o600 });
+    writeFileSync(path.join(dir, "wrong-secret"), "definitely-not-the-secret\n", { mode: 0o600 });
+    const logs = new LogSink();
+    const ctx: BackendContext = { providerId: PROVIDER, stateDir: dir, configDir: dir, log: createLogger("trace", logs), clock: systemClock, almanac: MS_ALMANAC, unavailable: new OfferingCache(1000, systemClock) };
+    const creds = {
+      managed_identity: false,
+      tenant_id: tenant,
+      client_id: clientId,
+      client_secret_file: "client-secret",
+      authority_host: `https://127.0.0.1:${(authority.address() as AddressInfo).port}`,
+    };
+    const b = new AzureBackend(config(fake, creds), ctx);
+    t.after(() => b.close());
+    const inst = await b.provision(grant("sp-1"), envelope, never);
+    assert.ok(tokenRequests >= 1);
+    await b.terminate(inst);
+
+    const wrong = new AzureBackend(config(fake, { ...creds, client_secret_file: "wrong-secret" }), ctx);
+    t.after(() => wrong.close());
+    const e = await rejection(wrong.provision(grant("sp-2"), envelope, never));
+    assert.ok(e instanceof CredentialError, String(e));
+    assert.match(e.message, /access token/);
+    assert.ok(!e.message.includes("definitely-not-the-secret"));
+    assert.ok(!logs.text.includes(secret) && !logs.text.includes(fake.accessToken), "no secret or token in the logs");
+
+    // A missing secret file fails at first use (constructors stay offline for check-config),
+    // naming the config key (never a value); doctor reports it too.
+    const missing = new AzureBackend(config(fake, { ...creds, client_secret_file: "nope" }), ctx);
+    t.after(() => missing.close());
+    const m = await rejection(missing.provision(grant("sp-3"), envelope, never));
+    assert.ok(m instanceof CredentialError, String(m));
+    assert.match(m.message, /backends\.azure\.client_secret_file: cannot read/);
+    const checks = await missing.check();
+    assert.ok(checks.some((c) => !c.ok && /client_secret_file: cannot read/.test(c.detail)), JSON.stringify(checks));
+    const good = await new AzureBackend(config(fake, creds), ctx).check();
+    assert.ok(good.every((c) => c.ok), JSON.stringify(good));
+  });
+});
