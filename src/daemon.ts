@@ -11,6 +11,7 @@ import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
 import { buildListener, readTls, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
 import { Store } from "./store/store.js";
+import type { BackendOptions } from "./backends/registry.js";
 import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
 import { splitHostPort } from "./util/hostport.js";
@@ -32,6 +33,8 @@ export interface DaemonOptions {
   /** Extra listener routes and lifecycle hooks (metrics). */
   extraRoutes?: (app: FastifyInstance, d: Daemon) => void;
   events?: ManagerEvents;
+  /** Injected backend options (tests, benchmarks): see BackendOptions in backends/registry.ts. */
+  backendOptions?: BackendOptions;
 }
 
 export interface Daemon {
@@ -85,7 +88,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const store = new Store(stateDir, clock);
   let manager!: GrantManager;
   const metrics = new BridgeMetrics(store, () => manager.activeCount);
-  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac, metrics });
+  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac, metrics }, o.backendOptions);
   const publisher = cfg.market && marketToken ? new MarketPublisher(store, cfg.market, marketToken, log.child({ component: "market" }), clock) : null;
 
   const events = metrics.managerEvents();

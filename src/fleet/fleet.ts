@@ -2,7 +2,7 @@ import { fleetOrder, type BootConfig } from "../config/schema.js";
 import type { Capabilities, ComputeGrant, Decline } from "../domain/index.js";
 import type { BackendContext, ManagedBackend } from "../backends/backend.js";
 import { OfferingCache } from "../backends/offering-cache.js";
-import { createBackend } from "../backends/registry.js";
+import { createBackend, type BackendOptions } from "../backends/registry.js";
 import type { Clock } from "../util/clock.js";
 
 export type Route = { ok: true; backend: ManagedBackend } | { ok: false; declines: Decline[] };
@@ -25,10 +25,10 @@ export class Fleet {
     readonly unavailable: OfferingCache,
   ) {}
 
-  static async build(cfg: BootConfig, ctx: Omit<BackendContext, "unavailable">): Promise<Fleet> {
+  static async build(cfg: BootConfig, ctx: Omit<BackendContext, "unavailable">, options: BackendOptions = {}): Promise<Fleet> {
     const unavailable = new OfferingCache(cfg.fleet.unavailable_ttl_seconds * 1000, ctx.clock);
     const backends: ManagedBackend[] = [];
-    for (const name of fleetOrder(cfg)) backends.push(await createBackend(name, cfg, { ...ctx, unavailable }));
+    for (const name of fleetOrder(cfg)) backends.push(await createBackend(name, cfg, { ...ctx, unavailable }, options));
     return new Fleet(backends, unavailable);
   }
 
