@@ -19,6 +19,7 @@ import {
   NotFoundError,
   TransientError,
   type BackendContext,
+  type BackendMetrics,
   type CheckResult,
   type ManagedBackend,
   type Satisfaction,
@@ -142,6 +143,8 @@ export class AzureBackend implements ManagedBackend {
   private readonly firstSeen = new Map<string, number>();
   private closed = false;
 
+  private readonly metrics: BackendMetrics | undefined;
+
   constructor(
     private readonly cfg: AzureConfig,
     ctx: BackendContext,
@@ -152,6 +155,7 @@ export class AzureBackend implements ManagedBackend {
     this.almanac = ctx.almanac;
     this.unavailable = ctx.unavailable;
     this.providerId = ctx.providerId;
+    this.metrics = ctx.metrics;
     this.naming = azureNaming(ctx.providerId);
     this.rg = cfg.resource_group;
     this.pollMs = Math.max(1, Math.round(cfg.poll_interval_seconds * 1000));
@@ -765,6 +769,7 @@ export class AzureBackend implements ManagedBackend {
           else if (kind === "nic") await this.deleteNic(c, o.name);
           else if (kind === "pip") await this.deletePublicIp(c, o.name);
           else await this.deleteDisk(c, o.name);
+          this.metrics?.orphanSwept(this.name, kind);
           this.firstSeen.delete(`${kind}/${o.name.toLowerCase()}`);
           if (o.requestId !== undefined) this.active.delete(o.requestId);
         } catch (e) {
@@ -790,9 +795,15 @@ export class AzureBackend implements ManagedBackend {
   private async call<T>(what: string, fn: () => Promise<T>, o: CallOptions & { notFoundIsNull: true }): Promise<T | null>;
   private async call<T>(what: string, fn: () => Promise<T>, o?: CallOptions & { notFoundIsNull?: false }): Promise<T>;
   private async call<T>(what: string, fn: () => Promise<T>, o: CallOptions & { notFoundIsNull?: boolean } = {}): Promise<T | null> {
+    const op = what.split(" ").slice(0, 2).join(" "); // e.g. "creating NIC": bounded label values
     try {
-      return await fn();
+      const r = await fn();
+      this.metrics?.apiCall(this.name, op, "ok");
+      return r;
     } catch (e) {
+      const rest = e as { code?: unknown; statusCode?: unknown };
+      this.metrics?.apiCall(this.name, op, typeof rest.code === "string" ? rest.code : typeof rest.statusCode === "number" ? String(rest.statusCode) : "error");
+      if (rest.statusCode === 429) this.metrics?.throttled(this.name, op);
       const name = (e as Error | null)?.name;
       if (name === "AbortError" || name === "TimeoutError") {
         if (o.signal?.aborted) throw abortError(o.signal);

@@ -42,6 +42,7 @@ import {
   QuotaError,
   TransientError,
   type BackendContext,
+  type BackendMetrics,
   type CheckResult,
   type ManagedBackend,
   type Satisfaction,
@@ -134,12 +135,15 @@ export class GcpBackend implements ManagedBackend {
   private pollErrors = 0;
   private closed = false;
 
+  private readonly metrics: BackendMetrics | undefined;
+
   constructor(
     private readonly cfg: GcpConfig,
     ctx: BackendContext,
     private readonly opts: GcpBackendOptions = {},
   ) {
     this.log = ctx.log.child({ backend: this.name });
+    this.metrics = ctx.metrics;
     this.clock = ctx.clock;
     this.almanac = ctx.almanac;
     this.unavailable = ctx.unavailable;
@@ -613,6 +617,7 @@ export class GcpBackend implements ManagedBackend {
         // Fire the delete; the next sweep sees it STOPPING or gone.
         const requestId = deterministicUuid("delete", this.providerId, v.zone, v.name, v.id);
         await this.call(`instances.delete ${v.zone}/${v.name}`, (c) => c.instances.delete({ project: this.cfg.project, zone: v.zone, instance: v.name, requestId }));
+        this.metrics?.orphanSwept(this.name, "instance");
       } catch (e) {
         if (e instanceof NotFoundError) continue;
         const err = e instanceof BackendError ? e : mapGcpError(e, "instances.delete", this.name);
@@ -661,21 +666,27 @@ export class GcpBackend implements ManagedBackend {
    */
   private async call<T>(what: string, fn: (c: Clients) => Promise<T>, signal?: AbortSignal, timeoutMs = CALL_TIMEOUT_MS): Promise<T> {
     const c = await this.clients();
+    const op = what.split(" ")[0]!; // "instances.get zone/name" -> "instances.get": bounded label values
     for (let attempt = 1; ; attempt++) {
       if (signal?.aborted) throw abortError(signal);
       try {
         const r = await bounded(fn(c), timeoutMs, signal, () => new TransientError(`GCP ${what}: no answer within ${Math.round(timeoutMs / 1000)} s`, this.name));
         this.credentialProblem = null;
+        this.metrics?.apiCall(this.name, op, "ok");
         return r;
       } catch (e) {
         if (signal?.aborted) throw abortError(signal);
         const err = mapGcpError(e, what, this.name);
+        const status = (e as { status?: unknown; code?: unknown }).status ?? (e as { code?: unknown }).code;
+        this.metrics?.apiCall(this.name, op, typeof status === "number" || typeof status === "string" ? String(status) : err.kind);
+        if (status === 429) this.metrics?.throttled(this.name, op);
         if (err instanceof CredentialError) {
           if (this.credentialProblem === null) this.log.error({ err: { kind: err.kind, message: err.message } }, "GCP refused the bridge's credentials; new grants are declined until a call succeeds");
           this.credentialProblem = err.message;
         }
         if (!(err instanceof TransientError) || attempt >= this.retry.attempts || this.closed) throw err;
         const delay = this.retry.baseMs + backoffMs(attempt, this.retry.baseMs, this.retry.capMs);
+        this.metrics?.retry(this.name, op);
         this.log.debug({ what, attempt, delay_ms: delay, err: { kind: err.kind, message: err.message } }, "GCP call failed; retrying");
         await this.clock.sleep(delay, signal);
       }
