@@ -50,6 +50,8 @@ export interface Daemon {
   url: string;
   card(): ProviderCard;
   metrics: BridgeMetrics;
+  /** Resolves (with the number of resumed grants) once backends reconciled and open grants resumed. */
+  ready: Promise<number>;
   /** Address of the separate metrics listener, when metrics_bind is set. */
   metricsUrl: string | null;
   close(): Promise<void>;
@@ -122,8 +124,9 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
 
   // Re-attach or sweep what backends hold, then continue every open grant.
   let reconciling = false;
+  let stopping = false;
   const reconcileAll = async () => {
-    if (reconciling) return;
+    if (reconciling || stopping) return;
     reconciling = true;
     try {
       const live = new Set(store.nonTerminal().map((g) => g.request_id));
@@ -139,10 +142,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
       reconciling = false;
     }
   };
-  await reconcileAll();
-  const resumed = manager.resumeAll();
-  const reconcileTimer = setInterval(() => void reconcileAll(), o.reconcileIntervalMs ?? 60_000);
-  reconcileTimer.unref();
+  let reconcileTimer: NodeJS.Timeout | undefined;
 
   let daemon!: Daemon;
   const listener = buildListener({
@@ -176,13 +176,25 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const boundPort = typeof addr === "object" && addr ? addr.port : port;
   const url = `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
 
+  // Listening comes first (a slow or unreachable cloud must not keep the listener down); then each
+  // backend reconciles what it holds and every open grant resumes. Backends count grants they
+  // provision themselves as live, so grants accepted meanwhile are never taken for orphans.
+  const ready = (async () => {
+    await reconcileAll();
+    if (stopping) return 0;
+    const n = manager.resumeAll();
+    log.info({ resumed: n }, n > 0 ? "resumed open grants" : "no open grants to resume");
+    reconcileTimer = setInterval(() => void reconcileAll(), o.reconcileIntervalMs ?? 60_000);
+    reconcileTimer.unref();
+    return n;
+  })();
   publisher?.start();
   publishCardIfChanged();
   const cardTimer = setInterval(publishCardIfChanged, o.cardCheckIntervalMs ?? 30_000);
   cardTimer.unref();
 
   log.info(
-    { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), resumed, state_dir: stateDir, config_digest: card().config_digest },
+    { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), state_dir: stateDir, config_digest: card().config_digest },
     "compute-bridge listening",
   );
 
@@ -199,11 +211,13 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     url,
     card,
     metrics,
+    ready,
     metricsUrl: metricsServer ? `http://${cfg.listener.metrics_bind!.replace(/:0$/, `:${(metricsServer.server.address() as { port: number }).port}`)}` : null,
     close: () =>
       (closing ??= (async () => {
         listener.drain();
         clearInterval(cardTimer);
+        stopping = true;
         clearInterval(reconcileTimer);
         await manager.shutdown();
         await Promise.race([listener.app.close(), new Promise((r) => setTimeout(r, 1000).unref())]);

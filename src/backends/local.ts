@@ -185,7 +185,8 @@ export class LocalBackend implements ManagedBackend {
   async reconcile(live: ReadonlySet<string>): Promise<void> {
     this.ensureReady();
     for (const id of readdirSync(this.runs)) {
-      if (live.has(id)) continue;
+      // `active` covers grants provisioned after the caller took its snapshot of live grants.
+      if (live.has(id) || this.active.has(id)) continue;
       const runDir = this.runDir(id);
       if (readResult(runDir) || !this.supervisorAlive(runDir)) continue;
       this.log.warn({ request_id: id }, "stopping orphaned local workload (no live grant)");

@@ -148,4 +148,22 @@ describe("local backend", () => {
     const big = b.canSatisfy(localGrant("x", 1000, { cpu_millicores: 999_999 }));
     assert.equal(big.ok === false && big.code, "too_large");
   });
+
+  it("reconcile stops orphans but never a workload this backend is running", async (t) => {
+    const dir = tempDir(t);
+    const img = scriptImage(dir, "forever", "sleep 600");
+    const state = path.join(dir, "state");
+    // An orphan: started by an earlier daemon, no live grant any more.
+    const old = localBackend(state);
+    const orphan = await old.provision(localGrant("orphan-1"), { image: { ...img, format: "bundle" } }, never);
+    const orphanPid = Number(readFileSync(path.join(orphan.details.run_dir!, "started", "workload_pid"), "utf8"));
+    const b = localBackend(state);
+    // Provisioned after the caller's snapshot of live grants (an empty set here).
+    const mine = await b.provision(localGrant("mine-1"), { image: { ...img, format: "bundle" } }, never);
+    const minePid = Number(readFileSync(path.join(mine.details.run_dir!, "started", "workload_pid"), "utf8"));
+    await b.reconcile(new Set());
+    await until(() => !alive(orphanPid), "the orphan to be stopped", 5000);
+    assert.ok(alive(minePid), "a workload this backend provisioned is not an orphan");
+    await b.terminate(mine);
+  });
 });
