@@ -5,20 +5,31 @@ export interface Clock {
   sleep(ms: number, signal?: AbortSignal): Promise<void>;
 }
 
+/** setTimeout's limit (2^31 - 1 ms, ~24.8 days); a longer delay would fire at once. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 export const systemClock: Clock = {
   now: () => Date.now(),
   sleep: (ms, signal) =>
     new Promise<void>((resolve, reject) => {
       if (signal?.aborted) return reject(abortError(signal));
-      const t = setTimeout(() => {
+      const end = Date.now() + Math.max(0, ms);
+      let t: NodeJS.Timeout;
+      // Long waits (a grant valid for months) go in steps below the timer limit.
+      const arm = () => {
+        const left = end - Date.now();
+        t = setTimeout(left > MAX_TIMER_MS ? arm : done, Math.min(Math.max(0, left), MAX_TIMER_MS));
+      };
+      const done = () => {
         signal?.removeEventListener("abort", onAbort);
         resolve();
-      }, Math.max(0, ms));
+      };
       const onAbort = () => {
         clearTimeout(t);
         reject(abortError(signal!));
       };
       signal?.addEventListener("abort", onAbort, { once: true });
+      arm();
     }),
 };
 
