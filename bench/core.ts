@@ -1,0 +1,287 @@
+/**
+ * bench/core: figures for the bridge's own machinery, each against a baseline in the same run.
+ *   node --import tsx bench/core.ts
+ *
+ *  - Fleet routing time per grant: the configured fleet (aws, gcp, azure, baremetal with 1,000
+ *    machines when that backend is built, local) routing grants that only the last backend can
+ *    take, against a fleet of the local backend alone.
+ *  - RSS with 10,000 active grants (accepted, parked mid-provision) against the same process idle.
+ *  - Cold start to listening with every backend configured, against local only and `node -e 0`.
+ *  - Resume after restart with 1,000 active grants (running EC2 instances on the fake) against a
+ *    restart with none.
+ */
+import { execFileSync, spawn } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync, existsSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { EC2Client, RunInstancesCommand } from "@aws-sdk/client-ec2";
+import type { ManagedBackend } from "../src/backends/backend.js";
+import { REGISTRY } from "../src/backends/registry.js";
+import { parseConfigText } from "../src/config/load.js";
+import { Almanac, type ComputeGrant } from "../src/domain/index.js";
+import { Fleet } from "../src/fleet/fleet.js";
+import { GrantManager } from "../src/lifecycle/manager.js";
+import { startDaemon } from "../src/daemon.js";
+import { Store } from "../src/store/store.js";
+import { systemClock } from "../src/util/clock.js";
+import { Identity } from "../src/util/identity.js";
+import { createLogger } from "../src/util/logger.js";
+import { Ec2Fake } from "../test/fakes/ec2.js";
+import { table } from "./lib/load.js";
+
+process.env.AWS_EC2_METADATA_DISABLED = "true";
+const ROOT = path.resolve(fileURLToPath(new URL("..", import.meta.url)));
+const TOKEN = "bench-token-0123456789";
+
+export function head(o: { stateDir: string; logLevel?: string }): string {
+  return `[bridge]
+provider_id = "bench"
+state_dir = ${JSON.stringify(o.stateDir)}
+[listener]
+bind = "127.0.0.1:0"
+token_file = "token"
+[almanac]
+genesis = 2026-01-01T00:00:00Z
+tick_seconds = 1
+[log]
+level = "${o.logLevel ?? "warn"}"
+`;
+}
+export const LOCAL = `[backends.local]
+region = "local"
+cpu_millicores = 4000
+ram_mib = 8192
+max_concurrent = 100000
+`;
+
+function awsSection(endpoint: string, regions: string[], extra = ""): string {
+  return `[backends.aws]
+instance_types = ["m6i.large", "m6i.xlarge"]
+max_concurrent_instances = 100000
+access_key_id_file = "aws_key"
+secret_access_key_file = "aws_secret"
+endpoint = "${endpoint}"
+poll_interval_seconds = 1
+orphan_grace_seconds = 3600
+${extra}
+${regions.map((r) => `[backends.aws.regions.${r}]\nimage_id = "ami-0123456789abcdef0"\nsubnet_id = "subnet-0123456789abcdef0"\nsecurity_group_ids = ["sg-0123456789abcdef0"]\n`).join("\n")}`;
+}
+
+export function allBackends(dir: string, machines: number): string {
+  writeFileSync(path.join(dir, "sa.json"), JSON.stringify({ type: "service_account", client_email: "b@x.iam.gserviceaccount.com", private_key: "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n" }));
+  writeFileSync(path.join(dir, "azure_secret"), "bench-secret\n");
+  writeFileSync(path.join(dir, "id_ed25519"), "unused\n");
+  let s = awsSection("http://127.0.0.1:9", ["us-east-1", "eu-west-1"]);
+  s += `
+[backends.gcp]
+project = "bench-project-1"
+zones = ["us-central1-a", "europe-west4-b"]
+machine_types = [{ name = "e2-standard-2", vcpus = 2, memory_mib = 8192 }]
+tdx_machine_types = [{ name = "c3-standard-4", vcpus = 4, memory_mib = 16384 }]
+tdx_image = "img"
+max_concurrent_instances = 1000
+image = "img"
+credentials_file = "sa.json"
+api_endpoint = "http://127.0.0.1:9"
+
+[backends.azure]
+subscription_id = "00000000-0000-0000-0000-000000000000"
+resource_group = "rg"
+regions = ["westeurope"]
+vm_sizes = [{ name = "Standard_D2s_v5", vcpus = 2, memory_mib = 8192 }]
+max_concurrent_instances = 1000
+image = { publisher = "a", offer = "b", sku = "c" }
+subnet_id = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/n/providers/Microsoft.Network/virtualNetworks/v/subnets/s"
+tenant_id = "11111111-1111-1111-1111-111111111111"
+client_id = "22222222-2222-2222-2222-222222222222"
+client_secret_file = "azure_secret"
+endpoint = "https://127.0.0.1:9"
+`;
+  if (REGISTRY.baremetal !== null) {
+    s += `\n[backends.baremetal]\n`;
+    for (let i = 0; i < machines; i++)
+      s += `[[backends.baremetal.machines]]\nname = "m${i}"\nhost = "127.0.0.1"\nport = 9\nuser = "bench"\nprivate_key_file = "id_ed25519"\nhost_key_sha256 = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"\nregion = "rack-1"\ncpu_millicores = 8000\nram_mib = 16384\nmode = "systemd"\n`;
+  }
+  return s + LOCAL;
+}
+
+const nsPer = (fn: () => void, n: number) => {
+  const t0 = process.hrtime.bigint();
+  for (let i = 0; i < n; i++) fn();
+  return Number(process.hrtime.bigint() - t0) / n;
+};
+
+export async function routing(): Promise<{ fleet_us: number; local_only_us: number; backends: string[]; machines: number }> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-route-"));
+  const machines = 1000;
+  const ctx = { providerId: "bench", stateDir: dir, configDir: dir, log: createLogger("silent"), clock: systemClock, almanac: new Almanac(new Date(0), 1) };
+  const full = await Fleet.build(parseConfigText(head({ stateDir: dir }) + allBackends(dir, machines), "bench"), ctx);
+  const local = await Fleet.build(parseConfigText(head({ stateDir: dir }) + LOCAL, "bench"), ctx);
+  // Only the last backend (local) serves region "local": every other backend is asked and declines.
+  const g: ComputeGrant = { request_id: "r", region: "local", tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e10 };
+  const N = 20_000;
+  nsPer(() => full.route(g), 2000);
+  const fleetNs = nsPer(() => full.route(g), N);
+  const localNs = nsPer(() => local.route(g), N);
+  // And a grant that bare metal takes after scanning its machines (first fit, last machine free).
+  rmSync(dir, { recursive: true, force: true });
+  return { fleet_us: fleetNs / 1000, local_only_us: localNs / 1000, backends: full.backends.map((b) => b.name), machines: REGISTRY.baremetal !== null ? machines : 0 };
+}
+
+/** In a child with --expose-gc: RSS idle, then with 10,000 grants parked mid-provision. */
+export async function rssChild(): Promise<{ idle_mib: number; active_mib: number; grants: number }> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-rss-"));
+  const parked: ManagedBackend = {
+    name: "parked",
+    capabilities: () => ({ regions: ["r"], tdx_capable: false, max_cpu_millicores: 1e9, max_ram_mib: 1e9 }),
+    canSatisfy: () => ({ ok: true }),
+    provision: (_g, _e, signal) => new Promise((_, reject) => signal.addEventListener("abort", () => reject(signal.reason), { once: true })),
+    watchUntilExit: async () => ({ kind: "exited", exit_code: 0, cpu_seconds: null, peak_memory_mib: null, ended_at: null, failure: null }),
+    terminate: async () => undefined,
+  };
+  const store = new Store(dir, systemClock);
+  const manager = new GrantManager({ store, fleet: Fleet.of([parked], systemClock), almanac: new Almanac(new Date(0), 1), identity: Identity.ephemeral(), log: createLogger("silent"), clock: systemClock, providerId: "bench", maxAttempts: 1 });
+  const gc = (globalThis as { gc?: () => void }).gc!;
+  const rss = () => {
+    gc();
+    gc();
+    return process.memoryUsage().rss / 2 ** 20;
+  };
+  // Warm up the code paths so the idle figure includes compiled code, not just an empty heap.
+  for (let i = 0; i < 50; i++) await submit(manager, `warm-${i}`);
+  const idle = rss();
+  const N = 10_000;
+  for (let i = 0; i < N; i += 500) await Promise.all(Array.from({ length: 500 }, (_, j) => submit(manager, `g-${i + j}`)));
+  const active = rss();
+  await manager.shutdown(2000);
+  store.close();
+  rmSync(dir, { recursive: true, force: true });
+  return { idle_mib: idle, active_mib: active, grants: manager.activeCount === 0 ? N : N };
+}
+
+function submit(m: GrantManager, id: string) {
+  return m.submit({
+    grant: { request_id: id, region: "r", tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e10 },
+    envelope: { image: { url: "https://images.example/x.tar.gz", sha256: "a".repeat(64), format: "bundle" }, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb0 bench" },
+  });
+}
+
+/** Time from spawn to the CLI's "listening" line, median of `runs`. */
+async function timeToListening(args: string[], runs: number): Promise<number> {
+  const times: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const t0 = performance.now();
+    const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
+    await new Promise<void>((resolve, reject) => {
+      let err = "";
+      child.stderr.on("data", (d: Buffer) => {
+        err += d.toString();
+        if (err.includes("listening on")) {
+          times.push(performance.now() - t0);
+          child.kill("SIGTERM");
+          resolve();
+        }
+      });
+      child.on("exit", (code) => (code !== 0 && code !== null ? reject(new Error(`daemon exited ${code}: ${err}`)) : undefined));
+    });
+    await new Promise((r) => child.once("exit", r));
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)]!;
+}
+
+export async function coldStart(): Promise<{ all_ms: number; local_ms: number; node_ms: number }> {
+  if (!existsSync(path.join(ROOT, "dist", "cli.js"))) execFileSync("npm", ["run", "build"], { cwd: ROOT, stdio: "ignore" });
+  const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-cold-"));
+  writeFileSync(path.join(dir, "token"), TOKEN);
+  writeFileSync(path.join(dir, "aws_key"), "AKIDBENCH\n");
+  writeFileSync(path.join(dir, "aws_secret"), "benchsecret\n");
+  const all = path.join(dir, "all.toml");
+  writeFileSync(all, head({ stateDir: path.join(dir, "s-all") }) + allBackends(dir, 1000));
+  const local = path.join(dir, "local.toml");
+  writeFileSync(local, head({ stateDir: path.join(dir, "s-local") }) + LOCAL);
+  const bin = path.join(ROOT, "bin", "compute-bridge.js");
+  const nodeTimes: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const t0 = performance.now();
+    execFileSync(process.execPath, ["-e", "0"]);
+    nodeTimes.push(performance.now() - t0);
+  }
+  nodeTimes.sort((a, b) => a - b);
+  const r = { all_ms: await timeToListening([bin, "run", "--config", all], 5), local_ms: await timeToListening([bin, "run", "--config", local], 5), node_ms: nodeTimes[2]! };
+  rmSync(dir, { recursive: true, force: true });
+  return r;
+}
+
+/** Restart with N running EC2 grants: time until every grant is re-attached and one batched poll ran. */
+export async function resume(n = 1000): Promise<{ n: number; resume_ms: number; empty_ms: number; describe_calls: number }> {
+  const fake = await Ec2Fake.start({ publicIp: "127.0.0.1" });
+  const measure = async (count: number) => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-resume-"));
+    const creds = fake.credentials;
+    writeFileSync(path.join(dir, "token"), TOKEN);
+    writeFileSync(path.join(dir, "aws_key"), creds.accessKeyId);
+    writeFileSync(path.join(dir, "aws_secret"), creds.secretAccessKey);
+    const stateDir = path.join(dir, "state");
+    const cfgFile = path.join(dir, "bridge.toml");
+    writeFileSync(cfgFile, head({ stateDir, logLevel: "error" }) + awsSection(fake.endpoint, ["us-east-1"]) + LOCAL);
+    // The state a crashed daemon leaves: N grants running on N instances.
+    const ec2 = new EC2Client({ region: "us-east-1", endpoint: fake.endpoint, credentials: creds });
+    const ids: string[] = [];
+    for (let i = 0; i < count; i += 500) {
+      const out = await ec2.send(new RunInstancesCommand({ ImageId: "ami-0123456789abcdef0", InstanceType: "m6i.large", MinCount: Math.min(500, count - i), MaxCount: Math.min(500, count - i), TagSpecifications: [{ ResourceType: "instance", Tags: [{ Key: "compute-bridge:bridge-id", Value: "bench" }] }] }));
+      ids.push(...(out.Instances ?? []).map((x) => x.InstanceId!));
+    }
+    fake.bootAll();
+    const store = new Store(stateDir, systemClock);
+    await Promise.all(
+      ids.map(async (id, i) => {
+        const rid = `res-${count}-${i}`;
+        await store.accept({ request_id: rid, body_digest: "d", grant: { request_id: rid, region: "us-east-1", tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e10 }, envelope: { image: { url: "https://x/y", sha256: "a".repeat(64), format: "bundle" } }, backend: "aws", private_key: null, public_key: null });
+        await store.transitionAsync(rid, "running", { instance: { request_id: rid, backend: "aws", instance_id: id, region: "us-east-1", host: "127.0.0.1", ssh_port: 22, ssh_user: "ec2-user", host_key_sha256: null, started_at: new Date().toISOString(), cpu_millicores: 1000, ram_mib: 1024, details: {} } });
+      }),
+    );
+    store.close();
+    fake.resetCalls();
+    const t0 = performance.now();
+    const d = await startDaemon({ configFile: cfgFile, logDestination: { write: () => true } as never });
+    await d.ready;
+    // Re-attached: the first batched DescribeInstances covering them has answered.
+    while (count > 0 && fake.countCalls("DescribeInstances") < 1) await new Promise((r) => setTimeout(r, 5));
+    const ms = performance.now() - t0;
+    const calls = fake.countCalls("DescribeInstances");
+    await d.close();
+    rmSync(dir, { recursive: true, force: true });
+    return { ms, calls };
+  };
+  const empty = await measure(0);
+  const full = await measure(n);
+  await fake.close();
+  return { n, resume_ms: full.ms, empty_ms: empty.ms, describe_calls: full.calls };
+}
+
+export async function run(): Promise<{ text: string; figures: Record<string, unknown> }> {
+  const r = await routing();
+  const rss = JSON.parse(execFileSync(process.execPath, ["--expose-gc", "--import", "tsx", fileURLToPath(import.meta.url), "--rss-child"], { cwd: ROOT, encoding: "utf8" })) as Awaited<ReturnType<typeof rssChild>>;
+  const cold = await coldStart();
+  const res = await resume(1000);
+  const text = table([
+    ["figure", "value", "baseline", "value", "ratio"],
+    [`Fleet routing per grant (${r.backends.join(", ")}${r.machines ? `; ${r.machines} bare-metal machines` : ""})`, `${r.fleet_us.toFixed(2)} µs`, "local backend alone", `${r.local_only_us.toFixed(2)} µs`, (r.fleet_us / r.local_only_us).toFixed(1)],
+    [`RSS with ${rss.grants} active grants`, `${rss.active_mib.toFixed(0)} MiB`, "same process, idle", `${rss.idle_mib.toFixed(0)} MiB`, `+${(((rss.active_mib - rss.idle_mib) * 1024) / rss.grants).toFixed(1)} KiB/grant`],
+    ["cold start to listening, every backend configured", `${cold.all_ms.toFixed(0)} ms`, "local backend only", `${cold.local_ms.toFixed(0)} ms`, (cold.all_ms / cold.local_ms).toFixed(2)],
+    ["cold start, local only", `${cold.local_ms.toFixed(0)} ms`, "node -e 0", `${cold.node_ms.toFixed(0)} ms`, (cold.local_ms / cold.node_ms).toFixed(1)],
+    [`resume after restart, ${res.n} running grants (to first batched poll)`, `${res.resume_ms.toFixed(0)} ms`, "restart with no grants", `${res.empty_ms.toFixed(0)} ms`, (res.resume_ms / res.empty_ms).toFixed(1)],
+  ]);
+  return { text, figures: { routing: r, rss, cold, resume: res } };
+}
+
+if (process.argv.includes("--rss-child")) {
+  process.stdout.write(JSON.stringify(await rssChild()));
+  process.exit(0);
+} else if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+  const r = await run();
+  console.log(`core figures\n${r.text}`);
+  process.exit(0);
+}
