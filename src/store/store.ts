@@ -1,5 +1,5 @@
 import Database from "better-sqlite3";
-import { appendFileSync, closeSync, fsyncSync, mkdirSync, openSync } from "node:fs";
+import { appendFileSync, closeSync, fsync, fsyncSync, mkdirSync, openSync } from "node:fs";
 import path from "node:path";
 import type { ComputeGrant, ComputeLog, Envelope, GrantState, ProvisionedInstance } from "../domain/index.js";
 import type { Clock } from "../util/clock.js";
@@ -135,7 +135,7 @@ export interface OutboxItem {
 }
 
 /**
- * Durable grant state in SQLite (WAL, synchronous=FULL). Every transition is committed before
+ * Durable grant state in SQLite (WAL). Every transition is committed, and the WAL fsync'd, before
  * the side effect it announces. Accepts use group commit: the inserts that arrive in the same
  * event-loop turn share one fsync'd transaction, and each caller is answered after that commit.
  */
@@ -144,6 +144,9 @@ export class Store {
   private pending: { fn: () => unknown; resolve: (r: unknown) => void; reject: (e: unknown) => void }[] = [];
 
   private flushScheduled = false;
+  private readonly walPath: string;
+  private walFd: number | null = null;
+  private fsyncsInFlight = 0;
   private readonly jsonlPath: string;
   private readonly stmts: ReturnType<Store["prepareStatements"]>;
   /** Observed write latencies (ms), for metrics. */
@@ -156,7 +159,12 @@ export class Store {
     mkdirSync(stateDir, { recursive: true, mode: 0o700 });
     this.db = new Database(path.join(stateDir, "bridge.db"));
     this.db.pragma("journal_mode = WAL");
-    this.db.pragma("synchronous = FULL");
+    // Commits write the WAL without fsync (NORMAL); flush() then fsyncs the WAL on libuv's thread
+    // pool and answers callers only after it: as durable as FULL for everything acknowledged or
+    // acted on, but the event loop keeps accepting the next batch while the disk syncs the
+    // previous one. (Readers may see a commit a few ms before its fsync completes.)
+    this.db.pragma("synchronous = NORMAL");
+    this.walPath = path.join(stateDir, "bridge.db-wal");
     this.db.pragma("busy_timeout = 5000");
     this.migrate();
     this.stmts = this.prepareStatements();
@@ -228,11 +236,27 @@ export class Store {
       for (const p of batch) p.reject(e);
       return;
     }
-    batch.forEach((p, i) => {
-      const r = results[i]!;
-      if (r.ok) p.resolve(r.v);
-      else p.reject(r.e);
+    const settle = () =>
+      batch.forEach((p, i) => {
+        const r = results[i]!;
+        if (r.ok) p.resolve(r.v);
+        else p.reject(r.e);
+      });
+    const t0 = performance.now();
+    const fd = this.wal();
+    this.fsyncsInFlight++;
+    fsync(fd, (err) => {
+      this.fsyncsInFlight--;
+      if (this.fsyncsInFlight === 0 && this.walFd === null) closeSync(fd); // close() deferred it
+      this.onWrite?.("wal_fsync", performance.now() - t0);
+      if (err) for (const p of batch) p.reject(new Error(`state database: fsync of the WAL failed: ${err.message}`));
+      else settle();
     });
+  }
+
+  /** A descriptor on the WAL file (it exists once anything was committed; SQLite keeps its inode). */
+  private wal(): number {
+    return (this.walFd ??= openSync(this.walPath, "r"));
   }
 
   /** Durably record a new grant (or report the existing one) in the next group commit. */
@@ -425,6 +449,12 @@ export class Store {
 
   close(): void {
     if (this.pending.length) this.flush();
+    if (this.walFd !== null) {
+      fsyncSync(this.walFd);
+      // An fsync still running on the thread pool closes the descriptor when it returns.
+      if (this.fsyncsInFlight === 0) closeSync(this.walFd);
+      this.walFd = null;
+    }
     if (this.db.open) this.db.close();
   }
 

@@ -2,7 +2,8 @@ import { Writable } from "node:stream";
 import path from "node:path";
 import { startDaemon, type Daemon, type DaemonOptions } from "../../src/daemon.js";
 import { writeLocalConfig, type TestConfigOptions } from "./config.js";
-import { tempDir } from "./tmp.js";
+import { mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
 
 /** Captures the daemon's JSON log lines in memory. */
 export class LogSink extends Writable {
@@ -32,13 +33,19 @@ export async function startTestDaemon(
   opts: Partial<TestConfigOptions> = {},
   daemonOpts: Partial<DaemonOptions> = {},
 ): Promise<TestDaemon> {
-  const dir = tempDir(t);
+  // The directory goes only after every daemon started on it has closed (hooks run in order).
+  const dir = mkdtempSync(path.join(os.tmpdir(), "cb-test-"));
+  const daemons: Daemon[] = [];
+  t.after(async () => {
+    await Promise.allSettled(daemons.map((d) => d.close()));
+    rmSync(dir, { recursive: true, force: true });
+  });
   const stateDir = path.join(dir, "state");
   const configFile = writeLocalConfig(dir, { stateDir, logLevel: "info", ...opts });
   const launch = async (): Promise<TestDaemon> => {
     const logs = new LogSink();
     const d = await startDaemon({ configFile, logDestination: logs, expiryGraceMs: 1500, retryBaseMs: 20, ...daemonOpts });
-    t.after(() => d.close());
+    daemons.push(d);
     const td: TestDaemon = {
       d,
       url: d.url,

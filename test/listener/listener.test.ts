@@ -100,7 +100,10 @@ describe("listener", () => {
     assert.ok(log.usage.wall_seconds >= 0 && log.usage.cpu_millicore_seconds >= 0);
     const card = (await call(url, "GET", "/v1/provider-card")).body;
     assert.ok(verifySignedDoc(log, card.public_key), "ComputeLog signed by the bridge identity");
-    const lines = readFileSync(path.join(stateDir, "compute-log.jsonl"), "utf8").trim().split("\n");
+    // The jsonl line follows the commit (and its fsync) that made the grant terminal.
+    const jsonl = path.join(stateDir, "compute-log.jsonl");
+    await until(() => existsSync(jsonl) && readFileSync(jsonl, "utf8").includes('"request_id":"run-1"'), "the ComputeLog line in compute-log.jsonl");
+    const lines = readFileSync(jsonl, "utf8").trim().split("\n");
     assert.equal(JSON.parse(lines.at(-1)!).request_id, "run-1");
     // re-post of the identical body: 200 with the current record; a different body: 409
     const again = await call(url, "POST", "/v1/grants", b);
