@@ -26,7 +26,7 @@ export const REGISTRY: Record<BackendName, Factory | null> = {
   aws: async (cfg, ctx, opts) => new (await import("./aws.js")).AwsBackend(cfg.backends.aws!, ctx, opts),
   gcp: async (cfg, ctx, opts) => new (await import("./gcp.js")).GcpBackend(cfg.backends.gcp!, ctx, opts),
   azure: async (cfg, ctx, opts) => new (await import("./azure.js")).AzureBackend(cfg.backends.azure!, ctx, opts),
-  baremetal: null,
+  baremetal: async (cfg, ctx, opts) => new (await import("./baremetal.js")).BareMetalBackend(cfg.backends.baremetal!, ctx, opts),
   local: async (cfg, ctx) => new (await import("./local.js")).LocalBackend(cfg.backends.local!, ctx),
 };
 

@@ -1,0 +1,577 @@
+// The bare-metal backend against real OpenSSH servers on 127.0.0.1 (test/fakes/sshd.ts, one per
+// simulated machine) running the systemd / libvirt stand-ins (test/fakes/bin).
+//
+//   node --import tsx --test test/backends/baremetal.test.ts
+//
+// Synchronisation is by polling (short intervals), never by sleeping a fixed time.
+import assert from "node:assert/strict";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { after, before, describe, it } from "node:test";
+import { CapacityError, ImageVerificationError, InvalidRequestError, type ManagedBackend } from "../../src/backends/backend.js";
+import { tdxReportData } from "../../src/backends/baremetal/virsh.js";
+import type { ComputeGrant, ProvisionedInstance } from "../../src/domain/index.js";
+import { ensureSshdInstalled, startSshd, type FakeSshd } from "../fakes/sshd.js";
+import { until } from "../helpers/http.js";
+import { bundleImage, scriptImage } from "../helpers/images.js";
+import {
+  alive,
+  backend,
+  domainsOn,
+  expectedQuote,
+  grant,
+  imageServer,
+  installGuestCommand,
+  machine,
+  qcow2,
+  recorder,
+  sshRun,
+  unitsOn,
+  virshBinDir,
+  type ImageServer,
+} from "./baremetal/harness.js";
+
+const never = new AbortController().signal;
+
+/** What the manager hands terminate() when it only knows the request_id. */
+function placeholder(g: ComputeGrant): ProvisionedInstance {
+  return { request_id: g.request_id, backend: "baremetal", instance_id: "", region: g.region, host: null, ssh_port: null, ssh_user: null, host_key_sha256: null, started_at: new Date(0).toISOString(), cpu_millicores: g.cpu_millicores, ram_mib: g.ram_mib, details: {} };
+}
+
+function readPid(file: string): number {
+  return Number(readFileSync(file, "utf8").trim());
+}
+
+describe("bare-metal backend over SSH", () => {
+  let tmp: string;
+  let work: string;
+  let srv: ImageServer;
+  let A: FakeSshd;
+  let B: FakeSshd;
+  const open: ManagedBackend[] = [];
+  const track = <T extends ManagedBackend>(b: T): T => (open.push(b), b);
+
+  before(async () => {
+    ensureSshdInstalled();
+    tmp = mkdtempSync(path.join(os.tmpdir(), "cb-bm-"));
+    work = path.join(tmp, "work");
+    srv = await imageServer();
+    [A, B] = await Promise.all([startSshd(), startSshd()]);
+  });
+
+  after(async () => {
+    await Promise.allSettled(open.map((b) => b.close?.()));
+    await Promise.allSettled([A?.stop(), B?.stop()]);
+    await srv?.close();
+    rmSync(tmp, { recursive: true, force: true });
+  });
+
+  /** A bundle served over http: { url, sha256, format }. */
+  function bundle(name: string, body: string) {
+    const img = bundleImage(tmp, name, body);
+    return { ...srv.put(`${name}.tar.gz`, readFileSync(img.file)), format: "bundle" as const };
+  }
+  function executable(name: string, body: string) {
+    const img = scriptImage(tmp, name, body);
+    return { ...srv.put(name, readFileSync(img.file)), format: "bundle" as const };
+  }
+
+  it("runs a bundle to completion: exit code, CPU and peak memory from the host, env applied, limits set", async () => {
+    const out = path.join(tmp, "run1.out");
+    const image = bundle("run1", `echo "$GREETING" > ${out}; i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; exit 7`);
+    const b = track(backend([machine("m1", A, work)]));
+    const g = grant("run-1");
+    const inst = await b.provision(g, { image, env: { GREETING: "hello" } }, never);
+    assert.equal(inst.instance_id, "m1/cb-run-1.service");
+    assert.equal(inst.details.machine, "m1");
+    assert.deepEqual(unitsOn(A), ["cb-run-1.service"]);
+    // The unit as systemd reports it: the grant's limits, RemainAfterExit, no --collect, RuntimeMaxSec.
+    const show = await sshRun(A, "systemctl show cb-run-1.service -p RemainAfterExit,CPUQuotaPerSecUSec,MemoryMax,RuntimeMaxUSec,CollectMode");
+    assert.match(show.stdout, /^RuntimeMaxUSec=(\d+s|1min)$/m);
+    assert.match(show.stdout, /^RemainAfterExit=yes$/m);
+    assert.match(show.stdout, /^CPUQuotaPerSecUSec=500ms$/m);
+    assert.match(show.stdout, /^MemoryMax=268435456$/m);
+    assert.match(show.stdout, /^CollectMode=inactive$/m);
+
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 7);
+    assert.equal(obs.failure, null);
+    assert.ok(obs.cpu_seconds !== null && obs.cpu_seconds > 0, `cpu seconds measured: ${obs.cpu_seconds}`);
+    assert.ok(obs.peak_memory_mib !== null && obs.peak_memory_mib > 0, `peak memory measured: ${obs.peak_memory_mib}`);
+    assert.equal(readFileSync(out, "utf8"), "hello\n");
+
+    await b.terminate(inst);
+    assert.deepEqual(unitsOn(A), []);
+    assert.equal(existsSync(path.join(work, "m1", "runs", "run-1")), false, "run directory removed");
+    await b.terminate(inst); // idempotent
+    assert.equal((b.status().machines as Record<string, { grants: number }>).m1!.grants, 0);
+  });
+
+  it("a single executable runs as ./workload; exit 0 is read from the unit and final usage from ExecStopPost", async () => {
+    const out = path.join(tmp, "exe1.out");
+    const image = executable("exe1", `pwd > ${out}; echo "$@" >> ${out}; exit 0`);
+    const b = track(backend([machine("m1", A, work)]));
+    const g = grant("exe-1");
+    const inst = await b.provision(g, { image, command: ["./workload", "one", "two"] }, never);
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 0);
+    assert.ok(obs.cpu_seconds !== null);
+    assert.equal(readFileSync(out, "utf8"), `${path.join(work, "m1", "runs", "exe-1", "work")}\none two\n`);
+    // The watch stopped the exited unit so its ExecStopPost recorded the end.
+    const final = readFileSync(path.join(work, "m1", "runs", "exe-1", "final"), "utf8");
+    assert.match(final, /^exit_code=exited$/m);
+    assert.match(final, /^exit_status=0$/m);
+    await b.terminate(inst);
+    assert.deepEqual(unitsOn(A), []);
+  });
+
+  it("refuses an image whose sha256 does not match: ImageVerificationError, nothing ran, nothing left behind", async () => {
+    const canary = path.join(tmp, "canary-mismatch");
+    const image = executable("evil", `touch ${canary}`);
+    const rec = recorder();
+    const b = track(backend([machine("m1", A, work)], { rec }));
+    const wrong = "0".repeat(64);
+    await assert.rejects(b.provision(grant("bad-hash-1"), { image: { ...image, sha256: wrong } }, never), ImageVerificationError);
+    assert.equal(existsSync(canary), false, "nothing ran");
+    assert.deepEqual(unitsOn(A), []);
+    const images = path.join(work, "m1", "images");
+    assert.deepEqual(existsSync(images) ? readdirSync(images).filter((f) => f.includes(wrong)) : [], [], "no cached or partial image");
+    assert.equal(existsSync(path.join(work, "m1", "runs", "bad-hash-1")), false, "no run directory");
+    assert.equal((b.status().machines as Record<string, { grants: number }>).m1!.grants, 0, "the capacity is given back");
+  });
+
+  it("expiry: the watch returns expired at valid_to (RuntimeMaxSec set too) and terminate stops the workload", async () => {
+    const pidFile = path.join(tmp, "exp1.pid");
+    const image = executable("sleeper", `echo $$ > ${pidFile}; exec sleep 600`);
+    const b = track(backend([machine("m1", A, work)]));
+    const g = grant("exp-1", 1500);
+    const inst = await b.provision(g, { image, command: ["./workload"] }, never);
+    await until(() => existsSync(pidFile), "the workload to start");
+    const pid = readPid(pidFile);
+    const t0 = Date.now();
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "expired");
+    assert.equal(obs.exit_code, null);
+    assert.ok(Date.now() >= g.valid_to - 50 && Date.now() - t0 < 5000);
+    assert.ok(alive(pid), "still running until terminate");
+    await b.terminate(inst);
+    await until(() => !alive(pid), "the workload to be stopped", 5000);
+    assert.deepEqual(unitsOn(A), []);
+  });
+
+  it("a watch resumed after valid_to still reports how the workload ended before it", async () => {
+    const image = executable("quick", "exit 4");
+    const b = track(backend([machine("m1", A, work)]));
+    const g = grant("late-1", 800);
+    const inst = await b.provision(g, { image }, never);
+    await until(() => Date.now() > g.valid_to + 50, "valid_to to pass");
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 4);
+    await b.terminate(inst);
+    // And one still running past valid_to is expired at once.
+    const g2 = grant("late-2", 800);
+    const i2 = await b.provision(g2, { image: executable("late-sleeper", "exec sleep 600") }, never);
+    await until(() => Date.now() > g2.valid_to + 50, "valid_to to pass");
+    assert.equal((await b.watchUntilExit(i2, new Date(g2.valid_to), never)).kind, "expired");
+    await b.terminate(i2);
+    assert.deepEqual(unitsOn(A), []);
+  });
+
+  it("slow image downloads never take the last channels: status polls and terminates keep flowing", async () => {
+    const gate = path.join(tmp, "slow.gate");
+    const running = executable("slow-running", `while [ ! -e ${gate} ]; do sleep 0.05; done; exit 2`);
+    const slow = executable("slow-image", "# not cached yet\nexec sleep 600");
+    const rec = recorder();
+    const b = track(backend([machine("m1", A, work)], { rec }));
+    const g = grant("slow-watch");
+    const inst = await b.provision(g, { image: running }, never);
+    const release = srv.hold("slow-image");
+    const pending = Array.from({ length: 8 }, (_, i) => b.provision(grant(`slow-${i}`, 60_000, { cpu_millicores: 100, ram_mib: 64 }), { image: slow }, never));
+    try {
+      await until(() => srv.held() >= 6, "six downloads in flight");
+      const diag = b.diagnostics().m1!;
+      assert.equal(diag.channels_in_use, 6, "long commands stop at limit - 2");
+      assert.equal(diag.queued, 2);
+      const watch = b.watchUntilExit(inst, new Date(g.valid_to), never);
+      writeFileSync(gate, "");
+      assert.equal((await watch).exit_code, 2, "the watch finished while the downloads hung");
+      assert.equal(srv.held(), 6, "...and they still hang");
+    } finally {
+      release();
+      const done = await Promise.allSettled(pending);
+      await Promise.all([inst, ...done.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []))].map((i) => b.terminate(i)));
+    }
+    assert.ok(b.diagnostics().m1!.channels_peak <= 8);
+    assert.deepEqual(unitsOn(A), []);
+  });
+
+  it("cancel: terminate stops a running workload; a placeholder (instance_id '') is found by request_id on any machine", async () => {
+    const pidFile = path.join(tmp, "cancel1.pid");
+    const image = executable("forever", `echo $$ > ${pidFile}; exec sleep 600`);
+    const b = track(backend([machine("m1", A, work), machine("m2", B, work)]));
+    const g = grant("cancel-1");
+    const inst = await b.provision(g, { image }, never);
+    const watching = new AbortController();
+    const watch = b.watchUntilExit(inst, new Date(g.valid_to), watching.signal);
+    await until(() => existsSync(pidFile), "the workload to start");
+    const pid = readPid(pidFile);
+    // The bridge cancels: it stops watching, then terminates; a restarted bridge knows only the request_id.
+    watching.abort();
+    await assert.rejects(watch, (e: Error) => e.name === "AbortError");
+    const fresh = track(backend([machine("m1", A, work), machine("m2", B, work)]));
+    await fresh.terminate(placeholder(g));
+    await until(() => !alive(pid), "the workload to be stopped", 5000);
+    assert.deepEqual(unitsOn(A), []);
+    assert.equal(existsSync(path.join(work, "m1", "runs", "cancel-1")), false);
+    await fresh.terminate(placeholder(g));
+    await b.terminate(inst);
+  });
+
+  it("placement never oversubscribes: 20 concurrent grants on 2 machines, routed on stale data, checked again at provision", async () => {
+    const image = executable("idle", "exec sleep 600");
+    const rec = recorder();
+    const small = { cpu_millicores: 2000, ram_mib: 2048 };
+    const b = track(backend([machine("m1", A, work, small), machine("m2", B, work, small)], { rec }));
+    const grants = Array.from({ length: 20 }, (_, i) => grant(`conc-${i}`, 60_000, { cpu_millicores: 500, ram_mib: 256 }));
+    assert.ok(grants.every((g) => b.canSatisfy(g).ok), "each looks satisfiable on its own");
+    const results = await Promise.allSettled(grants.map((g) => b.provision(g, { image }, never)));
+    const ok = results.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+    const failed = results.flatMap((r) => (r.status === "rejected" ? [r.reason as Error] : []));
+    assert.equal(ok.length, 8);
+    assert.ok(failed.every((e) => e instanceof CapacityError), failed.map((e) => e.message).join("; "));
+    assert.equal(ok.filter((i) => i.details.machine === "m1").length, 4, "first fit in config order");
+    assert.equal(ok.filter((i) => i.details.machine === "m2").length, 4);
+    assert.equal(unitsOn(A).length, 4, "the machine itself runs 4");
+    assert.equal(unitsOn(B).length, 4);
+    const d = b.canSatisfy(grant("conc-extra", 60_000, { cpu_millicores: 500, ram_mib: 256 }));
+    assert.equal(d.ok === false && d.code, "at_capacity");
+    for (const m of Object.values(b.diagnostics())) assert.ok(m.channels_peak <= 8, `at most 8 channels per connection (peak ${m.channels_peak})`);
+    // Free two slots on m1: the next grants go there, and still never beyond.
+    const onM1 = ok.filter((i) => i.details.machine === "m1");
+    await Promise.all(onM1.slice(0, 2).map((i) => b.terminate(i)));
+    const more = await Promise.allSettled([0, 1, 2].map((i) => b.provision(grant(`conc-more-${i}`, 60_000, { cpu_millicores: 500, ram_mib: 256 }), { image }, never)));
+    const placed = more.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+    assert.deepEqual(placed.map((i) => i.details.machine), ["m1", "m1"]);
+    assert.ok(more[2]!.status === "rejected" && more[2]!.reason instanceof CapacityError);
+    const st = b.status().machines as Record<string, { allocated_cpu_millicores: number; grants: number }>;
+    assert.equal(st.m1!.allocated_cpu_millicores, 2000);
+    assert.equal(st.m2!.allocated_cpu_millicores, 2000);
+    await Promise.all([...ok.slice(2), ...onM1.slice(2), ...placed].filter((v, i, a) => a.indexOf(v) === i).map((i) => b.terminate(i)));
+    assert.deepEqual(unitsOn(A), []);
+    assert.deepEqual(unitsOn(B), []);
+    assert.equal(st && (b.status().machines as Record<string, { grants: number }>).m1!.grants, 0);
+  });
+
+  it("sshd killed mid-watch: the pool reconnects (backoff) and the watch finishes with the exit code", async () => {
+    const gate = path.join(tmp, "drop.gate");
+    const image = executable("gated", `while [ ! -e ${gate} ]; do sleep 0.05; done; exit 5`);
+    const rec = recorder();
+    const b = track(backend([machine("m1", A, work)], { rec }));
+    await b.reconcile(new Set());
+    const g = grant("drop-1");
+    const inst = await b.provision(g, { image }, never);
+    const watch = b.watchUntilExit(inst, new Date(g.valid_to), never);
+    await until(() => (rec.calls.get("systemctl show:ok") ?? 0) >= 1, "the watch to poll");
+    assert.ok((await A.dropSessions()) > 0, "sessions dropped");
+    await until(() => rec.events.includes("m1:down"), "the drop to be noticed");
+    await until(() => rec.events.lastIndexOf("m1:up") > rec.events.indexOf("m1:down"), "the reconnect", 10_000);
+    writeFileSync(gate, "");
+    const obs = await watch;
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 5);
+    await b.terminate(inst);
+  });
+
+  it("keepalives detect a silent peer; the connection is re-opened", async () => {
+    const rec = recorder();
+    const b = track(backend([machine("m1", A, work)], { rec, cfg: { keepalive_interval_ms: 100, keepalive_count_max: 2 } }));
+    await b.reconcile(new Set());
+    assert.ok((await A.pauseSessions()) > 0);
+    try {
+      await until(() => rec.events.includes("m1:down"), "the keepalive timeout", 5000);
+      await until(() => rec.events.lastIndexOf("m1:up") > rec.events.indexOf("m1:down"), "the reconnect", 10_000);
+    } finally {
+      await A.resumeSessions();
+    }
+    await b.reconcile(new Set()); // a command on the new connection
+  });
+
+  it("host key mismatch: the machine is refused (no authentication), reported down, skipped by placement and doctor", async () => {
+    const acceptedBefore = (A.logs().match(/Accepted publickey/g) ?? []).length;
+    const rec = recorder();
+    const b = track(backend([machine("m1", A, work, { region: "r9", host_key_sha256: `SHA256:${"A".repeat(43)}` }), machine("m2", B, work)], { rec }));
+    await b.reconcile(new Set());
+    const st = b.status() as { machines: Record<string, { state: string; reason?: string }>; machines_down: string[] };
+    assert.equal(st.machines.m1!.state, "refused");
+    assert.equal(st.machines.m1!.reason, "host_key_mismatch");
+    assert.deepEqual(st.machines_down, ["m1"]);
+    assert.equal(st.machines.m2!.state, "up");
+    assert.match(b.diagnostics().m1!.last_error ?? "", /host key mismatch: the server offered SHA256:\S+, the pinned host_key_sha256 is SHA256:A{43}/);
+    const d = b.canSatisfy(grant("hk-1", 60_000, { region: "r9" }));
+    assert.equal(d.ok === false && d.code, "backend_unavailable");
+    await assert.rejects(b.provision(grant("hk-1", 60_000, { region: "r9" }), { image: executable("hk", "true") }, never), CapacityError);
+    const checks = await b.check!();
+    const ssh1 = checks.find((c) => c.check === "m1: ssh")!;
+    assert.equal(ssh1.ok, false);
+    assert.match(ssh1.detail, /host key mismatch/);
+    assert.ok(checks.filter((c) => c.check.startsWith("m2: ")).every((c) => c.ok), JSON.stringify(checks));
+    await b.reconcile(new Set()); // probed again: still refused
+    assert.equal((b.status() as typeof st).machines.m1!.state, "refused");
+    assert.equal((A.logs().match(/Accepted publickey/g) ?? []).length, acceptedBefore, "never authenticated to the impostor");
+  });
+
+  it("an unreachable machine is reported down, skipped by placement (grants go to the next one) and by doctor", async () => {
+    const net = await import("node:net");
+    const port = await new Promise<number>((resolve) => {
+      const s = net.createServer().listen(0, "127.0.0.1", () => {
+        const p = (s.address() as { port: number }).port;
+        s.close(() => resolve(p));
+      });
+    });
+    const rec = recorder();
+    const dead = { ...machine("dead", A, work), port };
+    const b = track(backend([dead, machine("m2", B, work)], { rec }));
+    assert.equal(b.canSatisfy(grant("down-0")).ok, true, "before the first connect a machine counts as available");
+    await b.reconcile(new Set());
+    const st = b.status() as { machines: Record<string, { state: string; reason?: string }>; machines_down: string[] };
+    assert.deepEqual(st.machines_down, ["dead"]);
+    assert.equal(st.machines.dead!.reason, "unreachable");
+    assert.ok(rec.events.includes("dead:down") && rec.events.includes("m2:up"), rec.events.join(","));
+    const inst = await b.provision(grant("down-1"), { image: executable("down1", "exit 0") }, never);
+    assert.equal(inst.details.machine, "m2", "first fit skips the machine that is down");
+    const alone = track(backend([{ ...dead }], { rec: recorder() }));
+    await alone.reconcile(new Set());
+    const d = alone.canSatisfy(grant("down-2"));
+    assert.equal(d.ok === false && d.code, "backend_unavailable");
+    const checks = await b.check!();
+    assert.equal(checks.find((c) => c.check === "dead: ssh")!.ok, false);
+    assert.match(checks.find((c) => c.check === "dead: ssh")!.detail, /ECONNREFUSED/);
+    await b.terminate(inst);
+  });
+
+  it("doctor: read-only checks pass on a healthy machine and create nothing", async () => {
+    const b = track(backend([machine("doc", A, work)]));
+    const checks = await b.check!();
+    assert.ok(checks.length >= 4);
+    for (const c of checks) assert.ok(c.ok, `${c.check}: ${c.detail}`);
+    assert.match(checks.find((c) => c.check === "doc: systemd")!.detail, /^systemd 252/);
+    assert.equal(existsSync(path.join(work, "doc")), false, "work_dir not created");
+    assert.deepEqual(unitsOn(A), []);
+  });
+
+  it("restart: a new backend re-attaches live units (provision adopts, never starts twice) and removes orphans", async () => {
+    const R = await startSshd();
+    try {
+      const starts = path.join(tmp, "restart.starts");
+      const gate = path.join(tmp, "restart.gate");
+      const orphanPid = path.join(tmp, "orphan.pid");
+      const once = executable("once", `echo start >> ${starts}; while [ ! -e ${gate} ]; do sleep 0.05; done; exit 3`);
+      const orphan = executable("orphan", `echo $$ > ${orphanPid}; exec sleep 600`);
+      const b1 = track(backend([machine("r", R, work)]));
+      const g = grant("live-1");
+      const first = await b1.provision(g, { image: once }, never);
+      await b1.provision(grant("orphan-1"), { image: orphan }, never);
+      await until(() => existsSync(orphanPid) && existsSync(starts), "both workloads to start");
+      mkdirSync(path.join(work, "r", "runs", "stale-1"), { recursive: true }); // leftovers of a finished grant
+      await b1.close(); // the daemon stops; workloads outlive it
+
+      const rec = recorder();
+      const b2 = track(backend([machine("r", R, work)], { rec }));
+      await b2.reconcile(new Set(["live-1"]));
+      assert.deepEqual(unitsOn(R), ["cb-live-1.service"]);
+      await until(() => !alive(readPid(orphanPid)), "the orphan to be stopped", 5000);
+      assert.equal(existsSync(path.join(work, "r", "runs", "stale-1")), false);
+      assert.equal(existsSync(path.join(work, "r", "runs", "orphan-1")), false);
+      assert.ok(rec.events.includes("orphan:unit") && rec.events.includes("orphan:run_dir"), rec.events.join(","));
+      const st = b2.status().machines as Record<string, { allocated_cpu_millicores: number; grants: number }>;
+      assert.equal(st.r!.grants, 1, "the live grant's capacity counts again before any grant resumes");
+      assert.equal(st.r!.allocated_cpu_millicores, 500);
+
+      const again = await b2.provision(g, { image: once }, never);
+      assert.equal(again.instance_id, first.instance_id);
+      assert.equal(again.started_at, first.started_at);
+      writeFileSync(gate, "");
+      const obs = await b2.watchUntilExit(again, new Date(g.valid_to), never);
+      assert.equal(obs.exit_code, 3);
+      assert.equal(readFileSync(starts, "utf8"), "start\n", "the workload started exactly once");
+      await b2.terminate(again);
+      assert.deepEqual(unitsOn(R), []);
+    } finally {
+      await R.stop();
+    }
+  });
+
+  it("hostile request ids, URLs, env values and command words never execute (canary absent) and arrive literally", async () => {
+    const canary = path.join(tmp, "canary-hostile");
+    const outDir = path.join(tmp, "hostile-out");
+    mkdirSync(outDir);
+    const hostile = [
+      `$(touch ${canary})`,
+      `\`touch ${canary}\``,
+      `'; touch ${canary}; '`,
+      `"; touch ${canary}; "`,
+      `\ntouch ${canary}\n`,
+      `a b\tc;|&<>*?[x] ~ #`,
+      `\\'\\"\\$\\\``,
+      `\${IFS}touch\${IFS}${canary}`,
+      `%n %i %% -p ExecStartPre=/bin/touch ${canary}`,
+      `--setenv=X=1 -- /bin/touch ${canary}`,
+    ];
+    const envScript = hostile.map((_, i) => `printf '%s' "$H${i}" > ${outDir}/env.${i}`).join("\n");
+    const image = bundle("hostile", `i=0; for a in "$@"; do printf '%s' "$a" > ${outDir}/arg.$i; i=$((i+1)); done\n${envScript}`);
+    const b = track(backend([machine("m1", A, work)]));
+
+    for (const id of [`x'; touch ${canary}; '`, `$(touch ${canary})`, "a\nb", "..", "../../etc", `\`touch ${canary}\``])
+      await assert.rejects(b.provision(grant(id), { image }, never), InvalidRequestError, `request id ${JSON.stringify(id)}`);
+    await assert.rejects(b.provision(grant("file-1"), { image: { ...image, url: `file:///etc/shadow` } }, never), InvalidRequestError);
+
+    const url = `${image.url}?q=$(touch ${canary})&r=';touch ${canary};'&s=\`touch ${canary}\`#"$(touch ${canary})"`;
+    const g = grant("hostile-1");
+    const env = Object.fromEntries(hostile.map((v, i) => [`H${i}`, v]));
+    const inst = await b.provision(g, { image: { ...image, url }, command: ["./run", ...hostile], env }, never);
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.exit_code, 0);
+    assert.equal(existsSync(canary), false, "no hostile value executed");
+    hostile.forEach((v, i) => {
+      assert.equal(readFileSync(path.join(outDir, `env.${i}`), "utf8"), v, `env H${i} literal`);
+      const arg = readFileSync(path.join(outDir, `arg.${i}`), "utf8");
+      // systemd expands $VAR in ExecStart= arguments, so the backend sends "$" as "$$"; the
+      // systemd-run stand-in does not expand, so it hands the workload "$$" (see the report).
+      assert.ok(arg === v || arg === v.replace(/\$/g, "$$$$"), `command word ${i} literal: ${JSON.stringify(arg)}`);
+    });
+    assert.ok(srv.requests.some((r) => r.startsWith("/hostile.tar.gz?q=$(touch")), "curl requested the URL as given");
+    await b.terminate(inst);
+    assert.equal(existsSync(canary), false);
+  });
+
+  it("adapts to a server that allows fewer sessions than max_channels_per_machine: commands queue, none fail", async () => {
+    const S = await startSshd({ maxSessions: 2 });
+    try {
+      const image = executable("tiny", "exec sleep 600");
+      const b = track(backend([machine("s", S, work)]));
+      const grants = Array.from({ length: 8 }, (_, i) => grant(`sess-${i}`, 60_000, { cpu_millicores: 100, ram_mib: 64 }));
+      const insts = await Promise.all(grants.map((g) => b.provision(g, { image }, never)));
+      assert.equal(unitsOn(S).length, 8);
+      assert.ok(b.diagnostics().s!.channel_limit <= 2, `limit adapted: ${b.diagnostics().s!.channel_limit}`);
+      await Promise.all(insts.map((i) => b.terminate(i)));
+      assert.deepEqual(unitsOn(S), []);
+    } finally {
+      await S.stop();
+    }
+  });
+
+  it("declines with reasons and reports capabilities from config only (no connection)", () => {
+    const b = track(
+      backend([
+        machine("m1", A, work, { region: "r1", cpu_millicores: 2000, ram_mib: 1024 }),
+        machine("t1", B, work, { region: "r2", mode: "virsh", tdx_capable: true, ovmf_path: "/usr/share/ovmf/OVMF.inteltdx.fd", cpu_millicores: 8000, ram_mib: 16384 }),
+      ]),
+    );
+    assert.deepEqual(b.capabilities(), { regions: ["r1", "r2"], tdx_capable: true, max_cpu_millicores: 10000, max_ram_mib: 17408 });
+    const code = (g: ComputeGrant) => {
+      const s = b.canSatisfy(g);
+      return s.ok ? "ok" : s.code;
+    };
+    assert.equal(code(grant("d1", 1000, { region: "eu-1" })), "region_not_served");
+    assert.equal(code(grant("d2", 1000, { tdx_required: true })), "tdx_not_supported");
+    assert.equal(code(grant("d3", 1000, { cpu_millicores: 4000 })), "too_large");
+    assert.equal(code(grant("d4", 1000, { region: "r2", tdx_required: true })), "ok");
+    assert.equal(code(grant("d5", 1000)), "ok");
+    assert.deepEqual(b.diagnostics().m1!.state, "idle", "nothing connected");
+  });
+
+  describe("virsh machines (TDX)", () => {
+    let T: FakeSshd;
+    let V: FakeSshd;
+    before(async () => {
+      const bin = virshBinDir(path.join(tmp, "virsh-tools"));
+      [T, V] = await Promise.all([startSshd({ binDir: bin }), startSshd({ binDir: bin })]);
+      installGuestCommand(T);
+      installGuestCommand(V);
+    });
+    after(async () => {
+      await Promise.allSettled([T?.stop(), V?.stop()]);
+    });
+    const tdxMachine = (name: string, s: FakeSshd, over: Record<string, unknown> = {}) =>
+      machine(name, s, work, { mode: "virsh", tdx_capable: true, ovmf_path: "/usr/share/ovmf/OVMF.inteltdx.fd", ...over });
+
+    it("a TDX grant lands only on the TDX machine: <launchSecurity type='tdx'> defined, TD quote attached, overlay removed at the end", async () => {
+      const disk = { ...srv.put("guest.qcow2", qcow2(2 * 1024 ** 3)), format: "disk" as const };
+      const rec = recorder();
+      const b = track(backend([machine("m1", A, work), tdxMachine("tdx1", T)], { rec }));
+      const key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq0k3mP1vWbP6YbXbXQFh7lWlWnE2x0Hj0oQb1Q2b3c tenant@example";
+      const g = grant("td-1", 60_000, { tdx_required: true, cpu_millicores: 1500, ram_mib: 512 });
+      const inst = await b.provision(g, { image: disk, ssh_public_key: key }, never);
+      assert.equal(inst.details.machine, "tdx1");
+      assert.equal(inst.details.tdx, "yes");
+      assert.equal(inst.host, "127.0.0.1");
+      assert.equal(inst.ssh_user, "root");
+      assert.equal(inst.details.tdx_report_data, tdxReportData("test-provider", "td-1"));
+      assert.equal(inst.attestation, expectedQuote("td-1", tdxReportData("test-provider", "td-1")));
+      assert.deepEqual(domainsOn(T), ["cb-td-1"]);
+      const xml = readFileSync(path.join(T.stateDir, "libvirt", "domains", "cb-td-1", "domain.xml"), "utf8");
+      assert.match(xml, /<launchSecurity type='tdx'>\s*<policy>0x10000000<\/policy>/);
+      assert.match(xml, /<memoryBacking><source type='anonymous'\/><access mode='private'\/><\/memoryBacking>/);
+      assert.match(xml, /<loader type='rom'>\/usr\/share\/ovmf\/OVMF.inteltdx.fd<\/loader>/);
+      assert.match(xml, /<memory unit='MiB'>512<\/memory>/);
+      assert.match(xml, /<vcpu placement='static'>2<\/vcpu>/);
+      assert.match(xml, /<global_quota>150000<\/global_quota>/);
+      assert.ok(xml.includes(`ssh.authorized_keys.root=${Buffer.from(`${key}\n`).toString("base64")}`), "key injected as an SMBIOS credential");
+      const runDir = path.join(work, "tdx1", "runs", "td-1");
+      const overlay = await sshRun(T, `qemu-img info -f qcow2 --output=json ${runDir}/disk.qcow2`);
+      assert.equal(JSON.parse(overlay.stdout)["backing-filename"], path.join(work, "tdx1", "images", disk.sha256));
+      assert.ok((await sshRun(T, "virsh -c qemu:///system dumpxml cb-td-1")).stdout.includes("<launchSecurity type='tdx'>"));
+
+      // A plain bundle grant in the same region goes to the systemd machine, never the TD host.
+      const plain = await b.provision(grant("plain-1"), { image: executable("plain", "exec sleep 600") }, never);
+      assert.equal(plain.details.machine, "m1");
+      // A TDX grant cannot run a bundle here (failover to another backend).
+      await assert.rejects(b.provision(grant("td-bundle", 60_000, { tdx_required: true }), { image: executable("tdb", "true") }, never), CapacityError);
+
+      const watch = b.watchUntilExit(inst, new Date(g.valid_to), never);
+      // Usage is sampled while the guest runs (a shut-off domain has no CPU or RSS statistics).
+      await until(() => (rec.calls.get("virsh domstats:ok") ?? 0) >= 1, "a usage sample");
+      writeFileSync(path.join(T.stateDir, "poweroff-cb-td-1"), "");
+      const obs = await watch;
+      assert.equal(obs.kind, "exited");
+      assert.equal(obs.exit_code, 0);
+      assert.equal(obs.failure, null);
+      assert.ok(obs.cpu_seconds !== null && obs.peak_memory_mib !== null && obs.peak_memory_mib > 0, JSON.stringify(obs));
+      await b.terminate(inst);
+      assert.deepEqual(domainsOn(T), []);
+      assert.equal(existsSync(runDir), false, "overlay, console log and XML removed");
+      await b.terminate(inst);
+      await b.terminate(plain);
+    });
+
+    it("refuses a qcow2 with a backing file (nothing defined) and reports a crashed guest as a failure", async () => {
+      const evil = { ...srv.put("evil.qcow2", qcow2(1024 ** 3, "/etc/shadow")), format: "disk" as const };
+      const b = track(backend([tdxMachine("v1", V, { tdx_capable: false, ovmf_path: undefined })]));
+      await assert.rejects(b.provision(grant("bk-1"), { image: evil }, never), (e: Error) => e instanceof InvalidRequestError && /backing file/.test(e.message));
+      assert.deepEqual(domainsOn(V), []);
+      assert.equal(existsSync(path.join(work, "v1", "runs", "bk-1")), false);
+
+      const disk = { ...srv.put("guest.qcow2", qcow2(2 * 1024 ** 3)), format: "disk" as const };
+      const g = grant("crash-1");
+      const inst = await b.provision(g, { image: disk }, never);
+      assert.equal(inst.attestation, null, "not a TD: no quote");
+      const xml = readFileSync(path.join(V.stateDir, "libvirt", "domains", "cb-crash-1", "domain.xml"), "utf8");
+      assert.ok(!xml.includes("launchSecurity"), "a plain guest");
+      const watch = b.watchUntilExit(inst, new Date(g.valid_to), never);
+      const r = await sshRun(V, "virsh cb-fake-poweroff cb-crash-1 --reason crashed");
+      assert.equal(r.code, 0, r.stderr);
+      const obs = await watch;
+      assert.equal(obs.failure?.kind, "guest_crashed");
+      assert.match(obs.failure!.message, /shut off \(crashed\)/);
+      // Restart: reconcile re-attaches nothing (no live grant) and removes the domain.
+      const b2 = track(backend([tdxMachine("v1", V, { tdx_capable: false, ovmf_path: undefined })]));
+      await b2.reconcile(new Set());
+      assert.deepEqual(domainsOn(V), []);
+      assert.equal(existsSync(path.join(work, "v1", "runs", "crash-1")), false);
+    });
+  });
+});

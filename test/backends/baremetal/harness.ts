@@ -1,0 +1,315 @@
+/**
+ * Helpers for the bare-metal backend tests and bench: an image server on 127.0.0.1, machine
+ * configs pointing at test/fakes/sshd.ts servers, a recording metrics sink, and (for virsh
+ * machines) a bin dir = the harness's stand-ins plus a small `qemu-img` stand-in, which the
+ * harness does not provide.
+ */
+import { createHash } from "node:crypto";
+import { chmodSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync, existsSync } from "node:fs";
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { BareMetalBackend, type BareMetalBackendOptions } from "../../../src/backends/baremetal.js";
+import type { BackendMetrics } from "../../../src/backends/backend.js";
+import { OfferingCache } from "../../../src/backends/offering-cache.js";
+import { BareMetalConfig, type BareMetalMachine } from "../../../src/config/schema.js";
+import { Almanac, type ComputeGrant } from "../../../src/domain/index.js";
+import { systemClock } from "../../../src/util/clock.js";
+import { createLogger } from "../../../src/util/logger.js";
+import { STANDINS_BIN_DIR, type FakeSshd } from "../../fakes/sshd.js";
+
+/** Genesis at the epoch and 1 ms ticks: valid_to in ticks is a wall-clock ms timestamp. */
+export const MS_ALMANAC = new Almanac(new Date(0), 0.001);
+
+export interface ImageServer {
+  url(name: string): string;
+  /** Serve `body` at /<name>. */
+  put(name: string, body: Buffer | string): { url: string; sha256: string };
+  requests: string[];
+  /** Hold every request for /<name> until the returned function is called (a slow download). */
+  hold(name: string): () => void;
+  /** Requests currently held. */
+  held(): number;
+  close(): Promise<void>;
+}
+
+export async function imageServer(): Promise<ImageServer> {
+  const files = new Map<string, Buffer>();
+  const requests: string[] = [];
+  const holds = new Map<string, Array<() => void>>();
+  let heldNow = 0;
+  const srv = http.createServer((req, res) => {
+    requests.push(req.url ?? "");
+    const name = decodeURIComponent((req.url ?? "/").slice(1).split("?")[0]!);
+    const body = files.get(name) ?? files.get(name.split("/")[0]!);
+    if (!body) {
+      res.statusCode = 404;
+      res.end("not found");
+      return;
+    }
+    const send = () => {
+      res.setHeader("content-length", body.length);
+      res.end(body);
+    };
+    const waiting = holds.get(name);
+    if (waiting) {
+      heldNow++;
+      waiting.push(() => {
+        heldNow--;
+        send();
+      });
+    } else send();
+  });
+  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", () => r()));
+  const port = (srv.address() as AddressInfo).port;
+  const url = (name: string) => `http://127.0.0.1:${port}/${name}`;
+  return {
+    url,
+    put(name, body) {
+      const buf = Buffer.isBuffer(body) ? body : Buffer.from(body);
+      files.set(name, buf);
+      return { url: url(name), sha256: createHash("sha256").update(buf).digest("hex") };
+    },
+    requests,
+    hold(name) {
+      holds.set(name, []);
+      return () => {
+        const w = holds.get(name) ?? [];
+        holds.delete(name);
+        for (const f of w) f();
+      };
+    },
+    held: () => heldNow,
+    close: () =>
+      new Promise<void>((r) => {
+        srv.closeAllConnections();
+        srv.close(() => r());
+      }),
+  };
+}
+
+export interface Recorder {
+  metrics: BackendMetrics;
+  events: string[];
+  calls: Map<string, number>;
+}
+
+export function recorder(): Recorder {
+  const events: string[] = [];
+  const calls = new Map<string, number>();
+  return {
+    events,
+    calls,
+    metrics: {
+      apiCall: (_b, op, code) => calls.set(`${op}:${code}`, (calls.get(`${op}:${code}`) ?? 0) + 1),
+      retry: (_b, op) => events.push(`retry:${op}`),
+      throttled: () => undefined,
+      sshSession: (_b, machine, up) => events.push(`${machine}:${up ? "up" : "down"}`),
+      orphanSwept: (_b, kind) => events.push(`orphan:${kind}`),
+    },
+  };
+}
+
+export function machine(name: string, sshd: FakeSshd, workRoot: string, over: Partial<BareMetalMachine> & Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    name,
+    host: sshd.host,
+    port: sshd.port,
+    user: sshd.user,
+    private_key_file: sshd.privateKeyPath,
+    host_key_sha256: sshd.hostKeySha256,
+    region: "r1",
+    cpu_millicores: 4000,
+    ram_mib: 4096,
+    mode: "systemd",
+    work_dir: path.join(workRoot, name),
+    ...over,
+  };
+}
+
+export function backend(machines: Record<string, unknown>[], o: { rec?: Recorder; opts?: BareMetalBackendOptions; cfg?: Record<string, unknown>; dir?: string } = {}): BareMetalBackend {
+  const cfg = BareMetalConfig.parse({ machines, poll_interval_ms: 40, connect_timeout_ms: 3000, ...(o.cfg ?? {}) });
+  const dir = o.dir ?? os.tmpdir();
+  return new BareMetalBackend(
+    cfg,
+    {
+      providerId: "test-provider",
+      stateDir: dir,
+      configDir: dir,
+      log: createLogger(process.env.CB_TEST_LOG ?? "silent"),
+      clock: systemClock,
+      almanac: MS_ALMANAC,
+      unavailable: new OfferingCache(1000, systemClock),
+      ...(o.rec ? { metrics: o.rec.metrics } : {}),
+    },
+    { reconnectBaseMs: 40, reconnectCapMs: 400, ...(o.opts ?? {}) },
+  );
+}
+
+export function grant(id: string, validInMs = 60_000, over: Partial<ComputeGrant> = {}): ComputeGrant {
+  return { request_id: id, region: "r1", tdx_required: false, cpu_millicores: 500, ram_mib: 256, valid_to: Date.now() + validInMs, ...over };
+}
+
+/** Transient units the systemd stand-in currently holds on a machine ("loaded"). */
+export function unitsOn(sshd: FakeSshd): string[] {
+  const d = path.join(sshd.stateDir, "systemd", "units");
+  if (!existsSync(d)) return [];
+  return readdirSync(d).filter((n) => n.endsWith(".service") && !n.startsWith(".")).sort();
+}
+
+/** A unit's properties as the systemctl stand-in keeps them (conf.sh). */
+export function unitConf(sshd: FakeSshd, unit: string): string {
+  return readFileSync(path.join(sshd.stateDir, "systemd", "units", unit, "conf.sh"), "utf8");
+}
+
+export function domainsOn(sshd: FakeSshd): string[] {
+  const d = path.join(sshd.stateDir, "libvirt", "domains");
+  if (!existsSync(d)) return [];
+  return readdirSync(d).filter((n) => !n.startsWith(".")).sort();
+}
+
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  try {
+    return !/^\S+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return false;
+  }
+}
+
+// ---- virsh machines: stand-ins + qemu-img ----------------------------------------------------
+
+/**
+ * A minimal qcow2 (v3 header only): enough for the qemu-img stand-in, which reads the magic, the
+ * virtual size and the backing file name exactly where QEMU does.
+ */
+export function qcow2(virtualSize: number, backing?: string): Buffer {
+  const buf = Buffer.alloc(4096);
+  buf.write("QFI\xfb", 0, "latin1");
+  buf.writeUInt32BE(3, 4);
+  if (backing) {
+    buf.writeBigUInt64BE(512n, 8);
+    buf.writeUInt32BE(Buffer.byteLength(backing), 16);
+    buf.write(backing, 512);
+  }
+  buf.writeUInt32BE(16, 20);
+  buf.writeBigUInt64BE(BigInt(virtualSize), 24);
+  buf.writeUInt32BE(104, 100);
+  return buf;
+}
+
+const QEMU_IMG = String.raw`#!/usr/bin/env node
+// Test stand-in for qemu-img (QEMU 7.2): "info -f qcow2 --output=json FILE",
+// "create -q -f qcow2 -F qcow2 -b BACKING FILE", "--version".
+const fs = require('node:fs');
+const path = require('node:path');
+const a = process.argv.slice(2);
+const die = (m) => { process.stderr.write('qemu-img: ' + m + '\n'); process.exit(1); };
+if (a[0] === '--version') { console.log('qemu-img version 7.2.0 (Debian 1:7.2+dfsg-7+deb12u7)'); process.exit(0); }
+const opt = (k) => { const i = a.indexOf(k); return i >= 0 ? a[i + 1] : undefined; };
+function header(file) {
+  let b;
+  try { b = fs.readFileSync(file); } catch { die("Could not open '" + file + "': No such file or directory"); }
+  if (b.length < 72 || b.toString('latin1', 0, 4) !== 'QFI\xfb') die("Could not open '" + file + "': Image is not in qcow2 format");
+  const off = Number(b.readBigUInt64BE(8)), len = b.readUInt32BE(16);
+  return { size: Number(b.readBigUInt64BE(24)), backing: off ? b.toString('utf8', off, off + len) : null, actual: b.length };
+}
+if (a[0] === 'info') {
+  if (opt('-f') !== 'qcow2' || opt('--output') === undefined && !a.includes('--output=json')) die('test stand-in: only info -f qcow2 --output=json');
+  const file = a[a.length - 1];
+  const h = header(file);
+  const o = { 'virtual-size': h.size, filename: file, 'cluster-size': 65536, format: 'qcow2', 'actual-size': h.actual };
+  if (h.backing) { o['backing-filename'] = h.backing; o['full-backing-filename'] = path.resolve(path.dirname(file), h.backing); }
+  o['format-specific'] = { type: 'qcow2', data: { compat: '1.1', 'compression-type': 'zlib', 'lazy-refcounts': false, 'refcount-bits': 16, corrupt: false, 'extended-l2': false } };
+  o['dirty-flag'] = false;
+  console.log(JSON.stringify(o, null, 4));
+  process.exit(0);
+}
+if (a[0] === 'create') {
+  const base = opt('-b'), file = a[a.length - 1];
+  if (opt('-f') !== 'qcow2' || opt('-F') !== 'qcow2' || !base) die('test stand-in: only create -f qcow2 -F qcow2 -b BASE FILE');
+  const h = header(base);
+  const out = Buffer.alloc(4096);
+  out.write('QFI\xfb', 0, 'latin1'); out.writeUInt32BE(3, 4);
+  out.writeBigUInt64BE(512n, 8); out.writeUInt32BE(Buffer.byteLength(base), 16); out.write(base, 512);
+  out.writeUInt32BE(16, 20); out.writeBigUInt64BE(BigInt(h.size), 24); out.writeUInt32BE(104, 100);
+  fs.writeFileSync(file, out);
+  process.exit(0);
+}
+die('test stand-in: unsupported command ' + a[0]);
+`;
+
+/**
+ * A bin dir for virsh machines: symlinks to the harness's stand-ins (they find their library
+ * through ../standins, linked too) plus the qemu-img stand-in above.
+ */
+export function virshBinDir(root: string): string {
+  const bin = path.join(root, "bin");
+  mkdirSync(bin, { recursive: true });
+  for (const t of readdirSync(STANDINS_BIN_DIR)) symlinkSync(path.join(STANDINS_BIN_DIR, t), path.join(bin, t));
+  symlinkSync(path.join(STANDINS_BIN_DIR, "..", "standins"), path.join(root, "standins"));
+  writeFileSync(path.join(bin, "qemu-img"), QEMU_IMG);
+  chmodSync(path.join(bin, "qemu-img"), 0o755);
+  return bin;
+}
+
+/**
+ * The guest workload for the virsh stand-in ($CB_FAKE_STATE/libvirt/guest-command): like a TDX
+ * guest's boot service it reads its credentials (from the domain XML the stand-in keeps), prints
+ * `COMPUTE-BRIDGE-TDQUOTE <request_id> <quote>` on its serial console when it is a TD, then runs
+ * until $CB_FAKE_STATE/poweroff-<domain> exists and powers off cleanly.
+ */
+export function installGuestCommand(sshd: FakeSshd): void {
+  const script = String.raw`ddir=$(tr '\0' '\n' < /proc/$PPID/cmdline | sed -n 3p)
+xml=$ddir/domain.xml
+dom=$(sed -n 's:.*<name>\(.*\)</name>.*:\1:p' "$xml" | head -n 1)
+console=$(sed -n "s:.*<source path='\([^']*console.log\)'.*:\1:p" "$xml" | head -n 1)
+rd=$(sed -n 's/.*compute-bridge.tdx_report_data=\([0-9a-f]*\).*/\1/p' "$xml")
+if [ -n "$rd" ] && [ -n "$console" ]; then
+  q=$(printf 'TDQUOTE:%s:%s' "@{dom#cb-}" "$rd" | base64 -w0)
+  printf '[    1.234] tdx-guest: quote ready\r\nCOMPUTE-BRIDGE-TDQUOTE %s %s\r\n' "@{dom#cb-}" "$q" >> "$console"
+fi
+while [ ! -e "$CB_FAKE_STATE/poweroff-$dom" ]; do sleep 0.05; done
+exit 0
+`.replace(/@\{/g, "${");
+  mkdirSync(path.join(sshd.stateDir, "libvirt"), { recursive: true });
+  writeFileSync(path.join(sshd.stateDir, "libvirt", "guest-command"), script);
+}
+
+/** What installGuestCommand's guest prints as its quote (base64). */
+export function expectedQuote(requestId: string, reportDataHex: string): string {
+  return Buffer.from(`TDQUOTE:${requestId}:${reportDataHex}`).toString("base64");
+}
+
+/** Run one command on a fake machine through its real sshd (test-side observation). */
+export async function sshRun(sshd: FakeSshd, command: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const { Client } = (await import("ssh2")).default;
+  const c = new Client();
+  await new Promise<void>((resolve, reject) => {
+    c.once("ready", () => resolve());
+    c.once("error", reject);
+    c.connect({ host: sshd.host, port: sshd.port, username: sshd.user, privateKey: sshd.privateKey, hostVerifier: () => true });
+  });
+  try {
+    return await new Promise((resolve, reject) => {
+      c.exec(command, (err, ch) => {
+        if (err) return reject(err);
+        let stdout = "";
+        let stderr = "";
+        let code: number | null = null;
+        ch.on("data", (d: Buffer) => (stdout += d.toString()));
+        ch.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+        ch.on("exit", (x: number | null) => (code = x));
+        ch.on("close", () => resolve({ code, stdout, stderr }));
+        ch.end();
+      });
+    });
+  } finally {
+    c.end();
+  }
+}
