@@ -30,9 +30,10 @@ import type { PollEvent } from "../src/backends/common/batch-watcher.js";
 import { OfferingCache } from "../src/backends/offering-cache.js";
 import { AwsConfig } from "../src/config/schema.js";
 import { Almanac, type ComputeGrant, type Envelope, type ProvisionedInstance } from "../src/domain/index.js";
-import { abortError, systemClock, type Clock } from "../src/util/clock.js";
+import { systemClock, type Clock } from "../src/util/clock.js";
 import { createLogger } from "../src/util/logger.js";
 import { Ec2Fake } from "../test/fakes/ec2.js";
+import { ManualClock } from "../test/helpers/manual-clock.js";
 
 process.env.AWS_EC2_METADATA_DISABLED = "true";
 
@@ -70,34 +71,6 @@ export interface AwsWatchBench {
   rows: WatchFigures[];
 }
 
-class ManualClock implements Clock {
-  t = Date.now();
-  private timers: { at: number; resolve: () => void }[] = [];
-  now(): number {
-    return this.t;
-  }
-  sleep(ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((resolve, reject) => {
-      if (signal?.aborted) return reject(abortError(signal));
-      const timer = { at: this.t + Math.max(0, ms), resolve: () => resolve() };
-      this.timers.push(timer);
-      signal?.addEventListener(
-        "abort",
-        () => {
-          this.timers = this.timers.filter((x) => x !== timer);
-          reject(abortError(signal));
-        },
-        { once: true },
-      );
-    });
-  }
-  advance(ms: number): void {
-    this.t += ms;
-    const due = this.timers.filter((x) => x.at <= this.t).sort((a, b) => a.at - b.at);
-    this.timers = this.timers.filter((x) => x.at > this.t);
-    for (const x of due) x.resolve();
-  }
-}
 
 function config(fake: Ec2Fake, credDir: string, sshPort: number): AwsConfig {
   writeFileSync(path.join(credDir, "akid"), fake.credentials.accessKeyId);

@@ -28,13 +28,14 @@ import type { ComputeGrant, Envelope, GrantRequest, ProvisionedInstance } from "
 import { Fleet } from "../../src/fleet/fleet.js";
 import { GrantManager } from "../../src/lifecycle/manager.js";
 import { Store } from "../../src/store/store.js";
-import { abortError, systemClock, type Clock } from "../../src/util/clock.js";
+import { systemClock, type Clock } from "../../src/util/clock.js";
 import { Identity } from "../../src/util/identity.js";
 import { createLogger, type Logger } from "../../src/util/logger.js";
 import { Ec2Fake, type Ec2FakeOptions, type FakeInstance } from "../fakes/ec2.js";
 import { until } from "../helpers/http.js";
 import { localBackend, MS_ALMANAC } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
+import { ManualClock } from "../helpers/manual-clock.js";
 
 process.env.AWS_EC2_METADATA_DISABLED = "true";
 
@@ -86,34 +87,6 @@ after(async () => {
 // ---- helpers ----------------------------------------------------------------------------------
 
 /** Virtual time for the backend; the fake can share it (`now: () => clock.now()`). */
-class ManualClock implements Clock {
-  t = Date.now();
-  private timers: { at: number; resolve: () => void }[] = [];
-  now(): number {
-    return this.t;
-  }
-  sleep(ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((resolve, reject) => {
-      if (signal?.aborted) return reject(abortError(signal));
-      const timer = { at: this.t + Math.max(0, ms), resolve: () => resolve() };
-      this.timers.push(timer);
-      signal?.addEventListener(
-        "abort",
-        () => {
-          this.timers = this.timers.filter((x) => x !== timer);
-          reject(abortError(signal));
-        },
-        { once: true },
-      );
-    });
-  }
-  advance(ms: number): void {
-    this.t += ms;
-    const due = this.timers.filter((x) => x.at <= this.t).sort((a, b) => a.at - b.at);
-    this.timers = this.timers.filter((x) => x.at > this.t);
-    for (const x of due) x.resolve();
-  }
-}
 
 async function startFake(t: T, opts: Ec2FakeOptions = {}): Promise<Ec2Fake> {
   const fake = await Ec2Fake.start({ seed: 7, ...opts });

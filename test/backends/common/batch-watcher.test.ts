@@ -1,40 +1,9 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { BatchLookup, BatchWatcher, type PollEvent } from "../../../src/backends/common/batch-watcher.js";
-import { abortError, type Clock } from "../../../src/util/clock.js";
+import { ManualClock } from "../../helpers/manual-clock.js";
 
 /** Virtual time: sleeps resolve only when the test advances the clock. */
-class ManualClock implements Clock {
-  t = 1_000_000;
-  private timers: { at: number; resolve: () => void }[] = [];
-  now(): number {
-    return this.t;
-  }
-  sleep(ms: number, signal?: AbortSignal): Promise<void> {
-    return new Promise((resolve, reject) => {
-      if (signal?.aborted) return reject(abortError(signal));
-      const timer = { at: this.t + Math.max(0, ms), resolve: () => resolve() };
-      this.timers.push(timer);
-      signal?.addEventListener(
-        "abort",
-        () => {
-          this.timers = this.timers.filter((x) => x !== timer);
-          reject(abortError(signal));
-        },
-        { once: true },
-      );
-    });
-  }
-  advance(ms: number): void {
-    this.t += ms;
-    const due = this.timers.filter((x) => x.at <= this.t).sort((a, b) => a.at - b.at);
-    this.timers = this.timers.filter((x) => x.at > this.t);
-    for (const x of due) x.resolve();
-  }
-  get pending(): number {
-    return this.timers.length;
-  }
-}
 
 interface St {
   state: string;
@@ -42,7 +11,7 @@ interface St {
 
 /** A fake cloud: status per id per scope, every describe call recorded. */
 function harness(opts: { missingAfter?: number; interval?: number } = {}) {
-  const clock = new ManualClock();
+  const clock = new ManualClock(1_000_000);
   const states = new Map<string, string>(); // `${scope}/${id}` -> state
   const calls: { scope: string; ids: string[] }[] = [];
   const polls: PollEvent[] = [];
