@@ -255,7 +255,9 @@ function lockStateDir(stateDir: string): () => void {
 function isAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("compute-bridge") || readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("node");
+    // A recycled pid belongs to some other program: only a node process counts as the owner.
+    const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    return cmdline.includes("compute-bridge") || cmdline.includes("node");
   } catch {
     return false;
   }
