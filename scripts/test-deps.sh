@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # System packages the test suite needs: a real OpenSSH server (bare-metal backend tests).
 # Installed automatically when run as root (as CI does); otherwise the exact packages are named.
+# Then, optionally, real libvirt + QEMU (scripts/libvirt-up.sh) for the real-libvirt test: a failure
+# there does not stop `npm test`; test/backends/baremetal-libvirt.test.ts skips and says why.
+# CB_SKIP_LIBVIRT=1 leaves libvirt alone.
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
 need=()
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v openssl >/dev/null || need+=(openssl)
-[ ${#need[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "test-deps: installing ${need[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-else
-  echo "test-deps: missing Debian packages: ${need[*]}" >&2
-  echo "test-deps: install them with: sudo apt-get install -y ${need[*]}" >&2
-  exit 1
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test-deps: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "test-deps: missing Debian packages: ${need[*]}" >&2
+    echo "test-deps: install them with: sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+  fi
 fi
+if [ "${CB_SKIP_LIBVIRT:-}" != 1 ]; then
+  bash "$here/libvirt-up.sh" || echo "test-deps: real libvirt is not available (see above): test/backends/baremetal-libvirt.test.ts will be skipped" >&2
+fi
+exit 0

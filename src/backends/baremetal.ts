@@ -66,7 +66,7 @@ import {
   unitName,
   type Usage,
 } from "./baremetal/systemd.js";
-import { domainName, domainXml, parseDomifaddr, parseDomstats, parseQuote, qcow2Problem, requestIdOfDomain, SHUTOFF_REASON, tdxReportData } from "./baremetal/virsh.js";
+import { domainName, domainXml, NO_NETWORK, parseDomifaddr, parseDomstats, parseQuote, qcow2Problem, requestIdOfDomain, SHUTOFF_REASON, tdxReportData } from "./baremetal/virsh.js";
 
 const BACKEND = "baremetal";
 /** Largest image fetched onto a machine. */
@@ -330,6 +330,7 @@ export class BareMetalBackend implements ManagedBackend {
         providerId: this.providerId,
         runDir,
         network: m.cfg.network,
+        virtType: m.cfg.virt_type,
         tdx,
         ...(m.cfg.ovmf_path ? { ovmfPath: m.cfg.ovmf_path } : {}),
         ...(envelope.ssh_public_key ? { sshPublicKey: envelope.ssh_public_key } : {}),
@@ -381,7 +382,8 @@ export class BareMetalBackend implements ManagedBackend {
         if (quote) return { host, quote };
         // Ended already (very short workload, or it failed to boot): the watch reports it.
         if (state === "gone" || /^shut off|^crashed/.test(state)) return { host, quote: null };
-        if (host) {
+        // A guest without a NIC never gets an address: running is as ready as it gets.
+        if (host || (m.cfg.network === NO_NETWORK && state.startsWith("running"))) {
           if (!tdx) return { host, quote: null };
           if (quoteDeadline === 0) quoteDeadline = this.clock.now() + Math.min(20_000, 40 * poll);
           if (this.clock.now() >= quoteDeadline) {

@@ -276,11 +276,16 @@ export const BareMetalMachine = z
     work_dir: z.string().regex(/^\/[A-Za-z0-9._/-]*$/, "must be an absolute path of plain characters").default("/var/lib/compute-bridge"),
     libvirt_uri: z.string().regex(/^[a-z+]+:\/\/[A-Za-z0-9._/@:-]*$/).default("qemu:///system"),
     ovmf_path: z.string().regex(/^\/[A-Za-z0-9._/-]*$/).optional(),
+    /** libvirt network of the guests' NIC; "none" = no NIC (the guests get no address). */
     network: z.string().regex(/^[A-Za-z0-9._-]+$/).default("default"),
+    /** libvirt domain type: "kvm", or "qemu" for software emulation (TCG) on hosts without KVM. */
+    virt_type: z.enum(["kvm", "qemu"]).default("kvm"),
   })
   .superRefine((m, ctx) => {
     if (m.tdx_capable && m.mode !== "virsh")
       ctx.addIssue({ code: "custom", path: ["tdx_capable"], message: 'TDX guests need mode = "virsh"' });
+    if (m.tdx_capable && m.virt_type !== "kvm")
+      ctx.addIssue({ code: "custom", path: ["virt_type"], message: 'a TDX machine needs virt_type = "kvm": trust domains run on KVM, "qemu" is software emulation (TCG)' });
     if (m.tdx_capable && m.ovmf_path === undefined)
       ctx.addIssue({ code: "custom", path: ["ovmf_path"], message: "required for a TDX machine (an OVMF build with TDX support)" });
   });

@@ -34,13 +34,22 @@ export function tdxReportData(providerId: string, requestId: string): string {
   return createHash("sha512").update(`compute-bridge/tdx-report-data/v1\0${providerId}\0${requestId}`).digest("hex");
 }
 
+/** The `network` value that gives a guest no NIC at all (it then gets no address). */
+export const NO_NETWORK = "none";
+
 export interface DomainXmlInput {
   name: string;
   grant: ComputeGrant;
   providerId: string;
   runDir: string;
+  /** A libvirt network name, or NO_NETWORK. */
   network: string;
   tdx: boolean;
+  /**
+   * libvirt domain type: "kvm" (hardware virtualization, host-passthrough CPU; the only choice for
+   * TDX) or "qemu" (TCG software emulation with QEMU's default CPU model: hosts without KVM, tests).
+   */
+  virtType?: "kvm" | "qemu";
   /** OVMF build with TDX support (required for TDX guests). */
   ovmfPath?: string;
   sshPublicKey?: string;
@@ -57,8 +66,10 @@ export function domainXml(d: DomainXmlInput): string {
   if (d.sshPublicKey) creds.push(`io.systemd.credential.binary:ssh.authorized_keys.root=${Buffer.from(`${d.sshPublicKey}\n`).toString("base64")}`);
   creds.push(`io.systemd.credential:compute-bridge.request_id=${d.grant.request_id}`);
   if (d.tdx) creds.push(`io.systemd.credential:compute-bridge.tdx_report_data=${tdxReportData(d.providerId, d.grant.request_id)}`);
+  const virtType = d.virtType ?? "kvm";
+  if (d.tdx && virtType !== "kvm") throw new Error("a TDX guest needs virt type kvm");
   const lines = [
-    `<domain type='kvm'>`,
+    `<domain type='${virtType}'>`,
     `  <name>${e(d.name)}</name>`,
     `  <title>compute-bridge grant ${e(d.grant.request_id)}</title>`,
     `  <metadata>`,
@@ -76,7 +87,9 @@ export function domainXml(d: DomainXmlInput): string {
   if (d.tdx) lines.push(`    <loader type='rom'>${e(d.ovmfPath ?? "")}</loader>`);
   lines.push(`    <smbios mode='sysinfo'/>`, `    <boot dev='hd'/>`, `  </os>`);
   lines.push(`  <features><acpi/><apic/>${d.tdx ? "<ioapic driver='qemu'/>" : ""}</features>`);
-  lines.push(`  <cpu mode='host-passthrough'/>`, `  <clock offset='utc'/>`);
+  // TCG cannot pass the host CPU through; QEMU's default model is used there.
+  if (virtType === "kvm") lines.push(`  <cpu mode='host-passthrough'/>`);
+  lines.push(`  <clock offset='utc'/>`);
   // A trust domain cannot reboot; any power event ends the grant's guest.
   lines.push(`  <on_poweroff>destroy</on_poweroff>`, `  <on_reboot>destroy</on_reboot>`, `  <on_crash>destroy</on_crash>`);
   if (d.tdx) lines.push(`  <memoryBacking><source type='anonymous'/><access mode='private'/></memoryBacking>`);
@@ -87,10 +100,7 @@ export function domainXml(d: DomainXmlInput): string {
     `      <source file='${e(d.runDir)}/disk.qcow2'/>`,
     `      <target dev='vda' bus='virtio'/>`,
     `    </disk>`,
-    `    <interface type='network'>`,
-    `      <source network='${e(d.network)}'/>`,
-    `      <model type='virtio'/>`,
-    `    </interface>`,
+    ...(d.network === NO_NETWORK ? [] : [`    <interface type='network'>`, `      <source network='${e(d.network)}'/>`, `      <model type='virtio'/>`, `    </interface>`]),
     `    <serial type='file'>`,
     `      <source path='${e(d.runDir)}/console.log'/>`,
     `      <target port='0'/>`,
