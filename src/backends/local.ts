@@ -227,6 +227,8 @@ export class LocalBackend implements ManagedBackend {
   private async fetchImage(envelope: Envelope, signal: AbortSignal): Promise<string> {
     const file = path.join(this.images, envelope.image.sha256);
     if (existsSync(file)) return file;
+    // Each download verifies its own bytes into its own temp file; grants sharing an image at
+    // once each verify the URL they were given, and the first to finish fills the cache.
     try {
       await fetchVerified(envelope.image.url, envelope.image.sha256, file, { maxBytes: this.cfg.max_image_bytes, signal });
     } catch (e) {

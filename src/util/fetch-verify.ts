@@ -1,4 +1,4 @@
-import { createHash } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 import { createReadStream, createWriteStream, mkdirSync, renameSync, rmSync } from "node:fs";
 import http from "node:http";
 import https from "node:https";
@@ -59,7 +59,7 @@ export async function fetchVerified(
   opts: { maxBytes: number; signal: AbortSignal },
 ): Promise<void> {
   mkdirSync(path.dirname(dest), { recursive: true, mode: 0o700 });
-  const tmp = `${dest}.${process.pid}.${Date.now()}.part`;
+  const tmp = `${dest}.${randomUUID()}.part`;
   const hash = createHash("sha256");
   let bytes = 0;
   const meter = new Transform({

@@ -166,4 +166,13 @@ describe("local backend", () => {
     assert.ok(alive(minePid), "a workload this backend provisioned is not an orphan");
     await b.terminate(mine);
   });
+
+  it("many grants fetching the same image at once share the cache without tripping over each other", async (t) => {
+    const dir = tempDir(t);
+    const img = scriptImage(dir, "same", "exit 0");
+    const b = localBackend(path.join(dir, "state"));
+    const insts = await Promise.all(Array.from({ length: 12 }, (_, i) => b.provision(localGrant(`same-${i}`), { image: { ...img, format: "bundle" } }, never)));
+    const obs = await Promise.all(insts.map((i) => b.watchUntilExit(i, new Date(Date.now() + 60_000), never)));
+    assert.ok(obs.every((o) => o.exit_code === 0));
+  });
 });
