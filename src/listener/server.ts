@@ -26,8 +26,11 @@ export interface Listener {
   drain(): void;
 }
 
-/** The public view of a grant record. */
-export function grantView(r: GrantRecord) {
+/**
+ * The public view of a grant record. The bridge-generated private key is included only where
+ * asked for (GET /v1/grants/{id}); lists, cancels and idempotent re-posts never carry it.
+ */
+export function grantView(r: GrantRecord, o: { privateKey?: boolean } = {}) {
   return {
     request_id: r.request_id,
     state: r.state,
@@ -42,7 +45,7 @@ export function grantView(r: GrantRecord) {
           ...(r.instance.attestation ? { attestation: r.instance.attestation } : {}),
         }
       : null,
-    ...(r.private_key ? { private_key: r.private_key } : {}),
+    ...(o.privateKey && r.private_key ? { private_key: r.private_key } : {}),
     error: r.error_kind ? { kind: r.error_kind, message: r.error_message ?? "" } : null,
     attempts: r.attempts,
     cancel_requested: r.cancel_requested,
@@ -141,7 +144,7 @@ export function buildListener(o: ListenerOptions): Listener {
     if (!q.success) return reply.code(400).send(badRequest(zodIssues(q.error)));
     const rows = o.store.list({ limit: q.data.limit, after: q.data.after, ...(q.data.state ? { state: q.data.state } : {}) });
     const last = rows.at(-1);
-    return { grants: rows.map(grantView), next_after: rows.length === q.data.limit && last ? last.seq : null };
+    return { grants: rows.map((r) => grantView(r)), next_after: rows.length === q.data.limit && last ? last.seq : null };
   });
 
   app.get("/v1/grants/:id", async (req, reply) => {
@@ -149,7 +152,7 @@ export function buildListener(o: ListenerOptions): Listener {
     if (!id.success) return reply.code(400).send(badRequest([{ path: "request_id", message: id.error.issues[0]?.message ?? "invalid" }]));
     const rec = o.store.get(id.data);
     if (!rec) return reply.code(404).send({ error: "not_found", message: `no grant ${id.data}` });
-    return grantView(rec);
+    return grantView(rec, { privateKey: true });
   });
 
   app.delete("/v1/grants/:id", async (req, reply) => {
