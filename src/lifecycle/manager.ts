@@ -139,7 +139,8 @@ export class GrantManager {
 
   /** Continue every grant that was not terminal when the bridge last stopped. */
   resumeAll(): number {
-    const open = this.o.store.nonTerminal();
+    // The listener is up before this runs: grants accepted since the start already have a task.
+    const open = this.o.store.nonTerminal().filter((rec) => !this.tasks.has(rec.request_id));
     for (const rec of open) {
       this.o.log.info({ request_id: rec.request_id, backend: rec.backend, state: rec.state }, "resuming grant after restart");
       this.start(rec);
