@@ -132,6 +132,9 @@ export class AzureBackend implements ManagedBackend {
   private readonly configDir: string;
   /** Keep-alive agent for boot-diagnostics blobs; its TLS context (CA list) is built once. */
   private blobAgentP: https.Agent | null = null;
+  /** Keep-alive agent of the ARM clients when ca_file is set, sharing one TLS context (see armAgent()). */
+  private armAgentP: https.Agent | null = null;
+  private secureContextCache: tls.SecureContext | null | undefined;
   private readonly markerReads = new Semaphore(MARKER_READ_CONCURRENCY);
   private clientsP: Promise<Clients> | null = null;
   private watcherP: BatchWatcher<VmStatus> | null = null;
@@ -408,6 +411,7 @@ export class AzureBackend implements ManagedBackend {
     this.closed = true;
     this.watcherP?.close();
     this.blobAgentP?.destroy();
+    this.armAgentP?.destroy();
   }
 
   // ---- sizes ----------------------------------------------------------------------------------
@@ -859,7 +863,7 @@ export class AzureBackend implements ManagedBackend {
     }
     const options = {
       ...(this.cfg.endpoint ? { endpoint: this.cfg.endpoint.replace(/\/+$/, "") } : {}),
-      ...this.tlsOptions(),
+      ...this.armAgent(),
       retryOptions: {
         maxRetries: this.opts.maxRetries ?? 3,
         ...(this.opts.retryDelayInMs !== undefined ? { retryDelayInMs: this.opts.retryDelayInMs } : {}),
@@ -873,13 +877,28 @@ export class AzureBackend implements ManagedBackend {
     };
   }
 
+  /** The public roots plus ca_file as one TLS context, built once; null without ca_file. */
+  private secureContext(): tls.SecureContext | null {
+    // Building a TLS context from ~150 PEM roots costs ~50 ms of CPU: once, not per connection.
+    if (this.secureContextCache === undefined) this.secureContextCache = this.extraCa ? tls.createSecureContext({ ca: [...tls.rootCertificates, this.extraCa] }) : null;
+    return this.secureContextCache;
+  }
+
   private blobAgent(): https.Agent {
-    // Building a TLS context from ~150 PEM roots costs ~50 ms: once per agent, not per request.
-    return (this.blobAgentP ??= new https.Agent({
-      keepAlive: true,
-      maxSockets: MARKER_READ_CONCURRENCY,
-      ...(this.extraCa ? { secureContext: tls.createSecureContext({ ca: [...tls.rootCertificates, this.extraCa] }) } : {}),
-    }));
+    const secureContext = this.secureContext();
+    return (this.blobAgentP ??= new https.Agent({ keepAlive: true, maxSockets: MARKER_READ_CONCURRENCY, ...(secureContext ? { secureContext } : {}) }));
+  }
+
+  /**
+   * With ca_file, the ARM clients get one keep-alive agent holding the prebuilt TLS context. The
+   * pipeline's `tlsOptions: { ca }` would instead make Node build a context from every root for
+   * each new connection (~50 ms of CPU each) and hash the whole CA list into the agent key of every
+   * request: a restart resuming 100 Azure grants blocked the event loop for seconds.
+   */
+  private armAgent(): { agent?: https.Agent } {
+    const secureContext = this.secureContext();
+    if (!secureContext) return {};
+    return { agent: (this.armAgentP ??= new https.Agent({ keepAlive: true, secureContext })) };
   }
 
   private tlsOptions(): { tlsOptions?: { ca: string[] } } {
