@@ -149,4 +149,55 @@ describe("hostile input", () => {
     assert.equal(readFileSync(out, "utf8"), `${hostile}\n${hostile}\n`);
     assert.ok(!existsSync(canary));
   });
+
+  it("on the bare-metal host: hostile but valid values reach the workload literally and no injected command runs", async (t) => {
+    const { REGISTRY } = await import("../../src/backends/registry.js");
+    if (REGISTRY.baremetal === null) return t.skip("the baremetal backend is not built");
+    const { startSshd, ensureSshdInstalled } = await import("../fakes/sshd.js");
+    const { imageServer } = await import("./helpers.js");
+    ensureSshdInstalled();
+    const sshd = await startSshd();
+    t.after(() => sshd.stop());
+    const dir = tempDir(t);
+    const canary = path.join(dir, "CANARY");
+    const out = path.join(dir, "out");
+    const images = await imageServer(t);
+    const img = images.add("echo", `#!/bin/sh\nprintf '%s\\n' "$@" "$V" > ${out}\n`);
+    const extra = `
+[fleet]
+order = ["baremetal", "local"]
+[backends.baremetal]
+poll_interval_ms = 50
+[[backends.baremetal.machines]]
+name = "host-1"
+host = "127.0.0.1"
+port = ${sshd.port}
+user = "${sshd.user}"
+private_key_file = ${JSON.stringify(sshd.privateKeyPath)}
+host_key_sha256 = "${sshd.hostKeySha256}"
+region = "rack-1"
+cpu_millicores = 4000
+ram_mib = 4096
+mode = "systemd"
+work_dir = ${JSON.stringify(path.join(dir, "work"))}
+`;
+    const { url, d } = await startTestDaemon(t, { extra });
+    const hostile = `$(touch ${canary}); \`touch ${canary}\` ' " \\ | && ${"${IFS}"} ; touch ${canary}`;
+    const ids = ["h.1", "h_2", "h-3"];
+    for (const id of ids) {
+      const r = await call(url, "POST", "/v1/grants", {
+        grant: { request_id: id, region: "rack-1", tdx_required: false, cpu_millicores: 100, ram_mib: 64, valid_to: tickIn(60) },
+        envelope: { image: { url: `${img.url}?q=$(touch%20${canary})&x=%27%3B`, sha256: img.sha256, format: "bundle" }, command: ["./workload", hostile, "--", "; rm -rf /"], env: { V: hostile, IFS: "x", PATH: "/nonexistent:$PATH" } },
+      });
+      assert.equal(r.status, 202, r.text);
+      assert.equal(r.body.backend, "baremetal");
+    }
+    await until(() => ids.every((id) => ["completed", "failed"].includes(d.store.get(id)?.state ?? "")), "the bare-metal grants to finish", 60_000, 50);
+    for (const id of ids) assert.equal(d.store.get(id)?.state, "completed", `${id}: ${d.store.get(id)?.error_message}`);
+    const { readFileSync } = await import("node:fs");
+    const lines = readFileSync(out, "utf8").split("\n");
+    // systemd expands $ in arguments; the backend escapes it, so each arrives as sent.
+    assert.ok(lines.includes("; rm -rf /"), readFileSync(out, "utf8"));
+    assert.ok(!existsSync(canary), "no injected command ran on the host");
+  });
 });
