@@ -29,13 +29,13 @@ import { Fleet } from "../../src/fleet/fleet.js";
 import { GrantManager } from "../../src/lifecycle/manager.js";
 import { Store } from "../../src/store/store.js";
 import { systemClock, type Clock } from "../../src/util/clock.js";
-import { Identity } from "../../src/util/identity.js";
 import { createLogger, type Logger } from "../../src/util/logger.js";
 import { Ec2Fake, type Ec2FakeOptions, type FakeInstance } from "../fakes/ec2.js";
 import { until } from "../helpers/http.js";
 import { localBackend, MS_ALMANAC } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
 import { ManualClock } from "../helpers/manual-clock.js";
+import { testBridge } from "../helpers/lifecycle.js";
 
 process.env.AWS_EC2_METADATA_DISABLED = "true";
 
@@ -249,30 +249,7 @@ class GuestSim {
 
 /** GrantManager + Store + Fleet as src/daemon.ts wires them. */
 function bridge(t: T, stateDir: string, backends: ManagedBackend[], unavailable: OfferingCache) {
-  const store = new Store(stateDir, systemClock);
-  const fleet = new Fleet(backends, unavailable);
-  const manager = new GrantManager({
-    store,
-    fleet,
-    almanac: MS_ALMANAC,
-    identity: Identity.ephemeral(),
-    log: silent,
-    clock: systemClock,
-    providerId: PROVIDER,
-    maxAttempts: 3,
-    retryBaseMs: 10,
-    retryCapMs: 100,
-    expiryGraceMs: 2000,
-  });
-  let closed = false;
-  const close = async () => {
-    if (closed) return;
-    closed = true;
-    await manager.shutdown(2000);
-    store.close();
-  };
-  t.after(close);
-  return { store, fleet, manager, close };
+  return testBridge(t, { stateDir, fleet: new Fleet(backends, unavailable), almanac: MS_ALMANAC, providerId: PROVIDER, log: silent, retryBaseMs: 10, retryCapMs: 100 });
 }
 
 async function runGrant(m: GrantManager, store: Store, req: GrantRequest) {

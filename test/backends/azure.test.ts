@@ -2,7 +2,7 @@
  * The Azure backend against the ARM fake (test/fakes/arm.ts) over https, with the REAL
  * @azure/arm-compute / @azure/arm-network clients. Nothing but 127.0.0.1 is contacted: the
  * credential is the fake's (or, in one test, a real ClientSecretCredential against a local
- * authority); DefaultAzureCredential is never used.
+ * authority); no ambient Azure credential chain is ever used.
  *
  * Run: node --import tsx --test test/backends/azure.test.ts
  */
@@ -28,14 +28,13 @@ import { createBackend } from "../../src/backends/registry.js";
 import { AzureConfig, type BootConfig } from "../../src/config/schema.js";
 import type { ComputeGrant, Envelope } from "../../src/domain/index.js";
 import { Fleet } from "../../src/fleet/fleet.js";
-import { GrantManager, placeholder } from "../../src/lifecycle/manager.js";
-import { Store } from "../../src/store/store.js";
+import { placeholder } from "../../src/lifecycle/manager.js";
 import { systemClock } from "../../src/util/clock.js";
-import { Identity } from "../../src/util/identity.js";
 import { createLogger } from "../../src/util/logger.js";
 import { ArmFake, fakeTokenCredential, type ArmFakeOptions, type ResourceType } from "../fakes/arm.js";
 import { makeTestCert, type TestCert } from "../fakes/tls.js";
 import { until } from "../helpers/http.js";
+import { testBridge } from "../helpers/lifecycle.js";
 import { bundleImage } from "../helpers/images.js";
 import { localBackend, MS_ALMANAC } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
@@ -172,30 +171,7 @@ function vmBody(fake: ArmFake, name: string) {
 
 /** GrantManager + Store + Fleet wired as in src/daemon.ts, over the given backends. */
 function lifecycle(t: TestContext, dir: string, backends: Parameters<typeof Fleet.of>[0], unavailable: OfferingCache, logs = new LogSink()) {
-  const store = new Store(path.join(dir, "state"), systemClock);
-  const fleet = new Fleet(backends, unavailable);
-  const manager = new GrantManager({
-    store,
-    fleet,
-    almanac: MS_ALMANAC,
-    identity: Identity.loadOrCreate(path.join(dir, "state")),
-    log: createLogger("debug", logs),
-    clock: systemClock,
-    providerId: PROVIDER,
-    maxAttempts: 3,
-    expiryGraceMs: 2000,
-    retryBaseMs: 10,
-    retryCapMs: 200,
-  });
-  let closed = false;
-  const close = async () => {
-    if (closed) return;
-    closed = true;
-    await manager.shutdown(2000);
-    store.close();
-  };
-  t.after(close);
-  return { store, fleet, manager, close };
+  return testBridge(t, { stateDir: path.join(dir, "state"), fleet: new Fleet(backends, unavailable), almanac: MS_ALMANAC, providerId: PROVIDER, log: createLogger("debug", logs), persistentIdentity: true, retryBaseMs: 10, retryCapMs: 200 });
 }
 
 // =================================================================================================

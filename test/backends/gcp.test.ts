@@ -27,16 +27,16 @@ import { OfferingCache } from "../../src/backends/offering-cache.js";
 import { GcpConfig } from "../../src/config/schema.js";
 import type { ComputeGrant, Envelope, ProvisionedInstance } from "../../src/domain/index.js";
 import { Fleet } from "../../src/fleet/fleet.js";
-import { GrantManager, placeholder } from "../../src/lifecycle/manager.js";
+import { placeholder } from "../../src/lifecycle/manager.js";
 import { Store } from "../../src/store/store.js";
 import { systemClock, type Clock } from "../../src/util/clock.js";
-import { Identity } from "../../src/util/identity.js";
 import { createLogger, type Logger } from "../../src/util/logger.js";
 import { GceFake, type GceFakeOptions, type JsonObject } from "../fakes/gce.js";
 import { until } from "../helpers/http.js";
 import { bundleImage } from "../helpers/images.js";
 import { MS_ALMANAC } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
+import { testBridge } from "../helpers/lifecycle.js";
 
 // ------------------------------------------------------------------ network guard
 
@@ -189,28 +189,7 @@ function metadata(body: JsonObject | undefined): Record<string, string> {
 
 /** GrantManager + Store + Fleet, wired as in src/daemon.ts. */
 function lifecycle(t: { after: (fn: () => unknown) => void }, fleet: Fleet, stateDir: string, log: Logger = createLogger("silent")) {
-  const store = new Store(stateDir, systemClock);
-  const manager = new GrantManager({
-    store,
-    fleet,
-    almanac: MS_ALMANAC,
-    identity: Identity.loadOrCreate(stateDir),
-    log,
-    clock: systemClock,
-    providerId: PROVIDER,
-    maxAttempts: 3,
-    retryBaseMs: 5,
-    retryCapMs: 50,
-    expiryGraceMs: 2000,
-  });
-  let closed = false;
-  const close = async () => {
-    if (closed) return;
-    closed = true;
-    await manager.shutdown(2000);
-    store.close();
-  };
-  t.after(close);
+  const { store, manager, close } = testBridge(t, { stateDir, fleet, almanac: MS_ALMANAC, providerId: PROVIDER, log, persistentIdentity: true, retryBaseMs: 5, retryCapMs: 50 });
   return { store, manager, close };
 }
 

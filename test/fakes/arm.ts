@@ -235,7 +235,7 @@ export interface FakeTokenCredential {
   getToken(scopes: string | string[], options?: unknown): Promise<FakeAccessToken>;
 }
 
-/** A test credential that always returns `token` (never DefaultAzureCredential). */
+/** A test credential that always returns `token` (no ambient credential discovery). */
 export function fakeTokenCredential(token: string, lifetimeMs = 3_600_000): FakeTokenCredential {
   return {
     getToken: async () => ({ token, expiresOnTimestamp: Date.now() + lifetimeMs }),

@@ -1,0 +1,47 @@
+import type { Almanac } from "../../src/domain/index.js";
+import type { Fleet } from "../../src/fleet/fleet.js";
+import { GrantManager } from "../../src/lifecycle/manager.js";
+import { Store } from "../../src/store/store.js";
+import { systemClock } from "../../src/util/clock.js";
+import { Identity } from "../../src/util/identity.js";
+import { createLogger, type Logger } from "../../src/util/logger.js";
+
+export interface TestBridgeOptions {
+  stateDir: string;
+  fleet: Fleet;
+  almanac: Almanac;
+  providerId: string;
+  log?: Logger;
+  /** Persist the identity in stateDir (restart tests) instead of a throwaway one. */
+  persistentIdentity?: boolean;
+  retryBaseMs?: number;
+  retryCapMs?: number;
+  expiryGraceMs?: number;
+}
+
+/** GrantManager + Store over a Fleet, wired as src/daemon.ts wires them; closed after the test. */
+export function testBridge(t: { after: (fn: () => unknown) => void }, o: TestBridgeOptions) {
+  const store = new Store(o.stateDir, systemClock);
+  const manager = new GrantManager({
+    store,
+    fleet: o.fleet,
+    almanac: o.almanac,
+    identity: o.persistentIdentity ? Identity.loadOrCreate(o.stateDir) : Identity.ephemeral(),
+    log: o.log ?? createLogger("silent"),
+    clock: systemClock,
+    providerId: o.providerId,
+    maxAttempts: 3,
+    retryBaseMs: o.retryBaseMs ?? 10,
+    retryCapMs: o.retryCapMs ?? 100,
+    expiryGraceMs: o.expiryGraceMs ?? 2000,
+  });
+  let closed = false;
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    await manager.shutdown(2000);
+    store.close();
+  };
+  t.after(close);
+  return { store, fleet: o.fleet, manager, close };
+}
