@@ -4,7 +4,7 @@
  *   node --import tsx bench/listener.ts [seconds] [connections]
  */
 import Fastify from "fastify";
-import { mkdtempSync, rmSync } from "node:fs";
+import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import type { ManagedBackend } from "../src/backends/backend.js";
@@ -83,6 +83,8 @@ export async function run(seconds = 4, connections = 32): Promise<{ bare: LoadRe
   await loadInChild({ url: bridgeUrl, connections, seconds: 0.5, headers, template, offset: 50_000_000 }); // warm-up
   const bridgeRes = await loadInChild({ url: bridgeUrl, connections, seconds, headers, template, offset: 10_000_000 });
 
+  // The disk's own floor: one durable accept waits for at least one WAL fsync.
+  const fsyncMs = measureFsync(dir);
   await manager.shutdown(1000);
   await l.app.close();
   await bare.close();
@@ -95,7 +97,25 @@ export async function run(seconds = 4, connections = 32): Promise<{ bare: LoadRe
     ["POST /v1/grants (durable accept)", bridgeRes.rps, bridgeRes.p50, bridgeRes.p99, bridgeRes.requests - (bridgeRes.statuses[202] ?? 0)],
     ["ratio bridge / bare", bridgeRes.rps / bareRes.rps, bridgeRes.p50 / bareRes.p50, bridgeRes.p99 / bareRes.p99, ""],
   ]);
-  return { bare: bareRes, bridge: bridgeRes, text };
+  const ceiling = (connections * 1000) / fsyncMs;
+  const note = `disk floor: fsync of a 4 KiB append here takes ${fsyncMs.toFixed(2)} ms (median of 50), so ${connections} closed-loop connections can get at most ~${Math.round(ceiling)} durable accepts/s (${(ceiling / bareRes.rps).toFixed(2)} of the bare route); the bridge reached ${((bridgeRes.rps / ceiling) * 100).toFixed(0)} % of that ceiling`;
+  return { bare: bareRes, bridge: bridgeRes, text: `${text}\n${note}` };
+}
+
+/** Median time of an append + fsync on the state disk. */
+function measureFsync(dir: string): number {
+  const fd = openSync(path.join(dir, "fsync-probe"), "a");
+  const buf = Buffer.alloc(4096, 1);
+  const times: number[] = [];
+  for (let i = 0; i < 50; i++) {
+    const t0 = performance.now();
+    writeSync(fd, buf);
+    fsyncSync(fd);
+    times.push(performance.now() - t0);
+  }
+  closeSync(fd);
+  times.sort((a, b) => a - b);
+  return times[25]!;
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {

@@ -270,7 +270,7 @@ export class Store {
       const now = this.nowIso();
       // Accepted and routed in one commit: the first durable state already names the backend, and
       // the backend's idempotency key derives from request_id, so provisioning may start at once.
-      this.stmts.insert.run({
+      const info = this.stmts.insert.run({
         request_id: g.request_id,
         body_digest: g.body_digest,
         grant_json: JSON.stringify(g.grant),
@@ -283,7 +283,27 @@ export class Store {
       });
       this.stmts.transition.run({ request_id: g.request_id, from_state: null, to_state: "accepted", backend: g.backend, note: null, at: now });
       this.stmts.transition.run({ request_id: g.request_id, from_state: "accepted", to_state: "provisioning", backend: g.backend, note: "idempotency key derived from request_id", at: now });
-      return { status: "created" as const, record: toRecord(this.getRow(g.request_id)!) };
+      // The new record, built from what was just written (no read-back on the accept path).
+      const record: GrantRecord = {
+        seq: Number(info.lastInsertRowid),
+        request_id: g.request_id,
+        body_digest: g.body_digest,
+        grant: g.grant,
+        envelope: g.envelope,
+        state: "provisioning",
+        backend: g.backend,
+        instance: null,
+        private_key: g.private_key,
+        public_key: g.public_key,
+        error_kind: null,
+        error_message: null,
+        attempts: [],
+        cancel_requested: false,
+        outcome: null,
+        created_at: now,
+        updated_at: now,
+      };
+      return { status: "created" as const, record };
     });
   }
 
