@@ -6,6 +6,7 @@ import {
   QuotaError,
   TransientError,
 } from "../backend.js";
+import { redactCredentials } from "../../util/redact.js";
 
 /**
  * Azure errors -> the backend's typed errors. What the SDKs throw (measured against the ARM fake
@@ -66,15 +67,7 @@ const NETWORK_CODES = new Set([
 
 /** Bound and scrub text that came back over HTTP before it goes into a message or a log line. */
 export function redact(text: string, max = 500): string {
-  let s = text
-    .replace(/Bearer\s+[A-Za-z0-9._~+/-]+=*/gi, "Bearer [REDACTED]")
-    .replace(/\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*/g, "[REDACTED-JWT]")
-    .replace(/([?&](sig|se|sv|skoid|sktid|code|client_secret|client_assertion)=)[^&\s"']+/gi, "$1[REDACTED]")
-    .replace(/("?(access_token|refresh_token|id_token|client_secret|password|adminPassword)"?\s*[:=]\s*)"[^"]*"/gi, '$1"[REDACTED]"')
-    .replace(/\s+/g, " ")
-    .trim();
-  if (s.length > max) s = `${s.slice(0, max)}…`;
-  return s;
+  return redactCredentials(text, max);
 }
 
 export interface ArmFailure {

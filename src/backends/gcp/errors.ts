@@ -6,6 +6,7 @@ import {
   QuotaError,
   TransientError,
 } from "../backend.js";
+import { redactCredentials } from "../../util/redact.js";
 
 /** GCE answered 409 alreadyExists: the deterministic name is taken (by an earlier call of ours). */
 export class AlreadyExistsError extends BackendError {}
@@ -19,15 +20,7 @@ const QUOTA_REASONS = new Set(["quotaExceeded", "QUOTA_EXCEEDED"]);
  * error message or a log line, and bound its length.
  */
 export function redact(text: string, max = 400): string {
-  let s = text
-    .replace(/Bearer\s+[A-Za-z0-9._~+/-]+=*/gi, "Bearer [REDACTED]")
-    .replace(/\bya29\.[A-Za-z0-9._-]+/g, "[REDACTED]")
-    .replace(/-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(-----END [A-Z ]*PRIVATE KEY-----|$)/g, "[REDACTED]")
-    .replace(/("?(access_token|id_token|refresh_token|private_key|client_secret)"?\s*[:=]\s*)"[^"]*"/gi, '$1"[REDACTED]"')
-    .replace(/\s+/g, " ")
-    .trim();
-  if (s.length > max) s = `${s.slice(0, max)}…`;
-  return s;
+  return redactCredentials(text, max);
 }
 
 interface ParsedHttpError {
