@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, readdirSync, readlinkSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import path from "node:path";
@@ -9,24 +9,9 @@ import { tickIn, writeLocalConfig } from "../helpers/config.js";
 import { call, until } from "../helpers/http.js";
 import { scriptImage } from "../helpers/images.js";
 import { tempDir } from "../helpers/tmp.js";
+import { aliveInRun } from "../helpers/proc.js";
 
 const TERMINAL = ["completed", "failed", "expired", "cancelled"];
-
-/** Is `pid` still a process of this run (by its command line or working directory)? Guards against pid reuse. */
-function aliveInRun(pid: number, runDir: string): boolean {
-  try {
-    const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8");
-    let cwd = "";
-    try {
-      cwd = readlinkSync(`/proc/${pid}/cwd`);
-    } catch {
-      /* exited meanwhile */
-    }
-    return cmdline.includes(runDir) || cwd.startsWith(runDir);
-  } catch {
-    return false;
-  }
-}
 
 /** Serves one file; responses are held until `release()` so grants stay mid-provision. */
 async function slowImageServer(t: { after: (fn: () => void) => void }, file: string) {

@@ -26,7 +26,7 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { describe, it, type TestContext } from "node:test";
 import { TAG_REQUEST } from "../../src/backends/azure/naming.js";
@@ -58,6 +58,7 @@ import {
   type InjectedDaemon,
   type InjectSpec,
 } from "./helpers.js";
+import { aliveInRun } from "../helpers/proc.js";
 
 const SEED = Number(process.env.CB_CHAOS_SEED ?? 20261128);
 const GRANTS = 300;
@@ -163,22 +164,6 @@ async function baremetalPlugin(dir: string): Promise<BaremetalPlugin | null> {
 }
 
 // ---- helpers ------------------------------------------------------------------------------------
-
-/** Is `pid` still a process of this run dir (by command line or cwd)? Guards against pid reuse. */
-function aliveInRun(pid: number, runDir: string): boolean {
-  try {
-    const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8");
-    let cwd = "";
-    try {
-      cwd = readlinkSync(`/proc/${pid}/cwd`);
-    } catch {
-      /* exited meanwhile */
-    }
-    return cmdline.includes(runDir) || cwd.startsWith(runDir);
-  } catch {
-    return false;
-  }
-}
 
 function countBy<K>(items: Iterable<K>): Map<K, number> {
   const m = new Map<K, number>();
