@@ -1,7 +1,7 @@
 /**
  * bench/listener: accepted grants/s and p50/p99 latency of POST /v1/grants (validation, routing,
  * fsync-durable group commit) against a bare fastify route, in the same run.
- *   node --import tsx bench/listener.ts [seconds] [connections]
+ *   node --import tsx bench/listener.ts [seconds per route] [connections] [rounds]
  */
 import Fastify from "fastify";
 import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
@@ -51,7 +51,7 @@ ram_mib = 1000
 max_concurrent = 1
 `;
 
-export async function run(seconds = 4, connections = 32): Promise<{ bare: LoadResult; bridge: LoadResult; text: string }> {
+export async function run(seconds = 6, connections = 32, rounds = 3): Promise<{ bare: LoadResult; bridge: LoadResult; text: string }> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-"));
   const log = createLogger("silent");
   const sample = (i: number) =>
@@ -79,9 +79,18 @@ export async function run(seconds = 4, connections = 32): Promise<{ bare: LoadRe
   const headers = { authorization: `Bearer ${TOKEN}` };
   const template = sample(0).replace(`bench-${process.pid}-0`, `bench-${process.pid}-__I__`);
   await loadInChild({ url: bareUrl, connections, seconds: 0.5, template }); // warm-up
-  const bareRes = await loadInChild({ url: bareUrl, connections, seconds, template });
-  await loadInChild({ url: bridgeUrl, connections, seconds: 0.5, headers, template, offset: 50_000_000 }); // warm-up
-  const bridgeRes = await loadInChild({ url: bridgeUrl, connections, seconds, headers, template, offset: 10_000_000 });
+  await loadInChild({ url: bridgeUrl, connections, seconds: 0.5, headers, template, offset: 900_000_000 }); // warm-up
+  // Alternating rounds, so a noisy neighbour hits both routes alike; figures are medians of rounds.
+  const bareRounds: LoadResult[] = [];
+  const bridgeRounds: LoadResult[] = [];
+  for (let r = 0; r < rounds; r++) {
+    bareRounds.push(await loadInChild({ url: bareUrl, connections, seconds: seconds / rounds, template }));
+    bridgeRounds.push(await loadInChild({ url: bridgeUrl, connections, seconds: seconds / rounds, headers, template, offset: r * 100_000_000 }));
+  }
+  const bareRes = medianOf(bareRounds);
+  const bridgeRes = medianOf(bridgeRounds);
+  const ratios = bridgeRounds.map((b, i) => b.rps / bareRounds[i]!.rps);
+  const p99Ratios = bridgeRounds.map((b, i) => b.p99 / bareRounds[i]!.p99);
 
   // The disk's own floor: one durable accept waits for at least one WAL fsync.
   const fsyncMs = measureFsync(dir);
@@ -95,11 +104,32 @@ export async function run(seconds = 4, connections = 32): Promise<{ bare: LoadRe
     ["route", "req/s", "p50 ms", "p99 ms", "non-2xx"],
     ["bare fastify POST (baseline)", bareRes.rps, bareRes.p50, bareRes.p99, bareRes.requests - (bareRes.statuses[202] ?? 0)],
     ["POST /v1/grants (durable accept)", bridgeRes.rps, bridgeRes.p50, bridgeRes.p99, bridgeRes.requests - (bridgeRes.statuses[202] ?? 0)],
-    ["ratio bridge / bare", bridgeRes.rps / bareRes.rps, bridgeRes.p50 / bareRes.p50, bridgeRes.p99 / bareRes.p99, ""],
+    ["ratio bridge / bare", median(ratios), bridgeRes.p50 / bareRes.p50, median(p99Ratios), ""],
   ]);
+  const perRound = `per round (bridge/bare): throughput ${ratios.map((x) => x.toFixed(2)).join(", ")}; p99 ${p99Ratios.map((x) => x.toFixed(2)).join(", ")}`;
   const ceiling = (connections * 1000) / fsyncMs;
   const note = `disk floor: fsync of a 4 KiB append here takes ${fsyncMs.toFixed(2)} ms (median of 50), so ${connections} closed-loop connections can get at most ~${Math.round(ceiling)} durable accepts/s (${(ceiling / bareRes.rps).toFixed(2)} of the bare route); the bridge reached ${((bridgeRes.rps / ceiling) * 100).toFixed(0)} % of that ceiling`;
-  return { bare: bareRes, bridge: bridgeRes, text: `${text}\n${note}` };
+  return { bare: bareRes, bridge: bridgeRes, text: `${text}\n${perRound}\n${note}` };
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+}
+
+/** Per-figure medians of several rounds (requests and seconds summed). */
+function medianOf(rs: LoadResult[]): LoadResult {
+  const statuses: Record<number, number> = {};
+  for (const r of rs) for (const [k, v] of Object.entries(r.statuses)) statuses[Number(k)] = (statuses[Number(k)] ?? 0) + v;
+  return {
+    requests: rs.reduce((a, r) => a + r.requests, 0),
+    errors: rs.reduce((a, r) => a + r.errors, 0),
+    seconds: rs.reduce((a, r) => a + r.seconds, 0),
+    rps: median(rs.map((r) => r.rps)),
+    p50: median(rs.map((r) => r.p50)),
+    p99: median(rs.map((r) => r.p99)),
+    statuses,
+  };
 }
 
 /** Median time of an append + fsync on the state disk. */
@@ -119,6 +149,7 @@ function measureFsync(dir: string): number {
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {
-  const r = await run(Number(process.argv[2] ?? 4), Number(process.argv[3] ?? 32));
-  console.log(`listener accept path, ${r.bridge.seconds.toFixed(1)} s per route, 32 connections\n${r.text}`);
+  const [seconds, connections, rounds] = [Number(process.argv[2] ?? 6), Number(process.argv[3] ?? 32), Number(process.argv[4] ?? 3)];
+  const r = await run(seconds, connections, rounds);
+  console.log(`listener accept path: ${rounds} alternating rounds of ${(seconds / rounds).toFixed(1)} s per route, ${connections} connections\n${r.text}`);
 }

@@ -104,12 +104,22 @@ export class GrantManager {
   async submit(req: GrantRequest): Promise<SubmitResult> {
     const { grant, envelope } = req;
     const digest = sha256Hex(canonicalJson(req));
-    const existing = this.o.store.get(grant.request_id);
-    if (existing) return { status: existing.body_digest === digest ? "duplicate" : "conflict", record: existing };
-    if (this.o.almanac.toWallMs(grant.valid_to) <= this.o.clock.now())
+    // A re-post is answered from the store whatever has changed since (valid_to passed, capacity
+    // taken): it is looked up whenever the new grant would be refused, and otherwise inside the
+    // accept commit itself, so the common path reads the database once, in the writer.
+    const known = (): SubmitResult | null => {
+      const existing = this.o.store.get(grant.request_id);
+      return existing ? { status: existing.body_digest === digest ? "duplicate" : "conflict", record: existing } : null;
+    };
+    if (this.o.almanac.toWallMs(grant.valid_to) <= this.o.clock.now()) {
+      const k = known();
+      if (k) return k;
       throw new ValidationError("grant.valid_to", `tick ${grant.valid_to} (${this.o.almanac.toDate(grant.valid_to).toISOString()}) is already in the past`);
+    }
     const route = this.o.fleet.route(grant);
     if (!route.ok) {
+      const k = known();
+      if (k) return k;
       this.o.events?.decline?.(route.declines);
       return { status: "declined", declines: route.declines };
     }

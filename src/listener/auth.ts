@@ -1,9 +1,13 @@
-import { createHash, timingSafeEqual } from "node:crypto";
+import { hash, timingSafeEqual } from "node:crypto";
 
-/** Constant-time bearer check: both sides are hashed first so lengths never leak. */
-export function bearerMatches(header: string | undefined, token: string): boolean {
-  if (!header || !header.startsWith("Bearer ")) return false;
-  const given = createHash("sha256").update(header.slice(7)).digest();
-  const want = createHash("sha256").update(token).digest();
-  return timingSafeEqual(given, want);
+/**
+ * Constant-time bearer check: both sides are compared as SHA-256 digests, so neither the token's
+ * length nor its prefix leaks through timing. The token's digest is computed once.
+ */
+export function bearerChecker(token: string): (header: string | undefined) => boolean {
+  const want = hash("sha256", token, "buffer");
+  return (header) => {
+    if (!header || !header.startsWith("Bearer ")) return false;
+    return timingSafeEqual(hash("sha256", header.slice(7), "buffer"), want);
+  };
 }

@@ -6,7 +6,7 @@ import { GrantRequest, GrantState, RequestId, isTerminal, type ProviderCard } fr
 import { ValidationError, type GrantManager } from "../lifecycle/manager.js";
 import type { GrantRecord, Store } from "../store/store.js";
 import type { Logger } from "../util/logger.js";
-import { bearerMatches } from "./auth.js";
+import { bearerChecker } from "./auth.js";
 
 export interface ListenerOptions {
   manager: GrantManager;
@@ -94,11 +94,13 @@ export function buildListener(o: ListenerOptions): Listener {
   // JSON only: everything else is 415.
   app.removeContentTypeParser(["text/plain"]);
 
-  app.addHook("onRequest", async (req, reply) => {
-    if (draining) return reply.code(503).header("connection", "close").send({ error: "shutting_down", message: "the bridge is shutting down" });
-    if (req.url === "/healthz") return;
-    if (!bearerMatches(req.headers.authorization, o.token))
-      return reply.code(401).header("www-authenticate", 'Bearer realm="compute-bridge"').send({ error: "unauthorized", message: "missing or invalid bearer token" });
+  const authorized = bearerChecker(o.token);
+  // A callback hook (not async): no promise per request on the hot path.
+  app.addHook("onRequest", (req, reply, done) => {
+    if (draining) return void reply.code(503).header("connection", "close").send({ error: "shutting_down", message: "the bridge is shutting down" });
+    if (req.url !== "/healthz" && !authorized(req.headers.authorization))
+      return void reply.code(401).header("www-authenticate", 'Bearer realm="compute-bridge"').send({ error: "unauthorized", message: "missing or invalid bearer token" });
+    done();
   });
 
   app.setErrorHandler((err: FastifyError, req, reply) => {

@@ -149,6 +149,8 @@ export class Store {
   private fsyncsInFlight = 0;
   private readonly jsonlPath: string;
   private readonly stmts: ReturnType<Store["prepareStatements"]>;
+  /** Runs fn in a transaction, or in a savepoint when one is open (one wrapper, built once). */
+  private readonly tx: <T>(fn: () => T) => T;
   /** Observed write latencies (ms), for metrics. */
   onWrite?: (op: string, ms: number) => void;
 
@@ -168,6 +170,7 @@ export class Store {
     this.db.pragma("busy_timeout = 5000");
     this.migrate();
     this.stmts = this.prepareStatements();
+    this.tx = this.db.transaction((fn: () => unknown) => fn()) as <T>(fn: () => T) => T;
     this.jsonlPath = path.join(stateDir, "compute-log.jsonl");
     this.flushJsonl();
   }
@@ -222,15 +225,15 @@ export class Store {
     const results: ({ ok: true; v: unknown } | { ok: false; e: unknown })[] = [];
     try {
       this.timed("group_commit", () =>
-        this.db.transaction(() => {
+        this.tx(() => {
           for (const { fn } of batch) {
             try {
-              results.push({ ok: true, v: this.db.transaction(fn)() });
+              results.push({ ok: true, v: this.tx(fn) });
             } catch (e) {
               results.push({ ok: false, e });
             }
           }
-        })(),
+        }),
       );
     } catch (e) {
       for (const p of batch) p.reject(e);
@@ -281,8 +284,7 @@ export class Store {
         public_key: g.public_key,
         now,
       });
-      this.stmts.transition.run({ request_id: g.request_id, from_state: null, to_state: "accepted", backend: g.backend, note: null, at: now });
-      this.stmts.transition.run({ request_id: g.request_id, from_state: "accepted", to_state: "provisioning", backend: g.backend, note: "idempotency key derived from request_id", at: now });
+      this.stmts.transition.run({ request_id: g.request_id, from_state: null, to_state: "provisioning", backend: g.backend, note: "accepted and routed; idempotency key derived from request_id", at: now });
       // The new record, built from what was just written (no read-back on the accept path).
       const record: GrantRecord = {
         seq: Number(info.lastInsertRowid),
@@ -364,7 +366,7 @@ export class Store {
     } = {},
   ): GrantRecord {
     return this.timed("transition", () =>
-      this.db.transaction(() => {
+      this.tx(() => {
         const row = this.getRow(id);
         if (!row) throw new Error(`unknown grant ${id}`);
         const now = this.nowIso();
@@ -379,7 +381,7 @@ export class Store {
         this.prepared(`UPDATE grants SET ${cols.join(", ")} WHERE request_id = @request_id`).run(set);
         this.stmts.transition.run({ request_id: id, from_state: row.state, to_state: to, backend: changes.backend ?? row.backend, note: changes.note ?? null, at: now });
         return toRecord(this.getRow(id)!);
-      })(),
+      }),
     );
   }
 
@@ -404,13 +406,13 @@ export class Store {
     publish = false,
   ): GrantRecord {
     return this.timed("finish", () =>
-      this.db.transaction(() => {
+      this.tx(() => {
         const r = this.transition(id, to, { ...changes, note: `exit_reason=${log.exit_reason}` });
         const json = JSON.stringify(log);
         this.db.prepare("INSERT OR REPLACE INTO compute_logs (request_id, log_json, jsonl_pending, created_at) VALUES (?, ?, 1, ?)").run(id, json, this.nowIso());
         if (publish) this.enqueue("log", id, json);
         return r;
-      })(),
+      }),
     );
   }
 

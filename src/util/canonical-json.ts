@@ -1,4 +1,4 @@
-import { createHash } from "node:crypto";
+import { hash } from "node:crypto";
 
 /**
  * Deterministic JSON: object keys sorted at every depth, no whitespace, `undefined` members
@@ -23,5 +23,5 @@ function sortDeep(v: unknown): unknown {
 }
 
 export function sha256Hex(data: string | Buffer): string {
-  return createHash("sha256").update(data).digest("hex");
+  return hash("sha256", data, "hex");
 }

@@ -148,13 +148,21 @@ describe("listener", () => {
   it("expiry -> expired, workload killed", async (t) => {
     const { url } = await startTestDaemon(t);
     const img = scriptImage(tempDir(t), "forever", "sleep 600");
-    const r = await call(url, "POST", "/v1/grants", body("exp-1", img, { valid_to: tickIn(2) }));
+    const b = body("exp-1", img, { valid_to: tickIn(2) });
+    const r = await call(url, "POST", "/v1/grants", b);
     assert.equal(r.status, 202);
     const g = await waitState(url, "exp-1", ["expired"], 15_000);
     assert.equal(g.state, "expired");
     const log = (await call(url, "GET", "/v1/grants/exp-1/log")).body;
     assert.equal(log.exit_reason, "expired");
     assert.equal(log.partial, true);
+    // valid_to is now in the past: a re-post still gets the record (200), a changed body 409,
+    // rather than the 400 a new grant with that valid_to would get.
+    const again = await call(url, "POST", "/v1/grants", b);
+    assert.equal(again.status, 200);
+    assert.equal(again.body.state, "expired");
+    assert.equal((await call(url, "POST", "/v1/grants", body("exp-1", img, { valid_to: b.grant.valid_to, ram_mib: 512 }))).status, 409);
+    assert.equal((await call(url, "POST", "/v1/grants", body("exp-2", img, { valid_to: b.grant.valid_to }))).status, 400);
   });
 
   it("cancel -> cancelled", async (t) => {

@@ -17,7 +17,8 @@ describe("store", () => {
     const [a, b, c, d] = await Promise.all([s.accept(n("g1", "d1")), s.accept(n("g1", "d1")), s.accept(n("g1", "d2")), s.accept(n("g2", "d1"))]);
     assert.deepEqual([a.status, b.status, c.status, d.status], ["created", "duplicate", "conflict", "created"]);
     assert.equal(s.nonTerminal().length, 2);
-    assert.deepEqual(s.transitions("g1").map((x) => x.to_state), ["accepted", "provisioning"]);
+    // Accepted and routed in one commit: one audit row, already naming the backend.
+    assert.deepEqual(s.transitions("g1").map((x) => [x.from_state, x.to_state, x.backend]), [[null, "provisioning", "local"]]);
   });
 
   it("is durable across reopen and refuses a newer schema", (t) => {
