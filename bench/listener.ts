@@ -78,14 +78,24 @@ export async function run(seconds = 6, connections = 32, rounds = 3): Promise<{ 
 
   const headers = { authorization: `Bearer ${TOKEN}` };
   const template = sample(0).replace(`bench-${process.pid}-0`, `bench-${process.pid}-__I__`);
-  await loadInChild({ url: bareUrl, connections, seconds: 0.5, template }); // warm-up
-  await loadInChild({ url: bridgeUrl, connections, seconds: 0.5, headers, template, offset: 900_000_000 }); // warm-up
+  // Warm-up (JIT, the writer thread, connection pools), not measured.
+  await loadInChild({ url: bareUrl, connections, seconds: 1, template });
+  await loadInChild({ url: bridgeUrl, connections, seconds: 1, headers, template, offset: 900_000_000 });
   // Alternating rounds, so a noisy neighbour hits both routes alike; figures are medians of rounds.
   const bareRounds: LoadResult[] = [];
   const bridgeRounds: LoadResult[] = [];
+  // Server CPU per request counts every thread of this process (the store's writer included).
+  const serverCpu = { bare: 0, bridge: 0 };
+  const measured = async (route: "bare" | "bridge", o: Parameters<typeof loadInChild>[0]) => {
+    const c0 = process.cpuUsage();
+    const res = await loadInChild(o);
+    const c = process.cpuUsage(c0);
+    serverCpu[route] += (c.user + c.system) / 1000;
+    return res;
+  };
   for (let r = 0; r < rounds; r++) {
-    bareRounds.push(await loadInChild({ url: bareUrl, connections, seconds: seconds / rounds, template }));
-    bridgeRounds.push(await loadInChild({ url: bridgeUrl, connections, seconds: seconds / rounds, headers, template, offset: r * 100_000_000 }));
+    bareRounds.push(await measured("bare", { url: bareUrl, connections, seconds: seconds / rounds, template }));
+    bridgeRounds.push(await measured("bridge", { url: bridgeUrl, connections, seconds: seconds / rounds, headers, template, offset: r * 100_000_000 }));
   }
   const bareRes = medianOf(bareRounds);
   const bridgeRes = medianOf(bridgeRounds);
@@ -106,10 +116,13 @@ export async function run(seconds = 6, connections = 32, rounds = 3): Promise<{ 
     ["POST /v1/grants (durable accept)", bridgeRes.rps, bridgeRes.p50, bridgeRes.p99, bridgeRes.requests - (bridgeRes.statuses[202] ?? 0)],
     ["ratio bridge / bare", median(ratios), bridgeRes.p50 / bareRes.p50, median(p99Ratios), ""],
   ]);
+  const cpuPer = (ms: number, rs: LoadResult[]) => (ms * 1000) / rs.reduce((a, r) => a + r.requests, 0);
+  const clientPer = (rs: LoadResult[]) => cpuPer(rs.reduce((a, r) => a + (r.clientCpuMs ?? 0), 0), rs);
+  const cpuLine = `CPU per request (µs): server ${cpuPer(serverCpu.bare, bareRounds).toFixed(0)} bare vs ${cpuPer(serverCpu.bridge, bridgeRounds).toFixed(0)} bridge; load generator ${clientPer(bareRounds).toFixed(0)} vs ${clientPer(bridgeRounds).toFixed(0)}`;
   const perRound = `per round (bridge/bare): throughput ${ratios.map((x) => x.toFixed(2)).join(", ")}; p99 ${p99Ratios.map((x) => x.toFixed(2)).join(", ")}`;
   const ceiling = (connections * 1000) / fsyncMs;
   const note = `disk floor: fsync of a 4 KiB append here takes ${fsyncMs.toFixed(2)} ms (median of 50), so ${connections} closed-loop connections can get at most ~${Math.round(ceiling)} durable accepts/s (${(ceiling / bareRes.rps).toFixed(2)} of the bare route); the bridge reached ${((bridgeRes.rps / ceiling) * 100).toFixed(0)} % of that ceiling`;
-  return { bare: bareRes, bridge: bridgeRes, text: `${text}\n${perRound}\n${note}` };
+  return { bare: bareRes, bridge: bridgeRes, text: `${text}\n${perRound}\n${cpuLine}\n${note}` };
 }
 
 function median(xs: number[]): number {

@@ -162,6 +162,16 @@ async function run(file: string, logLevel: string | undefined, io: Io): Promise<
     };
     process.once("SIGTERM", () => stop("SIGTERM"));
     process.once("SIGINT", () => stop("SIGINT"));
+    void d.failed.then(() => {
+      if (stopping) return;
+      stopping = true;
+      const hard = setTimeout(() => resolve(1), 10_000);
+      hard.unref();
+      void d.close().finally(() => {
+        clearTimeout(hard);
+        resolve(1);
+      });
+    });
   });
 }
 

@@ -55,6 +55,11 @@ export interface Daemon {
   /** Address of the separate metrics listener, when metrics_bind is set. */
   metricsUrl: string | null;
   close(): Promise<void>;
+  /**
+   * Resolves if the daemon can no longer keep its promises (the state database writer died):
+   * nothing more is acknowledged, and the process should exit non-zero so its supervisor restarts it.
+   */
+  failed: Promise<Error>;
 }
 
 function mergeEvents(a: ManagerEvents, b: ManagerEvents): ManagerEvents {
@@ -118,8 +123,13 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     const d = sha256Hex(canonicalJson(c));
     if (d === lastCardDigest) return;
     lastCardDigest = d;
-    store.enqueue("card", "card", JSON.stringify(c));
-    publisher?.notify();
+    store.enqueue("card", "card", JSON.stringify(c)).then(
+      () => publisher?.notify(),
+      (e: unknown) => {
+        lastCardDigest = ""; // the next check queues it again
+        if (!stopping) log.error({ err: e }, "could not queue the provider card for the market");
+      },
+    );
   };
 
   // Re-attach or sweep what backends hold, then continue every open grant.
@@ -212,6 +222,10 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     card,
     metrics,
     ready,
+    failed: store.failed.then((e) => {
+      log.fatal({ err: e }, "the state database can no longer be written; stopping (running workloads are left running and resume on the next start)");
+      return e;
+    }),
     metricsUrl: metricsServer ? `http://${cfg.listener.metrics_bind!.replace(/:0$/, `:${(metricsServer.server.address() as { port: number }).port}`)}` : null,
     close: () =>
       (closing ??= (async () => {
@@ -224,7 +238,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
         await publisher?.stop();
         await metricsServer?.close();
         await fleet.close();
-        store.close();
+        await store.close();
         releaseLock();
         log.info("compute-bridge stopped; running workloads were left running and resume on the next start");
         log.flush?.();

@@ -8,6 +8,8 @@ export interface LoadResult {
   p50: number;
   p99: number;
   statuses: Record<number, number>;
+  /** CPU time of the load generator's process (loadInChild only). */
+  clientCpuMs?: number;
 }
 
 /**

@@ -159,10 +159,11 @@ export class GrantManager {
   }
 
   /** Request cancellation; the grant ends as `cancelled` once its instance is terminated. */
-  cancel(id: string): GrantRecord | null {
+  async cancel(id: string): Promise<GrantRecord | null> {
     const rec = this.o.store.get(id);
     if (!rec || rec.outcome || ["completed", "failed", "expired", "cancelled"].includes(rec.state)) return rec;
-    const updated = this.o.store.requestCancel(id);
+    // Recorded before acting on it: a restart still cancels.
+    const updated = await this.o.store.requestCancel(id);
     this.tasks.get(id)?.cancel();
     this.o.log.info({ request_id: id, backend: rec.backend, state: rec.state }, "cancel requested");
     return updated;
@@ -276,7 +277,7 @@ export class GrantManager {
         const tried = new Set(attempts.map((a) => a.backend));
         const next = attempts.length < this.o.maxAttempts ? this.o.fleet.route(grant, tried) : null;
         if (!next || !next.ok) {
-          rec = await this.o.store.transitionAsync(grant.request_id, "provisioning", { attempts, note: "no backend left to try" });
+          rec = await this.o.store.transition(grant.request_id, "provisioning", { attempts, note: "no backend left to try" });
           throw e;
         }
         this.o.log.warn({ request_id: grant.request_id, backend: backend.name, next_backend: next.backend.name, err: { kind, message: messageOf(e) } }, "failing over to the next backend");
@@ -359,7 +360,7 @@ export class GrantManager {
 
   private async finish(rec: GrantRecord, outcome: Outcome): Promise<void> {
     const log = buildComputeLog(this.o.providerId, rec, outcome, this.o.clock.now(), this.o.identity);
-    const done = await this.o.store.finishAsync(rec.request_id, outcome.state, log, { error_kind: outcome.error_kind, error_message: outcome.error_message }, this.o.publishLogs ?? false);
+    const done = await this.o.store.finish(rec.request_id, outcome.state, log, { error_kind: outcome.error_kind, error_message: outcome.error_message }, this.o.publishLogs ?? false);
     this.o.events?.transition?.(rec.backend, rec.state, outcome.state);
     this.o.log.info(
       { request_id: rec.request_id, backend: rec.backend, instance_id: rec.instance?.instance_id, state: done.state, exit_code: log.exit_code, partial: log.partial, ...(outcome.error_kind ? { err: { kind: outcome.error_kind } } : {}) },
@@ -369,7 +370,7 @@ export class GrantManager {
   }
 
   private async transition(rec: GrantRecord, to: GrantRecord["state"], changes: Parameters<Store["transition"]>[2]): Promise<GrantRecord> {
-    const next = await this.o.store.transitionAsync(rec.request_id, to, changes);
+    const next = await this.o.store.transition(rec.request_id, to, changes);
     this.o.events?.transition?.(next.backend, rec.state, to);
     this.o.log.info({ request_id: rec.request_id, backend: next.backend, state: to, instance_id: next.instance?.instance_id }, `grant ${to}`);
     return next;

@@ -72,10 +72,58 @@ function badRequest(issues: { path: string; message: string }[]) {
   return { error: "invalid_request", message: issues.map((i) => `${i.path}: ${i.message}`).slice(0, 5).join("; "), issues: issues.slice(0, 50) };
 }
 
+type Bindings = Record<string, unknown>;
+type LogFn = (...args: unknown[]) => void;
+
+/**
+ * fastify gives every request a child logger bound to its id; building one (bindings serialized,
+ * redaction applied) costs more than the rest of routing. This one is built on the first log line,
+ * which on the accept path means never.
+ */
+class LazyChildLogger {
+  private real: Logger | null = null;
+  constructor(
+    private readonly parent: Logger,
+    private readonly bindings: Bindings,
+  ) {}
+  private get log(): Logger {
+    return (this.real ??= this.parent.child(this.bindings));
+  }
+  get level(): string {
+    return this.parent.level;
+  }
+  isLevelEnabled(level: string): boolean {
+    return this.parent.isLevelEnabled(level);
+  }
+  child(bindings: Bindings): Logger {
+    return this.log.child(bindings);
+  }
+  fatal(...a: unknown[]): void {
+    (this.log.fatal as LogFn).apply(this.log, a);
+  }
+  error(...a: unknown[]): void {
+    (this.log.error as LogFn).apply(this.log, a);
+  }
+  warn(...a: unknown[]): void {
+    (this.log.warn as LogFn).apply(this.log, a);
+  }
+  info(...a: unknown[]): void {
+    (this.log.info as LogFn).apply(this.log, a);
+  }
+  debug(...a: unknown[]): void {
+    (this.log.debug as LogFn).apply(this.log, a);
+  }
+  trace(...a: unknown[]): void {
+    (this.log.trace as LogFn).apply(this.log, a);
+  }
+  silent(): void {}
+}
+
 export function buildListener(o: ListenerOptions): Listener {
   let draining = false;
   const app = Fastify({
     loggerInstance: o.log.child({ component: "listener" }),
+    childLoggerFactory: (logger, bindings) => new LazyChildLogger(logger as Logger, bindings) as unknown as Logger,
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: o.bodyLimit,
     requestIdHeader: false,
@@ -160,7 +208,7 @@ export function buildListener(o: ListenerOptions): Listener {
   app.delete("/v1/grants/:id", async (req, reply) => {
     const id = idParam(req.params);
     if (!id.success) return reply.code(400).send(badRequest([{ path: "request_id", message: id.error.issues[0]?.message ?? "invalid" }]));
-    const rec = o.manager.cancel(id.data);
+    const rec = await o.manager.cancel(id.data);
     if (!rec) return reply.code(404).send({ error: "not_found", message: `no grant ${id.data}` });
     return reply.code(isTerminal(rec.state) ? 200 : 202).send(grantView(rec));
   });

@@ -49,7 +49,7 @@ export class MarketPublisher {
         if (this.stopped) return;
         const url = item.kind === "card" ? this.cfg.card_url : this.cfg.log_url;
         if (!url) {
-          this.store.ackOutbox(item.id, item.payload);
+          await this.store.ackOutbox(item.id, item.payload);
           continue;
         }
         try {
@@ -61,14 +61,14 @@ export class MarketPublisher {
           });
           await res.arrayBuffer().catch(() => undefined);
           if (!res.ok) throw new Error(`HTTP ${res.status}`);
-          this.store.ackOutbox(item.id, item.payload);
+          await this.store.ackOutbox(item.id, item.payload);
           this.delivered++;
           this.log.debug({ kind: item.kind, key: item.key }, "delivered to the market");
         } catch (e) {
           if (this.stopped) return;
           this.failures++;
           const delay = Math.max(200, backoffMs(item.attempts + 1, 1000, this.cfg.retry_max_seconds * 1000));
-          this.store.retryOutbox(item.id, this.clock.now() + delay, (e as Error).message);
+          await this.store.retryOutbox(item.id, this.clock.now() + delay, (e as Error).message);
           this.log.warn({ kind: item.kind, key: item.key, attempt: item.attempts + 1, retry_in_ms: delay, err: { message: (e as Error).message } }, "market delivery failed; will retry");
         }
       }

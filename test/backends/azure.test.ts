@@ -607,7 +607,7 @@ describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
     const cancelled = "life.3";
     await manager.submit({ grant: grant(cancelled), envelope: { image: IMAGE } });
     await until(() => store.get(cancelled)?.state === "running", "the third grant to run");
-    manager.cancel(cancelled);
+    await manager.cancel(cancelled);
     await manager.settled(cancelled);
     assert.equal(store.get(cancelled)?.state, "cancelled");
     assert.deepEqual(leftovers(s.fake), []);

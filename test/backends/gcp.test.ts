@@ -334,7 +334,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     assert.equal((disk["initializeParams"] as JsonObject)["sourceImage"], "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64");
     assert.equal(fake.getInstance(PROJECT, "us-central1-a", nameOf(rid))?.["cpuPlatform"], "Intel Sapphire Rapids");
 
-    manager.cancel(rid);
+    await manager.cancel(rid);
     const done = await settledRecord(store, rid);
     assert.equal(done.state, "cancelled");
     assert.equal(fake.listInstances({ project: PROJECT }).length, 0);

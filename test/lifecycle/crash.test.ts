@@ -41,25 +41,28 @@ describe("crash safety", () => {
     const gate = path.join(dir, "gate");
     const config = writeLocalConfig(dir, { stateDir, logLevel: "info" });
     const img = scriptImage(dir, "work", `echo "$ID" >> ${starts}; while [ ! -e ${gate} ]; do sleep 0.02; done; exit 5`);
-    const slow = await slowImageServer(t, img.file);
+    // The held grants get an image of their own: one already in the local image cache (filled by
+    // the grants that run) would let them start without waiting for the download.
+    const heldImg = scriptImage(dir, "held-work", `: held; echo "$ID" >> ${starts}; while [ ! -e ${gate} ]; do sleep 0.02; done; exit 5`);
+    const slow = await slowImageServer(t, heldImg.file);
     let daemon: ChildDaemon | null = await spawnDaemon(config);
     t.after(async () => {
       if (daemon) await daemon.kill9();
     });
 
-    const post = (url: string, id: string, imageUrl: string, validIn = 300) =>
+    const post = (url: string, id: string, image: { url: string; sha256: string }, validIn = 300) =>
       call(url, "POST", "/v1/grants", {
         grant: { request_id: id, region: "local", tdx_required: false, cpu_millicores: 100, ram_mib: 64, valid_to: tickIn(validIn) },
-        envelope: { image: { url: imageUrl, sha256: img.sha256, format: "bundle" }, env: { ID: id } },
+        envelope: { image: { url: image.url, sha256: image.sha256, format: "bundle" }, env: { ID: id } },
       });
 
     // 20 grants that start running, 10 stuck mid-provision (image download held), 3 that will expire while the daemon is down.
     const running = Array.from({ length: 20 }, (_, i) => `run-${i}`);
     const provisioning = Array.from({ length: 10 }, (_, i) => `prov-${i}`);
     const expiring = Array.from({ length: 3 }, (_, i) => `exp-${i}`);
-    for (const id of running) assert.equal((await post(daemon.url, id, img.url)).status, 202);
-    for (const id of provisioning) assert.equal((await post(daemon.url, id, slow.url)).status, 202);
-    for (const id of expiring) assert.equal((await post(daemon.url, id, img.url, 3)).status, 202);
+    for (const id of running) assert.equal((await post(daemon.url, id, img)).status, 202);
+    for (const id of provisioning) assert.equal((await post(daemon.url, id, { url: slow.url, sha256: heldImg.sha256 })).status, 202);
+    for (const id of expiring) assert.equal((await post(daemon.url, id, img, 3)).status, 202);
     await until(() => existsSync(starts) && readFileSync(starts, "utf8").trim().split("\n").length >= 23, "23 workloads to start");
     const states = await call(daemon.url, "GET", "/v1/grants?limit=1000");
     assert.ok(states.body.grants.some((g: { state: string }) => g.state === "provisioning"), `some grants are mid-provision at the kill: ${JSON.stringify(states.body.grants.map((g: { request_id: string; state: string }) => [g.request_id, g.state]))}`);

@@ -195,6 +195,19 @@ describe("listener", () => {
     assert.equal(page2.body.next_after, null);
   });
 
+  it("if the state database can no longer be written, acknowledges nothing and reports the failure", async (t) => {
+    const { url, d, logs } = await startTestDaemon(t);
+    const img = scriptImage(tempDir(t), "x", "true");
+    await (d.store as unknown as { worker: import("node:worker_threads").Worker }).worker.terminate();
+    assert.match((await d.failed).message, /state database writer failed/);
+    const r = await call(url, "POST", "/v1/grants", body("nowrite-1", img));
+    assert.equal(r.status, 500);
+    assert.equal(r.body.error, "internal");
+    assert.equal(d.store.get("nowrite-1"), null);
+    assert.equal((await call(url, "GET", "/healthz")).status, 200, "the listener still answers (the CLI exits non-zero on `failed`)");
+    assert.ok(logs.lines.some((l) => l.includes('"level":"fatal"') && l.includes("can no longer be written")), `a fatal log line: ${logs.lines.filter((l) => l.includes("writer")).join("\n")}`);
+  });
+
   it("returns 503 while shutting down", async (t) => {
     const td = await startTestDaemon(t);
     td.d.listener.drain();

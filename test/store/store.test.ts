@@ -1,5 +1,8 @@
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { describe, it } from "node:test";
+import type { Worker } from "node:worker_threads";
 import Database from "better-sqlite3";
 import path from "node:path";
 import { SCHEMA_VERSION, Store } from "../../src/store/store.js";
@@ -8,6 +11,11 @@ import { tempDir } from "../helpers/tmp.js";
 
 const grant = (id: string) => ({ request_id: id, region: "r", tdx_required: false, cpu_millicores: 1, ram_mib: 1, valid_to: 1 });
 const envelope = { image: { url: "file:///x", sha256: "a".repeat(64), format: "bundle" as const } };
+
+const newGrant = (id: string, digest = "d") => ({ request_id: id, body_digest: digest, grant: grant(id), envelope, backend: "local", private_key: null, public_key: null });
+const log = (id: string) => ({ request_id: id, exit_reason: "exited" }) as never;
+/** The writer thread, to stop it the way a crash of that thread would. */
+const writerOf = (s: Store) => (s as unknown as { worker: Worker }).worker;
 
 describe("store", () => {
   it("group-commits accepts that arrive together and detects duplicates and conflicts in one batch", async (t) => {
@@ -32,5 +40,76 @@ describe("store", () => {
     db.pragma(`user_version = ${SCHEMA_VERSION + 1}`);
     db.close();
     assert.throws(() => new Store(dir, systemClock), /newer than this build/);
+  });
+
+  it("fails only the operation that fails, not the rest of its batch", async (t) => {
+    const s = new Store(tempDir(t), systemClock);
+    t.after(() => s.close());
+    const [a, bad, b] = await Promise.allSettled([s.accept(newGrant("g1")), s.transition("nope", "running"), s.accept(newGrant("g2"))]);
+    assert.equal(a.status, "fulfilled");
+    assert.equal(b.status, "fulfilled");
+    assert.equal(bad.status, "rejected");
+    assert.match(String((bad as PromiseRejectedResult).reason), /unknown grant nope/);
+    assert.deepEqual(s.nonTerminal().map((g) => g.request_id), ["g1", "g2"]);
+  });
+
+  it("answers a write only after its commit, and reads on this thread see it", async (t) => {
+    const dir = tempDir(t);
+    const s = new Store(dir, systemClock);
+    t.after(() => s.close());
+    const pending = s.accept(newGrant("g1"));
+    assert.equal(s.get("g1"), null, "nothing is visible before the writer commits");
+    await pending;
+    const running = await s.transition("g1", "running", { note: "up" });
+    assert.equal(running.state, "running");
+    assert.equal(s.get("g1")?.state, "running");
+    const done = await s.finish("g1", "completed", log("g1"), {}, true);
+    assert.equal(done.state, "completed");
+    assert.deepEqual(s.computeLog("g1"), log("g1"));
+    // The jsonl line is appended (and fsync'd) before finish() resolves; the log is queued for the market.
+    assert.equal(readFileSync(path.join(dir, "compute-log.jsonl"), "utf8"), `${JSON.stringify(log("g1"))}\n`);
+    assert.equal(s.outboxSize(), 1);
+    assert.deepEqual(s.transitions("g1").map((x) => x.to_state), ["provisioning", "running", "completed"]);
+  });
+
+  it("close() commits what was queued before it; later writes are refused", async (t) => {
+    const dir = tempDir(t);
+    const s = new Store(dir, systemClock);
+    const queued = s.accept(newGrant("late"));
+    await s.close();
+    assert.equal((await queued).status, "created");
+    await assert.rejects(s.accept(newGrant("after")), /state database is closed/);
+    const again = new Store(dir, systemClock);
+    t.after(() => again.close());
+    assert.equal(again.get("late")?.state, "provisioning");
+  });
+
+  it("when the writer thread dies, every pending and later write fails and `failed` says why", async (t) => {
+    const s = new Store(tempDir(t), systemClock);
+    t.after(() => s.close());
+    await s.accept(newGrant("before"));
+    const inFlight = s.accept(newGrant("lost"));
+    await writerOf(s).terminate();
+    await assert.rejects(inFlight, /state database writer failed/);
+    assert.match((await s.failed).message, /writer thread exited/);
+    await assert.rejects(s.transition("before", "running"), /state database writer failed/);
+    assert.equal(s.get("before")?.state, "provisioning", "reads keep working");
+  });
+
+  it("an idle store does not keep the process alive", async (t) => {
+    const dir = tempDir(t);
+    const script = `
+      import { Store } from ${JSON.stringify(new URL("../../src/store/store.ts", import.meta.url).href)};
+      import { systemClock } from ${JSON.stringify(new URL("../../src/util/clock.ts", import.meta.url).href)};
+      const s = new Store(${JSON.stringify("__DIR__")}, systemClock);
+      const r = await s.accept(${JSON.stringify(newGrant("x"))});
+      console.log(r.status);
+    `;
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script.replace("__DIR__", dir)], { timeout: 30_000 }, (err, stdout, stderr) =>
+        err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout),
+      ),
+    );
+    assert.equal(out.trim(), "created");
   });
 });

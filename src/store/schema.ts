@@ -1,0 +1,200 @@
+import Database from "better-sqlite3";
+import { appendFileSync, closeSync, fsyncSync, openSync } from "node:fs";
+import type { ComputeGrant, Envelope, GrantState, ProvisionedInstance } from "../domain/index.js";
+
+// The state database's schema and row mapping, shared by the reading side (store.ts, main thread)
+// and the single writer (writer.ts, in its own thread).
+
+/** What a grant will end as once its instance is terminated: recorded before terminating. */
+export interface Outcome {
+  state: "completed" | "failed" | "expired" | "cancelled";
+  exit_code: number | null;
+  cpu_seconds: number | null;
+  ended_at: string | null;
+  error_kind: string | null;
+  error_message: string | null;
+}
+
+export interface Attempt {
+  backend: string;
+  error_kind: string;
+  message: string;
+  at: string;
+}
+
+export interface GrantRecord {
+  seq: number;
+  request_id: string;
+  body_digest: string;
+  grant: ComputeGrant;
+  envelope: Envelope;
+  state: GrantState;
+  backend: string | null;
+  instance: ProvisionedInstance | null;
+  private_key: string | null;
+  public_key: string | null;
+  error_kind: string | null;
+  error_message: string | null;
+  attempts: Attempt[];
+  cancel_requested: boolean;
+  outcome: Outcome | null;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface NewGrant {
+  request_id: string;
+  body_digest: string;
+  grant: ComputeGrant;
+  envelope: Envelope;
+  backend: string;
+  private_key: string | null;
+  public_key: string | null;
+}
+
+export type AcceptResult = { status: "created"; record: GrantRecord } | { status: "duplicate"; record: GrantRecord } | { status: "conflict"; record: GrantRecord };
+
+export interface Row {
+  seq: number;
+  request_id: string;
+  body_digest: string;
+  grant_json: string;
+  envelope_json: string;
+  state: GrantState;
+  backend: string | null;
+  instance_json: string | null;
+  private_key: string | null;
+  public_key: string | null;
+  error_kind: string | null;
+  error_message: string | null;
+  attempts_json: string;
+  cancel_requested: number;
+  outcome_json: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+/** Forward-only migrations; PRAGMA user_version records how many have run. */
+const MIGRATIONS: string[] = [
+  `CREATE TABLE grants (
+     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+     request_id TEXT NOT NULL UNIQUE,
+     body_digest TEXT NOT NULL,
+     grant_json TEXT NOT NULL,
+     envelope_json TEXT NOT NULL,
+     state TEXT NOT NULL,
+     backend TEXT,
+     instance_json TEXT,
+     private_key TEXT,
+     public_key TEXT,
+     error_kind TEXT,
+     error_message TEXT,
+     attempts_json TEXT NOT NULL DEFAULT '[]',
+     cancel_requested INTEGER NOT NULL DEFAULT 0,
+     outcome_json TEXT,
+     created_at TEXT NOT NULL,
+     updated_at TEXT NOT NULL
+   );
+   CREATE INDEX grants_state ON grants(state, seq);
+   CREATE TABLE transitions (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     request_id TEXT NOT NULL,
+     from_state TEXT,
+     to_state TEXT NOT NULL,
+     backend TEXT,
+     note TEXT,
+     at TEXT NOT NULL
+   );
+   CREATE INDEX transitions_grant ON transitions(request_id, id);
+   CREATE TABLE compute_logs (
+     request_id TEXT PRIMARY KEY,
+     log_json TEXT NOT NULL,
+     jsonl_pending INTEGER NOT NULL DEFAULT 1,
+     created_at TEXT NOT NULL
+   );
+   CREATE TABLE outbox (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     kind TEXT NOT NULL,
+     key TEXT NOT NULL,
+     payload TEXT NOT NULL,
+     attempts INTEGER NOT NULL DEFAULT 0,
+     next_attempt_at INTEGER NOT NULL,
+     last_error TEXT,
+     UNIQUE (kind, key)
+   );`,
+];
+
+export const SCHEMA_VERSION = MIGRATIONS.length;
+
+export interface OutboxItem {
+  id: number;
+  kind: "card" | "log";
+  key: string;
+  payload: string;
+  attempts: number;
+  next_attempt_at: number;
+}
+
+/** Open the state database with the pragmas every connection uses. */
+export function openDatabase(file: string): Database.Database {
+  const db = new Database(file);
+  db.pragma("journal_mode = WAL");
+  // Every commit fsyncs the WAL before it returns: nothing is acknowledged or acted on before it
+  // is on disk. Commits run on the writer thread, so the fsync never blocks the event loop.
+  db.pragma("synchronous = FULL");
+  db.pragma("busy_timeout = 5000");
+  return db;
+}
+
+export function migrate(db: Database.Database): void {
+  const current = db.pragma("user_version", { simple: true }) as number;
+  if (current > MIGRATIONS.length)
+    throw new Error(`state database schema version ${current} is newer than this build understands (${MIGRATIONS.length}); refusing to downgrade`);
+  for (let v = current; v < MIGRATIONS.length; v++) {
+    db.transaction(() => {
+      db.exec(MIGRATIONS[v]!);
+      db.pragma(`user_version = ${v + 1}`);
+    })();
+  }
+}
+
+/**
+ * Append committed ComputeLogs not yet in compute-log.jsonl, fsync it, then mark them written
+ * (at-least-once across crashes: a crash between the append and the mark repeats the line).
+ */
+export function flushJsonl(db: Database.Database, jsonlPath: string): number {
+  const rows = db.prepare("SELECT request_id, log_json FROM compute_logs WHERE jsonl_pending = 1 ORDER BY rowid").all() as { request_id: string; log_json: string }[];
+  if (rows.length === 0) return 0;
+  appendFileSync(jsonlPath, rows.map((r) => r.log_json + "\n").join(""), { mode: 0o600 });
+  const fd = openSync(jsonlPath, "r");
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  const mark = db.prepare("UPDATE compute_logs SET jsonl_pending = 0 WHERE request_id = ?");
+  db.transaction(() => rows.forEach((r) => mark.run(r.request_id)))();
+  return rows.length;
+}
+
+export function toRecord(r: Row): GrantRecord {
+  return {
+    seq: r.seq,
+    request_id: r.request_id,
+    body_digest: r.body_digest,
+    grant: JSON.parse(r.grant_json) as ComputeGrant,
+    envelope: JSON.parse(r.envelope_json) as Envelope,
+    state: r.state,
+    backend: r.backend,
+    instance: r.instance_json ? (JSON.parse(r.instance_json) as ProvisionedInstance) : null,
+    private_key: r.private_key,
+    public_key: r.public_key,
+    error_kind: r.error_kind,
+    error_message: r.error_message,
+    attempts: JSON.parse(r.attempts_json) as Attempt[],
+    cancel_requested: r.cancel_requested === 1,
+    outcome: r.outcome_json ? (JSON.parse(r.outcome_json) as Outcome) : null,
+    created_at: r.created_at,
+    updated_at: r.updated_at,
+  };
+}

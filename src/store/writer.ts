@@ -1,0 +1,165 @@
+import type Database from "better-sqlite3";
+import { flushJsonl, type Row } from "./schema.js";
+
+// The single writer of the state database. It runs on its own thread (writer-thread.ts): the
+// main thread sends batches of write operations and reads through its own connection. All values
+// arrive as plain data; timestamps come from the main thread's clock, so tests that inject a clock
+// see it in the database too.
+
+/** Grant columns a transition may change, already serialized; nothing else reaches the SQL. */
+export interface ColumnChanges {
+  backend?: string | null;
+  instance_json?: string | null;
+  error_kind?: string | null;
+  error_message?: string | null;
+  attempts_json?: string;
+  outcome_json?: string | null;
+}
+const CHANGEABLE: readonly (keyof ColumnChanges)[] = ["backend", "instance_json", "error_kind", "error_message", "attempts_json", "outcome_json"];
+
+export interface AcceptRow {
+  request_id: string;
+  body_digest: string;
+  grant_json: string;
+  envelope_json: string;
+  backend: string;
+  private_key: string | null;
+  public_key: string | null;
+}
+
+export type WriteOp =
+  | { op: "accept"; row: AcceptRow; now: string }
+  | { op: "transition"; id: string; to: string; changes: ColumnChanges; note: string | null; now: string }
+  | { op: "finish"; id: string; to: string; changes: ColumnChanges; note: string; log_json: string; publish_at: number | null; now: string }
+  | { op: "cancel"; id: string; now: string }
+  | { op: "enqueue"; kind: "card" | "log"; key: string; payload: string; next_attempt_at: number }
+  | { op: "ack"; id: number; payload: string }
+  | { op: "retry"; id: number; next_attempt_at: number; error: string };
+
+export type AcceptOutcome = { status: "created"; seq: number } | { status: "duplicate" | "conflict"; row: Row };
+
+export type WriteResult = { ok: true; value: unknown } | { ok: false; error: { name: string; message: string } };
+
+/** Messages between the Store (main thread) and writer-thread.ts. */
+export type ToWriter = { type: "batch"; id: number; ops: WriteOp[] } | { type: "close" };
+export type FromWriter = { type: "done"; id: number; results: WriteResult[]; ms: number } | { type: "closed" };
+
+export interface BatchResult {
+  results: WriteResult[];
+  /** Time spent in the transaction, its fsync and the jsonl append. */
+  ms: number;
+}
+
+export class Writer {
+  private readonly tx: <T>(fn: () => T) => T;
+  private readonly st;
+  private readonly updates = new Map<string, Database.Statement>();
+
+  constructor(
+    private readonly db: Database.Database,
+    private readonly jsonlPath: string,
+  ) {
+    this.tx = db.transaction((fn: () => unknown) => fn()) as <T>(fn: () => T) => T;
+    this.st = {
+      get: db.prepare("SELECT * FROM grants WHERE request_id = ?"),
+      digest: db.prepare("SELECT body_digest FROM grants WHERE request_id = ?").pluck(),
+      insert: db.prepare(
+        `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, private_key, public_key, created_at, updated_at)
+         VALUES (@request_id, @body_digest, @grant_json, @envelope_json, 'provisioning', @backend, @private_key, @public_key, @now, @now)`,
+      ),
+      transition: db.prepare("INSERT INTO transitions (request_id, from_state, to_state, backend, note, at) VALUES (?, ?, ?, ?, ?, ?)"),
+      computeLog: db.prepare("INSERT OR REPLACE INTO compute_logs (request_id, log_json, jsonl_pending, created_at) VALUES (?, ?, 1, ?)"),
+      cancel: db.prepare("UPDATE grants SET cancel_requested = 1, updated_at = ? WHERE request_id = ?"),
+      enqueue: db.prepare(
+        `INSERT INTO outbox (kind, key, payload, attempts, next_attempt_at) VALUES (?, ?, ?, 0, ?)
+         ON CONFLICT (kind, key) DO UPDATE SET payload = excluded.payload, attempts = 0, next_attempt_at = excluded.next_attempt_at, last_error = NULL`,
+      ),
+      // Only delete the version that was sent: a newer card enqueued meanwhile stays.
+      ack: db.prepare("DELETE FROM outbox WHERE id = ? AND payload = ?"),
+      retry: db.prepare("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?"),
+    };
+  }
+
+  /**
+   * Apply a batch in one transaction (one fsync), each operation in its own savepoint so that a
+   * failing one rolls back only its own writes. Logs finished in the batch are appended to
+   * compute-log.jsonl after the commit. A failure of the transaction itself fails every operation.
+   */
+  apply(ops: WriteOp[]): BatchResult {
+    const t0 = performance.now();
+    const results: WriteResult[] = [];
+    let finished = false;
+    try {
+      this.tx(() => {
+        for (const op of ops) {
+          try {
+            results.push({ ok: true, value: this.tx(() => this.one(op)) });
+            if (op.op === "finish") finished = true;
+          } catch (e) {
+            results.push({ ok: false, error: errorData(e) });
+          }
+        }
+      });
+    } catch (e) {
+      const error = errorData(e);
+      return { results: ops.map(() => ({ ok: false, error })), ms: performance.now() - t0 };
+    }
+    if (finished) flushJsonl(this.db, this.jsonlPath);
+    return { results, ms: performance.now() - t0 };
+  }
+
+  private one(op: WriteOp): unknown {
+    switch (op.op) {
+      case "accept":
+        return this.accept(op.row, op.now);
+      case "transition":
+        return this.transition(op.id, op.to, op.changes, op.note, op.now);
+      case "finish": {
+        const row = this.transition(op.id, op.to, op.changes, op.note, op.now);
+        this.st.computeLog.run(op.id, op.log_json, op.now);
+        if (op.publish_at !== null) this.st.enqueue.run("log", op.id, op.log_json, op.publish_at);
+        return row;
+      }
+      case "cancel":
+        this.st.cancel.run(op.now, op.id);
+        return (this.st.get.get(op.id) as Row | undefined) ?? null;
+      case "enqueue":
+        this.st.enqueue.run(op.kind, op.key, op.payload, op.next_attempt_at);
+        return null;
+      case "ack":
+        this.st.ack.run(op.id, op.payload);
+        return null;
+      case "retry":
+        this.st.retry.run(op.next_attempt_at, op.error.slice(0, 500), op.id);
+        return null;
+    }
+  }
+
+  private accept(g: AcceptRow, now: string): AcceptOutcome {
+    const digest = this.st.digest.get(g.request_id) as string | undefined;
+    if (digest !== undefined) return { status: digest === g.body_digest ? "duplicate" : "conflict", row: this.st.get.get(g.request_id) as Row };
+    // Accepted and routed in one commit: the first durable state already names the backend, and
+    // the backend's idempotency key derives from request_id, so provisioning may start at once.
+    const info = this.st.insert.run({ ...g, now });
+    this.st.transition.run(g.request_id, null, "provisioning", g.backend, "accepted and routed; idempotency key derived from request_id", now);
+    return { status: "created", seq: Number(info.lastInsertRowid) };
+  }
+
+  private transition(id: string, to: string, changes: ColumnChanges, note: string | null, now: string): Row {
+    const row = this.st.get.get(id) as Row | undefined;
+    if (!row) throw new Error(`unknown grant ${id}`);
+    const cols = CHANGEABLE.filter((c) => changes[c] !== undefined);
+    const sql = `UPDATE grants SET state = @state, updated_at = @now${cols.map((c) => `, ${c} = @${c}`).join("")} WHERE request_id = @request_id`;
+    let update = this.updates.get(sql);
+    if (!update) this.updates.set(sql, (update = this.db.prepare(sql)));
+    const params: Record<string, unknown> = { request_id: id, state: to, now };
+    for (const c of cols) params[c] = changes[c];
+    update.run(params);
+    this.st.transition.run(id, row.state, to, changes.backend ?? row.backend, note, now);
+    return this.st.get.get(id) as Row;
+  }
+}
+
+function errorData(e: unknown): { name: string; message: string } {
+  return e instanceof Error ? { name: e.name, message: e.message } : { name: "Error", message: String(e) };
+}
