@@ -2,6 +2,8 @@
  * bench/listener: accepted grants/s and p50/p99 latency of POST /v1/grants (validation, routing,
  * fsync-durable group commit) against a bare fastify route, in the same run.
  *   node --import tsx bench/listener.ts [seconds per route] [connections] [rounds]
+ * BENCH_STATE_PARENT=/dev/shm puts the state database on tmpfs (fsync free): the difference to a
+ * run on disk is what the disk costs.
  */
 import Fastify from "fastify";
 import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
@@ -18,7 +20,7 @@ import { systemClock } from "../src/util/clock.js";
 import { Identity } from "../src/util/identity.js";
 import { createLogger } from "../src/util/logger.js";
 import { parseConfigText } from "../src/config/load.js";
-import { loadInChild, table, type LoadResult } from "./lib/load.js";
+import { LoadClient, table, type LoadJob, type LoadResult } from "./lib/load.js";
 
 const TOKEN = "bench-token-0123456789";
 
@@ -51,8 +53,8 @@ ram_mib = 1000
 max_concurrent = 1
 `;
 
-export async function run(seconds = 6, connections = 32, rounds = 3): Promise<{ bare: LoadResult; bridge: LoadResult; text: string }> {
-  const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-"));
+export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{ bare: LoadResult; bridge: LoadResult; text: string }> {
+  const dir = mkdtempSync(path.join(process.env.BENCH_STATE_PARENT ?? os.tmpdir(), "cb-bench-"));
   const log = createLogger("silent");
   const sample = (i: number) =>
     JSON.stringify({
@@ -78,17 +80,18 @@ export async function run(seconds = 6, connections = 32, rounds = 3): Promise<{ 
 
   const headers = { authorization: `Bearer ${TOKEN}` };
   const template = sample(0).replace(`bench-${process.pid}-0`, `bench-${process.pid}-__I__`);
+  const client = new LoadClient();
   // Warm-up (JIT, the writer thread, connection pools), not measured.
-  await loadInChild({ url: bareUrl, connections, seconds: 1, template });
-  await loadInChild({ url: bridgeUrl, connections, seconds: 1, headers, template, offset: 900_000_000 });
-  // Alternating rounds, so a noisy neighbour hits both routes alike; figures are medians of rounds.
+  await client.run({ url: bareUrl, connections, seconds: 1, template });
+  await client.run({ url: bridgeUrl, connections, seconds: 1, headers, template, offset: 2_000_000_000 });
+  // Short alternating rounds, so a noisy neighbour hits both routes alike; figures are medians.
   const bareRounds: LoadResult[] = [];
   const bridgeRounds: LoadResult[] = [];
   // Server CPU per request counts every thread of this process (the store's writer included).
   const serverCpu = { bare: 0, bridge: 0 };
-  const measured = async (route: "bare" | "bridge", o: Parameters<typeof loadInChild>[0]) => {
+  const measured = async (route: "bare" | "bridge", job: LoadJob) => {
     const c0 = process.cpuUsage();
-    const res = await loadInChild(o);
+    const res = await client.run(job);
     const c = process.cpuUsage(c0);
     serverCpu[route] += (c.user + c.system) / 1000;
     return res;
@@ -97,6 +100,7 @@ export async function run(seconds = 6, connections = 32, rounds = 3): Promise<{ 
     bareRounds.push(await measured("bare", { url: bareUrl, connections, seconds: seconds / rounds, template }));
     bridgeRounds.push(await measured("bridge", { url: bridgeUrl, connections, seconds: seconds / rounds, headers, template, offset: r * 100_000_000 }));
   }
+  client.close();
   const bareRes = medianOf(bareRounds);
   const bridgeRes = medianOf(bridgeRounds);
   const ratios = bridgeRounds.map((b, i) => b.rps / bareRounds[i]!.rps);
@@ -107,7 +111,7 @@ export async function run(seconds = 6, connections = 32, rounds = 3): Promise<{ 
   await manager.shutdown(1000);
   await l.app.close();
   await bare.close();
-  store.close();
+  await store.close();
   rmSync(dir, { recursive: true, force: true });
 
   const text = table([
@@ -162,7 +166,7 @@ function measureFsync(dir: string): number {
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {
-  const [seconds, connections, rounds] = [Number(process.argv[2] ?? 6), Number(process.argv[3] ?? 32), Number(process.argv[4] ?? 3)];
+  const [seconds, connections, rounds] = [Number(process.argv[2] ?? 8), Number(process.argv[3] ?? 32), Number(process.argv[4] ?? 10)];
   const r = await run(seconds, connections, rounds);
   console.log(`listener accept path: ${rounds} alternating rounds of ${(seconds / rounds).toFixed(1)} s per route, ${connections} connections\n${r.text}`);
 }

@@ -1,4 +1,6 @@
+import { spawn } from "node:child_process";
 import http from "node:http";
+import { createInterface } from "node:readline";
 
 export interface LoadResult {
   requests: number;
@@ -65,17 +67,48 @@ export function table(rows: (string | number)[][]): string {
   return [line(cells[0]!), `|${w.map((x) => "-".repeat(x + 2)).join("|")}|`, ...cells.slice(1).map(line)].join("\n");
 }
 
+export interface LoadJob {
+  url: string;
+  connections: number;
+  seconds: number;
+  headers?: Record<string, string>;
+  template: string;
+  offset?: number;
+}
+
 /**
- * load() in a separate process; `template` is the body with "__I__" replaced by a sequence number
- * (plus `offset`), so every request can carry a unique id.
+ * load() in a separate process that stays up between runs (so short alternating rounds cost no
+ * process start each); `template` is the body with "__I__" replaced by a sequence number (plus
+ * `offset`), so every request can carry a unique id.
  */
-export async function loadInChild(o: { url: string; connections: number; seconds: number; headers?: Record<string, string>; template: string; offset?: number }): Promise<LoadResult> {
-  const { execFile } = await import("node:child_process");
-  const script = new URL("./load-child.ts", import.meta.url).pathname;
-  return new Promise((resolve, reject) => {
-    execFile(process.execPath, ["--import", "tsx", script, JSON.stringify({ offset: 0, ...o })], { maxBuffer: 1 << 20 }, (err, stdout, stderr) => {
-      if (err) return reject(new Error(`load generator failed: ${stderr || err.message}`));
-      resolve(JSON.parse(stdout) as LoadResult);
-    });
-  });
+export class LoadClient {
+  private readonly child;
+  private readonly lines: AsyncIterator<string>;
+
+  constructor() {
+    const script = new URL("./load-child.ts", import.meta.url).pathname;
+    this.child = spawn(process.execPath, ["--import", "tsx", script], { stdio: ["pipe", "pipe", "inherit"] });
+    this.lines = createInterface({ input: this.child.stdout! })[Symbol.asyncIterator]();
+  }
+
+  async run(job: LoadJob): Promise<LoadResult> {
+    this.child.stdin!.write(`${JSON.stringify({ offset: 0, ...job })}\n`);
+    const next = await this.lines.next();
+    if (next.done) throw new Error("the load generator exited");
+    return JSON.parse(next.value) as LoadResult;
+  }
+
+  close(): void {
+    this.child.stdin!.end();
+  }
+}
+
+/** One run of load() in its own process. */
+export async function loadInChild(job: LoadJob): Promise<LoadResult> {
+  const c = new LoadClient();
+  try {
+    return await c.run(job);
+  } finally {
+    c.close();
+  }
 }

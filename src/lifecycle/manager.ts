@@ -6,10 +6,10 @@ import {
   TransientError,
   type ManagedBackend,
 } from "../backends/backend.js";
-import type { Almanac, ComputeGrant, Decline, Envelope, ExitObservation, GrantRequest, ProvisionedInstance } from "../domain/index.js";
+import { canonicalGrantRequest, type Almanac, type ComputeGrant, type Decline, type Envelope, type ExitObservation, type GrantRequest, type ProvisionedInstance } from "../domain/index.js";
 import { NoBackendError, type Fleet } from "../fleet/fleet.js";
 import type { Attempt, GrantRecord, Outcome, Store } from "../store/store.js";
-import { canonicalJson, sha256Hex } from "../util/canonical-json.js";
+import { sha256Hex } from "../util/canonical-json.js";
 import { backoffMs, isAbort, type Clock } from "../util/clock.js";
 import type { Identity } from "../util/identity.js";
 import type { Logger } from "../util/logger.js";
@@ -103,7 +103,7 @@ export class GrantManager {
   /** Validate, route and durably accept a grant; provisioning continues in the background. */
   async submit(req: GrantRequest): Promise<SubmitResult> {
     const { grant, envelope } = req;
-    const digest = sha256Hex(canonicalJson(req));
+    const digest = sha256Hex(canonicalGrantRequest(req));
     // A re-post is answered from the store whatever has changed since (valid_to passed, capacity
     // taken): it is looked up whenever the new grant would be refused, and otherwise inside the
     // accept commit itself, so the common path reads the database once, in the writer.
@@ -191,12 +191,19 @@ export class GrantManager {
     const task: Task = { shutdown: new AbortController(), cancel, cancelled, done: Promise.resolve() };
     if (rec.cancel_requested) cancel();
     this.tasks.set(rec.request_id, task);
-    task.done = this.drive(rec, task)
-      .catch((e) => {
-        if (isAbort(e, task.shutdown.signal)) return;
+    task.done = this.run(rec, task);
+  }
+
+  /** drive() with its end handled: one promise per task (this runs for every accepted grant). */
+  private async run(rec: GrantRecord, task: Task): Promise<void> {
+    try {
+      await this.drive(rec, task);
+    } catch (e) {
+      if (!isAbort(e, task.shutdown.signal))
         this.o.log.error({ request_id: rec.request_id, backend: rec.backend, err: e }, "grant task failed unexpectedly; it resumes on the next start");
-      })
-      .finally(() => this.tasks.delete(rec.request_id));
+    } finally {
+      this.tasks.delete(rec.request_id);
+    }
   }
 
   private async drive(initial: GrantRecord, task: Task): Promise<void> {

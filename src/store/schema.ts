@@ -135,13 +135,15 @@ export interface OutboxItem {
   next_attempt_at: number;
 }
 
-/** Open the state database with the pragmas every connection uses. */
-export function openDatabase(file: string): Database.Database {
+/**
+ * Open the state database with the pragmas every connection uses. `syncWal: false` is for the
+ * writer thread, which fsyncs the WAL itself after each commit (see writer-thread.ts); every other
+ * connection has SQLite fsync on each commit (synchronous=FULL).
+ */
+export function openDatabase(file: string, o: { syncWal?: boolean } = {}): Database.Database {
   const db = new Database(file);
   db.pragma("journal_mode = WAL");
-  // Every commit fsyncs the WAL before it returns: nothing is acknowledged or acted on before it
-  // is on disk. Commits run on the writer thread, so the fsync never blocks the event loop.
-  db.pragma("synchronous = FULL");
+  db.pragma(`synchronous = ${o.syncWal === false ? "NORMAL" : "FULL"}`);
   db.pragma("busy_timeout = 5000");
   return db;
 }

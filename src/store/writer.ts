@@ -20,8 +20,9 @@ const CHANGEABLE: readonly (keyof ColumnChanges)[] = ["backend", "instance_json"
 export interface AcceptRow {
   request_id: string;
   body_digest: string;
-  grant_json: string;
-  envelope_json: string;
+  /** Plain JSON data (the validated grant and envelope), serialized here, off the event loop. */
+  grant: unknown;
+  envelope: unknown;
   backend: string;
   private_key: string | null;
   public_key: string | null;
@@ -46,8 +47,10 @@ export type FromWriter = { type: "done"; id: number; results: WriteResult[]; ms:
 
 export interface BatchResult {
   results: WriteResult[];
-  /** Time spent in the transaction, its fsync and the jsonl append. */
+  /** Time spent in the transaction. */
   ms: number;
+  /** A ComputeLog was written: once the commit is on disk, appendLogs() adds it to the jsonl file. */
+  finished: boolean;
 }
 
 export class Writer {
@@ -81,9 +84,9 @@ export class Writer {
   }
 
   /**
-   * Apply a batch in one transaction (one fsync), each operation in its own savepoint so that a
-   * failing one rolls back only its own writes. Logs finished in the batch are appended to
-   * compute-log.jsonl after the commit. A failure of the transaction itself fails every operation.
+   * Apply a batch in one transaction, each operation in its own savepoint so that a failing one
+   * rolls back only its own writes. A failure of the transaction itself fails every operation.
+   * The caller makes the commit durable (fsync of the WAL) before answering anyone.
    */
   apply(ops: WriteOp[]): BatchResult {
     const t0 = performance.now();
@@ -102,10 +105,17 @@ export class Writer {
       });
     } catch (e) {
       const error = errorData(e);
-      return { results: ops.map(() => ({ ok: false, error })), ms: performance.now() - t0 };
+      return { results: ops.map(() => ({ ok: false, error })), ms: performance.now() - t0, finished: false };
     }
-    if (finished) flushJsonl(this.db, this.jsonlPath);
-    return { results, ms: performance.now() - t0 };
+    return { results, ms: performance.now() - t0, finished };
+  }
+
+  /**
+   * Append committed ComputeLogs not yet in compute-log.jsonl. Called only after the commits that
+   * wrote them are on disk, so the file never holds a log the database could lose.
+   */
+  appendLogs(): void {
+    flushJsonl(this.db, this.jsonlPath);
   }
 
   private one(op: WriteOp): unknown {
@@ -140,7 +150,16 @@ export class Writer {
     if (digest !== undefined) return { status: digest === g.body_digest ? "duplicate" : "conflict", row: this.st.get.get(g.request_id) as Row };
     // Accepted and routed in one commit: the first durable state already names the backend, and
     // the backend's idempotency key derives from request_id, so provisioning may start at once.
-    const info = this.st.insert.run({ ...g, now });
+    const info = this.st.insert.run({
+      request_id: g.request_id,
+      body_digest: g.body_digest,
+      grant_json: JSON.stringify(g.grant),
+      envelope_json: JSON.stringify(g.envelope),
+      backend: g.backend,
+      private_key: g.private_key,
+      public_key: g.public_key,
+      now,
+    });
     this.st.transition.run(g.request_id, null, "provisioning", g.backend, "accepted and routed; idempotency key derived from request_id", now);
     return { status: "created", seq: Number(info.lastInsertRowid) };
   }
