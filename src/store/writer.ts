@@ -65,10 +65,11 @@ export class Writer {
     this.tx = db.transaction((fn: () => unknown) => fn()) as <T>(fn: () => T) => T;
     this.st = {
       get: db.prepare("SELECT * FROM grants WHERE request_id = ?"),
-      digest: db.prepare("SELECT body_digest FROM grants WHERE request_id = ?").pluck(),
+      // A request_id seen before inserts nothing (changes = 0): one statement for the common case.
       insert: db.prepare(
         `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, private_key, public_key, created_at, updated_at)
-         VALUES (@request_id, @body_digest, @grant_json, @envelope_json, 'provisioning', @backend, @private_key, @public_key, @now, @now)`,
+         VALUES (@request_id, @body_digest, @grant_json, @envelope_json, 'provisioning', @backend, @private_key, @public_key, @now, @now)
+         ON CONFLICT (request_id) DO NOTHING`,
       ),
       transition: db.prepare("INSERT INTO transitions (request_id, from_state, to_state, backend, note, at) VALUES (?, ?, ?, ?, ?, ?)"),
       computeLog: db.prepare("INSERT OR REPLACE INTO compute_logs (request_id, log_json, jsonl_pending, created_at) VALUES (?, ?, 1, ?)"),
@@ -146,8 +147,6 @@ export class Writer {
   }
 
   private accept(g: AcceptRow, now: string): AcceptOutcome {
-    const digest = this.st.digest.get(g.request_id) as string | undefined;
-    if (digest !== undefined) return { status: digest === g.body_digest ? "duplicate" : "conflict", row: this.st.get.get(g.request_id) as Row };
     // Accepted and routed in one commit: the first durable state already names the backend, and
     // the backend's idempotency key derives from request_id, so provisioning may start at once.
     const info = this.st.insert.run({
@@ -160,6 +159,10 @@ export class Writer {
       public_key: g.public_key,
       now,
     });
+    if (info.changes === 0) {
+      const row = this.st.get.get(g.request_id) as Row;
+      return { status: row.body_digest === g.body_digest ? "duplicate" : "conflict", row };
+    }
     this.st.transition.run(g.request_id, null, "provisioning", g.backend, "accepted and routed; idempotency key derived from request_id", now);
     return { status: "created", seq: Number(info.lastInsertRowid) };
   }
