@@ -21,8 +21,8 @@ export interface GrantChanges {
   note?: string;
 }
 
-/** Batches sent to the writer before the first is answered: the next one is ready when it is. */
-const MAX_BATCHES_IN_FLIGHT = 4;
+/** Batches queued at the writer at most (it commits every queued batch together). */
+const MAX_BATCHES_IN_FLIGHT = 16;
 
 interface Pending {
   op: WriteOp;
@@ -34,11 +34,11 @@ interface Pending {
  * Durable grant state in SQLite (WAL). Every transition is committed, and fsync'd, before the side
  * effect it announces.
  *
- * One writer thread owns every write (writer.ts): writes made in the same event-loop turn go to it
- * as one batch, committed as one transaction with one fsync (group commit), and each promise
- * settles after that commit. The event loop keeps parsing and routing the next requests while the
- * writer commits, and reads run on the main thread's own connection (WAL readers never wait for
- * the writer).
+ * One writer thread owns every write (writer.ts, writer-thread.ts): writes made in the same
+ * event-loop turn go to it as one batch; it commits every batch queued at it in one transaction
+ * (group commit), fsyncs the WAL once, and only then are their promises settled. The event loop
+ * keeps parsing and routing the next requests meanwhile, and reads run on the main thread's own
+ * connection (WAL readers never wait for the writer).
  */
 export class Store {
   readonly db: Database.Database;
