@@ -11,7 +11,8 @@ import { fileURLToPath } from "node:url";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const SUITE: { file: string; title: string; args?: string[] }[] = [
-  { file: "listener.ts", title: "Listener: durable accept path vs a bare fastify route" },
+  { file: "listener.ts", title: "Listener: durable accept path vs a bare fastify route (32 connections)" },
+  { file: "listener.ts", title: "Listener at saturation (128 connections)", args: ["8", "128"] },
   { file: "core.ts", title: "Core: routing, memory, cold start, resume" },
   { file: "aws-watch.ts", title: "AWS: batched vs per-instance watch, grant-to-SSH-ready overhead" },
   { file: "gcp-watch.ts", title: "GCP: batched vs per-instance watch" },
@@ -52,7 +53,7 @@ for (const b of SUITE) {
     failed++;
     process.stdout.write(`(failed: exit ${r.status}${r.signal ? `, ${r.signal}` : ""})\n`);
   }
-  sections.push(`## ${b.title}\n\n\`node --import tsx bench/${b.file}\` (${((Date.now() - t0) / 1000).toFixed(0)} s)\n\n\`\`\`\n${out}\n\`\`\`\n`);
+  sections.push(`## ${b.title}\n\n\`node --import tsx bench/${[b.file, ...(b.args ?? [])].join(" ")}\` (${((Date.now() - t0) / 1000).toFixed(0)} s)\n\n\`\`\`\n${out}\n\`\`\`\n`);
 }
 
 const doc = `# Benchmark results\n\nProduced by \`npm run bench\` (bench/run.ts). Every figure is compared with its baseline measured in the same run, since these machines are noisy; read the ratios.\n\n${machine()}\n\n${sections.join("\n")}`;

@@ -37,27 +37,12 @@ import { bundleImage } from "../helpers/images.js";
 import { MS_ALMANAC } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
 import { testBridge } from "../helpers/lifecycle.js";
+import { installNetworkGuard } from "../helpers/net-guard.js";
 
 // ------------------------------------------------------------------ network guard
 
-const nonLocalConnects: string[] = [];
-const origConnect = net.Socket.prototype.connect;
-(net.Socket.prototype as unknown as { connect: (...a: unknown[]) => net.Socket }).connect = function (this: net.Socket, ...args: unknown[]) {
-  const first = args[0];
-  let host: unknown;
-  if (typeof first === "object" && first !== null && !Array.isArray(first)) {
-    const o = first as { host?: unknown; path?: unknown };
-    host = o.path !== undefined ? "unix" : (o.host ?? "localhost");
-  } else if (typeof first === "number" || (typeof first === "string" && /^\d+$/.test(first))) {
-    host = typeof args[1] === "string" ? args[1] : "localhost";
-  } else host = "unix";
-  if (host !== "127.0.0.1" && host !== "unix") {
-    nonLocalConnects.push(String(host));
-    throw new Error(`test guard: refusing to connect to ${String(host)}`);
-  }
-  return (origConnect as (...a: unknown[]) => net.Socket).apply(this, args);
-};
-after(() => assert.deepEqual(nonLocalConnects, [], "only 127.0.0.1 may be contacted"));
+const refusedConnects = installNetworkGuard();
+after(() => assert.deepEqual(refusedConnects, [], "only loopback may be contacted"));
 
 // ------------------------------------------------------------------ fixtures
 

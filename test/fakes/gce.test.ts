@@ -8,7 +8,7 @@
  * 127.0.0.1 fail the run (no OAuth server, no metadata server, no googleapis.com).
  */
 import assert from 'node:assert/strict';
-import net from 'node:net';
+import { installNetworkGuard } from '../helpers/net-guard.js';
 import { after, describe, test } from 'node:test';
 
 import { InstancesClient, ZoneOperationsClient, type protos } from '@google-cloud/compute';
@@ -18,29 +18,8 @@ import { GceFake, matchesFilter, parseFilter, type GceFakeOptions, type JsonObje
 
 // ------------------------------------------------------------------ network guard
 
-const nonLocalConnects: string[] = [];
-const origConnect = net.Socket.prototype.connect;
-// eslint-disable-next-line @typescript-eslint/no-explicit-any
-(net.Socket.prototype as any).connect = function (this: net.Socket, ...args: unknown[]) {
-  const first = args[0];
-  let host: unknown;
-  if (typeof first === 'object' && first !== null && !Array.isArray(first)) {
-    const o = first as { host?: unknown; path?: unknown };
-    host = o.path !== undefined ? 'unix' : (o.host ?? 'localhost');
-  } else if (typeof first === 'number' || (typeof first === 'string' && /^\d+$/.test(first))) {
-    host = typeof args[1] === 'string' ? args[1] : 'localhost';
-  } else {
-    host = 'unix';
-  }
-  if (host !== '127.0.0.1' && host !== 'unix') {
-    nonLocalConnects.push(String(host));
-    throw new Error(`test guard: refusing to connect to ${String(host)}`);
-  }
-  return (origConnect as (...a: unknown[]) => net.Socket).apply(this, args);
-};
-after(() => {
-  assert.deepEqual(nonLocalConnects, [], 'only 127.0.0.1 may be contacted');
-});
+const refusedConnects = installNetworkGuard();
+after(() => assert.deepEqual(refusedConnects, [], 'only loopback may be contacted'));
 
 // ------------------------------------------------------------------ helpers
 

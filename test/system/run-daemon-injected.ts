@@ -21,7 +21,7 @@
  * 127.0.0.1 (or ::1, localhost, a unix socket) and reports it on stderr as "CB-TEST-GUARD
  * refused ..." (tests assert the line never appears).
  */
-import net from "node:net";
+import { installNetworkGuard } from "../helpers/net-guard.js";
 import type { BackendOptions } from "../../src/backends/registry.js";
 import type { DaemonOptions } from "../../src/daemon.js";
 
@@ -35,28 +35,6 @@ export interface InjectSpec {
   baremetal?: { options?: Record<string, unknown> };
   local?: { options?: Record<string, unknown> };
   daemon?: Pick<DaemonOptions, "expiryGraceMs" | "retryBaseMs" | "cardCheckIntervalMs" | "reconcileIntervalMs">;
-}
-
-const LOOPBACK = new Set(["127.0.0.1", "::1", "localhost", "unix"]);
-
-function installNetworkGuard(): void {
-  const orig = net.Socket.prototype.connect;
-  (net.Socket.prototype as unknown as { connect: (...a: unknown[]) => net.Socket }).connect = function (this: net.Socket, ...args: unknown[]) {
-    const first = Array.isArray(args[0]) ? (args[0] as unknown[])[0] : args[0];
-    let host: string;
-    if (typeof first === "object" && first !== null) {
-      const o = first as { host?: unknown; path?: unknown };
-      // A unix socket has a string path and no host (http passes `path: null` for TCP).
-      host = typeof o.path === "string" && o.host == null ? "unix" : String(o.host ?? "localhost");
-    } else if (typeof first === "number" || (typeof first === "string" && /^\d+$/.test(first))) {
-      host = typeof args[1] === "string" ? args[1] : "localhost";
-    } else host = "unix";
-    if (!LOOPBACK.has(host)) {
-      process.stderr.write(`${GUARD_MARKER} a connection to ${host}\n`);
-      throw new Error(`test network guard: refusing to connect to ${host}`);
-    }
-    return (orig as (...a: unknown[]) => net.Socket).apply(this, args);
-  };
 }
 
 async function backendOptions(spec: InjectSpec): Promise<BackendOptions> {
@@ -93,7 +71,7 @@ async function backendOptions(spec: InjectSpec): Promise<BackendOptions> {
 }
 
 async function main(): Promise<number> {
-  installNetworkGuard();
+  installNetworkGuard((host) => process.stderr.write(`${GUARD_MARKER} a connection to ${host}\n`));
   const configFile = process.argv[2];
   if (!configFile) throw new Error("usage: run-daemon-injected.ts CONFIG");
   const spec = JSON.parse(process.env.CB_TEST_INJECT ?? "{}") as InjectSpec;
