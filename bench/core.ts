@@ -238,7 +238,7 @@ export async function resume(n = 1000): Promise<{ n: number; resume_ms: number; 
     await Promise.all(
       ids.map(async (id, i) => {
         const rid = `res-${count}-${i}`;
-        await store.accept({ request_id: rid, body_digest: "d", grant: { request_id: rid, region: "us-east-1", tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e10 }, envelope: { image: { url: "https://x/y", sha256: "a".repeat(64), format: "bundle" } }, backend: "aws", private_key: null, public_key: null });
+        await store.accept({ request_id: rid, grant: { request_id: rid, region: "us-east-1", tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e10 }, envelope: { image: { url: "https://x/y", sha256: "a".repeat(64), format: "bundle" } }, backend: "aws", private_key: null, public_key: null });
         await store.transition(rid, "running", { instance: { request_id: rid, backend: "aws", instance_id: id, region: "us-east-1", host: "127.0.0.1", ssh_port: 22, ssh_user: "ec2-user", host_key_sha256: null, started_at: new Date().toISOString(), cpu_millicores: 1000, ram_mib: 1024, details: {} } });
       }),
     );

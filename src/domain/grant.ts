@@ -1,3 +1,4 @@
+import { hash } from "node:crypto";
 import { z } from "zod";
 import { AlmanacTick } from "./almanac.js";
 
@@ -103,4 +104,12 @@ export function canonicalGrantRequest(r: GrantRequest): string {
     valid_to: g.valid_to,
   };
   return JSON.stringify({ envelope, grant });
+}
+
+/**
+ * The identity of a request's body: SHA-256 of its canonical JSON. A re-post with the same digest
+ * is the same grant (200); the same request_id with another digest is a conflict (409).
+ */
+export function grantRequestDigest(r: GrantRequest): string {
+  return hash("sha256", canonicalGrantRequest(r), "hex");
 }

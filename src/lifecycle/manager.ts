@@ -6,10 +6,9 @@ import {
   TransientError,
   type ManagedBackend,
 } from "../backends/backend.js";
-import { canonicalGrantRequest, type Almanac, type ComputeGrant, type Decline, type Envelope, type ExitObservation, type GrantRequest, type ProvisionedInstance } from "../domain/index.js";
+import { grantRequestDigest, type Almanac, type ComputeGrant, type Decline, type Envelope, type ExitObservation, type GrantRequest, type ProvisionedInstance } from "../domain/index.js";
 import { NoBackendError, type Fleet } from "../fleet/fleet.js";
 import type { Attempt, GrantRecord, Outcome, Store } from "../store/store.js";
-import { sha256Hex } from "../util/canonical-json.js";
 import { backoffMs, isAbort, type Clock } from "../util/clock.js";
 import type { Identity } from "../util/identity.js";
 import type { Logger } from "../util/logger.js";
@@ -103,13 +102,13 @@ export class GrantManager {
   /** Validate, route and durably accept a grant; provisioning continues in the background. */
   async submit(req: GrantRequest): Promise<SubmitResult> {
     const { grant, envelope } = req;
-    const digest = sha256Hex(canonicalGrantRequest(req));
     // A re-post is answered from the store whatever has changed since (valid_to passed, capacity
     // taken): it is looked up whenever the new grant would be refused, and otherwise inside the
-    // accept commit itself, so the common path reads the database once, in the writer.
+    // accept commit itself (where the writer digests the body), so the common path reads the
+    // database once, in the writer.
     const known = (): SubmitResult | null => {
       const existing = this.o.store.get(grant.request_id);
-      return existing ? { status: existing.body_digest === digest ? "duplicate" : "conflict", record: existing } : null;
+      return existing ? { status: existing.body_digest === grantRequestDigest(req) ? "duplicate" : "conflict", record: existing } : null;
     };
     if (this.o.almanac.toWallMs(grant.valid_to) <= this.o.clock.now()) {
       const k = known();
@@ -132,7 +131,6 @@ export class GrantManager {
     }
     const r = await this.o.store.accept({
       request_id: grant.request_id,
-      body_digest: digest,
       grant,
       envelope,
       backend: route.backend.name,

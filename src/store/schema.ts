@@ -42,9 +42,9 @@ export interface GrantRecord {
   updated_at: string;
 }
 
+/** A grant to accept; its body digest is computed by the writer (grantRequestDigest). */
 export interface NewGrant {
   request_id: string;
-  body_digest: string;
   grant: ComputeGrant;
   envelope: Envelope;
   backend: string;

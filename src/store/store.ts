@@ -155,14 +155,16 @@ export class Store {
 
   // ---- writes -------------------------------------------------------------------------------
 
-  /** Durably record a new grant, routed to `backend`, or report the existing one (duplicate/conflict). */
+  /**
+   * Durably record a new grant, routed to `backend`, or report the existing one: a duplicate if
+   * its body digest (grantRequestDigest, computed by the writer) matches, else a conflict.
+   */
   async accept(g: NewGrant): Promise<AcceptResult> {
     const now = this.nowIso();
     const r = await this.write<AcceptOutcome>({
       op: "accept",
       row: {
         request_id: g.request_id,
-        body_digest: g.body_digest,
         grant: g.grant,
         envelope: g.envelope,
         backend: g.backend,
@@ -178,7 +180,7 @@ export class Store {
       record: {
         seq: r.seq,
         request_id: g.request_id,
-        body_digest: g.body_digest,
+        body_digest: r.body_digest,
         grant: g.grant,
         envelope: g.envelope,
         state: "provisioning",

@@ -1,4 +1,5 @@
 import type Database from "better-sqlite3";
+import { grantRequestDigest, type ComputeGrant, type Envelope } from "../domain/grant.js";
 import { flushJsonl, type Row } from "./schema.js";
 
 // The single writer of the state database. It runs on its own thread (writer-thread.ts): the
@@ -19,10 +20,9 @@ const CHANGEABLE: readonly (keyof ColumnChanges)[] = ["backend", "instance_json"
 
 export interface AcceptRow {
   request_id: string;
-  body_digest: string;
-  /** Plain JSON data (the validated grant and envelope), serialized here, off the event loop. */
-  grant: unknown;
-  envelope: unknown;
+  /** The validated grant and envelope, as plain JSON data: digested and serialized here, off the event loop. */
+  grant: ComputeGrant;
+  envelope: Envelope;
   backend: string;
   private_key: string | null;
   public_key: string | null;
@@ -37,7 +37,7 @@ export type WriteOp =
   | { op: "ack"; id: number; payload: string }
   | { op: "retry"; id: number; next_attempt_at: number; error: string };
 
-export type AcceptOutcome = { status: "created"; seq: number } | { status: "duplicate" | "conflict"; row: Row };
+export type AcceptOutcome = { status: "created"; seq: number; body_digest: string } | { status: "duplicate" | "conflict"; row: Row };
 
 export type WriteResult = { ok: true; value: unknown } | { ok: false; error: { name: string; message: string } };
 
@@ -149,9 +149,10 @@ export class Writer {
   private accept(g: AcceptRow, now: string): AcceptOutcome {
     // Accepted and routed in one commit: the first durable state already names the backend, and
     // the backend's idempotency key derives from request_id, so provisioning may start at once.
+    const body_digest = grantRequestDigest({ grant: g.grant, envelope: g.envelope });
     const info = this.st.insert.run({
       request_id: g.request_id,
-      body_digest: g.body_digest,
+      body_digest,
       grant_json: JSON.stringify(g.grant),
       envelope_json: JSON.stringify(g.envelope),
       backend: g.backend,
@@ -161,10 +162,10 @@ export class Writer {
     });
     if (info.changes === 0) {
       const row = this.st.get.get(g.request_id) as Row;
-      return { status: row.body_digest === g.body_digest ? "duplicate" : "conflict", row };
+      return { status: row.body_digest === body_digest ? "duplicate" : "conflict", row };
     }
     this.st.transition.run(g.request_id, null, "provisioning", g.backend, "accepted and routed; idempotency key derived from request_id", now);
-    return { status: "created", seq: Number(info.lastInsertRowid) };
+    return { status: "created", seq: Number(info.lastInsertRowid), body_digest };
   }
 
   private transition(id: string, to: string, changes: ColumnChanges, note: string | null, now: string): Row {

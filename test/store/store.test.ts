@@ -5,6 +5,7 @@ import { describe, it } from "node:test";
 import type { Worker } from "node:worker_threads";
 import Database from "better-sqlite3";
 import path from "node:path";
+import { grantRequestDigest } from "../../src/domain/index.js";
 import { SCHEMA_VERSION, Store } from "../../src/store/store.js";
 import { systemClock } from "../../src/util/clock.js";
 import { tempDir } from "../helpers/tmp.js";
@@ -12,7 +13,8 @@ import { tempDir } from "../helpers/tmp.js";
 const grant = (id: string) => ({ request_id: id, region: "r", tdx_required: false, cpu_millicores: 1, ram_mib: 1, valid_to: 1 });
 const envelope = { image: { url: "file:///x", sha256: "a".repeat(64), format: "bundle" as const } };
 
-const newGrant = (id: string, digest = "d") => ({ request_id: id, body_digest: digest, grant: grant(id), envelope, backend: "local", private_key: null, public_key: null });
+/** A grant to accept; another `ramMib` makes another body (digest) for the same request_id. */
+const newGrant = (id: string, ramMib = 1) => ({ request_id: id, grant: { ...grant(id), ram_mib: ramMib }, envelope, backend: "local", private_key: null, public_key: null });
 const log = (id: string) => ({ request_id: id, exit_reason: "exited" }) as never;
 /** The writer thread, to stop it the way a crash of that thread would. */
 const writerOf = (s: Store) => (s as unknown as { worker: Worker }).worker;
@@ -21,9 +23,11 @@ describe("store", () => {
   it("group-commits accepts that arrive together and detects duplicates and conflicts in one batch", async (t) => {
     const s = new Store(tempDir(t), systemClock);
     t.after(() => s.close());
-    const n = (id: string, digest: string) => ({ request_id: id, body_digest: digest, grant: grant(id), envelope, backend: "local", private_key: null, public_key: null });
-    const [a, b, c, d] = await Promise.all([s.accept(n("g1", "d1")), s.accept(n("g1", "d1")), s.accept(n("g1", "d2")), s.accept(n("g2", "d1"))]);
+    const [a, b, c, d] = await Promise.all([s.accept(newGrant("g1")), s.accept(newGrant("g1")), s.accept(newGrant("g1", 2)), s.accept(newGrant("g2"))]);
     assert.deepEqual([a.status, b.status, c.status, d.status], ["created", "duplicate", "conflict", "created"]);
+    // The writer digests the body as the listener does (grantRequestDigest).
+    assert.equal(a.record.body_digest, grantRequestDigest({ grant: newGrant("g1").grant, envelope }));
+    assert.equal(s.get("g1")?.body_digest, a.record.body_digest);
     assert.equal(s.nonTerminal().length, 2);
     // Accepted and routed in one commit: one audit row, already naming the backend.
     assert.deepEqual(s.transitions("g1").map((x) => [x.from_state, x.to_state, x.backend]), [[null, "provisioning", "local"]]);
