@@ -1,6 +1,6 @@
 import type Database from "better-sqlite3";
-import { grantRequestDigest, type ComputeGrant, type Envelope } from "../domain/grant.js";
-import { flushJsonl, type Row } from "./schema.js";
+import { grantRequestDigest } from "../domain/grant.js";
+import { flushJsonl, type NewGrant, type Row } from "./schema.js";
 
 // The single writer of the state database. It runs on its own thread (writer-thread.ts): the
 // main thread sends batches of write operations and reads through its own connection. All values
@@ -18,18 +18,8 @@ export interface ColumnChanges {
 }
 const CHANGEABLE: readonly (keyof ColumnChanges)[] = ["backend", "instance_json", "error_kind", "error_message", "attempts_json", "outcome_json"];
 
-export interface AcceptRow {
-  request_id: string;
-  /** The validated grant and envelope, as plain JSON data: digested and serialized here, off the event loop. */
-  grant: ComputeGrant;
-  envelope: Envelope;
-  backend: string;
-  private_key: string | null;
-  public_key: string | null;
-}
-
 export type WriteOp =
-  | { op: "accept"; row: AcceptRow; now: string }
+  | { op: "accept"; row: NewGrant; now: string }
   | { op: "transition"; id: string; to: string; changes: ColumnChanges; note: string | null; now: string }
   | { op: "finish"; id: string; to: string; changes: ColumnChanges; note: string; log_json: string; publish_at: number | null; now: string }
   | { op: "cancel"; id: string; now: string }
@@ -146,7 +136,8 @@ export class Writer {
     }
   }
 
-  private accept(g: AcceptRow, now: string): AcceptOutcome {
+  /** The grant and envelope arrive as plain JSON data: digested and serialized here, off the event loop. */
+  private accept(g: NewGrant, now: string): AcceptOutcome {
     // Accepted and routed in one commit: the first durable state already names the backend, and
     // the backend's idempotency key derives from request_id, so provisioning may start at once.
     const body_digest = grantRequestDigest({ grant: g.grant, envelope: g.envelope });
