@@ -769,7 +769,9 @@ export class AwsBackend implements ManagedBackend {
     const graceMs = this.cfg.orphan_grace_seconds * 1000;
     const orphans: Ec2Status[] = [];
     for (const s of mine) {
-      if (s.requestId !== undefined && live.has(s.requestId)) {
+      // Live in the store, or held by this backend right now (a grant accepted after the store's
+      // snapshot may be launching): never an orphan, whatever orphan_grace_seconds says.
+      if (s.requestId !== undefined && (live.has(s.requestId) || this.active.has(s.requestId))) {
         this.active.add(s.requestId);
         continue;
       }

@@ -598,8 +598,10 @@ export class GcpBackend implements ManagedBackend {
   }
 
   private async sweep(live: ReadonlySet<string>, now: number): Promise<void> {
+    // Live in the store, or held by this backend right now (a grant accepted after the store's
+    // snapshot may be launching): never an orphan, whatever orphan_grace_seconds says.
     const byHash = new Map<string, string>();
-    for (const id of live) byHash.set(this.naming.requestValue(id), id);
+    for (const id of [...live, ...this.active]) byHash.set(this.naming.requestValue(id), id);
     const all = await this.listInstances(this.cfg.project, this.naming.filter());
     const graceMs = this.cfg.orphan_grace_seconds * 1000;
     const failures: string[] = [];

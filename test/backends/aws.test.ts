@@ -569,6 +569,18 @@ describe("aws backend with the EC2 fake", () => {
     assert.equal(state(liveOne), "running");
   });
 
+  it("orphan sweep never takes an instance this backend holds, even one whose grant is newer than the store's snapshot", async (t) => {
+    const fake = await startFake(t, { faults: { bootDelayMs: 0 } });
+    const aws = makeBackend(t, awsConfig(t, fake, { orphan_grace_seconds: 0 }));
+    const img = image("held", "#!/bin/sh\nexit 0\n");
+    const inst = await aws.provision(grant("held-1"), { image: { ...img, format: "bundle" }, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3 k@x" }, never);
+    const stray = (await rawClient(t, fake).send(new RunInstancesCommand(launchInput({ [BRIDGE_TAG]: PROVIDER, [REQUEST_TAG]: "gone-1" })))).Instances![0]!.InstanceId!;
+    await aws.reconcile(new Set()); // the snapshot predates held-1
+    assert.equal(fake.getInstance(inst.instance_id)?.state, "running", "held by the backend: not an orphan");
+    assert.equal(fake.getInstance(stray)?.state, "terminated", "grace 0: a real orphan goes at once");
+    await aws.terminate(inst);
+  });
+
   it("500 watched instances in 2 regions: one DescribeInstances per region per interval, exit codes from the console markers", async (t) => {
     const clock = new ManualClock();
     // shutting-down lasts a (virtual) minute, as on EC2, so exits are seen by the same batched call.

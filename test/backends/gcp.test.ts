@@ -581,6 +581,16 @@ describe("gcp backend: direct", () => {
     assert.ok(fake.getInstance(PROJECT, "us-central1-b", "unrelated-vm"));
   });
 
+  it("orphan sweep never takes an instance this backend holds, even one whose grant is newer than the store's snapshot", async (t) => {
+    const { fake, backend } = await rig(t, { cfg: { orphan_grace_seconds: 0 }, fake: { bootDelayMs: 0 } });
+    const inst = await backend.provision(grant("Held.1"), envelope, never);
+    const ours = { [naming.bridgeKey]: naming.bridgeValue, [naming.requestKey]: ridLabel("Gone.1") };
+    fake.addInstance("us-central1-b", { name: nameOf("Gone.1"), machineType: "zones/us-central1-b/machineTypes/n2-standard-2", labels: ours, metadata: { items: [] } });
+    await backend.reconcile(new Set()); // the snapshot predates Held.1
+    assert.deepEqual(fake.callsMatching("delete").map((c) => c.path.split("/").pop()), [nameOf("Gone.1")], "only the real orphan goes (grace 0)");
+    await backend.terminate(inst);
+  });
+
   it("credentials: a missing, malformed or wrong-type key file is a CredentialError naming the file, never its contents", async (t) => {
     const fake = await GceFake.start({ project: PROJECT, zones: ZONES });
     t.after(() => fake.close());
