@@ -75,12 +75,19 @@ export class Writer {
   }
 
   /**
-   * Apply a batch in one transaction, each operation in its own savepoint so that a failing one
-   * rolls back only its own writes. A failure of the transaction itself fails every operation.
-   * The caller makes the commit durable (fsync of the WAL) before answering anyone.
+   * Apply a batch in one transaction. Should an operation fail, the batch runs again with each
+   * operation in its own savepoint, so that only the failing one fails (the first pass skips the
+   * savepoints: operations almost never fail). A failure of the transaction itself fails every
+   * operation. The caller makes the commit durable (fsync of the WAL) before answering anyone.
    */
   apply(ops: WriteOp[]): BatchResult {
     const t0 = performance.now();
+    try {
+      const results = this.tx(() => ops.map((op): WriteResult => ({ ok: true, value: this.one(op) })));
+      return { results, ms: performance.now() - t0, finished: ops.some((op) => op.op === "finish") };
+    } catch {
+      // Rolled back whole; isolate the failure below.
+    }
     const results: WriteResult[] = [];
     let finished = false;
     try {
