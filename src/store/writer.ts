@@ -58,7 +58,7 @@ export class Writer {
       // A request_id seen before inserts nothing (changes = 0): one statement for the common case.
       insert: db.prepare(
         `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, private_key, public_key, created_at, updated_at)
-         VALUES (@request_id, @body_digest, @grant_json, @envelope_json, 'provisioning', @backend, @private_key, @public_key, @now, @now)
+         VALUES (?, ?, ?, ?, 'provisioning', ?, ?, ?, ?, ?)
          ON CONFLICT (request_id) DO NOTHING`,
       ),
       transition: db.prepare("INSERT INTO transitions (request_id, from_state, to_state, backend, note, at) VALUES (?, ?, ?, ?, ?, ?)"),
@@ -148,16 +148,7 @@ export class Writer {
     // Accepted and routed in one commit: the first durable state already names the backend, and
     // the backend's idempotency key derives from request_id, so provisioning may start at once.
     const body_digest = grantRequestDigest({ grant: g.grant, envelope: g.envelope });
-    const info = this.st.insert.run({
-      request_id: g.request_id,
-      body_digest,
-      grant_json: JSON.stringify(g.grant),
-      envelope_json: JSON.stringify(g.envelope),
-      backend: g.backend,
-      private_key: g.private_key,
-      public_key: g.public_key,
-      now,
-    });
+    const info = this.st.insert.run(g.request_id, body_digest, JSON.stringify(g.grant), JSON.stringify(g.envelope), g.backend, g.private_key, g.public_key, now, now);
     if (info.changes === 0) {
       const row = this.st.get.get(g.request_id) as Row;
       return { status: row.body_digest === body_digest ? "duplicate" : "conflict", row };
