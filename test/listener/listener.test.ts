@@ -206,6 +206,8 @@ describe("listener", () => {
     assert.equal(d.store.get("nowrite-1"), null);
     assert.equal((await call(url, "GET", "/healthz")).status, 200, "the listener still answers (the CLI exits non-zero on `failed`)");
     assert.ok(logs.lines.some((l) => l.includes('"level":"fatal"') && l.includes("can no longer be written")), `a fatal log line: ${logs.lines.filter((l) => l.includes("writer")).join("\n")}`);
+    // The failed request's own log line carries its request id (the per-request logger is built on first use).
+    assert.ok(logs.lines.some((l) => l.includes('"msg":"request failed"') && /"reqId":"req-[0-9a-z]+"/.test(l) && l.includes('"component":"listener"')));
   });
 
   it("returns 503 while shutting down", async (t) => {
