@@ -268,12 +268,12 @@ export class BareMetalBackend implements ManagedBackend {
     const runDir = `${m.runs}/${id}`;
     let built: { args: string[]; defaultCommand: boolean };
     try {
-      built = systemdRunArgs({ unit, runDir, grant, envelope, runtimeMaxSec: (this.almanac.toWallMs(grant.valid_to) - this.clock.now()) / 1000, stopTimeoutSec: STOP_TIMEOUT_SEC });
+      built = systemdRunArgs({ unit, runDir, grant, envelope, runtimeMaxSec: (this.almanac.toWallMs(grant.valid_to) - this.clock.now()) / 1000, stopTimeoutSec: STOP_TIMEOUT_SEC, runAs: m.cfg.run_as });
     } catch (e) {
       if (e instanceof ArgumentError) throw new InvalidRequestError(e.message, BACKEND);
       throw e;
     }
-    const cmd = remote(SYSTEMD_PROVISION, "cb-provision", [m.runs, id, unit, m.images, sha, url, String(MAX_BUNDLE_BYTES), built.defaultCommand ? "1" : "0", `${grant.cpu_millicores} ${grant.ram_mib}`, ...built.args]);
+    const cmd = remote(SYSTEMD_PROVISION, "cb-provision", [m.runs, id, unit, m.images, sha, url, String(MAX_BUNDLE_BYTES), built.defaultCommand ? "1" : "0", `${grant.cpu_millicores} ${grant.ram_mib}`, m.cfg.run_as ?? "", ...built.args]);
     if (Buffer.byteLength(cmd) > MAX_COMMAND_BYTES) throw new InvalidRequestError(`the command line and environment are too large for one SSH command (${Buffer.byteLength(cmd)} bytes; at most ${MAX_COMMAND_BYTES})`, BACKEND);
     alloc.started = true;
     let r: ExecResult;
@@ -774,7 +774,7 @@ export class BareMetalBackend implements ManagedBackend {
             return out;
           }
           out.push({ check: `${m.cfg.name}: ssh`, ok: true, detail: `${target}, host key ${m.cfg.host_key_sha256} matches` });
-          const r = await conn.exec(remote(DOCTOR, "cb-doctor", [m.cfg.mode, m.cfg.libvirt_uri, m.runs.replace(/\/runs$/, "") || "/", m.cfg.tdx_capable ? (m.cfg.ovmf_path ?? "") : ""]), { op: "doctor", timeoutMs: COMMAND_TIMEOUT_MS });
+          const r = await conn.exec(remote(DOCTOR, "cb-doctor", [m.cfg.mode, m.cfg.libvirt_uri, m.runs.replace(/\/runs$/, "") || "/", m.cfg.tdx_capable ? (m.cfg.ovmf_path ?? "") : "", m.cfg.run_as ?? ""]), { op: "doctor", timeoutMs: COMMAND_TIMEOUT_MS });
           for (const line of r.stdout.split("\n")) {
             const [res, check, detail] = line.split("\t");
             if ((res === "ok" || res === "fail") && check) out.push({ check: `${m.cfg.name}: ${check}`, ok: res === "ok", detail: detail ?? "" });

@@ -280,12 +280,16 @@ export const BareMetalMachine = z
     network: z.string().regex(/^[A-Za-z0-9._-]+$/).default("default"),
     /** libvirt domain type: "kvm", or "qemu" for software emulation (TCG) on hosts without KVM. */
     virt_type: z.enum(["kvm", "qemu"]).default("kvm"),
+    /** systemd mode: the (unprivileged) user workloads run as; unset, they run as root. */
+    run_as: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/, "must be a user name").optional(),
   })
   .superRefine((m, ctx) => {
     if (m.tdx_capable && m.mode !== "virsh")
       ctx.addIssue({ code: "custom", path: ["tdx_capable"], message: 'TDX guests need mode = "virsh"' });
     if (m.tdx_capable && m.virt_type !== "kvm")
       ctx.addIssue({ code: "custom", path: ["virt_type"], message: 'a TDX machine needs virt_type = "kvm": trust domains run on KVM, "qemu" is software emulation (TCG)' });
+    if (m.run_as !== undefined && m.mode !== "systemd")
+      ctx.addIssue({ code: "custom", path: ["run_as"], message: 'applies to mode = "systemd" (virsh guests are their own machines)' });
     if (m.tdx_capable && m.ovmf_path === undefined)
       ctx.addIssue({ code: "custom", path: ["ovmf_path"], message: "required for a TDX machine (an OVMF build with TDX support)" });
   });

@@ -5,7 +5,7 @@
 //
 // Synchronisation is by polling (short intervals), never by sleeping a fixed time.
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -126,6 +126,33 @@ describe("bare-metal backend over SSH", () => {
     assert.match(final, /^exit_status=0$/m);
     await b.terminate(inst);
     assert.deepEqual(unitsOn(A), []);
+  });
+
+  it("run_as: the workload runs as that user in a work directory it owns; the recorder still writes the root-owned run directory", { skip: process.getuid?.() !== 0 ? "needs root (the unit changes user)" : false }, async () => {
+    // Parents of work_dir are traversable, as /var/lib is on a host.
+    const root = mkdtempSync(path.join(os.tmpdir(), "cb-bm-runas-"));
+    chmodSync(root, 0o711);
+    try {
+      const image = executable("whoami", `[ "$(id -un)" = nobody ] && touch mine && exit 7; exit 3`);
+      const b = track(backend([machine("m1", A, root, { run_as: "nobody" })]));
+      const g = grant("runas-1");
+      const inst = await b.provision(g, { image }, never);
+      const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+      assert.equal(obs.exit_code, 7, "the workload ran as nobody");
+      const run = path.join(root, "m1", "runs", "runas-1");
+      assert.equal(statSync(path.join(run, "work", "mine")).uid, 65534, "and wrote its own work directory");
+      assert.equal(statSync(run).uid, 0, "the run directory stays root's");
+      assert.match(readFileSync(path.join(run, "final"), "utf8"), /^exit_status=7$/m, "ExecStopPost (+, full privileges) recorded the end");
+      await b.terminate(inst);
+      assert.deepEqual(unitsOn(A), []);
+
+      // A user the machine does not have: a clear setup error, nothing started.
+      const missing = track(backend([machine("m1", A, root, { run_as: "no_such_user_cb" })]));
+      await assert.rejects(missing.provision(grant("runas-2"), { image }, never), /run_as user no_such_user_cb does not exist/);
+      assert.deepEqual(unitsOn(A), []);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
   });
 
   it("refuses an image whose sha256 does not match: ImageVerificationError, nothing ran, nothing left behind", async () => {
@@ -361,6 +388,12 @@ describe("bare-metal backend over SSH", () => {
     assert.match(checks.find((c) => c.check === "doc: systemd")!.detail, /^systemd 252/);
     assert.equal(existsSync(path.join(work, "doc")), false, "work_dir not created");
     assert.deepEqual(unitsOn(A), []);
+    // run_as: the user must exist on the machine.
+    const withUser = await track(backend([machine("doc", A, work, { run_as: "nobody" })])).check!();
+    assert.match(withUser.find((c) => c.check === "doc: run_as")?.detail ?? "", /workloads run as nobody \(uid 65534\)/);
+    const noUser = (await track(backend([machine("doc", A, work, { run_as: "no_such_user_cb" })])).check!()).find((c) => c.check === "doc: run_as");
+    assert.equal(noUser?.ok, false);
+    assert.match(noUser?.detail ?? "", /user no_such_user_cb does not exist/);
   });
 
   it("restart: a new backend re-attaches live units (provision adopts, never starts twice) and removes orphans", async () => {

@@ -117,6 +117,35 @@ mode = "systemd"
 `,
       ["backends.baremetal.machines[0].host_key_sha256: must be a pinned host key fingerprint", 'backends.baremetal.machines[0].tdx_capable: TDX guests need mode = "virsh"'],
     ],
+    [
+      "bare-metal run_as on a virsh machine, and not a user name",
+      BASE +
+        `[[backends.baremetal.machines]]
+name = "m1"
+host = "10.0.0.1"
+user = "bridge"
+private_key_file = "k"
+host_key_sha256 = "SHA256:${"A".repeat(43)}"
+region = "r"
+cpu_millicores = 1000
+ram_mib = 1024
+mode = "virsh"
+run_as = "cbwork"
+
+[[backends.baremetal.machines]]
+name = "m2"
+host = "10.0.0.2"
+user = "bridge"
+private_key_file = "k"
+host_key_sha256 = "SHA256:${"A".repeat(43)}"
+region = "r"
+cpu_millicores = 1000
+ram_mib = 1024
+mode = "systemd"
+run_as = "Robert'); --"
+`,
+      ['backends.baremetal.machines[0].run_as: applies to mode = "systemd"', "backends.baremetal.machines[1].run_as: must be a user name"],
+    ],
     ["gcp TDX on a non-C3 type", BASE + `[backends.gcp]
 project = "my-project-1"
 zones = ["us-central1-a"]

@@ -104,13 +104,15 @@ exit 0
 
 /**
  * systemd mode, provision. Args: runs_dir id unit images_dir sha256 url max_bytes default_cmd(0|1)
- * alloc ; then systemd-run's own arguments (ending with "--" and the command, or just "--" when
- * default_cmd=1: ./run for a bundle, ./workload for a single executable is appended).
- * Adopts (prints CB-ADOPT) when the unit exists or this grant already reached systemd-run.
+ * alloc run_as ; then systemd-run's own arguments (ending with "--" and the command, or just "--"
+ * when default_cmd=1: ./run for a bundle, ./workload for a single executable is appended).
+ * With run_as (a user name, or empty for root) the work directory is that user's and the run
+ * directories above it only traversable. Adopts (prints CB-ADOPT) when the unit exists or this
+ * grant already reached systemd-run.
  */
 export const SYSTEMD_PROVISION = `${PRELUDE}${FETCH}umask 077
-runs=$1 id=$2 unit=$3 images=$4 sha=$5 url=$6 max=$7 defcmd=$8 alloc=$9
-shift 9
+runs=$1 id=$2 unit=$3 images=$4 sha=$5 url=$6 max=$7 defcmd=$8 alloc=$9 runas=\${10}
+shift 10
 run=$runs/$id
 cb_lock "$runs" "$id" 900
 cb_adopt() { printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; exit 0; }
@@ -132,6 +134,10 @@ if [ "$magic" = 1f8b ] || [ "$ustar" = ustar ]; then
 else
   cp "$cb_img" "$run/work/workload" && chmod 700 "$run/work/workload" || cb_die 13 "cannot install the workload executable"
   dflt=./workload
+fi
+if [ -n "$runas" ]; then
+  id -u -- "$runas" >/dev/null 2>&1 || cb_die 13 "run_as user $runas does not exist on this machine"
+  chmod 711 "\${runs%/*}" "$runs" "$run" && chown -R -- "$runas:" "$run/work" || cb_die 13 "cannot hand the work directory to $runas"
 fi
 cat > "$run/stoppost.sh" <<'CB_STOP_POST_EOF'
 ${STOP_POST}CB_STOP_POST_EOF
@@ -319,7 +325,7 @@ ${LIST_RUNS()}`;
  * `compute-bridge doctor`: read-only checks on a machine. Args: mode uri work_dir ovmf_path.
  * Lines: "ok|fail<TAB>check<TAB>detail".
  */
-export const DOCTOR = `${PRELUDE}mode=$1 uri=$2 work=$3 ovmf=$4
+export const DOCTOR = `${PRELUDE}mode=$1 uri=$2 work=$3 ovmf=$4 runas=$5
 r() { printf '%s\\t%s\\t%s\\n' "$1" "$2" "$(printf '%s' "$3" | tr '\\n\\t' '  ' | head -c 300)"; }
 missing=
 for t in curl sha256sum tar flock od dd; do command -v "$t" >/dev/null 2>&1 || missing="$missing $t"; done
@@ -327,6 +333,9 @@ if [ -z "$missing" ]; then r ok tools "curl, sha256sum, tar, flock present"; els
 if [ "$mode" = systemd ]; then
   if v=$(systemctl --version 2>&1); then r ok systemd "$(printf '%s\\n' "$v" | head -n 1)"; else r fail systemd "systemctl --version failed: $v"; fi
   if command -v systemd-run >/dev/null 2>&1; then r ok systemd-run "$(command -v systemd-run)"; else r fail systemd-run "systemd-run not found"; fi
+  if [ -n "$runas" ]; then
+    if u=$(id -u -- "$runas" 2>/dev/null); then r ok run_as "workloads run as $runas (uid $u)"; else r fail run_as "user $runas does not exist"; fi
+  fi
 else
   if v=$(virsh -c "$uri" version 2>&1); then r ok libvirt "$(printf '%s\\n' "$v" | grep -iE 'library|hypervisor' | tr '\\n' ';')"; else r fail libvirt "virsh -c $uri version failed: $v"; fi
   if v=$(qemu-img --version 2>&1); then r ok qemu-img "$(printf '%s\\n' "$v" | head -n 1)"; else r fail qemu-img "qemu-img --version failed: $v"; fi

@@ -17,6 +17,7 @@ export const MAX_COMMAND_BYTES = 200 * 1024;
 
 const SAFE_PATH = /^\/[A-Za-z0-9._/-]*$/;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
+const USER_NAME = /^[a-z_][a-z0-9_-]{0,31}$/;
 
 export function unitName(requestId: string): string {
   return `cb-${requestId}.service`;
@@ -41,6 +42,8 @@ export interface RunArgs {
   runtimeMaxSec: number;
   /** Grace between SIGTERM and SIGKILL on stop. */
   stopTimeoutSec: number;
+  /** Run the workload as this user (User=); unset: as root. */
+  runAs?: string | undefined;
 }
 
 /**
@@ -68,9 +71,14 @@ export function systemdRunArgs(a: RunArgs): { args: string[]; defaultCommand: bo
     "-p", "MemorySwapMax=0",
     "-p", `RuntimeMaxSec=${Math.max(1, Math.ceil(a.runtimeMaxSec))}`,
     "-p", `TimeoutStopSec=${Math.max(1, Math.ceil(a.stopTimeoutSec))}`,
-    // '-': a failing recorder never turns the unit's result into a failure.
-    "-p", `ExecStopPost=-/bin/sh ${a.runDir}/stoppost.sh ${a.runDir} ${a.unit}`,
+    // '-': a failing recorder never turns the unit's result into a failure; '+': it runs with full
+    // privileges (it writes the root-owned run directory) when the workload runs as another user.
+    "-p", `ExecStopPost=${a.runAs ? "+-" : "-"}/bin/sh ${a.runDir}/stoppost.sh ${a.runDir} ${a.unit}`,
   ];
+  if (a.runAs !== undefined) {
+    if (!USER_NAME.test(a.runAs)) throw new ArgumentError(`run_as ${JSON.stringify(a.runAs.slice(0, 40))} is not a user name`);
+    args.push("-p", `User=${a.runAs}`);
+  }
   const env: Record<string, string> = { PATH: WORKLOAD_PATH, HOME: work, LANG: "C.UTF-8", ...(a.envelope.env ?? {}) };
   for (const [k, v] of Object.entries(env)) {
     if (!ENV_NAME.test(k)) throw new ArgumentError(`env name ${JSON.stringify(k.slice(0, 64))} is not a shell-safe variable name`);

@@ -178,23 +178,24 @@ function log(msg) {
 }
 
 // --- unit-file command line parsing (ExecStopPost=) -----------------------------
-// Prefixes: '-' ignore failure, '@' explicit argv0, ':' no env expansion,
-// '+', '!', '!!' (privilege flags: accepted, no effect here).
+// Prefixes: '-' ignore failure, '@' explicit argv0, ':' no env expansion, '+' full privileges
+// (User=/Group= not applied), '!', '!!' (ambient-capability variants: accepted, no effect here).
 function parseCommand(raw) {
   let s = raw.trim();
-  let ignore = false, explicitArgv0 = false, noEnv = false;
+  let ignore = false, explicitArgv0 = false, noEnv = false, privileged = false;
   for (;;) {
     if (s.startsWith('-')) { ignore = true; s = s.slice(1); }
     else if (s.startsWith('@')) { explicitArgv0 = true; s = s.slice(1); }
     else if (s.startsWith(':')) { noEnv = true; s = s.slice(1); }
-    else if (s.startsWith('+') || s.startsWith('!')) { s = s.slice(1); }
+    else if (s.startsWith('+')) { privileged = true; s = s.slice(1); }
+    else if (s.startsWith('!')) { s = s.slice(1); }
     else break;
   }
   const words = splitWords(s);
   let file = words[0] ?? '';
   let argv = words;
   if (explicitArgv0) { file = words[0] ?? ''; argv = words.slice(1); }
-  return { raw, file, argv, ignore, noEnv };
+  return { raw, file, argv, ignore, noEnv, privileged };
 }
 // extract_first_word(EXTRACT_UNQUOTE|EXTRACT_CUNESCAPE)
 function splitWords(s) {
@@ -411,8 +412,8 @@ function runStopPost(i) {
     return;
   }
   const opts = { detached: true, stdio: ['ignore', logFd, logFd], env, cwd: conf.WORKDIR && fs.existsSync(conf.WORKDIR) ? conf.WORKDIR : '/', argv0: argv[0] ?? file };
-  if (uid !== undefined) opts.uid = uid;
-  if (gid !== undefined) opts.gid = gid;
+  if (uid !== undefined && !cmd.privileged) opts.uid = uid;
+  if (gid !== undefined && !cmd.privileged) opts.gid = gid;
   let child;
   try {
     child = spawn(file, argv.slice(1), opts);
