@@ -17,8 +17,10 @@ const REASON: Record<Outcome["state"], ExitReason> = {
 export function buildComputeLog(providerId: string, rec: GrantRecord, outcome: Outcome, nowMs: number, identity: Identity): ComputeLog {
   const inst = rec.instance;
   const startedMs = inst ? Date.parse(inst.started_at) : null;
-  const endedMs = outcome.ended_at ? Date.parse(outcome.ended_at) : nowMs;
-  const wall = startedMs !== null ? Math.max(0, (endedMs - startedMs) / 1000) : 0;
+  // The end comes from the backend's clock, the start from the bridge's: a workload that exits at
+  // once can read as ending a millisecond before it started. A log never says so.
+  const endedMs = Math.max(startedMs ?? Number.NEGATIVE_INFINITY, outcome.ended_at ? Date.parse(outcome.ended_at) : nowMs);
+  const wall = startedMs !== null ? (endedMs - startedMs) / 1000 : 0;
   const round = (n: number) => Math.round(n * 1000) / 1000;
   const unsigned: UnsignedComputeLog = {
     request_id: rec.request_id,
