@@ -72,7 +72,8 @@ export interface AwsWatchBench {
 }
 
 
-function config(fake: Ec2Fake, credDir: string, sshPort: number): AwsConfig {
+/** The benchmark's AWS config against a fake (in this process or in the fake-host child). */
+function config(fake: Pick<Ec2Fake, "endpoint" | "credentials">, credDir: string, sshPort: number): AwsConfig {
   writeFileSync(path.join(credDir, "akid"), fake.credentials.accessKeyId);
   writeFileSync(path.join(credDir, "secret"), fake.credentials.secretAccessKey);
   const region = { image_id: "ami-0123456789abcdef0", subnet_id: "subnet-0123abcd", security_group_ids: ["sg-0123abcd"] };
@@ -255,18 +256,7 @@ function stats(xs: number[]): { p50: number; p95: number; max: number } {
 /** Grant-to-SSH-ready minus the boot delay, for grants launched while N instances are watched. */
 async function measureReady(n: number, sshPort: number, credDir: string): Promise<{ sequential: ReturnType<typeof stats>; burst: ReturnType<typeof stats> }> {
   const fake = await remoteFake();
-  writeFileSync(path.join(credDir, "akid"), fake.credentials.accessKeyId);
-  writeFileSync(path.join(credDir, "secret"), fake.credentials.secretAccessKey);
-  const region = { image_id: "ami-0123456789abcdef0", subnet_id: "subnet-0123abcd", security_group_ids: ["sg-0123abcd"] };
-  const cfg = AwsConfig.parse({
-    regions: Object.fromEntries(REGIONS.map((r) => [r, region])),
-    instance_types: ["m6i.large"],
-    max_concurrent_instances: 10_000,
-    access_key_id_file: path.join(credDir, "akid"),
-    secret_access_key_file: path.join(credDir, "secret"),
-    endpoint: fake.endpoint,
-    ssh_port: sshPort,
-  });
+  const cfg = config(fake, credDir, sshPort);
   const aws = backend(cfg, systemClock, { pollIntervalMs: POLL_MS, readyPollIntervalMs: READY_POLL_MS, sshProbeIntervalMs: READY_POLL_MS });
   const watches: Promise<unknown>[] = [];
   const ctls: AbortController[] = [];
