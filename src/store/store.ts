@@ -123,7 +123,6 @@ export class Store {
 
   private onWriterMessage(raw: string): void {
     const m = JSON.parse(raw) as FromWriter;
-    if (m.type !== "done") return;
     const batch = this.inFlight.get(m.id);
     if (!batch) return;
     this.inFlight.delete(m.id);

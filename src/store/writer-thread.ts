@@ -50,7 +50,6 @@ port.on("message", (first: string) => {
   if (closing) {
     if (walFd !== null) closeSync(walFd);
     db.close();
-    reply({ type: "closed" });
-    port.close();
+    port.close(); // the thread ends; the main thread waits for its exit
   }
 });
