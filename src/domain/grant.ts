@@ -83,8 +83,9 @@ type Complete<T> = { [K in keyof Required<T>]: T[K] };
 
 /**
  * canonicalJson() of a validated GrantRequest (keys sorted at every depth, absent members
- * omitted), built directly: it is digested for every POST /v1/grants, and a generic deep sort
- * costs several times more. The same bytes as canonicalJson (test/domain/grant.test.ts).
+ * omitted), built directly: the store's writer digests it for every accepted grant, and the
+ * generic deep sort costs that thread about a quarter more per accept (measured: 30 vs 23 µs).
+ * The same bytes as canonicalJson (test/domain/grant.test.ts).
  */
 export function canonicalGrantRequest(r: GrantRequest): string {
   const { grant: g, envelope: e } = r;
