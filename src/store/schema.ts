@@ -122,6 +122,9 @@ const MIGRATIONS: string[] = [
      last_error TEXT,
      UNIQUE (kind, key)
    );`,
+  // The jsonl flush after every finished grant looks up the few logs not yet appended; without
+  // this (partial) index it scanned every ComputeLog ever written.
+  `CREATE INDEX compute_logs_jsonl_pending ON compute_logs(jsonl_pending) WHERE jsonl_pending = 1;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

@@ -46,6 +46,22 @@ describe("store", () => {
     assert.throws(() => new Store(dir, systemClock), /newer than this build/);
   });
 
+  it("finds the logs still to append to compute-log.jsonl by index, not by scanning every log; migrates an older database to it", async (t) => {
+    const dir = tempDir(t);
+    const plan = (db: Database.Database) =>
+      (db.prepare("EXPLAIN QUERY PLAN SELECT request_id, log_json FROM compute_logs WHERE jsonl_pending = 1 ORDER BY rowid").all() as { detail: string }[]).map((r) => r.detail).join("; ");
+    const s = new Store(dir, systemClock);
+    assert.match(plan(s.db), /USING INDEX compute_logs_jsonl_pending/);
+    // A database from before the index: version 1, no index.
+    s.db.exec("DROP INDEX compute_logs_jsonl_pending");
+    s.db.pragma("user_version = 1");
+    await s.close();
+    const again = new Store(dir, systemClock);
+    t.after(() => again.close());
+    assert.equal(again.db.pragma("user_version", { simple: true }), SCHEMA_VERSION);
+    assert.match(plan(again.db), /USING INDEX compute_logs_jsonl_pending/);
+  });
+
   it("fails only the operation that fails, not the rest of its batch", async (t) => {
     const s = new Store(tempDir(t), systemClock);
     t.after(() => s.close());
