@@ -67,11 +67,26 @@ class Shutdown extends Error {
   }
 }
 
-interface Task {
-  shutdown: AbortController;
-  cancel: () => void;
-  cancelled: Promise<void>;
-  done: Promise<void>;
+/**
+ * One grant's task. A bridge holds one for every grant in flight, most of them waiting on a
+ * backend for minutes, so it stays small: the promise a watch races against cancellation is made
+ * only when a watch asks for it.
+ */
+class Task {
+  readonly shutdown = new AbortController();
+  done: Promise<void> = Promise.resolve();
+  private cancelRequested = false;
+  private onCancel: (() => void) | null = null;
+
+  cancel(): void {
+    this.cancelRequested = true;
+    this.onCancel?.();
+  }
+
+  /** Resolves once cancellation is requested (at once if it already was). */
+  cancelled(): Promise<void> {
+    return this.cancelRequested ? Promise.resolve() : new Promise((r) => (this.onCancel = r));
+  }
 }
 
 const TRANSIENT_PROVISION_RETRIES = 3;
@@ -184,62 +199,59 @@ export class GrantManager {
 
   private start(rec: GrantRecord): void {
     if (this.stopping || this.tasks.has(rec.request_id)) return;
-    let cancel!: () => void;
-    const cancelled = new Promise<void>((r) => (cancel = r));
-    const task: Task = { shutdown: new AbortController(), cancel, cancelled, done: Promise.resolve() };
-    if (rec.cancel_requested) cancel();
+    const task = new Task();
+    if (rec.cancel_requested) task.cancel();
     this.tasks.set(rec.request_id, task);
-    task.done = this.run(rec, task);
+    task.done = this.drive(rec, task);
   }
 
-  /** drive() with its end handled: one promise per task (this runs for every accepted grant). */
-  private async run(rec: GrantRecord, task: Task): Promise<void> {
-    try {
-      await this.drive(rec, task);
-    } catch (e) {
-      if (!isAbort(e, task.shutdown.signal))
-        this.o.log.error({ request_id: rec.request_id, backend: rec.backend, err: e }, "grant task failed unexpectedly; it resumes on the next start");
-    } finally {
-      this.tasks.delete(rec.request_id);
-    }
-  }
-
+  /**
+   * The whole life of one grant from its last committed state, its end handled, in one async
+   * frame: every frame still waiting stays on the heap for as long as the grant provisions.
+   */
   private async drive(initial: GrantRecord, task: Task): Promise<void> {
     let rec = initial;
     const id = rec.request_id;
-    const deadlineMs = this.o.almanac.toWallMs(rec.grant.valid_to);
     const signal = task.shutdown.signal;
-
-    if (rec.state === "terminating") {
-      await this.terminateAndFinish(rec, rec.outcome ?? this.failOutcome("backend", "resumed while terminating without a recorded outcome"), signal);
-      return;
-    }
-
-    if (rec.state === "accepted" || rec.state === "provisioning") {
-      const early = this.preProvisionOutcome(rec, deadlineMs);
-      if (early) {
-        if (rec.state === "accepted") return await this.finish(rec, early);
-        // A create call may have been in flight: terminate by request_id before finishing.
-        return this.terminateAndFinish(await this.toTerminating(rec, early), early, signal);
+    try {
+      const deadlineMs = this.o.almanac.toWallMs(rec.grant.valid_to);
+      if (rec.state === "terminating") {
+        await this.terminateAndFinish(rec, rec.outcome ?? this.failOutcome("backend", "resumed while terminating without a recorded outcome"), signal);
+        return;
       }
-      let instance: ProvisionedInstance;
-      try {
-        ({ rec, instance } = await this.provisionWithFailover(rec, signal));
-      } catch (e) {
-        if (isAbort(e, signal)) throw e;
-        const outcome = this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
-        this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: outcome.error_kind, message: outcome.error_message } }, "provisioning failed");
-        rec = this.o.store.get(id)!;
-        // Whatever a failed create left behind is found by request_id and removed.
-        return this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
-      }
-      rec = await this.transition(rec, "running", { instance, note: `instance ${instance.instance_id}` });
-      this.o.events?.ready?.(instance.backend, (this.o.clock.now() - Date.parse(rec.created_at)) / 1000);
-    }
 
-    // running: watch until exit, expiry or cancel
-    const outcome = await this.watch(rec, deadlineMs, task);
-    await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
+      if (rec.state === "accepted" || rec.state === "provisioning") {
+        const early = this.preProvisionOutcome(rec, deadlineMs);
+        if (early) {
+          if (rec.state === "accepted") await this.finish(rec, early);
+          // A create call may have been in flight: terminate by request_id before finishing.
+          else await this.terminateAndFinish(await this.toTerminating(rec, early), early, signal);
+          return;
+        }
+        let instance: ProvisionedInstance;
+        try {
+          ({ rec, instance } = await this.provisionWithFailover(rec, signal));
+        } catch (e) {
+          if (isAbort(e, signal)) throw e;
+          const outcome = this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
+          this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: outcome.error_kind, message: outcome.error_message } }, "provisioning failed");
+          rec = this.o.store.get(id)!;
+          // Whatever a failed create left behind is found by request_id and removed.
+          await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
+          return;
+        }
+        rec = await this.transition(rec, "running", { instance, note: `instance ${instance.instance_id}` });
+        this.o.events?.ready?.(instance.backend, (this.o.clock.now() - Date.parse(rec.created_at)) / 1000);
+      }
+
+      // running: watch until exit, expiry or cancel
+      const outcome = await this.watch(rec, deadlineMs, task);
+      await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
+    } catch (e) {
+      if (!isAbort(e, signal)) this.o.log.error({ request_id: id, backend: rec.backend, err: e }, "grant task failed unexpectedly; it resumes on the next start");
+    } finally {
+      this.tasks.delete(id);
+    }
   }
 
   private preProvisionOutcome(rec: GrantRecord, deadlineMs: number): Outcome | null {
@@ -309,7 +321,7 @@ export class GrantManager {
         const winner = await Promise.race([
           backend.watchUntilExit(instance, new Date(deadlineMs), ctl.signal).then((obs) => ({ t: "obs" as const, obs })),
           this.o.clock.sleep(Math.max(0, deadlineMs + this.graceMs - this.o.clock.now()), ctl.signal).then(() => ({ t: "deadline" as const })),
-          task.cancelled.then(() => ({ t: "cancel" as const })),
+          task.cancelled().then(() => ({ t: "cancel" as const })),
         ]);
         if (winner.t === "cancel") return this.outcome("cancelled", null);
         if (winner.t === "deadline") {
