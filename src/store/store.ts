@@ -5,7 +5,7 @@ import { Worker } from "node:worker_threads";
 import type { ComputeLog, GrantState, ProvisionedInstance } from "../domain/index.js";
 import type { Clock } from "../util/clock.js";
 import { flushJsonl, migrate, openDatabase, toRecord, type AcceptResult, type Attempt, type GrantRecord, type NewGrant, type OutboxItem, type Outcome, type Row } from "./schema.js";
-import type { AcceptOutcome, ColumnChanges, FromWriter, ToWriter, WriteOp } from "./writer.js";
+import type { AcceptOutcome, ColumnChanges, FromWriter, ToWriter, Transitioned, WriteOp } from "./writer.js";
 
 export { SCHEMA_VERSION } from "./schema.js";
 export type { AcceptResult, Attempt, GrantRecord, NewGrant, OutboxItem, Outcome } from "./schema.js";
@@ -57,6 +57,11 @@ export class Store {
   private signalFailed!: (e: Error) => void;
   private closing: Promise<void> | null = null;
   private idleWaiters: (() => void)[] = [];
+  /**
+   * Grants by "state|backend", counted once at open and then kept by every committed write, so
+   * that a metrics scrape costs nothing however long the history grows.
+   */
+  private readonly counts = new Map<string, number>();
 
   constructor(
     stateDir: string,
@@ -70,6 +75,8 @@ export class Store {
     // Logs a crash kept out of compute-log.jsonl: this thread's only write, before the writer starts.
     flushJsonl(this.db, jsonlPath);
     this.stmts = this.prepareStatements();
+    for (const r of this.db.prepare("SELECT state, backend, COUNT(*) n FROM grants GROUP BY state, backend").all() as { state: string; backend: string | null; n: number }[])
+      this.counts.set(countKey(r.state, r.backend), r.n);
     this.failed = new Promise((r) => (this.signalFailed = r));
     this.worker = startWriter(dbPath, jsonlPath);
     // Referenced only while writes are outstanding: an idle store never keeps the process alive.
@@ -173,6 +180,7 @@ export class Store {
       now,
     });
     if (r.status !== "created") return { status: r.status, record: toRecord(r.row) };
+    this.count("provisioning", g.backend, 1);
     // The new record, built from what was written (no read-back on the accept path).
     return {
       status: "created",
@@ -200,8 +208,20 @@ export class Store {
 
   /** Move a grant to `to`, with the fields that change alongside, in the next group commit. */
   async transition(id: string, to: GrantState, changes: GrantChanges = {}): Promise<GrantRecord> {
-    const row = await this.write<Row>({ op: "transition", id, to, changes: columns(changes), note: changes.note ?? null, now: this.nowIso() });
-    return toRecord(row);
+    return this.moved(await this.write<Transitioned>({ op: "transition", id, to, changes: columns(changes), note: changes.note ?? null, now: this.nowIso() }));
+  }
+
+  private moved(t: Transitioned): GrantRecord {
+    this.count(t.from_state, t.from_backend, -1);
+    this.count(t.row.state, t.row.backend, 1);
+    return toRecord(t.row);
+  }
+
+  private count(state: string, backend: string | null, delta: number): void {
+    const k = countKey(state, backend);
+    const n = (this.counts.get(k) ?? 0) + delta;
+    if (n > 0) this.counts.set(k, n);
+    else this.counts.delete(k);
   }
 
   /** Final state and its signed ComputeLog in one commit; the compute-log.jsonl line follows it. */
@@ -212,7 +232,7 @@ export class Store {
     changes: { error_kind?: string | null; error_message?: string | null } = {},
     publish = false,
   ): Promise<GrantRecord> {
-    const row = await this.write<Row>({
+    const done = await this.write<Transitioned>({
       op: "finish",
       id,
       to,
@@ -222,7 +242,7 @@ export class Store {
       publish_at: publish ? this.clock.now() : null,
       now: this.nowIso(),
     });
-    return toRecord(row);
+    return this.moved(done);
   }
 
   async requestCancel(id: string): Promise<GrantRecord | null> {
@@ -267,11 +287,9 @@ export class Store {
     return (this.stmts.nonTerminal.all() as Row[]).map(toRecord);
   }
 
+  /** Grants by "state|backend" (backend "" when none), from the counts the writes keep. */
   countByState(): Record<string, number> {
-    const out: Record<string, number> = {};
-    for (const r of this.db.prepare("SELECT state, backend, COUNT(*) n FROM grants GROUP BY state, backend").all() as { state: string; backend: string | null; n: number }[])
-      out[`${r.state}|${r.backend ?? ""}`] = r.n;
-    return out;
+    return Object.fromEntries(this.counts);
   }
 
   transitions(id: string): { from_state: string | null; to_state: string; backend: string | null; note: string | null; at: string }[] {
@@ -327,6 +345,10 @@ export class Store {
       nonTerminal: db.prepare("SELECT * FROM grants WHERE state IN ('accepted','provisioning','running','terminating') ORDER BY seq"),
     };
   }
+}
+
+function countKey(state: string, backend: string | null): string {
+  return `${state}|${backend ?? ""}`;
 }
 
 function columns(c: GrantChanges): ColumnChanges {

@@ -29,6 +29,13 @@ export type WriteOp =
 
 export type AcceptOutcome = { status: "created"; seq: number; body_digest: string } | { status: "duplicate" | "conflict"; row: Row };
 
+/** A grant after a transition, and the state and backend it left (the store keeps counts of both). */
+export interface Transitioned {
+  row: Row;
+  from_state: string;
+  from_backend: string | null;
+}
+
 export type WriteResult = { ok: true; value: unknown } | { ok: false; error: { name: string; message: string } };
 
 /** Messages between the Store (main thread) and writer-thread.ts. */
@@ -123,10 +130,10 @@ export class Writer {
       case "transition":
         return this.transition(op.id, op.to, op.changes, op.note, op.now);
       case "finish": {
-        const row = this.transition(op.id, op.to, op.changes, op.note, op.now);
+        const done = this.transition(op.id, op.to, op.changes, op.note, op.now);
         this.st.computeLog.run(op.id, op.log_json, op.now);
         if (op.publish_at !== null) this.st.enqueue.run("log", op.id, op.log_json, op.publish_at);
-        return row;
+        return done;
       }
       case "cancel":
         this.st.cancel.run(op.now, op.id);
@@ -157,7 +164,7 @@ export class Writer {
     return { status: "created", seq: Number(info.lastInsertRowid), body_digest };
   }
 
-  private transition(id: string, to: string, changes: ColumnChanges, note: string | null, now: string): Row {
+  private transition(id: string, to: string, changes: ColumnChanges, note: string | null, now: string): Transitioned {
     const row = this.st.get.get(id) as Row | undefined;
     if (!row) throw new Error(`unknown grant ${id}`);
     const cols = CHANGEABLE.filter((c) => changes[c] !== undefined);
@@ -168,7 +175,7 @@ export class Writer {
     for (const c of cols) params[c] = changes[c];
     update.run(params);
     this.st.transition.run(id, row.state, to, changes.backend ?? row.backend, note, now);
-    return this.st.get.get(id) as Row;
+    return { row: this.st.get.get(id) as Row, from_state: row.state, from_backend: row.backend };
   }
 }
 

@@ -92,6 +92,31 @@ describe("store", () => {
     assert.deepEqual(s.transitions("g1").map((x) => x.to_state), ["provisioning", "running", "completed"]);
   });
 
+  it("keeps the counts by state and backend that metrics read, without querying every grant, across writes, failures and reopen", async (t) => {
+    const dir = tempDir(t);
+    const s = new Store(dir, systemClock);
+    const fromTable = (db: Database.Database) =>
+      Object.fromEntries((db.prepare("SELECT state, backend, COUNT(*) n FROM grants GROUP BY state, backend").all() as { state: string; backend: string | null; n: number }[]).map((r) => [`${r.state}|${r.backend ?? ""}`, r.n]));
+    await Promise.all([s.accept(newGrant("g1")), s.accept(newGrant("g1")), s.accept(newGrant("g1", 2)), s.accept(newGrant("g2")), s.accept(newGrant("g3"))]);
+    assert.deepEqual(s.countByState(), { "provisioning|local": 3 }, "a duplicate or a conflict counts nothing");
+    await s.transition("g1", "running");
+    await s.transition("g2", "provisioning", { backend: "aws" });
+    await assert.rejects(s.transition("nope", "running"), /unknown grant nope/);
+    await s.finish("g3", "failed", log("g3"));
+    const expected = { "running|local": 1, "provisioning|aws": 1, "failed|local": 1 };
+    const queries: string[] = [];
+    const prepare = s.db.prepare.bind(s.db);
+    s.db.prepare = ((sql: string) => (queries.push(sql), prepare(sql))) as typeof s.db.prepare;
+    assert.deepEqual(s.countByState(), expected);
+    assert.deepEqual(queries, [], "a scrape runs no query");
+    s.db.prepare = prepare;
+    assert.deepEqual(s.countByState(), fromTable(s.db));
+    await s.close();
+    const again = new Store(dir, systemClock);
+    t.after(() => again.close());
+    assert.deepEqual(again.countByState(), expected, "counted once at open");
+  });
+
   it("close() commits what was queued before it; later writes are refused", async (t) => {
     const dir = tempDir(t);
     const s = new Store(dir, systemClock);
