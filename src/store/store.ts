@@ -10,6 +10,15 @@ import type { AcceptOutcome, ColumnChanges, FromWriter, ToWriter, Transitioned, 
 export { SCHEMA_VERSION } from "./schema.js";
 export type { AcceptResult, Attempt, GrantRecord, NewGrant, OutboxItem, Outcome } from "./schema.js";
 
+/** One entry of a grant's history. */
+export interface Transition {
+  from_state: GrantState | null;
+  to_state: GrantState;
+  backend: string | null;
+  note: string | null;
+  at: string;
+}
+
 /** What a transition changes alongside the state. */
 export interface GrantChanges {
   backend?: string | null;
@@ -292,8 +301,19 @@ export class Store {
     return Object.fromEntries(this.counts);
   }
 
-  transitions(id: string): { from_state: string | null; to_state: string; backend: string | null; note: string | null; at: string }[] {
-    return this.db.prepare("SELECT from_state, to_state, backend, note, at FROM transitions WHERE request_id = ? ORDER BY id").all(id) as never;
+  /**
+   * A grant's history: its accept (from the grants row, see Writer.accept), then the audit rows of
+   * every later transition. Databases written before that change hold an audit row for the
+   * accept too; it is shown as it is.
+   */
+  transitions(id: string): Transition[] {
+    const rec = this.get(id);
+    if (!rec) return [];
+    const rows = this.db.prepare("SELECT from_state, to_state, backend, note, at FROM transitions WHERE request_id = ? ORDER BY id").all(id) as Transition[];
+    if (rows[0]?.from_state === null) return rows;
+    // The backend it was routed to: the first one tried, should it have failed over since.
+    const accept: Transition = { from_state: null, to_state: "provisioning", backend: rec.attempts[0]?.backend ?? rec.backend, note: "accepted and routed; idempotency key derived from request_id", at: rec.created_at };
+    return [accept, ...rows];
   }
 
   computeLog(id: string): ComputeLog | null {

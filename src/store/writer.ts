@@ -154,13 +154,15 @@ export class Writer {
   private accept(g: NewGrant, now: string): AcceptOutcome {
     // Accepted and routed in one commit: the first durable state already names the backend, and
     // the backend's idempotency key derives from request_id, so provisioning may start at once.
+    // The grants row is the record of this first transition: the audit table (transitions) starts
+    // with the next one, which saves every accept a row and an index entry (a fifth of the
+    // writer's work per accept); Store.transitions() shows the accept from the grants row.
     const body_digest = grantRequestDigest({ grant: g.grant, envelope: g.envelope });
     const info = this.st.insert.run(g.request_id, body_digest, JSON.stringify(g.grant), JSON.stringify(g.envelope), g.backend, g.private_key, g.public_key, now, now);
     if (info.changes === 0) {
       const row = this.st.get.get(g.request_id) as Row;
       return { status: row.body_digest === body_digest ? "duplicate" : "conflict", row };
     }
-    this.st.transition.run(g.request_id, null, "provisioning", g.backend, "accepted and routed; idempotency key derived from request_id", now);
     return { status: "created", seq: Number(info.lastInsertRowid), body_digest };
   }
 

@@ -29,8 +29,28 @@ describe("store", () => {
     assert.equal(a.record.body_digest, grantRequestDigest({ grant: newGrant("g1").grant, envelope }));
     assert.equal(s.get("g1")?.body_digest, a.record.body_digest);
     assert.equal(s.nonTerminal().length, 2);
-    // Accepted and routed in one commit: one audit row, already naming the backend.
+    // Accepted and routed in one commit, the grants row alone: no audit row, and the history shows it.
+    assert.equal((s.db.prepare("SELECT COUNT(*) n FROM transitions").get() as { n: number }).n, 0);
     assert.deepEqual(s.transitions("g1").map((x) => [x.from_state, x.to_state, x.backend]), [[null, "provisioning", "local"]]);
+    assert.equal(s.transitions("g1")[0]?.at, a.record.created_at);
+  });
+
+  it("a grant's history starts at the backend it was routed to, after a failover too, and shows an accept audited by an older build once", async (t) => {
+    const s = new Store(tempDir(t), systemClock);
+    t.after(() => s.close());
+    await s.accept(newGrant("g1"));
+    await s.transition("g1", "provisioning", { backend: "aws", attempts: [{ backend: "local", error_kind: "capacity", message: "full", at: "2026-01-01T00:00:00.000Z" }] });
+    await s.transition("g1", "running");
+    const history = (id: string) => s.transitions(id).map((x) => [x.from_state, x.to_state, x.backend]);
+    assert.deepEqual(history("g1"), [
+      [null, "provisioning", "local"],
+      ["provisioning", "provisioning", "aws"],
+      ["provisioning", "running", "aws"],
+    ]);
+    await s.accept(newGrant("old"));
+    s.db.prepare("INSERT INTO transitions (request_id, from_state, to_state, backend, note, at) VALUES ('old', NULL, 'provisioning', 'local', 'accepted', '2026-01-01T00:00:00.000Z')").run();
+    assert.deepEqual(history("old"), [[null, "provisioning", "local"]]);
+    assert.deepEqual(s.transitions("nope"), []);
   });
 
   it("is durable across reopen and refuses a newer schema", (t) => {
