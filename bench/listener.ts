@@ -91,7 +91,7 @@ export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{
   const client = new LoadClient();
   // Warm-up (JIT, the writer thread, connection pools), not measured.
   await client.run({ url: bareUrl, connections, seconds: 1, template });
-  await client.run({ url: bridgeUrl, connections, seconds: 1, headers, template, offset: 2_000_000_000 });
+  const warm = await client.run({ url: bridgeUrl, connections, seconds: 1, headers, template, offset: 2_000_000_000 });
   // Short alternating rounds, so a noisy neighbour hits both routes alike; figures are medians.
   const bareRounds: LoadResult[] = [];
   const bridgeRounds: LoadResult[] = [];
@@ -109,6 +109,10 @@ export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{
     bridgeRounds.push(await measured("bridge", { url: bridgeUrl, connections, seconds: seconds / rounds, headers, template, offset: r * 100_000_000 }));
   }
   client.close();
+  // The generator counts for itself: every 202 it saw must be a grant in the store, and no more.
+  const answered202 = [warm, ...bridgeRounds].reduce((a, r) => a + (r.statuses[202] ?? 0), 0);
+  const stored = Object.values(store.countByState()).reduce((a, n) => a + n, 0);
+  if (stored !== answered202) throw new Error(`the load generator saw ${answered202} grants accepted, the store holds ${stored}`);
   const bareRes = medianOf(bareRounds);
   const bridgeRes = medianOf(bridgeRounds);
   const ratios = bridgeRounds.map((b, i) => b.rps / bareRounds[i]!.rps);
