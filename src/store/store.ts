@@ -139,16 +139,18 @@ export class Store {
 
   private onWriterMessage(raw: string): void {
     const m = JSON.parse(raw) as FromWriter;
-    const batch = this.inFlight.get(m.id);
-    if (!batch) return;
-    this.inFlight.delete(m.id);
-    if (this.inFlight.size === 0) this.worker.unref();
     this.onWrite?.("group_commit", m.ms);
-    batch.forEach((p, i) => {
-      const r = m.results[i]!;
-      if (r.ok) p.resolve(r.value as never);
-      else p.reject(Object.assign(new Error(r.error.message), { name: r.error.name }));
-    });
+    for (const { id, results } of m.batches) {
+      const batch = this.inFlight.get(id);
+      if (!batch) continue;
+      this.inFlight.delete(id);
+      batch.forEach((p, i) => {
+        const r = results[i]!;
+        if (r.ok) p.resolve(r.value as never);
+        else p.reject(Object.assign(new Error(r.error.message), { name: r.error.name }));
+      });
+    }
+    if (this.inFlight.size === 0) this.worker.unref();
     this.send();
     this.notifyIfIdle();
   }

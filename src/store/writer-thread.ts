@@ -46,7 +46,7 @@ port.on("message", (first: string) => {
     if (r.finished) writer.appendLogs();
     const ms = performance.now() - t0;
     let i = 0;
-    for (const b of batches) reply({ type: "done", id: b.id, results: r.results.slice(i, (i += b.ops.length)), ms });
+    reply({ type: "done", batches: batches.map((b) => ({ id: b.id, results: r.results.slice(i, (i += b.ops.length)) })), ms });
   }
   if (closing) {
     if (walFd !== null) closeSync(walFd);

@@ -40,7 +40,8 @@ export type WriteResult = { ok: true; value: unknown } | { ok: false; error: { n
 
 /** Messages between the Store (main thread) and writer-thread.ts. */
 export type ToWriter = { type: "batch"; id: number; ops: WriteOp[] } | { type: "close" };
-export type FromWriter = { type: "done"; id: number; results: WriteResult[]; ms: number };
+/** One answer per commit, for every batch it took (`ms`: the commit with its fsync). */
+export type FromWriter = { type: "done"; batches: { id: number; results: WriteResult[] }[]; ms: number };
 
 export interface BatchResult {
   results: WriteResult[];
