@@ -861,8 +861,15 @@ export class AzureBackend implements ManagedBackend {
       if (e instanceof BackendError) throw e;
       throw new CredentialError(`azure: cannot set up the credential from backends.azure: ${redact((e as Error).message)}`, this.name);
     }
+    const endpoint = this.cfg.endpoint?.replace(/\/+$/, "");
+    // Tokens for the ARM endpoint in use. Left to themselves the clients disagree: the compute
+    // client asks for the public cloud's audience whatever its endpoint, which a sovereign cloud's
+    // authority refuses; the network client asks for its endpoint's.
+    const scopes = [`${endpoint ?? "https://management.azure.com"}/.default`];
     const options = {
-      ...(this.cfg.endpoint ? { endpoint: this.cfg.endpoint.replace(/\/+$/, "") } : {}),
+      ...(endpoint ? { endpoint } : {}),
+      credentials: { scopes },
+      credentialScopes: scopes,
       ...this.armAgent(),
       retryOptions: {
         maxRetries: this.opts.maxRetries ?? 3,
@@ -906,11 +913,14 @@ export class AzureBackend implements ManagedBackend {
     return this.extraCa ? { tlsOptions: { ca: [...tls.rootCertificates, this.extraCa] } } : {};
   }
 
-  /** Service principal (client secret) or managed identity, from the config only. */
+  /** Service principal (client secret) or managed identity (system- or user-assigned), from the config only. */
   private async buildCredential(): Promise<TokenCredential> {
     const identity = await import("@azure/identity");
     const common = this.tlsOptions();
-    if (this.cfg.managed_identity) return new identity.ManagedIdentityCredential({ ...common });
+    if (this.cfg.managed_identity) {
+      const clientId = this.cfg.managed_identity_client_id;
+      return new identity.ManagedIdentityCredential({ ...common, ...(clientId ? { clientId } : {}) });
+    }
     const tenant = this.cfg.tenant_id;
     const client = this.cfg.client_id;
     const secret = readSecret(this.configDir, "backends.azure.client_secret", { file: this.cfg.client_secret_file, env: this.cfg.client_secret_env });

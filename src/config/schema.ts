@@ -224,6 +224,8 @@ export const AzureConfig = z
     client_id: z.guid("must be a GUID").optional(),
     ...azureSecret.shape,
     managed_identity: z.boolean().default(false),
+    /** A user-assigned identity of the VM, by its client id; without it, the system-assigned one. */
+    managed_identity_client_id: z.guid("must be the identity's client id (GUID)").optional(),
     endpoint: Url.optional(),
     authority_host: Url.optional(),
     /** PEM bundle to trust in addition to the system CAs (private endpoints, tests). */
@@ -236,6 +238,8 @@ export const AzureConfig = z
     const sp = v.tenant_id !== undefined || v.client_id !== undefined || v.client_secret_file !== undefined || v.client_secret_env !== undefined;
     if (v.managed_identity && sp)
       ctx.addIssue({ code: "custom", path: ["managed_identity"], message: "give either managed_identity = true or tenant_id + client_id + client_secret_file, not both" });
+    if (v.managed_identity_client_id !== undefined && !v.managed_identity)
+      ctx.addIssue({ code: "custom", path: ["managed_identity_client_id"], message: "names a user-assigned managed identity: set managed_identity = true with it" });
     if (!v.managed_identity) {
       for (const k of ["tenant_id", "client_id"] as const)
         if (v[k] === undefined) ctx.addIssue({ code: "custom", path: [k], message: "required for a service principal (or set managed_identity = true)" });

@@ -689,6 +689,7 @@ describe("azure backend: production credentials", { timeout: 45_000 }, () => {
     const clientId = "66666666-7777-8888-9999-000000000000";
     const secret = "s3cr3t-value-that-must-never-be-logged";
     let tokenRequests = 0;
+    const scopes = new Set<string>();
     const authority = https.createServer({ cert: cert.cert, key: cert.key }, (req, res) => {
       let body = "";
       req.on("data", (c: Buffer) => (body += c.toString()));
@@ -702,6 +703,7 @@ describe("azure backend: production credentials", { timeout: 45_000 }, () => {
         if (req.method === "POST" && /\/oauth2\/v2\.0\/token/.test(req.url ?? "")) {
           tokenRequests++;
           const form = new URLSearchParams(body);
+          scopes.add(form.get("scope") ?? "");
           if (form.get("client_secret") !== secret || form.get("client_id") !== clientId) {
             res.statusCode = 401;
             res.end(JSON.stringify({ error: "invalid_client", error_description: "AADSTS7000215: Invalid client secret provided.", error_codes: [7000215] }));
@@ -732,6 +734,9 @@ describe("azure backend: production credentials", { timeout: 45_000 }, () => {
     t.after(() => b.close());
     const inst = await b.provision(grant("sp-1"), envelope, never);
     assert.ok(tokenRequests >= 1);
+    // Compute and network calls alike ask for the configured endpoint's audience (a sovereign
+    // cloud's authority refuses the public cloud's).
+    assert.deepEqual([...scopes], [`${fake.endpoint.replace(/\/+$/, "")}/.default`]);
     await b.terminate(inst);
 
     const wrong = new AzureBackend(config(fake, { ...creds, client_secret_file: "wrong-secret" }), ctx);
@@ -753,5 +758,63 @@ describe("azure backend: production credentials", { timeout: 45_000 }, () => {
     assert.ok(checks.some((c) => !c.ok && /client_secret_file: cannot read/.test(c.detail)), JSON.stringify(checks));
     const good = await new AzureBackend(config(fake, creds), ctx).check();
     assert.ok(good.every((c) => c.ok), JSON.stringify(good));
+  });
+});
+
+describe("azure backend: managed identity", { timeout: 45_000 }, () => {
+  it("takes its token from the VM's identity endpoint: the system-assigned identity, or a user-assigned one by client id; an unknown identity is a CredentialError", async (t) => {
+    const fake = await startFake();
+    const userAssigned = "33333333-4444-5555-6666-777777777777";
+    const unknown = "99999999-8888-7777-6666-555555555555";
+    const seen: { metadata: string | undefined; resource: string | null; clientId: string | null }[] = [];
+    // The Azure Instance Metadata Service's token endpoint, on loopback: the SDK goes there instead
+    // of 169.254.169.254 when AZURE_POD_IDENTITY_AUTHORITY_HOST names it (its AKS pod-identity hook).
+    const imds = http.createServer((req, res) => {
+      const url = new URL(req.url ?? "/", "http://imds");
+      res.setHeader("content-type", "application/json");
+      if (req.method !== "GET" || !/^\/metadata\/identity\/oauth2\/token\/?$/.test(url.pathname)) {
+        res.statusCode = 404;
+        return void res.end("{}");
+      }
+      const clientId = url.searchParams.get("client_id");
+      seen.push({ metadata: req.headers.metadata as string | undefined, resource: url.searchParams.get("resource"), clientId });
+      if (req.headers.metadata !== "true" || clientId === unknown) {
+        res.statusCode = 400;
+        return void res.end(JSON.stringify({ error: "invalid_request", error_description: "Identity not found" }));
+      }
+      const expiresOn = Math.floor(Date.now() / 1000) + 3600;
+      res.end(JSON.stringify({ access_token: fake.accessToken, expires_in: "3600", expires_on: String(expiresOn), ext_expires_in: "3600", not_before: String(expiresOn - 3600), resource: url.searchParams.get("resource"), token_type: "Bearer", ...(clientId ? { client_id: clientId } : {}) }));
+    });
+    await new Promise<void>((r) => imds.listen(0, "127.0.0.1", r));
+    t.after(() => new Promise<void>((r) => imds.close(() => r())));
+    const previous = process.env.AZURE_POD_IDENTITY_AUTHORITY_HOST;
+    process.env.AZURE_POD_IDENTITY_AUTHORITY_HOST = `http://127.0.0.1:${(imds.address() as AddressInfo).port}`;
+    t.after(() => {
+      if (previous === undefined) delete process.env.AZURE_POD_IDENTITY_AUTHORITY_HOST;
+      else process.env.AZURE_POD_IDENTITY_AUTHORITY_HOST = previous;
+    });
+    const logs = new LogSink();
+    const dir = tempDir(t);
+    const ctx: BackendContext = { providerId: PROVIDER, stateDir: dir, configDir: dir, log: createLogger("trace", logs), clock: systemClock, almanac: MS_ALMANAC, unavailable: new OfferingCache(1000, systemClock) };
+
+    const system = new AzureBackend(config(fake, { managed_identity: true }), ctx);
+    t.after(() => system.close());
+    await system.terminate(await system.provision(grant("mi-1"), envelope, never));
+    assert.ok(seen.length >= 1 && seen.every((s) => s.metadata === "true" && s.clientId === null), JSON.stringify(seen));
+    assert.deepEqual([...new Set(seen.map((s) => s.resource))], [fake.endpoint.replace(/\/+$/, "")], "tokens for the configured ARM endpoint only");
+
+    seen.length = 0;
+    const user = new AzureBackend(config(fake, { managed_identity: true, managed_identity_client_id: userAssigned }), ctx);
+    t.after(() => user.close());
+    await user.terminate(await user.provision(grant("mi-2"), envelope, never));
+    assert.ok(seen.length >= 1 && seen.every((s) => s.clientId === userAssigned), JSON.stringify(seen));
+
+    const stranger = new AzureBackend(config(fake, { managed_identity: true, managed_identity_client_id: unknown }), ctx);
+    t.after(() => stranger.close());
+    const e = await rejection(stranger.provision(grant("mi-3"), envelope, never));
+    assert.ok(e instanceof CredentialError, String(e));
+    assert.match(e.message, /access token/);
+    assert.deepEqual(leftovers(fake), [], "nothing was created without a token");
+    assert.ok(!logs.text.includes(fake.accessToken), "the token is never logged");
   });
 });

@@ -171,6 +171,40 @@ managed_identity = true
 `,
       ["backends.azure.subnet_id: a NIC must be in its subnet's region"],
     ],
+    [
+      "azure user-assigned identity without managed_identity, and a malformed one",
+      BASE +
+        `[backends.azure]
+subscription_id = "00000000-0000-0000-0000-000000000000"
+resource_group = "rg"
+regions = ["westeurope"]
+vm_sizes = [{ name = "Standard_D2s_v5", vcpus = 2, memory_mib = 8192 }]
+max_concurrent_instances = 1
+image = { publisher = "a", offer = "b", sku = "c" }
+subnet_id = "/subscriptions/x/resourceGroups/y/providers/Microsoft.Network/virtualNetworks/v/subnets/s"
+tenant_id = "11111111-1111-1111-1111-111111111111"
+client_id = "22222222-2222-2222-2222-222222222222"
+client_secret_file = "s"
+managed_identity_client_id = "33333333-3333-3333-3333-333333333333"
+`,
+      ["backends.azure.managed_identity_client_id: names a user-assigned managed identity: set managed_identity = true with it"],
+    ],
+    [
+      "azure managed_identity_client_id that is not a GUID",
+      BASE +
+        `[backends.azure]
+subscription_id = "00000000-0000-0000-0000-000000000000"
+resource_group = "rg"
+regions = ["westeurope"]
+vm_sizes = [{ name = "Standard_D2s_v5", vcpus = 2, memory_mib = 8192 }]
+max_concurrent_instances = 1
+image = { publisher = "a", offer = "b", sku = "c" }
+subnet_id = "/subscriptions/x/resourceGroups/y/providers/Microsoft.Network/virtualNetworks/v/subnets/s"
+managed_identity = true
+managed_identity_client_id = "my-identity"
+`,
+      ["backends.azure.managed_identity_client_id: must be the identity's client id (GUID)"],
+    ],
     ["client_ca without TLS", BASE.replace('token_file = "token"', 'token_file = "token"\nclient_ca_file = "ca.pem"') + LOCAL, ["listener.client_ca_file: client_ca_file needs tls_cert_file and tls_key_file"]],
   ];
   for (const [name, text, fragments] of cases) it(`rejects: ${name}`, () => expectProblem(text, ...fragments));
