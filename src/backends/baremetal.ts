@@ -301,15 +301,18 @@ export class BareMetalBackend implements ManagedBackend {
     const tdx = grant.tdx_required;
     if (tdx && !m.cfg.ovmf_path) throw new InvalidRequestError(`machine ${m.cfg.name} has no ovmf_path for TDX guests`, BACKEND);
     const uri = m.cfg.libvirt_uri;
+    // valid_to as the host's clock reads it (whole seconds, never early): its own deadline for the guest.
+    const deadlineSec = String(Math.ceil(this.almanac.toWallMs(grant.valid_to) / 1000));
     let r: ExecResult;
     try {
-      r = await m.conn.exec(remote(VIRSH_PREPARE, "cb-prepare", [uri, dom, m.runs, id, m.images, sha, url, String(MAX_DISK_BYTES)]), { op: "prepare", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
+      r = await m.conn.exec(remote(VIRSH_PREPARE, "cb-prepare", [uri, dom, m.runs, id, m.images, sha, url, String(MAX_DISK_BYTES), deadlineSec]), { op: "prepare", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
     } catch (e) {
       throw this.execError(e, m, "prepare");
     }
     if (r.code !== 0) throw this.provisionError(m, r, envelope);
     let startedAt: string | undefined;
     const adopt = /^CB-ADOPT ?(\d*)$/m.exec(r.stdout);
+    if (adopt) this.noDeadline(m, id, r.stdout);
     if (adopt) {
       alloc.started = true;
       startedAt = adopt[1];
@@ -337,7 +340,7 @@ export class BareMetalBackend implements ManagedBackend {
       });
       alloc.started = true;
       try {
-        r = await m.conn.exec(remote(VIRSH_START, "cb-start", [uri, dom, m.runs, id, image, `${grant.cpu_millicores} ${grant.ram_mib}`, sha]), { op: "start", timeoutMs: 5 * 60_000, stdin: xml, signal, idempotent: true });
+        r = await m.conn.exec(remote(VIRSH_START, "cb-start", [uri, dom, m.runs, id, image, `${grant.cpu_millicores} ${grant.ram_mib}`, sha, deadlineSec]), { op: "start", timeoutMs: 5 * 60_000, stdin: xml, signal, idempotent: true });
       } catch (e) {
         throw this.execError(e, m, "start");
       }
@@ -348,6 +351,7 @@ export class BareMetalBackend implements ManagedBackend {
       }
       startedAt = started[2];
       this.log.info({ request_id: id, machine: m.cfg.name, domain: dom, tdx }, started[1] === "ADOPT" ? "adopted the grant's existing domain" : "domain defined and started");
+      this.noDeadline(m, id, r.stdout);
     }
     const guest = await this.waitGuest(m, id, dom, runDir, tdx, signal);
     const inst = this.instance(m, grant, startedAt, {
@@ -358,6 +362,12 @@ export class BareMetalBackend implements ManagedBackend {
       ...(tdx ? { tdx_report_data: tdxReportData(this.providerId, id) } : {}),
     });
     return { ...inst, host: guest.host, ssh_port: guest.host ? 22 : null, ssh_user: guest.host ? "root" : null, attestation: guest.quote };
+  }
+
+  /** The host could not set its own deadline for a guest: the bridge's watch alone enforces valid_to. */
+  private noDeadline(m: Machine, id: string, stdout: string): void {
+    const why = /^CB-NO-DEADLINE (.*)$/m.exec(stdout)?.[1];
+    if (why !== undefined) this.log.warn({ request_id: id, machine: m.cfg.name, err: { message: why } }, "no host-side deadline for the guest (systemd-run failed); valid_to is enforced by the bridge alone");
   }
 
   /** Poll until the guest has an address (DHCP lease, else the guest agent), and its TD quote. */
@@ -528,6 +538,8 @@ export class BareMetalBackend implements ManagedBackend {
     const reason = num(s["state.reason"]) ?? 0;
     const shown = text || (state === 5 ? `shut off (${SHUTOFF_REASON[reason] ?? reason})` : `state ${state}`);
     if (state === 5 && reason === 1) return { kind: "exited", exit_code: 0, ...base, failure: null };
+    // Destroyed at valid_to: the host's deadline unit (VIRSH_START), while the bridge was away or just before its own watch.
+    if (state === 5 && reason === 2 && this.clock.now() >= validToMs - 2000) return { kind: "expired", exit_code: null, ...base, failure: null };
     if (state === 5 && reason === 2) return { kind: "lost", exit_code: null, ...base, failure: { kind: "lost", message: `domain ${dom} was destroyed outside compute-bridge (${shown})` } };
     if (state === 6 || (state === 5 && reason === 3)) return { kind: "exited", exit_code: null, ...base, failure: { kind: "guest_crashed", message: `domain ${dom} crashed (${shown})` } };
     return { kind: "exited", exit_code: null, ...base, failure: { kind: "lost", message: `domain ${dom} stopped unexpectedly (${shown})` } };

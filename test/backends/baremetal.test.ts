@@ -23,10 +23,12 @@ import {
   grant,
   imageServer,
   installGuestCommand,
+  lineLogger,
   machine,
   qcow2,
   recorder,
   sshRun,
+  unitConf,
   unitsOn,
   virshBinDir,
   type ImageServer,
@@ -579,6 +581,58 @@ describe("bare-metal backend over SSH", () => {
       assert.equal(existsSync(runDir), false, "overlay, console log and XML removed");
       await b.terminate(inst);
       await b.terminate(plain);
+    });
+
+    it("the host destroys a guest at valid_to on its own (cb-deadline unit) while the bridge is away; the resumed watch says expired; terminate stops a pending deadline", async () => {
+      const disk = { ...srv.put("guest.qcow2", qcow2(2 * 1024 ** 3)), format: "disk" as const };
+      const plain = (over: Record<string, unknown> = {}) => tdxMachine("v1", V, { tdx_capable: false, ovmf_path: undefined, ...over });
+      const logs: string[] = [];
+      const b = track(backend([plain()], { log: lineLogger(logs) }));
+      const g = grant("dl-1", 2500);
+      const inst = await b.provision(g, { image: disk }, never);
+      assert.ok(unitsOn(V).includes("cb-deadline-dl-1.service"), JSON.stringify(unitsOn(V)));
+      assert.match(unitConf(V, "cb-deadline-dl-1.service"), /destroy/);
+      assert.ok(!logs.some((l) => /no host-side deadline/.test(l)), "the deadline was set");
+      assert.match((await b.check!()).find((c) => c.check === "v1: systemd-run")?.detail ?? "", /host-side deadline/);
+      // Nobody watches (the bridge is away): the host ends the guest at valid_to by itself.
+      const state = async () => (await sshRun(V, "virsh -c qemu:///system domstate --reason cb-dl-1")).stdout.trim();
+      await until(async () => (await state()) === "shut off (destroyed)", "the host's deadline to destroy the guest", 15_000);
+      assert.ok(Date.now() >= g.valid_to, "not before valid_to");
+      // The bridge is back: the watch resumed after valid_to reports expiry, not a lost guest.
+      const b2 = track(backend([plain()]));
+      const obs = await b2.watchUntilExit(inst, new Date(g.valid_to), never);
+      assert.equal(obs.kind, "expired");
+      assert.equal(obs.failure, null);
+      await b2.terminate(inst);
+      assert.deepEqual(domainsOn(V), []);
+      assert.ok(!unitsOn(V).some((u) => u.startsWith("cb-deadline-dl-1")), JSON.stringify(unitsOn(V)));
+
+      // Terminated before valid_to: its deadline is stopped with it.
+      const early = await b2.provision(grant("dl-2", 60_000), { image: disk }, never);
+      assert.ok(unitsOn(V).includes("cb-deadline-dl-2.service"));
+      await b2.terminate(early);
+      assert.deepEqual(domainsOn(V), []);
+      assert.ok(!unitsOn(V).some((u) => u.startsWith("cb-deadline-dl-2")), JSON.stringify(unitsOn(V)));
+    });
+
+    it("a host where systemd-run fails still runs the guest (the bridge's watch enforces valid_to) and says why", async (t) => {
+      const bin = virshBinDir(path.join(tmp, "virsh-no-systemd"));
+      rmSync(path.join(bin, "systemd-run"));
+      // What Debian's systemd-run says in a container without systemd as PID 1.
+      writeFileSync(path.join(bin, "systemd-run"), "#!/bin/sh\necho 'System has not been booted with systemd as init system (PID 1). Can'\\''t operate.' >&2\necho 'Failed to connect to bus: Host is down' >&2\nexit 1\n", { mode: 0o755 });
+      const N = await startSshd({ binDir: bin });
+      t.after(() => N.stop());
+      installGuestCommand(N);
+      const disk = { ...srv.put("guest.qcow2", qcow2(2 * 1024 ** 3)), format: "disk" as const };
+      const logs: string[] = [];
+      const b = track(backend([tdxMachine("n1", N, { tdx_capable: false, ovmf_path: undefined })], { log: lineLogger(logs) }));
+      const g = grant("nd-1", 1500);
+      const inst = await b.provision(g, { image: disk }, never);
+      assert.ok(logs.some((l) => /no host-side deadline/.test(l) && /Failed to connect to bus/.test(l)), logs.join("\n"));
+      const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+      assert.equal(obs.kind, "expired");
+      await b.terminate(inst);
+      assert.deepEqual(domainsOn(N), []);
     });
 
     it("refuses a qcow2 with a backing file (nothing defined) and reports a crashed guest as a failure", async () => {

@@ -52,6 +52,21 @@ cb_lock() { # runs_dir id seconds
 }
 `;
 
+/**
+ * virsh mode: the host's own deadline for a guest, a transient unit (cb-deadline-ID) that destroys
+ * it at valid_to (epoch seconds), so that it ends on time even while the bridge is away. Set once
+ * per grant (an existing one is kept) when the guest starts or is adopted; without it the grant
+ * still runs (the bridge enforces valid_to itself) and the bridge is told why (CB-NO-DEADLINE).
+ * Needs: id dom uri deadline.
+ */
+const DEADLINE = String.raw`cb_deadline() {
+  vb=$(command -v virsh) || { echo "CB-NO-DEADLINE virsh is not on PATH"; return 0; }
+  if out=$(systemd-run --quiet --collect --unit "cb-deadline-$id" -p "Description=compute-bridge: destroy $dom at valid_to" -- /bin/sh -c 'now=$(date +%s); if [ "$1" -gt "$now" ]; then sleep $(($1 - now)); fi; exec "$2" -c "$3" destroy "$4"' cb-deadline "$deadline" "$vb" "$uri" "$dom" 2>&1 9>&-); then return 0; fi
+  case $out in *"already loaded"*) return 0 ;; esac
+  printf 'CB-NO-DEADLINE %s\n' "$(printf '%s' "$out" | tr '\n' ' ' | head -c 300)"
+}
+`;
+
 /** Download into the content-addressed cache, verify sha256, move into place atomically. */
 const FETCH = String.raw`cb_fetch() { # images_dir sha256 url max_bytes -> cb_img
   cb_img=$1/$2
@@ -223,14 +238,14 @@ exit 0
 
 /**
  * virsh mode, step 1: adopt or fetch + verify + inspect. Args: uri domain runs_dir id images_dir
- * sha256 url max_bytes. Prints CB-ADOPT / CB-DEFINED, or "CB-IMAGE <path>" then "@@INFO" and
+ * sha256 url max_bytes valid_to (epoch seconds, for an adopted guest's deadline). Prints CB-ADOPT / CB-DEFINED, or "CB-IMAGE <path>" then "@@INFO" and
  * qemu-img's JSON (the image is never auto-probed: -f qcow2; qemu-img runs with CPU/memory limits).
  */
-export const VIRSH_PREPARE = `${PRELUDE}${FETCH}umask 022
-uri=$1 dom=$2 runs=$3 id=$4 images=$5 sha=$6 url=$7 max=$8
+export const VIRSH_PREPARE = `${PRELUDE}${FETCH}${DEADLINE}umask 022
+uri=$1 dom=$2 runs=$3 id=$4 images=$5 sha=$6 url=$7 max=$8 deadline=$9
 run=$runs/$id
 cb_lock "$runs" "$id" 900
-cb_adopt() { printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; exit 0; }
+cb_adopt() { cb_deadline; printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; exit 0; }
 if out=$(virsh -c "$uri" domstate --reason "$dom" 2>&1); then
   [ -e "$run/started" ] && cb_adopt
   echo CB-DEFINED
@@ -247,14 +262,15 @@ printf 'CB-IMAGE %s\\n@@INFO\\n%s\\n' "$cb_img" "$info"
 `;
 
 /**
- * virsh mode, step 2: overlay, define (not create), start. Args: uri domain runs_dir id image_path
- * alloc sha256; stdin: the domain XML. Prints CB-STARTED / CB-ADOPT.
+ * virsh mode, step 2: overlay, define (not create), start, and the host-side deadline. Args: uri
+ * domain runs_dir id image_path alloc sha256 valid_to (epoch seconds); stdin: the domain XML.
+ * Prints CB-STARTED / CB-ADOPT, after CB-NO-DEADLINE <why> if the deadline could not be set.
  */
-export const VIRSH_START = `${PRELUDE}umask 022
-uri=$1 dom=$2 runs=$3 id=$4 img=$5 alloc=$6 sha=$7
+export const VIRSH_START = `${PRELUDE}${DEADLINE}umask 022
+uri=$1 dom=$2 runs=$3 id=$4 img=$5 alloc=$6 sha=$7 deadline=$8
 run=$runs/$id
 cb_lock "$runs" "$id" 900
-cb_adopt() { printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; exit 0; }
+cb_adopt() { cb_deadline; printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; exit 0; }
 chmod 0711 "$runs" 2>/dev/null
 mkdir -p "$run" && chmod 0711 "$run" || cb_die 13 "cannot create the run directory"
 cat > "$run/domain.xml.tmp" && mv -f "$run/domain.xml.tmp" "$run/domain.xml" || cb_die 13 "cannot write the domain XML"
@@ -275,6 +291,7 @@ if ! out=$(virsh -c "$uri" start "$dom" 2>&1 9>&-); then
     *) rm -f "$run/started"; cb_die 32 "virsh start failed: $(printf '%s' "$out" | tr '\\n' ' ')" ;;
   esac
 fi
+cb_deadline
 printf 'CB-STARTED %s\\n' "$(cat "$run/started_at")"
 `;
 
@@ -300,6 +317,8 @@ exit 0
 export const VIRSH_TERMINATE = `${PRELUDE}uri=$1 dom=$2 runs=$3 id=$4
 run=$runs/$id
 if [ -d "$runs" ]; then cb_lock "$runs" "$id" 600; fi
+# The host-side deadline goes first (not loaded: nothing to stop).
+systemctl stop "cb-deadline-$id.service" >/dev/null 2>&1 9>&-
 if out=$(virsh -c "$uri" domstate "$dom" 2>&1); then
   virsh -c "$uri" destroy "$dom" >/dev/null 2>&1
   if ! out=$(virsh -c "$uri" undefine --nvram "$dom" 2>&1); then
@@ -340,6 +359,7 @@ else
   if v=$(virsh -c "$uri" version 2>&1); then r ok libvirt "$(printf '%s\\n' "$v" | grep -iE 'library|hypervisor' | tr '\\n' ';')"; else r fail libvirt "virsh -c $uri version failed: $v"; fi
   if v=$(qemu-img --version 2>&1); then r ok qemu-img "$(printf '%s\\n' "$v" | head -n 1)"; else r fail qemu-img "qemu-img --version failed: $v"; fi
   if [ -n "$ovmf" ]; then if [ -r "$ovmf" ]; then r ok ovmf "$ovmf readable"; else r fail ovmf "$ovmf is not readable"; fi; fi
+  if command -v systemd-run >/dev/null 2>&1; then r ok systemd-run "$(command -v systemd-run) (guests get a host-side deadline at valid_to)"; else r fail systemd-run "systemd-run not found: guests would run past valid_to while the bridge is away"; fi
 fi
 d=$work
 while [ ! -d "$d" ]; do d=\${d%/*}; [ -n "$d" ] || d=/; done

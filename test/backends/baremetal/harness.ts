@@ -16,7 +16,7 @@ import { OfferingCache } from "../../../src/backends/offering-cache.js";
 import { BareMetalConfig, type BareMetalMachine } from "../../../src/config/schema.js";
 import { Almanac, type ComputeGrant } from "../../../src/domain/index.js";
 import { systemClock } from "../../../src/util/clock.js";
-import { createLogger } from "../../../src/util/logger.js";
+import { createLogger, type Logger } from "../../../src/util/logger.js";
 import { STANDINS_BIN_DIR, type FakeSshd } from "../../fakes/sshd.js";
 
 /** Genesis at the epoch and 1 ms ticks: valid_to in ticks is a wall-clock ms timestamp. */
@@ -128,7 +128,12 @@ export function machine(name: string, sshd: FakeSshd, workRoot: string, over: Pa
   };
 }
 
-export function backend(machines: Record<string, unknown>[], o: { rec?: Recorder; opts?: BareMetalBackendOptions; cfg?: Record<string, unknown>; dir?: string } = {}): BareMetalBackend {
+/** A logger whose JSON lines land in `lines`. */
+export function lineLogger(lines: string[]): Logger {
+  return createLogger("info", { write: (line: string) => void lines.push(line) });
+}
+
+export function backend(machines: Record<string, unknown>[], o: { rec?: Recorder; opts?: BareMetalBackendOptions; cfg?: Record<string, unknown>; dir?: string; log?: Logger } = {}): BareMetalBackend {
   const cfg = BareMetalConfig.parse({ machines, poll_interval_ms: 40, connect_timeout_ms: 3000, ...(o.cfg ?? {}) });
   const dir = o.dir ?? os.tmpdir();
   return new BareMetalBackend(
@@ -137,7 +142,7 @@ export function backend(machines: Record<string, unknown>[], o: { rec?: Recorder
       providerId: "test-provider",
       stateDir: dir,
       configDir: dir,
-      log: createLogger(process.env.CB_TEST_LOG ?? "silent"),
+      log: o.log ?? createLogger(process.env.CB_TEST_LOG ?? "silent"),
       clock: systemClock,
       almanac: MS_ALMANAC,
       unavailable: new OfferingCache(1000, systemClock),
