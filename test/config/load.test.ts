@@ -24,6 +24,17 @@ cpu_millicores = 1000
 ram_mib = 1024
 max_concurrent = 2
 `;
+/** An Azure section without credentials, for the credential cases to complete. */
+const AZURE_ONE_REGION = `
+[backends.azure]
+subscription_id = "00000000-0000-0000-0000-000000000000"
+resource_group = "rg"
+regions = ["westeurope"]
+vm_sizes = [{ name = "Standard_D2s_v5", vcpus = 2, memory_mib = 8192 }]
+max_concurrent_instances = 1
+image = { publisher = "a", offer = "b", sku = "c" }
+subnet_id = "/subscriptions/x/resourceGroups/y/providers/Microsoft.Network/virtualNetworks/v/subnets/s"
+`;
 const AWS = `
 [backends.aws]
 instance_types = ["m6i.large"]
@@ -172,17 +183,10 @@ managed_identity = true
       ["backends.azure.subnet_id: a NIC must be in its subnet's region"],
     ],
     [
-      "azure user-assigned identity without managed_identity, and a malformed one",
+      "azure user-assigned identity without managed_identity",
       BASE +
-        `[backends.azure]
-subscription_id = "00000000-0000-0000-0000-000000000000"
-resource_group = "rg"
-regions = ["westeurope"]
-vm_sizes = [{ name = "Standard_D2s_v5", vcpus = 2, memory_mib = 8192 }]
-max_concurrent_instances = 1
-image = { publisher = "a", offer = "b", sku = "c" }
-subnet_id = "/subscriptions/x/resourceGroups/y/providers/Microsoft.Network/virtualNetworks/v/subnets/s"
-tenant_id = "11111111-1111-1111-1111-111111111111"
+        AZURE_ONE_REGION +
+        `tenant_id = "11111111-1111-1111-1111-111111111111"
 client_id = "22222222-2222-2222-2222-222222222222"
 client_secret_file = "s"
 managed_identity_client_id = "33333333-3333-3333-3333-333333333333"
@@ -192,15 +196,8 @@ managed_identity_client_id = "33333333-3333-3333-3333-333333333333"
     [
       "azure managed_identity_client_id that is not a GUID",
       BASE +
-        `[backends.azure]
-subscription_id = "00000000-0000-0000-0000-000000000000"
-resource_group = "rg"
-regions = ["westeurope"]
-vm_sizes = [{ name = "Standard_D2s_v5", vcpus = 2, memory_mib = 8192 }]
-max_concurrent_instances = 1
-image = { publisher = "a", offer = "b", sku = "c" }
-subnet_id = "/subscriptions/x/resourceGroups/y/providers/Microsoft.Network/virtualNetworks/v/subnets/s"
-managed_identity = true
+        AZURE_ONE_REGION +
+        `managed_identity = true
 managed_identity_client_id = "my-identity"
 `,
       ["backends.azure.managed_identity_client_id: must be the identity's client id (GUID)"],
