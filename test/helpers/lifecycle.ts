@@ -40,7 +40,7 @@ export function testBridge(t: { after: (fn: () => unknown) => void }, o: TestBri
     if (closed) return;
     closed = true;
     await manager.shutdown(2000);
-    store.close();
+    await store.close();
   };
   t.after(close);
   return { store, fleet: o.fleet, manager, close };

@@ -53,11 +53,11 @@ describe("store", () => {
     assert.deepEqual(s.transitions("nope"), []);
   });
 
-  it("is durable across reopen and refuses a newer schema", (t) => {
+  it("is durable across reopen and refuses a newer schema", async (t) => {
     const dir = tempDir(t);
     const s = new Store(dir, systemClock);
     s.db.exec("SELECT 1");
-    s.close();
+    await s.close();
     const db = new Database(path.join(dir, "bridge.db"));
     assert.equal(db.pragma("user_version", { simple: true }), SCHEMA_VERSION);
     assert.equal(db.pragma("journal_mode", { simple: true }), "wal");
