@@ -67,8 +67,9 @@ export class Store {
   private closing: Promise<void> | null = null;
   private idleWaiters: (() => void)[] = [];
   /**
-   * Grants by "state|backend", counted once at open and then kept by every committed write, so
-   * that a metrics scrape costs nothing however long the history grows.
+   * Grants by "state|backend", counted once at open and then kept by every acknowledged write (a
+   * moment after readers can see its commit), so that a metrics scrape costs nothing however long
+   * the history grows.
    */
   private readonly counts = new Map<string, number>();
 
