@@ -709,7 +709,7 @@ export class AwsBackend implements ManagedBackend {
   private fromMarker(instance: ProvisionedInstance, m: NonNullable<MarkerResult>, endedAt: string): ExitObservation {
     if ("exitCode" in m) {
       this.log.info({ request_id: instance.request_id, instance_id: instance.instance_id, exit_code: m.exitCode }, "workload exited");
-      return { kind: "exited", exit_code: m.exitCode, cpu_seconds: null, peak_memory_mib: null, ended_at: endedAt, failure: null };
+      return { kind: "exited", exit_code: m.exitCode, cpu_seconds: m.cpuSeconds, peak_memory_mib: null, ended_at: endedAt, failure: null };
     }
     if (m.failure.kind === "expired") return { kind: "expired", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: endedAt, failure: null };
     this.log.warn({ request_id: instance.request_id, instance_id: instance.instance_id, err: m.failure }, "the guest reported a failure");

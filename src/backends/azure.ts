@@ -349,7 +349,7 @@ export class AzureBackend implements ManagedBackend {
       if (marker.failure.kind === "expired") return expired(this.clock.now());
       return { kind: "exited", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: endedAt, failure: marker.failure };
     }
-    return { kind: "exited", exit_code: marker ? marker.exitCode : null, cpu_seconds: null, peak_memory_mib: null, ended_at: endedAt, failure: null };
+    return { kind: "exited", exit_code: marker ? marker.exitCode : null, cpu_seconds: marker ? marker.cpuSeconds : null, peak_memory_mib: null, ended_at: endedAt, failure: null };
   }
 
   async terminate(instance: ProvisionedInstance): Promise<void> {

@@ -572,7 +572,7 @@ export class GcpBackend implements ManagedBackend {
     const m = parseMarker(serial, rid);
     if (!m) return null;
     const ended = new Date(stoppedMs ?? this.clock.now()).toISOString();
-    if ("exitCode" in m) return { kind: "exited", exit_code: m.exitCode, cpu_seconds: null, peak_memory_mib: null, ended_at: ended, failure: null };
+    if ("exitCode" in m) return { kind: "exited", exit_code: m.exitCode, cpu_seconds: m.cpuSeconds, peak_memory_mib: null, ended_at: ended, failure: null };
     if (m.failure.kind === "expired") return { kind: "expired", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: ended, failure: null };
     return { kind: "exited", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: ended, failure: m.failure };
   }

@@ -687,9 +687,10 @@ describe("aws backend with the EC2 fake", () => {
     await until(() => aws.stats().describe_errors >= 3, "several failed polls");
     assert.deepEqual(aws.status().failing_regions, ["us-east-1"]);
     fake.clearFaults();
-    fake.guestPowerOff(inst.instance_id, `${exitMarker("flaky-1", 0)}\n`);
+    fake.guestPowerOff(inst.instance_id, `${exitMarker("flaky-1", 0, 1.25)}\n`);
     const obs = await watch;
     assert.equal(obs.exit_code, 0);
+    assert.equal(obs.cpu_seconds, 1.25, "the workload's CPU time from the marker");
     assert.equal(aws.status().failing_regions, undefined);
     await aws.terminate(inst);
   });

@@ -414,10 +414,10 @@ describe("azure backend: provisioning", { timeout: 45_000 }, () => {
     const n = naming.names(id);
     const p = backend.provision(grant(id), envelope, never);
     await until(() => fake.powerState(RG, n.vm) === "running", "the VM to run");
-    fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 4)}\n`);
+    fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 4, 0.75)}\n`);
     const inst = await p;
     const obs = await backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
-    assert.deepEqual([obs.kind, obs.exit_code], ["exited", 4]);
+    assert.deepEqual([obs.kind, obs.exit_code, obs.cpu_seconds], ["exited", 4, 0.75]);
     await backend.terminate(inst);
   });
 });

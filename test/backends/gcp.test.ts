@@ -285,10 +285,11 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     assert.equal(disk["autoDelete"], true);
 
     // The guest reports and powers off; the batched watch sees TERMINATED and reads the marker.
-    fake.guestPowerOff(PROJECT, "us-central1-a", name, `boot noise\n${exitMarker(rid, 3)}\nreboot: Power down\n`);
+    fake.guestPowerOff(PROJECT, "us-central1-a", name, `boot noise\n${exitMarker(rid, 3, 2.5)}\nreboot: Power down\n`);
     const done = await settledRecord(store, rid);
     assert.equal(done.state, "completed");
     assert.equal(done.outcome?.exit_code, 3);
+    assert.equal(store.computeLog(rid)?.usage.cpu_seconds, 2.5, "the workload's CPU time from the marker, in the ComputeLog");
     assert.equal(fake.instancesByLabel("compute-bridge-rid", ridLabel(rid)).length, 0, "nothing billable left");
     assert.equal(fake.countCalls({ method: "delete", status: 200 }), 1);
   });

@@ -11,7 +11,9 @@
  *     (default command ./workload), exactly as the local backend does;
  *  4. runs the command in the work directory with a clean environment (PATH, HOME, LANG and the
  *     envelope's env), stopped at the grant's valid_to when a deadline is given;
- *  5. writes `COMPUTE-BRIDGE-EXIT <request_id> <exit_code>` to the serial console and powers off.
+ *  5. writes `COMPUTE-BRIDGE-EXIT <request_id> <exit_code> cpu=<seconds>` to the serial console
+ *     (the workload's user + system CPU time, as times(1) counts the children it waited for) and
+ *     powers off.
  *
  * Every value that comes from the grant or envelope is embedded as a single-quoted POSIX literal
  * (util/shell.ts `shq`); nothing from a grant is ever interpolated unquoted. Environment names,
@@ -213,22 +215,30 @@ if [ -n "$CB_DEADLINE" ]; then
   if command -v timeout >/dev/null 2>&1; then set -- timeout -k 30 "$cb_left" "$@"; fi
 fi
 cb_console "compute-bridge: starting the workload"
+# Its CPU time: the children's user + system time this shell has waited for, after minus before
+# (times is a builtin: redirected, not piped, so it reports this shell and not a subshell).
+times >"$CB_STATE/times.before" 2>/dev/null
 "$@" </dev/null >"$CB_STATE/workload.log" 2>&1
 cb_rc=$?
+times >"$CB_STATE/times.after" 2>/dev/null
+cb_cpu=$(awk 'function s(t, a) { sub(/s$/, "", t); split(t, a, "m"); return a[1] * 60 + a[2] }
+  FNR == 2 { v[FILENAME] = s($1) + s($2) }
+  END { d = v[ARGV[2]] - v[ARGV[1]]; if (d < 0) d = 0; printf "%.3f", d }' "$CB_STATE/times.before" "$CB_STATE/times.after" 2>/dev/null)
 if [ -n "$CB_DEADLINE" ] && [ "$(date +%s)" -ge "$CB_DEADLINE" ] && { [ "$cb_rc" -eq 124 ] || [ "$cb_rc" -eq 137 ]; }; then
   cb_fail expired "valid_to reached: the workload was stopped"
 fi
 
 # 5. Report and power off.
-cb_end "${EXIT_MARKER} $CB_REQUEST_ID $cb_rc"
+cb_end "${EXIT_MARKER} $CB_REQUEST_ID $cb_rc\${cb_cpu:+ cpu=$cb_cpu}"
 `;
 }
 
-export type MarkerResult = { exitCode: number } | { failure: { kind: string; message: string } } | null;
+/** `cpuSeconds`: the workload's CPU time as the script measured it; null when the marker has none. */
+export type MarkerResult = { exitCode: number; cpuSeconds: number | null } | { failure: { kind: string; message: string } } | null;
 
 /** The exact marker lines the script writes (for guest simulators and tests). */
-export function exitMarker(requestId: string, exitCode: number): string {
-  return `${EXIT_MARKER} ${requestId} ${exitCode}`;
+export function exitMarker(requestId: string, exitCode: number, cpuSeconds?: number): string {
+  return `${EXIT_MARKER} ${requestId} ${exitCode}${cpuSeconds === undefined ? "" : ` cpu=${cpuSeconds.toFixed(3)}`}`;
 }
 export function failMarker(requestId: string, kind: string, message: string): string {
   return `${FAIL_MARKER} ${requestId} ${kind} ${message.replace(/[\r\n]+/g, " ")}`;
@@ -250,10 +260,11 @@ export function parseMarker(consoleText: string, requestId: string): MarkerResul
     const m = MARKER_RE.exec(line);
     if (!m || m[2] !== requestId) continue;
     if (m[1] === EXIT_MARKER) {
-      if (m[4] !== undefined || !/^\d{1,3}$/.test(m[3]!)) continue;
+      const cpu = m[4] === undefined ? null : /^cpu=(\d{1,9}(?:\.\d{1,6})?)$/.exec(m[4]);
+      if ((m[4] !== undefined && !cpu) || !/^\d{1,3}$/.test(m[3]!)) continue;
       const code = Number(m[3]);
       if (code > 255) continue;
-      result = { exitCode: code };
+      result = { exitCode: code, cpuSeconds: cpu ? Number(cpu[1]) : null };
     } else {
       if (!/^[a-z][a-z0-9_]{0,63}$/.test(m[3]!)) continue;
       const message = (m[4] ?? "").trim().replace(/[^\x20-\x7e]/g, "?").slice(0, MAX_MESSAGE);

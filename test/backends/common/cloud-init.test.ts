@@ -103,6 +103,14 @@ function nulList(file: string): string[] {
   return s === "" ? [] : s.slice(0, -1).split("\0");
 }
 
+/** The exit code of req-1's marker, which must also carry the workload's CPU time. */
+function exitOf(consoleText: string): number | null {
+  const m = parseMarker(consoleText, "req-1");
+  if (!m || !("exitCode" in m)) return null;
+  assert.ok(m.cpuSeconds !== null && m.cpuSeconds >= 0, `cpu time in the marker: ${consoleText}`);
+  return m.exitCode;
+}
+
 describe("boot script (cloud-init user data), executed", () => {
   before(async () => {
     server = http.createServer((req, res) => {
@@ -128,8 +136,8 @@ describe("boot script (cloud-init user data), executed", () => {
         shell,
       );
       assert.equal(run.rc, 0);
-      assert.deepEqual(parseMarker(run.console, "req-1"), { exitCode: 7 });
-      assert.match(run.console, /^COMPUTE-BRIDGE-EXIT req-1 7$/m);
+      assert.deepEqual(exitOf(run.console), 7);
+      assert.match(run.console, /^COMPUTE-BRIDGE-EXIT req-1 7 cpu=\d+\.\d{3}$/m);
       assert.ok(run.poweredOff, "poweroff was called");
       assert.deepEqual(nulList(path.join(run.work, "args0")), ["plain", "two words"]);
       const env = nulList(path.join(run.work, "env0"));
@@ -141,6 +149,24 @@ describe("boot script (cloud-init user data), executed", () => {
     });
   }
 
+  it("reports the workload's own CPU time: a busy loop counts, the download and unpack before it do not", async (t) => {
+    const dir = tempDir(t);
+    const cpuOf = async (name: string, body: string, padMiB = 0) => {
+      const sub = path.join(dir, name);
+      mkdirSync(sub);
+      // Padding after `exit` makes the download, the sha256 check and the install cost CPU too.
+      const img = serve(name, Buffer.concat([Buffer.from(`#!/bin/sh\n${body}\nexit 0\n#`), Buffer.alloc(padMiB * 1024 * 1024, "x")]));
+      const run = await runScript(sub, renderBootScript(opts({ image: { ...img, format: "bundle" } })));
+      const m = parseMarker(run.console, "req-1");
+      assert.ok(m && "exitCode" in m && m.exitCode === 0 && m.cpuSeconds !== null, run.console);
+      return m.cpuSeconds;
+    };
+    const busy = await cpuOf("busy", "i=0; while [ $i -lt 300000 ]; do i=$((i + 1)); done");
+    const idle = await cpuOf("idle", "sleep 0.3", 64);
+    assert.ok(busy > 0.1, `busy loop: ${busy} s`);
+    assert.ok(idle < 0.05, `sleep: ${idle} s`);
+  });
+
   it("a tar.gz bundle runs ./run by default; a plain tar too", async (t) => {
     const dir = tempDir(t);
     for (const gzip of [true, false]) {
@@ -148,7 +174,7 @@ describe("boot script (cloud-init user data), executed", () => {
       mkdirSync(sub);
       const img = serve(`bundle-${gzip}`, tarball(sub, "b", { run: `#!/bin/sh\necho "$MSG" > data.out\nexit ${gzip ? 3 : 4}\n`, "data.txt": "x" }, gzip));
       const run = await runScript(sub, renderBootScript(opts({ image: { ...img, format: "bundle" }, env: { MSG: "bundled" } })));
-      assert.deepEqual(parseMarker(run.console, "req-1"), { exitCode: gzip ? 3 : 4 });
+      assert.equal(exitOf(run.console), gzip ? 3 : 4);
       assert.equal(readFileSync(path.join(run.work, "data.out"), "utf8"), "bundled\n");
       assert.ok(existsSync(path.join(run.work, "data.txt")));
     }
@@ -174,7 +200,7 @@ describe("boot script (cloud-init user data), executed", () => {
     const img = serve("once", "#!/bin/sh\necho ran >> \"$HOME/../../ran\"\nexit 0\n");
     const script = renderBootScript(opts({ image: { ...img, format: "bundle" } }));
     const first = await runScript(dir, script);
-    assert.deepEqual(parseMarker(first.console, "req-1"), { exitCode: 0 });
+    assert.equal(exitOf(first.console), 0);
     rmSync(path.join(dir, "powered-off"), { force: true });
     const second = await runScript(dir, script);
     const m = parseMarker(second.console, "req-1");
@@ -222,7 +248,7 @@ describe("boot script (cloud-init user data), executed", () => {
       const sub = path.join(dir, path.basename(shell));
       mkdirSync(sub);
       const run = await runScript(sub, script, shell);
-      assert.deepEqual(parseMarker(run.console, "req-1"), { exitCode: 7 }, run.console);
+      assert.equal(exitOf(run.console), 7, run.console);
       for (const c of canaries) assert.equal(existsSync(c), false, `${c} must not exist (${shell})`);
       assert.deepEqual(nulList(path.join(run.work, "args0")), hostile, "every argument arrives verbatim");
       const got = nulList(path.join(run.work, "env0"));
@@ -275,8 +301,10 @@ describe("parseMarker", () => {
       `[   99.000] cloud-init[812]: ${exitMarker("r-1", 42)}\r`,
       "reboot: Power down",
     ].join("\n");
-    assert.deepEqual(parseMarker(text, "r-1"), { exitCode: 42 });
-    assert.deepEqual(parseMarker(text, "other"), { exitCode: 9 });
+    assert.deepEqual(parseMarker(text, "r-1"), { exitCode: 42, cpuSeconds: null });
+    assert.deepEqual(parseMarker(text, "other"), { exitCode: 9, cpuSeconds: null });
+    assert.deepEqual(parseMarker(`${text}\n${exitMarker("r-1", 3, 12.5)}`, "r-1"), { exitCode: 3, cpuSeconds: 12.5 });
+    assert.deepEqual(parseMarker("COMPUTE-BRIDGE-EXIT r-1 0 cpu=0.000", "r-1"), { exitCode: 0, cpuSeconds: 0 });
     assert.equal(parseMarker(text, "r-2"), null);
     assert.equal(parseMarker("", "r-1"), null);
   });
@@ -285,7 +313,7 @@ describe("parseMarker", () => {
     assert.deepEqual(parseMarker(failMarker("r-1", "image_verification", "image sha256 mismatch: nothing was run"), "r-1"), {
       failure: { kind: "image_verification", message: "image sha256 mismatch: nothing was run" },
     });
-    for (const line of ["COMPUTE-BRIDGE-EXIT r-1", "COMPUTE-BRIDGE-EXIT r-1 abc", "COMPUTE-BRIDGE-EXIT r-1 256", "COMPUTE-BRIDGE-EXIT r-1 1 extra", "XCOMPUTE-BRIDGE-EXIT r-1 1", "COMPUTE-BRIDGE-FAIL r-1 Bad-Kind m"])
+    for (const line of ["COMPUTE-BRIDGE-EXIT r-1", "COMPUTE-BRIDGE-EXIT r-1 abc", "COMPUTE-BRIDGE-EXIT r-1 256", "COMPUTE-BRIDGE-EXIT r-1 1 extra", "COMPUTE-BRIDGE-EXIT r-1 1 cpu=-1", "COMPUTE-BRIDGE-EXIT r-1 1 cpu=1e9", "COMPUTE-BRIDGE-EXIT r-1 1 cpu=1 more", "XCOMPUTE-BRIDGE-EXIT r-1 1", "COMPUTE-BRIDGE-FAIL r-1 Bad-Kind m"])
       assert.equal(parseMarker(line, "r-1"), null, line);
     const ctl = parseMarker("COMPUTE-BRIDGE-FAIL r-1 fetch bad \u0007bell", "r-1");
     assert.deepEqual(ctl, { failure: { kind: "fetch", message: "bad ?bell" } });
