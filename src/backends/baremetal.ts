@@ -301,19 +301,20 @@ export class BareMetalBackend implements ManagedBackend {
     const tdx = grant.tdx_required;
     if (tdx && !m.cfg.ovmf_path) throw new InvalidRequestError(`machine ${m.cfg.name} has no ovmf_path for TDX guests`, BACKEND);
     const uri = m.cfg.libvirt_uri;
-    // valid_to as the host's clock reads it (whole seconds, never early): its own deadline for the guest.
-    const deadlineSec = String(Math.ceil(this.almanac.toWallMs(grant.valid_to) / 1000));
+    // The host's own deadline for the guest: whole seconds until valid_to (never early), counted
+    // when each command is sent (the download in between may take minutes).
+    const secondsLeft = () => String(Math.max(1, Math.ceil((this.almanac.toWallMs(grant.valid_to) - this.clock.now()) / 1000)));
     let r: ExecResult;
     try {
-      r = await m.conn.exec(remote(VIRSH_PREPARE, "cb-prepare", [uri, dom, m.runs, id, m.images, sha, url, String(MAX_DISK_BYTES), deadlineSec]), { op: "prepare", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
+      r = await m.conn.exec(remote(VIRSH_PREPARE, "cb-prepare", [uri, dom, m.runs, id, m.images, sha, url, String(MAX_DISK_BYTES), secondsLeft()]), { op: "prepare", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
     } catch (e) {
       throw this.execError(e, m, "prepare");
     }
     if (r.code !== 0) throw this.provisionError(m, r, envelope);
     let startedAt: string | undefined;
     const adopt = /^CB-ADOPT ?(\d*)$/m.exec(r.stdout);
-    if (adopt) this.noDeadline(m, id, r.stdout);
     if (adopt) {
+      this.noDeadline(m, id, r.stdout);
       alloc.started = true;
       startedAt = adopt[1];
       this.log.info({ request_id: id, machine: m.cfg.name, domain: dom }, "adopted the grant's existing domain (idempotent provision)");
@@ -340,7 +341,7 @@ export class BareMetalBackend implements ManagedBackend {
       });
       alloc.started = true;
       try {
-        r = await m.conn.exec(remote(VIRSH_START, "cb-start", [uri, dom, m.runs, id, image, `${grant.cpu_millicores} ${grant.ram_mib}`, sha, deadlineSec]), { op: "start", timeoutMs: 5 * 60_000, stdin: xml, signal, idempotent: true });
+        r = await m.conn.exec(remote(VIRSH_START, "cb-start", [uri, dom, m.runs, id, image, `${grant.cpu_millicores} ${grant.ram_mib}`, sha, secondsLeft()]), { op: "start", timeoutMs: 5 * 60_000, stdin: xml, signal, idempotent: true });
       } catch (e) {
         throw this.execError(e, m, "start");
       }
@@ -538,7 +539,8 @@ export class BareMetalBackend implements ManagedBackend {
     const reason = num(s["state.reason"]) ?? 0;
     const shown = text || (state === 5 ? `shut off (${SHUTOFF_REASON[reason] ?? reason})` : `state ${state}`);
     if (state === 5 && reason === 1) return { kind: "exited", exit_code: 0, ...base, failure: null };
-    // Destroyed at valid_to: the host's deadline unit (VIRSH_START), while the bridge was away or just before its own watch.
+    // Destroyed at valid_to: the host's deadline unit (VIRSH_START), while the bridge was away or
+    // just before its own watch noticed the time.
     if (state === 5 && reason === 2 && this.clock.now() >= validToMs - 2000) return { kind: "expired", exit_code: null, ...base, failure: null };
     if (state === 5 && reason === 2) return { kind: "lost", exit_code: null, ...base, failure: { kind: "lost", message: `domain ${dom} was destroyed outside compute-bridge (${shown})` } };
     if (state === 6 || (state === 5 && reason === 3)) return { kind: "exited", exit_code: null, ...base, failure: { kind: "guest_crashed", message: `domain ${dom} crashed (${shown})` } };

@@ -54,14 +54,14 @@ cb_lock() { # runs_dir id seconds
 
 /**
  * virsh mode: the host's own deadline for a guest, a transient unit (cb-deadline-ID) that destroys
- * it at valid_to (epoch seconds), so that it ends on time even while the bridge is away. Set once
- * per grant (an existing one is kept) when the guest starts or is adopted; without it the grant
- * still runs (the bridge enforces valid_to itself) and the bridge is told why (CB-NO-DEADLINE).
- * Needs: id dom uri deadline.
+ * it when `left` seconds (until valid_to, by the bridge's clock, like systemd mode's RuntimeMaxSec=)
+ * have passed, so that it ends on time even while the bridge is away. Set once per grant (an
+ * existing one is kept) when the guest starts or is adopted; without it the grant still runs (the
+ * bridge enforces valid_to itself) and the bridge is told why (CB-NO-DEADLINE). Needs: id dom uri left.
  */
 const DEADLINE = String.raw`cb_deadline() {
   vb=$(command -v virsh) || { echo "CB-NO-DEADLINE virsh is not on PATH"; return 0; }
-  if out=$(systemd-run --quiet --collect --unit "cb-deadline-$id" -p "Description=compute-bridge: destroy $dom at valid_to" -- /bin/sh -c 'now=$(date +%s); if [ "$1" -gt "$now" ]; then sleep $(($1 - now)); fi; exec "$2" -c "$3" destroy "$4"' cb-deadline "$deadline" "$vb" "$uri" "$dom" 2>&1 9>&-); then return 0; fi
+  if out=$(systemd-run --quiet --collect --unit "cb-deadline-$id" -p "Description=compute-bridge: destroy $dom at valid_to" -- /bin/sh -c 'sleep "$1"; exec "$2" -c "$3" destroy "$4"' cb-deadline "$left" "$vb" "$uri" "$dom" 2>&1 9>&-); then return 0; fi
   case $out in *"already loaded"*) return 0 ;; esac
   printf 'CB-NO-DEADLINE %s\n' "$(printf '%s' "$out" | tr '\n' ' ' | head -c 300)"
 }
@@ -238,11 +238,12 @@ exit 0
 
 /**
  * virsh mode, step 1: adopt or fetch + verify + inspect. Args: uri domain runs_dir id images_dir
- * sha256 url max_bytes valid_to (epoch seconds, for an adopted guest's deadline). Prints CB-ADOPT / CB-DEFINED, or "CB-IMAGE <path>" then "@@INFO" and
- * qemu-img's JSON (the image is never auto-probed: -f qcow2; qemu-img runs with CPU/memory limits).
+ * sha256 url max_bytes seconds_left (until valid_to: an adopted guest's deadline). Prints CB-ADOPT
+ * / CB-DEFINED, or "CB-IMAGE <path>" then "@@INFO" and qemu-img's JSON (the image is never
+ * auto-probed: -f qcow2; qemu-img runs with CPU/memory limits).
  */
 export const VIRSH_PREPARE = `${PRELUDE}${FETCH}${DEADLINE}umask 022
-uri=$1 dom=$2 runs=$3 id=$4 images=$5 sha=$6 url=$7 max=$8 deadline=$9
+uri=$1 dom=$2 runs=$3 id=$4 images=$5 sha=$6 url=$7 max=$8 left=$9
 run=$runs/$id
 cb_lock "$runs" "$id" 900
 cb_adopt() { cb_deadline; printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; exit 0; }
@@ -263,11 +264,11 @@ printf 'CB-IMAGE %s\\n@@INFO\\n%s\\n' "$cb_img" "$info"
 
 /**
  * virsh mode, step 2: overlay, define (not create), start, and the host-side deadline. Args: uri
- * domain runs_dir id image_path alloc sha256 valid_to (epoch seconds); stdin: the domain XML.
+ * domain runs_dir id image_path alloc sha256 seconds_left (until valid_to); stdin: the domain XML.
  * Prints CB-STARTED / CB-ADOPT, after CB-NO-DEADLINE <why> if the deadline could not be set.
  */
 export const VIRSH_START = `${PRELUDE}${DEADLINE}umask 022
-uri=$1 dom=$2 runs=$3 id=$4 img=$5 alloc=$6 sha=$7 deadline=$8
+uri=$1 dom=$2 runs=$3 id=$4 img=$5 alloc=$6 sha=$7 left=$8
 run=$runs/$id
 cb_lock "$runs" "$id" 900
 cb_adopt() { cb_deadline; printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; exit 0; }
