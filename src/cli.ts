@@ -140,10 +140,11 @@ async function run(file: string, logLevel: string | undefined, io: Io): Promise<
   io.err(`compute-bridge listening on ${d.url} (provider ${d.config.bridge.provider_id}; backends: ${d.fleet.backends.map((b) => b.name).join(", ")})\n`);
   return await new Promise<number>((resolve) => {
     let stopping = false;
-    const stop = (sig: string) => {
+    /** Close within 10 s and exit with `code` (1 whatever the reason if closing fails). */
+    const stop = (why: Record<string, string>, code: 0 | 1) => {
       if (stopping) return;
       stopping = true;
-      d.log.info({ signal: sig }, "shutting down");
+      d.log.info(why, "shutting down");
       const hard = setTimeout(() => {
         d.log.error("graceful shutdown took longer than 10 s; exiting");
         resolve(1);
@@ -152,7 +153,7 @@ async function run(file: string, logLevel: string | undefined, io: Io): Promise<
       d.close().then(
         () => {
           clearTimeout(hard);
-          resolve(0);
+          resolve(code);
         },
         (e) => {
           d.log.error({ err: e }, "shutdown failed");
@@ -160,18 +161,10 @@ async function run(file: string, logLevel: string | undefined, io: Io): Promise<
         },
       );
     };
-    process.once("SIGTERM", () => stop("SIGTERM"));
-    process.once("SIGINT", () => stop("SIGINT"));
-    void d.failed.then(() => {
-      if (stopping) return;
-      stopping = true;
-      const hard = setTimeout(() => resolve(1), 10_000);
-      hard.unref();
-      void d.close().finally(() => {
-        clearTimeout(hard);
-        resolve(1);
-      });
-    });
+    process.once("SIGTERM", () => stop({ signal: "SIGTERM" }, 0));
+    process.once("SIGINT", () => stop({ signal: "SIGINT" }, 0));
+    // The state database can no longer be written (logged as fatal): exit non-zero to be restarted.
+    void d.failed.then(() => stop({ reason: "state database failure" }, 1));
   });
 }
 
