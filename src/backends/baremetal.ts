@@ -268,7 +268,7 @@ export class BareMetalBackend implements ManagedBackend {
     const runDir = `${m.runs}/${id}`;
     let built: { args: string[]; defaultCommand: boolean };
     try {
-      built = systemdRunArgs({ unit, runDir, grant, envelope, runtimeMaxSec: (this.almanac.toWallMs(grant.valid_to) - this.clock.now()) / 1000, stopTimeoutSec: STOP_TIMEOUT_SEC, runAs: m.cfg.run_as });
+      built = systemdRunArgs({ unit, runDir, grant, envelope, runtimeMaxSec: this.secondsLeft(grant), stopTimeoutSec: STOP_TIMEOUT_SEC, runAs: m.cfg.run_as });
     } catch (e) {
       if (e instanceof ArgumentError) throw new InvalidRequestError(e.message, BACKEND);
       throw e;
@@ -301,9 +301,9 @@ export class BareMetalBackend implements ManagedBackend {
     const tdx = grant.tdx_required;
     if (tdx && !m.cfg.ovmf_path) throw new InvalidRequestError(`machine ${m.cfg.name} has no ovmf_path for TDX guests`, BACKEND);
     const uri = m.cfg.libvirt_uri;
-    // The host's own deadline for the guest: whole seconds until valid_to (never early), counted
-    // when each command is sent (the download in between may take minutes).
-    const secondsLeft = () => String(Math.max(1, Math.ceil((this.almanac.toWallMs(grant.valid_to) - this.clock.now()) / 1000)));
+    // The host's own deadline for the guest, counted when each command is sent (the download in
+    // between may take minutes).
+    const secondsLeft = () => String(this.secondsLeft(grant));
     let r: ExecResult;
     try {
       r = await m.conn.exec(remote(VIRSH_PREPARE, "cb-prepare", [uri, dom, m.runs, id, m.images, sha, url, String(MAX_DISK_BYTES), secondsLeft()]), { op: "prepare", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
@@ -363,6 +363,14 @@ export class BareMetalBackend implements ManagedBackend {
       ...(tdx ? { tdx_report_data: tdxReportData(this.providerId, id) } : {}),
     });
     return { ...inst, host: guest.host, ssh_port: guest.host ? 22 : null, ssh_user: guest.host ? "root" : null, attestation: guest.quote };
+  }
+
+  /**
+   * Whole seconds until valid_to by the bridge's clock, never early and at least 1: the host's own
+   * deadline for a workload (RuntimeMaxSec= in systemd mode, the cb-deadline unit in virsh mode).
+   */
+  private secondsLeft(grant: ComputeGrant): number {
+    return Math.max(1, Math.ceil((this.almanac.toWallMs(grant.valid_to) - this.clock.now()) / 1000));
   }
 
   /** The host could not set its own deadline for a guest: the bridge's watch alone enforces valid_to. */
