@@ -682,6 +682,14 @@ describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
   });
 });
 
+/** A backend context whose config directory is a fresh temp dir and whose log lines are kept (for the credential tests). */
+function loggedContext(t: TestContext): { dir: string; logs: LogSink; ctx: BackendContext } {
+  const dir = tempDir(t);
+  const logs = new LogSink();
+  const ctx: BackendContext = { providerId: PROVIDER, stateDir: dir, configDir: dir, log: createLogger("trace", logs), clock: systemClock, almanac: MS_ALMANAC, unavailable: new OfferingCache(1000, systemClock) };
+  return { dir, logs, ctx };
+}
+
 describe("azure backend: production credentials", { timeout: 45_000 }, () => {
   it("ClientSecretCredential from client_secret_file against a local authority with ca_file; the secret is never logged", async (t) => {
     const fake = await startFake();
@@ -718,11 +726,9 @@ describe("azure backend: production credentials", { timeout: 45_000 }, () => {
     });
     await new Promise<void>((r) => authority.listen(0, "127.0.0.1", r));
     t.after(() => new Promise<void>((r) => authority.close(() => r())));
-    const dir = tempDir(t);
+    const { dir, logs, ctx } = loggedContext(t);
     writeFileSync(path.join(dir, "client-secret"), `${secret}\n`, { mode: 0o600 });
     writeFileSync(path.join(dir, "wrong-secret"), "definitely-not-the-secret\n", { mode: 0o600 });
-    const logs = new LogSink();
-    const ctx: BackendContext = { providerId: PROVIDER, stateDir: dir, configDir: dir, log: createLogger("trace", logs), clock: systemClock, almanac: MS_ALMANAC, unavailable: new OfferingCache(1000, systemClock) };
     const creds = {
       managed_identity: false,
       tenant_id: tenant,
@@ -793,9 +799,7 @@ describe("azure backend: managed identity", { timeout: 45_000 }, () => {
       if (previous === undefined) delete process.env.AZURE_POD_IDENTITY_AUTHORITY_HOST;
       else process.env.AZURE_POD_IDENTITY_AUTHORITY_HOST = previous;
     });
-    const logs = new LogSink();
-    const dir = tempDir(t);
-    const ctx: BackendContext = { providerId: PROVIDER, stateDir: dir, configDir: dir, log: createLogger("trace", logs), clock: systemClock, almanac: MS_ALMANAC, unavailable: new OfferingCache(1000, systemClock) };
+    const { logs, ctx } = loggedContext(t);
 
     const system = new AzureBackend(config(fake, { managed_identity: true }), ctx);
     t.after(() => system.close());
