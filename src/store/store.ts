@@ -312,7 +312,7 @@ export class Store {
   transitions(id: string): Transition[] {
     const rec = this.get(id);
     if (!rec) return [];
-    const rows = this.db.prepare("SELECT from_state, to_state, backend, note, at FROM transitions WHERE request_id = ? ORDER BY id").all(id) as Transition[];
+    const rows = this.stmts.transitions.all(id) as Transition[];
     if (rows[0]?.from_state === null) return rows;
     // The backend it was routed to: the first one tried, should it have failed over since.
     const accept: Transition = { from_state: null, to_state: "provisioning", backend: rec.attempts[0]?.backend ?? rec.backend, note: "accepted and routed; idempotency key derived from request_id", at: rec.created_at };
@@ -320,23 +320,23 @@ export class Store {
   }
 
   computeLog(id: string): ComputeLog | null {
-    const r = this.db.prepare("SELECT log_json FROM compute_logs WHERE request_id = ?").get(id) as { log_json: string } | undefined;
+    const r = this.stmts.computeLog.get(id) as { log_json: string } | undefined;
     return r ? (JSON.parse(r.log_json) as ComputeLog) : null;
   }
 
   // ---- market outbox --------------------------------------------------------------------------
 
   dueOutbox(limit: number): OutboxItem[] {
-    return this.db.prepare("SELECT id, kind, key, payload, attempts, next_attempt_at FROM outbox WHERE next_attempt_at <= ? ORDER BY id LIMIT ?").all(this.clock.now(), limit) as OutboxItem[];
+    return this.stmts.dueOutbox.all(this.clock.now(), limit) as OutboxItem[];
   }
 
   nextOutboxAt(): number | null {
-    const r = this.db.prepare("SELECT MIN(next_attempt_at) t FROM outbox").get() as { t: number | null };
+    const r = this.stmts.nextOutboxAt.get() as { t: number | null };
     return r.t;
   }
 
   outboxSize(): number {
-    return (this.db.prepare("SELECT COUNT(*) n FROM outbox").get() as { n: number }).n;
+    return (this.stmts.outboxSize.get() as { n: number }).n;
   }
 
   /** Let outstanding writes commit, stop the writer, close the database. */
@@ -366,6 +366,11 @@ export class Store {
       listAll: db.prepare("SELECT * FROM grants WHERE seq > @after ORDER BY seq LIMIT @limit"),
       listByState: db.prepare("SELECT * FROM grants WHERE state = @state AND seq > @after ORDER BY seq LIMIT @limit"),
       nonTerminal: db.prepare("SELECT * FROM grants WHERE state IN ('accepted','provisioning','running','terminating') ORDER BY seq"),
+      transitions: db.prepare("SELECT from_state, to_state, backend, note, at FROM transitions WHERE request_id = ? ORDER BY id"),
+      computeLog: db.prepare("SELECT log_json FROM compute_logs WHERE request_id = ?"),
+      dueOutbox: db.prepare("SELECT id, kind, key, payload, attempts, next_attempt_at FROM outbox WHERE next_attempt_at <= ? ORDER BY id LIMIT ?"),
+      nextOutboxAt: db.prepare("SELECT MIN(next_attempt_at) t FROM outbox"),
+      outboxSize: db.prepare("SELECT COUNT(*) n FROM outbox"),
     };
   }
 }
