@@ -10,7 +10,7 @@ export interface LoadResult {
   p50: number;
   p99: number;
   statuses: Record<number, number>;
-  /** CPU time of the load generator's process (loadInChild only). */
+  /** CPU time of the load generator's process (LoadClient only). */
   clientCpuMs?: number;
 }
 
@@ -127,7 +127,7 @@ export class LoadClient {
   }
 
   async run(job: LoadJob): Promise<LoadResult> {
-    this.child.stdin!.write(`${JSON.stringify({ offset: 0, ...job })}\n`);
+    this.child.stdin!.write(`${JSON.stringify(job)}\n`);
     const next = await this.lines.next();
     if (next.done) throw new Error("the load generator exited");
     return JSON.parse(next.value) as LoadResult;
@@ -138,12 +138,3 @@ export class LoadClient {
   }
 }
 
-/** One run of load() in its own process. */
-export async function loadInChild(job: LoadJob): Promise<LoadResult> {
-  const c = new LoadClient();
-  try {
-    return await c.run(job);
-  } finally {
-    c.close();
-  }
-}
