@@ -13,6 +13,7 @@ import path from "node:path";
 import type { ManagedBackend } from "../src/backends/backend.js";
 import { fromDist } from "./lib/dist.js";
 import { LoadClient, table, type LoadJob, type LoadResult } from "./lib/load.js";
+import { cpuByGroup, threadCpuMs } from "./lib/threads.js";
 
 // The accept path as the daemon runs it: the compiled build, not the source under tsx (whose
 // transform and loader add 10-15% to the CPU per request).
@@ -74,6 +75,7 @@ export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{
   const bareUrl = `http://127.0.0.1:${(bare.server.address() as { port: number }).port}/v1/grants`;
 
   // The bridge's accept path with a durable store.
+  const threadsBefore = new Set(threadCpuMs().keys());
   const store = new Store(dir, systemClock);
   // The writer's group commits (transaction + fsync of the WAL), as cb_store_write_seconds sees them.
   const commits: number[] = [];
@@ -92,16 +94,24 @@ export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{
   // Warm-up (JIT, the writer thread, connection pools), not measured.
   await client.run({ url: bareUrl, connections, seconds: 1, template });
   const warm = await client.run({ url: bridgeUrl, connections, seconds: 1, headers, template, offset: 2_000_000_000 });
+  // The threads that came with the store are its writer's (the only ones the accept path starts).
+  const writerThreads = new Set([...threadCpuMs().keys()].filter((t) => !threadsBefore.has(t)));
+  type Thread = "main" | "writer" | "other";
+  const classify = (tid: string): Thread => (tid === String(process.pid) ? "main" : writerThreads.has(tid) ? "writer" : "other");
   // Short alternating rounds, so a noisy neighbour hits both routes alike; figures are medians.
   const bareRounds: LoadResult[] = [];
   const bridgeRounds: LoadResult[] = [];
-  // Server CPU per request counts every thread of this process (the store's writer included).
+  // Server CPU per request counts every thread of this process (the store's writer included),
+  // and by thread: the event loop, the store's writer, the rest (V8's GC helpers, libuv's pool).
   const serverCpu = { bare: 0, bridge: 0 };
+  const byThread = { bare: new Map<Thread, number>(), bridge: new Map<Thread, number>() };
   const measured = async (route: "bare" | "bridge", job: LoadJob) => {
     const c0 = process.cpuUsage();
+    const t0 = threadCpuMs();
     const res = await client.run(job);
     const c = process.cpuUsage(c0);
     serverCpu[route] += (c.user + c.system) / 1000;
+    for (const [g, ms] of cpuByGroup(t0, threadCpuMs(), classify)) byThread[route].set(g, (byThread[route].get(g) ?? 0) + ms);
     return res;
   };
   for (let r = 0; r < rounds; r++) {
@@ -135,6 +145,10 @@ export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{
   const cpuPer = (ms: number, rs: LoadResult[]) => (ms * 1000) / rs.reduce((a, r) => a + r.requests, 0);
   const clientPer = (rs: LoadResult[]) => cpuPer(rs.reduce((a, r) => a + (r.clientCpuMs ?? 0), 0), rs);
   const cpuLine = `CPU per request (µs): server ${cpuPer(serverCpu.bare, bareRounds).toFixed(0)} bare vs ${cpuPer(serverCpu.bridge, bridgeRounds).toFixed(0)} bridge; load generator ${clientPer(bareRounds).toFixed(0)} vs ${clientPer(bridgeRounds).toFixed(0)}`;
+  const threadLine =
+    byThread.bridge.size === 0
+      ? ""
+      : `\n  by thread (/proc, 10 ms ticks): event loop ${(["bare", "bridge"] as const).map((r) => cpuPer(byThread[r].get("main") ?? 0, r === "bare" ? bareRounds : bridgeRounds).toFixed(0)).join(" vs ")}; store writer ${cpuPer(byThread.bridge.get("writer") ?? 0, bridgeRounds).toFixed(0)}; other threads (GC helpers, libuv) ${(["bare", "bridge"] as const).map((r) => cpuPer(byThread[r].get("other") ?? 0, r === "bare" ? bareRounds : bridgeRounds).toFixed(0)).join(" vs ")}`;
   const perRound = `per round (bridge/bare): throughput ${ratios.map((x) => x.toFixed(2)).join(", ")}; p99 ${p99Ratios.map((x) => x.toFixed(2)).join(", ")}`;
   commits.sort((a, b) => a - b);
   const cq = (p: number) => (commits[Math.min(commits.length - 1, Math.floor(p * commits.length))] ?? NaN).toFixed(2);
@@ -142,7 +156,7 @@ export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{
     `group commits under load (transaction + WAL fsync, ${commits.length}): p50 ${cq(0.5)} ms, p90 ${cq(0.9)} ms, p99 ${cq(0.99)} ms; an fsync of a 4 KiB append on the idle disk: ${fsyncMs.toFixed(2)} ms (median of 50)`,
     `the load generator shares the machine's ${os.cpus().length} cores with the server`,
   ].join("\n");
-  return { bare: bareRes, bridge: bridgeRes, text: `${text}\n${perRound}\n${cpuLine}\n${note}` };
+  return { bare: bareRes, bridge: bridgeRes, text: `${text}\n${perRound}\n${cpuLine}${threadLine}\n${note}` };
 }
 
 function median(xs: number[]): number {
