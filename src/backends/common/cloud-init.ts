@@ -3,7 +3,11 @@
  * custom data on Azure). Shared by the cloud backends; none of them imports another backend.
  *
  * The script, as root on first boot:
- *  1. appends the grant's SSH public key to the login user's authorized_keys;
+ *  1. appends the grant's SSH public key to the login user's authorized_keys, and writes
+ *     `COMPUTE-BRIDGE-HOSTKEY <request_id> <SHA256:fingerprint|none>` (its ed25519 host key) to
+ *     the serial console, which only the cloud API reads: the bridge reports it as
+ *     host_key_sha256, so whoever connects can pin the key instead of trusting the first
+ *     connection (the line comes before anything from the image runs, and the first one counts);
  *  2. downloads the image with curl (http/https only, no globbing, bounded size, retried; the URL
  *     given to curl is the WHATWG-normalized form of envelope.image.url), verifies its
  *     sha256 and, on a mismatch, reports COMPUTE-BRIDGE-FAIL and powers off WITHOUT running it;
@@ -22,8 +26,9 @@
  *
  * Paths only a real VM has are variables at the top with production defaults; tests point them
  * at stand-ins through the environment: CB_CONSOLE (serial console, /dev/ttyS0), CB_POWEROFF
- * (poweroff), CB_ROOT (prefix for the state directory, empty) and CB_HOME (the login user's home,
- * looked up with getent by default).
+ * (poweroff), CB_ROOT (prefix for the state directory, empty), CB_HOME (the login user's home,
+ * looked up with getent by default) and CB_SSH_HOST_KEY (the public half of sshd's ed25519 host
+ * key, /etc/ssh/ssh_host_ed25519_key.pub).
  */
 import { SshPublicKey } from "../../domain/grant.js";
 import type { Envelope } from "../../domain/index.js";
@@ -31,6 +36,7 @@ import { shq } from "../../util/shell.js";
 
 export const EXIT_MARKER = "COMPUTE-BRIDGE-EXIT";
 export const FAIL_MARKER = "COMPUTE-BRIDGE-FAIL";
+export const HOST_KEY_MARKER = "COMPUTE-BRIDGE-HOSTKEY";
 
 /** Environment variables a test (or an unusual image) may set to move the VM-only paths. */
 export const BOOT_SCRIPT_OVERRIDES = {
@@ -38,6 +44,7 @@ export const BOOT_SCRIPT_OVERRIDES = {
   poweroff: "CB_POWEROFF",
   root: "CB_ROOT",
   home: "CB_HOME",
+  hostKey: "CB_SSH_HOST_KEY",
 } as const;
 
 /** Failure kinds the script reports; the bridge turns them into the grant's error_kind. */
@@ -120,6 +127,7 @@ CB_CONSOLE=\${CB_CONSOLE:-${consoleDevice}}
 CB_POWEROFF=\${CB_POWEROFF:-poweroff}
 CB_ROOT=\${CB_ROOT:-}
 CB_HOME=\${CB_HOME:-}
+CB_SSH_HOST_KEY=\${CB_SSH_HOST_KEY:-/etc/ssh/ssh_host_ed25519_key.pub}
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 umask 077
@@ -169,6 +177,13 @@ if [ -n "$CB_SSH_KEY" ]; then
   chmod 700 "$cb_home/.ssh" && chmod 600 "$cb_home/.ssh/authorized_keys"
   chown -R "$CB_SSH_USER:" "$cb_home/.ssh" 2>/dev/null || :
 fi
+# The host key's fingerprint, for the bridge to publish: before anything from the image runs.
+cb_host_key=none
+if [ -r "$CB_SSH_HOST_KEY" ] && command -v ssh-keygen >/dev/null 2>&1; then
+  cb_fp=$(ssh-keygen -E sha256 -lf "$CB_SSH_HOST_KEY" 2>/dev/null | awk '{ print $2 }')
+  case "$cb_fp" in SHA256:*) cb_host_key=$cb_fp ;; esac
+fi
+cb_console "${HOST_KEY_MARKER} $CB_REQUEST_ID $cb_host_key"
 
 # 2. Fetch and verify the image; on a mismatch nothing from it runs.
 rm -rf "$CB_WORK" "$CB_STATE/image" "$CB_STATE/image.part"
@@ -244,6 +259,10 @@ export function failMarker(requestId: string, kind: string, message: string): st
   return `${FAIL_MARKER} ${requestId} ${kind} ${message.replace(/[\r\n]+/g, " ")}`;
 }
 
+export function hostKeyMarker(requestId: string, fingerprint: string | null): string {
+  return `${HOST_KEY_MARKER} ${requestId} ${fingerprint ?? "none"}`;
+}
+
 const MARKER_RE = /(?:^|\s)(COMPUTE-BRIDGE-EXIT|COMPUTE-BRIDGE-FAIL) (\S+) (\S+)(?: (.*))?$/;
 const MAX_MESSAGE = 500;
 
@@ -272,4 +291,23 @@ export function parseMarker(consoleText: string, requestId: string): MarkerResul
     }
   }
   return result;
+}
+
+/** What `ssh-keygen -lf` prints for a key, and what host_key_sha256 holds. */
+export const FINGERPRINT_RE = /^SHA256:[A-Za-z0-9+/]{43}$/;
+const HOST_KEY_RE = /(?:^|\s)COMPUTE-BRIDGE-HOSTKEY (\S+) (\S+)$/;
+
+/**
+ * The guest's own report of its SSH host key in a console capture: its fingerprint, or null when
+ * it has no ed25519 host key (or printed something that is not a fingerprint); null as the whole
+ * result while the console has no report for `requestId` yet. The FIRST report counts: the script
+ * writes it before anything from the image runs, so a later line (a workload's) cannot replace it.
+ */
+export function parseHostKey(consoleText: string, requestId: string): { fingerprint: string | null } | null {
+  for (const raw of consoleText.split("\n")) {
+    const m = HOST_KEY_RE.exec(raw.replace(/\s+$/, ""));
+    if (!m || m[1] !== requestId) continue;
+    return { fingerprint: FINGERPRINT_RE.test(m[2]!) ? m[2]! : null };
+  }
+  return null;
 }

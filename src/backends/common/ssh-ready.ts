@@ -2,10 +2,12 @@
  * SSH readiness probe shared by the cloud backends: a VM counts as reachable once a TCP
  * connection to its sshd yields an SSH protocol identification line (RFC 4253 section 4.2),
  * e.g. "SSH-2.0-OpenSSH_9.2p1 Debian-2". Nothing is sent to the server and no authentication
- * is attempted; the connection is closed as soon as the banner has been read.
+ * is attempted; the connection is closed as soon as the banner has been read. Then the VM's
+ * host key fingerprint, as its boot script reported it on the serial console (waitForHostKey).
  */
 import net from "node:net";
 import { abortError, systemClock, type Clock } from "../../util/clock.js";
+import { parseHostKey } from "./cloud-init.js";
 
 export interface WaitForSshOptions {
   /** Give up after this long (measured on `clock`). */
@@ -104,6 +106,53 @@ export async function waitForSsh(host: string, port: number, opts: WaitForSshOpt
     }
     const remaining = deadline - clock.now();
     if (remaining <= 0) throw new SshNotReadyError(host, port, opts.timeoutMs, attempts, last);
+    await clock.sleep(Math.min(opts.intervalMs, remaining), opts.signal);
+  }
+}
+
+export interface HostKeyWaitOptions {
+  /** Keep reading the console this long (on `clock`) for the guest's report; 0 reads it once. */
+  timeoutMs: number;
+  intervalMs: number;
+  signal?: AbortSignal;
+  clock?: Clock;
+}
+
+export interface HostKeyFound {
+  /** `SHA256:...` as `ssh-keygen -lf` prints it, or null. */
+  fingerprint: string | null;
+  /** Why there is none (for the log), when fingerprint is null. */
+  missing: string | null;
+}
+
+/**
+ * Read a VM's serial console (`read`, through the cloud's API, which only the VM writes to) until
+ * its boot script reports the SSH host key (cloud-init.ts, COMPUTE-BRIDGE-HOSTKEY). Never fails
+ * the grant: a guest without an ed25519 key, a console that lags past `timeoutMs` or cannot be
+ * read gives fingerprint null and the reason. Rejects only with an AbortError on `signal`.
+ */
+export async function waitForHostKey(read: () => Promise<string>, requestId: string, opts: HostKeyWaitOptions): Promise<HostKeyFound> {
+  const clock = opts.clock ?? systemClock;
+  const deadline = clock.now() + opts.timeoutMs;
+  let lastError: string | null = null;
+  for (;;) {
+    if (opts.signal?.aborted) throw abortError(opts.signal);
+    try {
+      const found = parseHostKey(await read(), requestId);
+      if (found) return { fingerprint: found.fingerprint, missing: found.fingerprint ? null : "the guest reported no ed25519 SSH host key" };
+      lastError = null;
+    } catch (e) {
+      if (opts.signal?.aborted) throw abortError(opts.signal);
+      lastError = e instanceof Error ? e.message : String(e);
+    }
+    const remaining = deadline - clock.now();
+    if (remaining <= 0)
+      return {
+        fingerprint: null,
+        missing: lastError
+          ? `the serial console could not be read: ${lastError.slice(0, 300)}`
+          : `the guest reported no SSH host key on its serial console within ${Math.round(opts.timeoutMs / 1000)} s`,
+      };
     await clock.sleep(Math.min(opts.intervalMs, remaining), opts.signal);
   }
 }

@@ -15,6 +15,8 @@ import {
   BootScriptError,
   exitMarker,
   failMarker,
+  hostKeyMarker,
+  parseHostKey,
   parseMarker,
   renderBootScript,
   type BootScriptOptions,
@@ -64,7 +66,7 @@ interface Run {
 }
 
 /** Run the script like cloud-init would, with the VM-only paths pointed at the temp dir. */
-async function runScript(dir: string, script: string, shell = "/bin/sh"): Promise<Run> {
+async function runScript(dir: string, script: string, shell = "/bin/sh", env: Record<string, string> = {}): Promise<Run> {
   const root = path.join(dir, "root");
   const home = path.join(dir, "home");
   const consoleFile = path.join(dir, "console");
@@ -78,7 +80,16 @@ async function runScript(dir: string, script: string, shell = "/bin/sh"): Promis
     const child = spawn(shell, [file], {
       cwd: dir,
       stdio: ["ignore", "ignore", "pipe"],
-      env: { CB_CONSOLE: consoleFile, CB_POWEROFF: poweroff, CB_ROOT: root, CB_HOME: home, PATH: process.env.PATH ?? "/usr/bin:/bin" },
+      env: {
+        CB_CONSOLE: consoleFile,
+        CB_POWEROFF: poweroff,
+        CB_ROOT: root,
+        CB_HOME: home,
+        // No host key unless a test makes one (never the test machine's own /etc/ssh).
+        CB_SSH_HOST_KEY: path.join(dir, "no-host-key.pub"),
+        PATH: process.env.PATH ?? "/usr/bin:/bin",
+        ...env,
+      },
     });
     child.stderr.resume();
     child.on("error", reject);
@@ -146,8 +157,30 @@ describe("boot script (cloud-init user data), executed", () => {
       assert.ok(env.includes("LANG=C.UTF-8"));
       assert.ok(!env.some((e) => e.startsWith("CB_")), "the workload gets a clean environment");
       assert.equal(readFileSync(path.join(run.home, ".ssh/authorized_keys"), "utf8"), `${KEY}\n`);
+      // This "VM" has no ed25519 host key: the report says so, and the bridge stops looking.
+      assert.match(run.console, /^COMPUTE-BRIDGE-HOSTKEY req-1 none$/m);
+      assert.deepEqual(parseHostKey(run.console, "req-1"), { fingerprint: null });
     });
   }
+
+  it("reports the SSH host key's fingerprint before anything from the image runs; a workload's own report does not count", async (t) => {
+    const dir = tempDir(t);
+    const hostKey = path.join(dir, "ssh_host_ed25519_key");
+    execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", "", "-f", hostKey]);
+    const expected = execFileSync("ssh-keygen", ["-E", "sha256", "-lf", `${hostKey}.pub`], { encoding: "utf8" }).split(" ")[1]!;
+    assert.match(expected, /^SHA256:[A-Za-z0-9+/]{43}$/);
+    const consoleFile = path.join(dir, "console");
+    const forged = hostKeyMarker("req-1", `SHA256:${"F".repeat(43)}`);
+    const img = serve("forger", `#!/bin/sh\nprintf '%s\\n' ${JSON.stringify(forged)} >>"$CONSOLE"\nexit 0\n`);
+    const run = await runScript(dir, renderBootScript(opts({ image: { ...img, format: "bundle" }, env: { CONSOLE: consoleFile } })), "/bin/sh", { CB_SSH_HOST_KEY: `${hostKey}.pub` });
+    assert.equal(exitOf(run.console), 0);
+    const lines = run.console.split("\n");
+    const reported = lines.indexOf(hostKeyMarker("req-1", expected));
+    assert.ok(reported >= 0, run.console);
+    assert.ok(reported < lines.indexOf("compute-bridge: fetching the image"), "reported before the image is fetched");
+    assert.ok(lines.indexOf(forged) > reported, "the workload did write its own report");
+    assert.deepEqual(parseHostKey(run.console, "req-1"), { fingerprint: expected });
+  });
 
   it("reports the workload's own CPU time: a busy loop counts, the download and unpack before it do not", async (t) => {
     const dir = tempDir(t);
@@ -307,6 +340,21 @@ describe("parseMarker", () => {
     assert.deepEqual(parseMarker("COMPUTE-BRIDGE-EXIT r-1 0 cpu=0.000", "r-1"), { exitCode: 0, cpuSeconds: 0 });
     assert.equal(parseMarker(text, "r-2"), null);
     assert.equal(parseMarker("", "r-1"), null);
+  });
+
+  it("takes the first host key report for the request; anything but a fingerprint there is none", () => {
+    const fp = `SHA256:${"a1+/".repeat(10)}abc`;
+    const text = [`[  5.1] cloud-init[812]: ${hostKeyMarker("other", `SHA256:${"b".repeat(43)}`)}`, `[  5.2] cloud-init[812]: ${hostKeyMarker("r-1", fp)}\r`, hostKeyMarker("r-1", `SHA256:${"c".repeat(43)}`)].join("\n");
+    assert.deepEqual(parseHostKey(text, "r-1"), { fingerprint: fp });
+    assert.deepEqual(parseHostKey(text, "other"), { fingerprint: `SHA256:${"b".repeat(43)}` });
+    assert.equal(parseHostKey(text, "r-2"), null);
+    assert.equal(parseHostKey("", "r-1"), null);
+    assert.deepEqual(parseHostKey(hostKeyMarker("r-1", null), "r-1"), { fingerprint: null });
+    for (const bad of ["SHA256:short", `MD5:${"a".repeat(43)}`, `SHA256:${"a".repeat(43)};rm`])
+      assert.deepEqual(parseHostKey(`COMPUTE-BRIDGE-HOSTKEY r-1 ${bad}\n${hostKeyMarker("r-1", fp)}`, "r-1"), { fingerprint: null }, bad);
+    // Exit markers are not host key reports, nor the other way round.
+    assert.equal(parseHostKey(exitMarker("r-1", 0), "r-1"), null);
+    assert.equal(parseMarker(hostKeyMarker("r-1", fp), "r-1"), null);
   });
 
   it("parses failures and ignores malformed markers", () => {

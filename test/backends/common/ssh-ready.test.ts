@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 import { describe, it } from "node:test";
-import { probeSsh, SshNotReadyError, waitForSsh } from "../../../src/backends/common/ssh-ready.js";
+import { hostKeyMarker } from "../../../src/backends/common/cloud-init.js";
+import { probeSsh, SshNotReadyError, waitForHostKey, waitForSsh } from "../../../src/backends/common/ssh-ready.js";
 import { systemClock, type Clock } from "../../../src/util/clock.js";
 
 const BANNER = "SSH-2.0-OpenSSH_9.2p1 Debian-2";
@@ -96,6 +97,98 @@ describe("waitForSsh", () => {
     const ctl = new AbortController();
     const p = waitForSsh("127.0.0.1", s.port, { timeoutMs: 60_000, intervalMs: 10, signal: ctl.signal });
     setImmediate(() => ctl.abort());
+    await assert.rejects(p, (e: unknown) => e instanceof Error && e.name === "AbortError");
+  });
+});
+
+/** A clock whose sleeps pass at once, moving its time on: waits cost no real time. */
+function steppingClock(): Clock & { slept: number[] } {
+  let t = 0;
+  const slept: number[] = [];
+  return {
+    slept,
+    now: () => t,
+    sleep: async (ms) => {
+      slept.push(ms);
+      t += ms;
+    },
+  };
+}
+
+const FP = "SHA256:" + "x".repeat(43);
+
+describe("waitForHostKey", () => {
+  it("reads the console until the guest's report appears, then returns its fingerprint", async () => {
+    const clock = steppingClock();
+    const consoles = ["[ 1.0] booting", "[ 2.0] cloud-init: compute-bridge: boot script for r-1 started", `[ 2.1] ${hostKeyMarker("r-1", FP)}\nlater`];
+    let reads = 0;
+    const r = await waitForHostKey(async () => consoles[Math.min(reads++, consoles.length - 1)]!, "r-1", { timeoutMs: 60_000, intervalMs: 2000, clock });
+    assert.deepEqual(r, { fingerprint: FP, missing: null });
+    assert.equal(reads, 3);
+    assert.deepEqual(clock.slept, [2000, 2000]);
+  });
+
+  it("a guest without an ed25519 key: null at once, with the reason", async () => {
+    const clock = steppingClock();
+    const r = await waitForHostKey(async () => hostKeyMarker("r-1", null), "r-1", { timeoutMs: 60_000, intervalMs: 2000, clock });
+    assert.deepEqual(r, { fingerprint: null, missing: "the guest reported no ed25519 SSH host key" });
+    assert.deepEqual(clock.slept, []);
+  });
+
+  it("gives up at the timeout with null (another grant's report does not count); timeout 0 reads once", async () => {
+    const clock = steppingClock();
+    let reads = 0;
+    const r = await waitForHostKey(
+      async () => {
+        reads++;
+        return hostKeyMarker("r-2", FP);
+      },
+      "r-1",
+      { timeoutMs: 10_000, intervalMs: 3000, clock },
+    );
+    assert.equal(r.fingerprint, null);
+    assert.match(r.missing!, /no SSH host key on its serial console within 10 s/);
+    assert.equal(reads, 5); // at 0, 3, 6, 9 and 10 s
+    assert.deepEqual(clock.slept, [3000, 3000, 3000, 1000]);
+    reads = 0;
+    const once = await waitForHostKey(async () => (reads++, ""), "r-1", { timeoutMs: 0, intervalMs: 3000, clock });
+    assert.equal(once.fingerprint, null);
+    assert.equal(reads, 1);
+  });
+
+  it("console read errors are retried; if they last, null names the last one", async () => {
+    const clock = steppingClock();
+    let reads = 0;
+    const r = await waitForHostKey(
+      async () => {
+        if (reads++ < 2) throw new Error("ThrottlingException: Rate exceeded");
+        return hostKeyMarker("r-1", FP);
+      },
+      "r-1",
+      { timeoutMs: 60_000, intervalMs: 1000, clock },
+    );
+    assert.equal(r.fingerprint, FP);
+    const failing = await waitForHostKey(
+      async () => {
+        throw new Error("UnsupportedOperation: latest console output is not supported");
+      },
+      "r-1",
+      { timeoutMs: 5000, intervalMs: 1000, clock },
+    );
+    assert.deepEqual(failing, { fingerprint: null, missing: "the serial console could not be read: UnsupportedOperation: latest console output is not supported" });
+  });
+
+  it("aborts on the signal, also while a read is in flight", async () => {
+    const ctl = new AbortController();
+    const p = waitForHostKey(
+      () =>
+        new Promise<string>((_, reject) => {
+          ctl.signal.addEventListener("abort", () => reject(new Error("request aborted")), { once: true });
+        }),
+      "r-1",
+      { timeoutMs: 60_000, intervalMs: 1000, clock: steppingClock(), signal: ctl.signal },
+    );
+    ctl.abort();
     await assert.rejects(p, (e: unknown) => e instanceof Error && e.name === "AbortError");
   });
 });
