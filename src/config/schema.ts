@@ -105,6 +105,12 @@ const Timeouts = {
   launch_timeout_seconds: PositiveInt.default(900),
   /** From running until SSH answers with a banner. */
   ready_timeout_seconds: PositiveInt.default(600),
+  /**
+   * Once SSH answers, how long to keep reading the serial console for the guest's report of its
+   * SSH host key (host_key_sha256); 0 reads it once. Without a report the grant runs anyway, with
+   * host_key_sha256 null.
+   */
+  host_key_timeout_seconds: z.number().nonnegative().default(120),
   poll_interval_seconds: z.number().positive().default(10),
   /** Orphans younger than this are left alone by the sweep (their create may still be recorded). */
   orphan_grace_seconds: z.number().nonnegative().default(600),

@@ -110,6 +110,14 @@ export async function waitForSsh(host: string, port: number, opts: WaitForSshOpt
   }
 }
 
+/**
+ * Thrown by a console reader whose console will never show the report (EC2's latest console
+ * output on an instance type without Nitro, say): waitForHostKey stops at once.
+ */
+export class ConsoleUnavailableError extends Error {
+  override name = "ConsoleUnavailableError";
+}
+
 export interface HostKeyWaitOptions {
   /** Keep reading the console this long (on `clock`) for the guest's report; 0 reads it once. */
   timeoutMs: number;
@@ -144,6 +152,7 @@ export async function waitForHostKey(read: () => Promise<string>, requestId: str
     } catch (e) {
       if (opts.signal?.aborted) throw abortError(opts.signal);
       lastError = e instanceof Error ? e.message : String(e);
+      if (e instanceof ConsoleUnavailableError) return { fingerprint: null, missing: `the serial console cannot be read: ${lastError.slice(0, 300)}` };
     }
     const remaining = deadline - clock.now();
     if (remaining <= 0)

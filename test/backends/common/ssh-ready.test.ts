@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import net from "node:net";
 import { describe, it } from "node:test";
 import { hostKeyMarker } from "../../../src/backends/common/cloud-init.js";
-import { probeSsh, SshNotReadyError, waitForHostKey, waitForSsh } from "../../../src/backends/common/ssh-ready.js";
+import { ConsoleUnavailableError, probeSsh, SshNotReadyError, waitForHostKey, waitForSsh } from "../../../src/backends/common/ssh-ready.js";
 import { systemClock, type Clock } from "../../../src/util/clock.js";
 
 const BANNER = "SSH-2.0-OpenSSH_9.2p1 Debian-2";
@@ -176,6 +176,20 @@ describe("waitForHostKey", () => {
       { timeoutMs: 5000, intervalMs: 1000, clock },
     );
     assert.deepEqual(failing, { fingerprint: null, missing: "the serial console could not be read: UnsupportedOperation: latest console output is not supported" });
+    // A console that will never show it: no waiting.
+    reads = 0;
+    const slept = clock.slept.length;
+    const unavailable = await waitForHostKey(
+      async () => {
+        reads++;
+        throw new ConsoleUnavailableError("this instance type has no live console output");
+      },
+      "r-1",
+      { timeoutMs: 60_000, intervalMs: 1000, clock },
+    );
+    assert.deepEqual(unavailable, { fingerprint: null, missing: "the serial console cannot be read: this instance type has no live console output" });
+    assert.equal(reads, 1);
+    assert.equal(clock.slept.length, slept);
   });
 
   it("aborts on the signal, also while a read is in flight", async () => {
