@@ -72,6 +72,7 @@ export interface Row {
   outcome_json: string | null;
   created_at: string;
   updated_at: string;
+  routed_backend: string | null;
 }
 
 /** Forward-only migrations; PRAGMA user_version records how many have run. */
@@ -125,6 +126,10 @@ const MIGRATIONS: string[] = [
   // The jsonl flush after every finished grant looks up the few logs not yet appended; without
   // this (partial) index it scanned every ComputeLog ever written.
   `CREATE INDEX compute_logs_jsonl_pending ON compute_logs(jsonl_pending) WHERE jsonl_pending = 1;`,
+  // The backend a grant was routed to at accept. `backend` moves on with a failover, or when the
+  // routed backend left the config before provisioning; the history's first entry reads this.
+  // NULL in rows accepted before it (their history falls back to the first attempt).
+  `ALTER TABLE grants ADD COLUMN routed_backend TEXT;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

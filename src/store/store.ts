@@ -310,12 +310,15 @@ export class Store {
    * accept too; it is shown as it is.
    */
   transitions(id: string): Transition[] {
-    const rec = this.get(id);
-    if (!rec) return [];
+    const row = this.stmts.get.get(id) as Row | undefined;
+    if (!row) return [];
     const rows = this.stmts.transitions.all(id) as Transition[];
     if (rows[0]?.from_state === null) return rows;
-    // The backend it was routed to: the first one tried, should it have failed over since.
-    const accept: Transition = { from_state: null, to_state: "provisioning", backend: rec.attempts[0]?.backend ?? rec.backend, note: "accepted and routed; idempotency key derived from request_id", at: rec.created_at };
+    // The backend it was routed to, wherever it went since (rows from before routed_backend was
+    // recorded: the first backend tried, which is the routed one unless it left the config).
+    const rec = toRecord(row);
+    const routed = row.routed_backend ?? rec.attempts[0]?.backend ?? rec.backend;
+    const accept: Transition = { from_state: null, to_state: "provisioning", backend: routed, note: "accepted and routed; idempotency key derived from request_id", at: rec.created_at };
     return [accept, ...rows];
   }
 

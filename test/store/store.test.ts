@@ -51,6 +51,17 @@ describe("store", () => {
     s.db.prepare("INSERT INTO transitions (request_id, from_state, to_state, backend, note, at) VALUES ('old', NULL, 'provisioning', 'local', 'accepted', '2026-01-01T00:00:00.000Z')").run();
     assert.deepEqual(history("old"), [[null, "provisioning", "local"]]);
     assert.deepEqual(s.transitions("nope"), []);
+    // Routed to a backend that left the config before provisioning: it moves on without an attempt.
+    await s.accept(newGrant("moved"));
+    await s.transition("moved", "provisioning", { backend: "gcp" });
+    assert.deepEqual(history("moved"), [
+      [null, "provisioning", "local"],
+      ["provisioning", "provisioning", "gcp"],
+    ]);
+    // A row accepted before routed_backend was recorded: the first attempt, else the backend.
+    s.db.prepare("UPDATE grants SET routed_backend = NULL").run();
+    assert.deepEqual(history("g1")[0], [null, "provisioning", "local"]);
+    assert.deepEqual(history("moved")[0], [null, "provisioning", "gcp"]);
   });
 
   it("is durable across reopen and refuses a newer schema", async (t) => {
@@ -72,14 +83,32 @@ describe("store", () => {
       (db.prepare("EXPLAIN QUERY PLAN SELECT request_id, log_json FROM compute_logs WHERE jsonl_pending = 1 ORDER BY rowid").all() as { detail: string }[]).map((r) => r.detail).join("; ");
     const s = new Store(dir, systemClock);
     assert.match(plan(s.db), /USING INDEX compute_logs_jsonl_pending/);
-    // A database from before the index: version 1, no index.
+    // A database from before the index: version 1, no index (nor what later versions add).
     s.db.exec("DROP INDEX compute_logs_jsonl_pending");
+    s.db.exec("ALTER TABLE grants DROP COLUMN routed_backend");
     s.db.pragma("user_version = 1");
     await s.close();
     const again = new Store(dir, systemClock);
     t.after(() => again.close());
     assert.equal(again.db.pragma("user_version", { simple: true }), SCHEMA_VERSION);
     assert.match(plan(again.db), /USING INDEX compute_logs_jsonl_pending/);
+  });
+
+  it("migrates a version 2 database: routed_backend is added, its grants keep their history and new ones record it", async (t) => {
+    const dir = tempDir(t);
+    const s = new Store(dir, systemClock);
+    await s.accept(newGrant("before"));
+    await s.transition("before", "provisioning", { backend: "aws", attempts: [{ backend: "local", error_kind: "capacity", message: "full", at: "2026-01-01T00:00:00.000Z" }] });
+    s.db.exec("ALTER TABLE grants DROP COLUMN routed_backend");
+    s.db.pragma("user_version = 2");
+    await s.close();
+    const again = new Store(dir, systemClock);
+    t.after(() => again.close());
+    assert.equal(again.db.pragma("user_version", { simple: true }), SCHEMA_VERSION);
+    assert.equal((again.db.prepare("SELECT routed_backend FROM grants WHERE request_id = 'before'").get() as { routed_backend: string | null }).routed_backend, null);
+    assert.equal(again.transitions("before")[0]?.backend, "local");
+    await again.accept(newGrant("after"));
+    assert.equal((again.db.prepare("SELECT routed_backend FROM grants WHERE request_id = 'after'").get() as { routed_backend: string | null }).routed_backend, "local");
   });
 
   it("fails only the operation that fails, not the rest of its batch", async (t) => {
