@@ -7,6 +7,7 @@
  */
 import net from "node:net";
 import { abortError, systemClock, type Clock } from "../../util/clock.js";
+import { CredentialError } from "../backend.js";
 import { parseHostKey } from "./cloud-init.js";
 
 export interface WaitForSshOptions {
@@ -137,7 +138,9 @@ export interface HostKeyFound {
  * Read a VM's serial console (`read`, through the cloud's API, which only the VM writes to) until
  * its boot script reports the SSH host key (cloud-init.ts, COMPUTE-BRIDGE-HOSTKEY). Never fails
  * the grant: a guest without an ed25519 key, a console that lags past `timeoutMs` or cannot be
- * read gives fingerprint null and the reason. Rejects only with an AbortError on `signal`.
+ * read gives fingerprint null and the reason. Read errors are retried until `timeoutMs`, except
+ * ConsoleUnavailableError and CredentialError, which end the wait at once. Rejects only with an
+ * AbortError on `signal`.
  */
 export async function waitForHostKey(read: () => Promise<string>, requestId: string, opts: HostKeyWaitOptions): Promise<HostKeyFound> {
   const clock = opts.clock ?? systemClock;
@@ -152,7 +155,9 @@ export async function waitForHostKey(read: () => Promise<string>, requestId: str
     } catch (e) {
       if (opts.signal?.aborted) throw abortError(opts.signal);
       lastError = e instanceof Error ? e.message : String(e);
-      if (e instanceof ConsoleUnavailableError) return { fingerprint: null, missing: `the serial console cannot be read: ${lastError.slice(0, 300)}` };
+      // Neither a console that has none nor a refusal of the bridge's credentials or permissions
+      // (GetConsoleOutput missing from the IAM policy, say) heals within the wait.
+      if (e instanceof ConsoleUnavailableError || e instanceof CredentialError) return { fingerprint: null, missing: `the serial console cannot be read: ${lastError.slice(0, 300)}` };
     }
     const remaining = deadline - clock.now();
     if (remaining <= 0)

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 import { describe, it } from "node:test";
+import { CredentialError } from "../../../src/backends/backend.js";
 import { hostKeyMarker } from "../../../src/backends/common/cloud-init.js";
 import { ConsoleUnavailableError, probeSsh, SshNotReadyError, waitForHostKey, waitForSsh } from "../../../src/backends/common/ssh-ready.js";
 import { systemClock, type Clock } from "../../../src/util/clock.js";
@@ -189,6 +190,17 @@ describe("waitForHostKey", () => {
     );
     assert.deepEqual(unavailable, { fingerprint: null, missing: "the serial console cannot be read: this instance type has no live console output" });
     assert.equal(reads, 1);
+    // Nor does a refusal of the bridge's permissions.
+    const refused = await waitForHostKey(
+      async () => {
+        reads++;
+        throw new CredentialError("GetConsoleOutput was refused (UnauthorizedOperation)", "aws");
+      },
+      "r-1",
+      { timeoutMs: 60_000, intervalMs: 1000, clock },
+    );
+    assert.deepEqual(refused, { fingerprint: null, missing: "the serial console cannot be read: GetConsoleOutput was refused (UnauthorizedOperation)" });
+    assert.equal(reads, 2);
     assert.equal(clock.slept.length, slept);
   });
 
