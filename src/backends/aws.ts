@@ -8,7 +8,9 @@
  *   so a retry or a restarted daemon never creates a second instance (an instance already tagged
  *   with the request is adopted first); tags `${tag_prefix}:bridge-id` / `:request-id`;
  *   InstanceInitiatedShutdownBehavior=terminate; user data = common/cloud-init.ts. Then waits
- *   for `running` (batched polling) and for an SSH banner (common/ssh-ready.ts).
+ *   for `running` (batched polling) and for an SSH banner (common/ssh-ready.ts), then reads the
+ *   guest's SSH host key fingerprint from the live serial console (GetConsoleOutput Latest=true,
+ *   Nitro types only) as host_key_sha256; null, with a warning, when it does not come.
  * - watchUntilExit: batched — one poller per region issues one DescribeInstances (by the bridge
  *   tag, paged 1000 at a time) per interval for every watched instance; the exit code comes from
  *   the COMPUTE-BRIDGE marker in GetConsoleOutput; valid_to is enforced.
@@ -42,7 +44,7 @@ import {
 } from "./backend.js";
 import { BatchLookup, BatchWatcher, type PollEvent } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript, type MarkerResult } from "./common/cloud-init.js";
-import { SshNotReadyError, waitForSsh } from "./common/ssh-ready.js";
+import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
 import type { OfferingCache } from "./offering-cache.js";
 import type { EC2Client, Instance, RunInstancesCommandInput } from "@aws-sdk/client-ec2";
 import type { RetryErrorInfo, RetryStrategyV2, RetryToken, StandardRetryToken } from "@smithy/types";
@@ -113,6 +115,14 @@ const CREDENTIAL_CODES = new Set([
   "Blocked",
   "CredentialsProviderError",
 ]);
+/**
+ * GetConsoleOutput with Latest=true on an instance type without the Nitro hypervisor: the API
+ * reference says only Nitro types support it, without naming the error; the client error for
+ * an operation a resource does not support is UnsupportedOperation ("Unsupported" being its
+ * sibling for requests that cannot be served there). Neither heals while the instance lives, so
+ * the host key wait stops at once instead of retrying until host_key_timeout_seconds.
+ */
+const LATEST_UNSUPPORTED_CODES = new Set(["UnsupportedOperation", "Unsupported"]);
 const THROTTLE_CODES = new Set(["RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException"]);
 const NETWORK_CODES = new Set(["ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "EAI_AGAIN", "ENOTFOUND", "TimeoutError", "RequestTimeout"]);
 /** Codes the SDK would retry (HTTP 500) that only waste time: another try finds no capacity either. */
@@ -591,6 +601,15 @@ export class AwsBackend implements ManagedBackend {
   }
 
   private async waitReady(grant: ComputeGrant, launched: Ec2Status, signal: AbortSignal): Promise<ProvisionedInstance> {
+    const ready = await this.waitSsh(grant, launched, signal);
+    if ("ended" in ready) return ready.ended;
+    // The launch poller has let go of the instance by now: reading the console costs no DescribeInstances.
+    const hostKey = await this.hostKey(grant, ready.st.id, signal);
+    return this.provisioned(grant, ready.st, ready.host, hostKey);
+  }
+
+  /** Until `running` and an SSH banner, or until the guest ended on its own first (`ended`, nothing more to wait for). */
+  private async waitSsh(grant: ComputeGrant, launched: Ec2Status, signal: AbortSignal): Promise<{ st: Ec2Status; host: string } | { ended: ProvisionedInstance }> {
     const region = grant.region;
     const id = launched.id;
     let st = launched;
@@ -612,7 +631,7 @@ export class AwsBackend implements ManagedBackend {
         if (r.kind === "missing") throw new BackendError(`instance ${id} vanished from EC2 in ${region} while it was starting`, this.name);
         st = r.status;
       }
-      if (st.state !== "running") return this.endedBeforeReady(grant, st);
+      if (st.state !== "running") return { ended: this.endedBeforeReady(grant, st) };
 
       const host = st.publicIp ?? st.privateIp;
       if (!host) throw new BackendError(`instance ${id} in ${region} is running without an IP address`, this.name);
@@ -629,21 +648,43 @@ export class AwsBackend implements ManagedBackend {
       }
       if (winner.t === "ended") {
         if (winner.r.kind === "missing") throw new BackendError(`instance ${id} vanished from EC2 in ${region} before SSH was ready`, this.name);
-        return this.endedBeforeReady(grant, winner.r.status);
+        return { ended: this.endedBeforeReady(grant, winner.r.status) };
       }
       this.log.info({ request_id: grant.request_id, instance_id: id, region, host, ssh_attempts: winner.r.attempts }, "instance ready (SSH answers)");
-      return this.provisioned(grant, st, host);
+      return { st, host };
     } finally {
       signal.removeEventListener("abort", onAbort);
       ctl.abort();
     }
   }
 
-  /** The instance stopped before SSH was ready: a guest that ran and powered off is handed on to the watch. */
+  /**
+   * The guest's SSH host key fingerprint, as its boot script reported it on the live serial console
+   * (read through the per-region console limiter every poll interval, up to
+   * host_key_timeout_seconds). Never fails the grant: null, with the reason in a warning, when the
+   * guest has no ed25519 key, the report does not come in time, or the type keeps no live console.
+   */
+  private async hostKey(grant: ComputeGrant, id: string, signal: AbortSignal): Promise<string | null> {
+    const found = await waitForHostKey(() => this.consoleOutput(grant.region, id, signal, { latest: true }), grant.request_id, {
+      timeoutMs: this.cfg.host_key_timeout_seconds * 1000,
+      intervalMs: this.pollMs,
+      signal,
+      clock: this.clock,
+    });
+    if (found.fingerprint === null)
+      this.log.warn({ request_id: grant.request_id, instance_id: id, region: grant.region, reason: found.missing }, "no SSH host key fingerprint from the guest; host_key_sha256 stays null");
+    else this.log.info({ request_id: grant.request_id, instance_id: id, host_key_sha256: found.fingerprint }, "the guest reported its SSH host key");
+    return found.fingerprint;
+  }
+
+  /**
+   * The instance stopped before SSH was ready: a guest that ran and powered off is handed on to the
+   * watch, without a host key (nobody can connect to it any more).
+   */
   private endedBeforeReady(grant: ComputeGrant, st: Ec2Status): ProvisionedInstance {
     if (st.reasonCode === SELF_SHUTDOWN) {
       this.log.info({ request_id: grant.request_id, instance_id: st.id, state: st.state }, "the instance powered itself off before SSH was ready; its console tells the outcome");
-      return this.provisioned(grant, st, st.publicIp ?? st.privateIp ?? null);
+      return this.provisioned(grant, st, st.publicIp ?? st.privateIp ?? null, null);
     }
     const reason = st.reasonMessage ?? st.transition ?? "no reason given";
     if (st.reasonCode?.includes("InsufficientInstanceCapacity") && st.instanceType)
@@ -651,7 +692,7 @@ export class AwsBackend implements ManagedBackend {
     throw new BackendError(`instance ${st.id} in ${grant.region} is ${st.state} before it became ready: ${reason}`, this.name);
   }
 
-  private provisioned(grant: ComputeGrant, st: Ec2Status, host: string | null): ProvisionedInstance {
+  private provisioned(grant: ComputeGrant, st: Ec2Status, host: string | null, hostKeySha256: string | null): ProvisionedInstance {
     return {
       request_id: grant.request_id,
       backend: this.name,
@@ -660,7 +701,7 @@ export class AwsBackend implements ManagedBackend {
       host,
       ssh_port: host ? this.cfg.ssh_port : null,
       ssh_user: host ? this.cfg.ssh_user : null,
-      host_key_sha256: null,
+      host_key_sha256: hostKeySha256,
       started_at: (st.launchTime ?? new Date(this.clock.now())).toISOString(),
       cpu_millicores: grant.cpu_millicores,
       ram_mib: grant.ram_mib,
@@ -716,17 +757,25 @@ export class AwsBackend implements ManagedBackend {
     return { kind: "exited", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: endedAt, failure: m.failure };
   }
 
-  private async consoleOutput(region: string, id: string, signal: AbortSignal): Promise<string> {
+  /**
+   * GetConsoleOutput, base64-decoded, at most `consoleConcurrency` at a time per region. `latest`:
+   * the live console (Nitro types only) rather than the buffered copy EC2 posts after state
+   * transitions, which would not show a running guest's output; a type without it throws
+   * ConsoleUnavailableError.
+   */
+  private async consoleOutput(region: string, id: string, signal: AbortSignal, opts: { latest?: boolean } = {}): Promise<string> {
     let limit = this.consoleLimits.get(region);
     if (!limit) this.consoleLimits.set(region, (limit = new Limiter(this.opts.consoleConcurrency ?? 8)));
     const { ec2: sdk } = await this.loadSdk();
     const client = await this.client(region);
     return limit.run(async () => {
       try {
-        const out = await client.send(new sdk.GetConsoleOutputCommand({ InstanceId: id }), { abortSignal: signal });
+        const out = await client.send(new sdk.GetConsoleOutputCommand({ InstanceId: id, ...(opts.latest ? { Latest: true } : {}) }), { abortSignal: signal });
         return out.Output ? Buffer.from(out.Output, "base64").toString("utf8") : "";
       } catch (e) {
         if (isAbort(e, signal)) throw e;
+        if (opts.latest && LATEST_UNSUPPORTED_CODES.has(errorCode(e)))
+          throw new ConsoleUnavailableError(`EC2 keeps no live console for ${id} in ${region} (${errorCode(e)}: ${clean((e as SdkErrorLike)?.message ?? "")}); only Nitro instance types have one`);
         throw this.mapError(e, "GetConsoleOutput", region);
       }
     });

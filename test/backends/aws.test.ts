@@ -20,7 +20,7 @@ import { EC2Client, RunInstancesCommand, type RunInstancesCommandInput } from "@
 import { ConfiguredRetryStrategy } from "@smithy/core/retry";
 import { AwsBackend, type AwsBackendOptions } from "../../src/backends/aws.js";
 import { CapacityError, CredentialError, InvalidRequestError, type BackendMetrics, type ManagedBackend } from "../../src/backends/backend.js";
-import { exitMarker } from "../../src/backends/common/cloud-init.js";
+import { exitMarker, HOST_KEY_MARKER, hostKeyMarker } from "../../src/backends/common/cloud-init.js";
 import type { PollEvent } from "../../src/backends/common/batch-watcher.js";
 import { OfferingCache } from "../../src/backends/offering-cache.js";
 import { AwsConfig } from "../../src/config/schema.js";
@@ -242,7 +242,12 @@ class GuestSim {
       child.on("close", () => resolve());
       child.on("error", () => resolve());
     });
-    const text = existsSync(consoleFile) ? readFileSync(consoleFile, "utf8") : "";
+    // The fake already wrote the script's host key report when the instance booted (with a fingerprint
+    // per instance); this run's own report, from whatever host key this machine has, is left out.
+    const text = (existsSync(consoleFile) ? readFileSync(consoleFile, "utf8") : "")
+      .split(/(?<=\n)/)
+      .filter((l) => !l.startsWith(`${HOST_KEY_MARKER} `))
+      .join("");
     this.fake.guestPowerOff(i.instanceId, `[   3.100] cloud-init[801]: boot\n${text}reboot: Power down\n`);
   }
 }
@@ -250,6 +255,37 @@ class GuestSim {
 /** GrantManager + Store + Fleet as src/daemon.ts wires them. */
 function bridge(t: T, stateDir: string, backends: ManagedBackend[], unavailable: OfferingCache) {
   return testBridge(t, { stateDir, fleet: new Fleet(backends, unavailable), almanac: MS_ALMANAC, providerId: PROVIDER, log: silent, retryBaseMs: 10, retryCapMs: 100 });
+}
+
+/**
+ * Settles `p`, a provision whose backend sleeps on `clock`: each time the backend is asleep after a
+ * console read the clock has not yet been moved past, the clock moves `stepMs` (once SSH answered,
+ * the host key wait is the only sleeper on it). Returns the result and how often the clock moved.
+ */
+async function driveConsoleWait<T>(clock: ManualClock, fake: Ec2Fake, p: Promise<T>, stepMs: number): Promise<{ value: T; advances: number }> {
+  let settled = false;
+  const done = p.finally(() => void (settled = true));
+  done.catch(() => undefined);
+  let seen = 0;
+  let advances = 0;
+  for (;;) {
+    await until(() => settled || (fake.countCalls("GetConsoleOutput") > seen && clock.pending > 0), "the provision to settle or to sleep after a console read");
+    if (settled) return { value: await done, advances };
+    seen = fake.countCalls("GetConsoleOutput");
+    clock.advance(stepMs);
+    advances++;
+  }
+}
+
+/** The GetConsoleOutput calls the fake saw: Latest flag, error code, virtual time. */
+function consoleCalls(fake: Ec2Fake): { latest: string | undefined; code: string | undefined; at: number }[] {
+  return fake.calls.filter((c) => c.action === "GetConsoleOutput").map((c) => ({ latest: c.params.Latest, code: c.code, at: c.at }));
+}
+
+/** Log lines as JSON objects, for asserting on what the backend logged. */
+function capturedLog(): { log: Logger; lines: Record<string, unknown>[] } {
+  const lines: Record<string, unknown>[] = [];
+  return { log: createLogger("debug", { write: (s: string) => void lines.push(JSON.parse(s) as Record<string, unknown>) }), lines };
 }
 
 async function runGrant(m: GrantManager, store: Store, req: GrantRequest) {
@@ -339,8 +375,11 @@ describe("aws backend with the EC2 fake", () => {
     assert.equal(rec.instance?.host, "127.0.0.1");
     assert.equal(rec.instance?.ssh_port, sshPort);
     assert.equal(rec.instance?.ssh_user, "ec2-user");
+    // The guest's host key, as its boot script reported it on the live console, pinned in the grant.
+    assert.equal(rec.instance?.host_key_sha256, fake.hostKeyFingerprint(inst.instanceId));
+    assert.match(rec.instance?.host_key_sha256 ?? "", /^SHA256:[A-Za-z0-9+/]{43}$/);
     assert.equal(fake.countCalls("RunInstances"), 1);
-    assert.equal(fake.countCalls("GetConsoleOutput"), 1);
+    assert.deepEqual(consoleCalls(fake).map((c) => c.latest), ["true", undefined], "one live read for the host key at provision, one buffered read for the exit code");
   });
 
   it("hash mismatch: the guest runs nothing, the grant fails with error kind image_verification", async (t) => {
@@ -439,7 +478,9 @@ describe("aws backend with the EC2 fake", () => {
 
   it("a RunInstances reply lost on every attempt is healed by the ClientToken; a token reused with other parameters adopts the earlier launch", async (t) => {
     const fake = await startFake(t, { faults: { bootDelayMs: 0 } });
-    const aws = makeBackend(t, awsConfig(t, fake), {}, { retryStrategy: () => new ConfiguredRetryStrategy(3, () => 2), maxAttempts: 3 });
+    // The instance adopted below was launched without the bridge's boot script, so no host key report ever
+    // comes: the console is read once (host_key_timeout_seconds 0) instead of for two minutes.
+    const aws = makeBackend(t, awsConfig(t, fake, { host_key_timeout_seconds: 0 }), {}, { retryStrategy: () => new ConfiguredRetryStrategy(3, () => 2), maxAttempts: 3 });
     const img = image("lost", "#!/bin/sh\nexit 0\n");
     const env: Envelope = { image: { ...img, format: "bundle" }, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3 k@x" };
 
@@ -458,6 +499,8 @@ describe("aws backend with the EC2 fake", () => {
     const prior = await c.send(new RunInstancesCommand(launchInput({ unrelated: "x" }, { ClientToken: aws.clientToken("tok-2"), InstanceType: "m6i.xlarge" })));
     const adopted = await aws.provision(grant("tok-2"), env, never);
     assert.equal(adopted.instance_id, prior.Instances?.[0]?.InstanceId);
+    assert.equal(adopted.host_key_sha256, null, "no boot script, no report");
+    assert.equal(inst.host_key_sha256, fake.hostKeyFingerprint(inst.instance_id));
     assert.equal(fake.createdCount, 2);
     assert.ok(fake.calls.some((x) => x.action === "RunInstances" && x.code === "IdempotentParameterMismatch"));
     await aws.terminate(inst);
@@ -765,5 +808,104 @@ describe("aws backend with the EC2 fake", () => {
     assert.deepEqual(good.map((c) => c.ok), [true, true]);
     assert.match(good[1]!.detail, /^0 instances tagged compute-bridge:bridge-id=test-provider$/);
     assert.equal(fake.countCalls("RunInstances"), 0, "checks never provision");
+  });
+});
+
+describe("aws backend: the guest's SSH host key (host_key_sha256)", () => {
+  const POLL = 5_000;
+  const key: Envelope = { image: { url: "http://127.0.0.1:9/unused", sha256: "a".repeat(64), format: "bundle" }, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3 k@x" };
+
+  /** Backend and fake on one ManualClock; nothing moves it but driveConsoleWait. */
+  async function setup(t: T, faults: Ec2FakeOptions["faults"] = {}, over: Record<string, unknown> = {}, opts: AwsBackendOptions = {}) {
+    const clock = new ManualClock();
+    const fake = await startFake(t, { now: () => clock.now(), faults: { bootDelayMs: 0, ...faults } });
+    const { log, lines } = capturedLog();
+    const aws = makeBackend(t, awsConfig(t, fake, over), { clock, log }, { pollIntervalMs: POLL, ...opts });
+    const warned = () => lines.filter((l) => l.level === "warn" && l.msg === "no SSH host key fingerprint from the guest; host_key_sha256 stays null");
+    return { clock, fake, aws, warned };
+  }
+
+  it("the fingerprint the guest reported on its live console is the grant's host_key_sha256, read at once", { timeout: 30_000 }, async (t) => {
+    const { clock, fake, aws, warned } = await setup(t);
+    const start = clock.now();
+    const { value: inst, advances } = await driveConsoleWait(clock, fake, aws.provision(grant("hk-1"), key, never), POLL);
+    assert.equal(inst.host_key_sha256, fake.hostKeyFingerprint(inst.instance_id));
+    assert.notEqual(fake.hostKeyFingerprint(inst.instance_id), fake.hostKeyFingerprint("i-0123456789abcdef0"), "per instance");
+    assert.equal(advances, 0);
+    assert.deepEqual(consoleCalls(fake), [{ latest: "true", code: undefined, at: start }]);
+    assert.deepEqual(warned(), []);
+    await aws.terminate(inst);
+  });
+
+  it("a guest without an ed25519 host key reports none: null at once, still provisioned, a warning names the instance and why", { timeout: 30_000 }, async (t) => {
+    const { clock, fake, aws, warned } = await setup(t, { hostKeyReport: "none" });
+    const { value: inst, advances } = await driveConsoleWait(clock, fake, aws.provision(grant("hk-none"), key, never), POLL);
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(inst.host, "127.0.0.1", "provisioned all the same: the grant goes on");
+    assert.equal(fake.getInstance(inst.instance_id)?.state, "running");
+    assert.match(fake.getInstance(inst.instance_id)?.consoleOutput ?? "", new RegExp(`^${hostKeyMarker("hk-none", null)}$`, "m"));
+    assert.equal(advances, 0, "no waiting for a report that came");
+    assert.equal(consoleCalls(fake).length, 1);
+    const [w, ...more] = warned();
+    assert.deepEqual(more, []);
+    assert.equal(w?.request_id, "hk-none");
+    assert.equal(w?.instance_id, inst.instance_id);
+    assert.match(String(w?.reason), /no ed25519 SSH host key/);
+    await aws.terminate(inst);
+  });
+
+  it("a guest that never reports: the live console is read every poll interval until host_key_timeout_seconds, then null; still provisioned", { timeout: 30_000 }, async (t) => {
+    const { clock, fake, aws, warned } = await setup(t, { hostKeyReport: "never" }, { host_key_timeout_seconds: 20 });
+    const start = clock.now();
+    const { value: inst, advances } = await driveConsoleWait(clock, fake, aws.provision(grant("hk-never"), key, never), POLL);
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(fake.getInstance(inst.instance_id)?.state, "running");
+    assert.equal(advances, 4, "20 s of 5 s intervals");
+    assert.deepEqual(consoleCalls(fake), [0, 1, 2, 3, 4].map((k) => ({ latest: "true", code: undefined, at: start + k * POLL })));
+    assert.equal(warned().length, 1);
+    assert.match(String(warned()[0]?.reason), /within 20 s/);
+    await aws.terminate(inst);
+  });
+
+  it("an instance type without a live console (not Nitro, UnsupportedOperation): null after one read, no waiting", { timeout: 30_000 }, async (t) => {
+    // Every family in the bridge's type table is on Nitro; the fake is told m6i.large is not.
+    const { clock, fake, aws, warned } = await setup(t, { nonNitroTypes: ["m6i.large"] });
+    const { value: inst, advances } = await driveConsoleWait(clock, fake, aws.provision(grant("hk-xen"), key, never), POLL);
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(inst.details.instance_type, "m6i.large");
+    assert.equal(advances, 0);
+    assert.deepEqual(consoleCalls(fake), [{ latest: "true", code: "UnsupportedOperation", at: clock.now() }], "one call: a 400 is not retried, and the wait stops");
+    assert.match(String(warned()[0]?.reason), /UnsupportedOperation/);
+    await aws.terminate(inst);
+  });
+
+  it("throttled console reads are retried (by the SDK, then by the wait) and the fingerprint still comes", { timeout: 30_000 }, async (t) => {
+    const { clock, fake, aws, warned } = await setup(t, {}, {}, { retryStrategy: () => new ConfiguredRetryStrategy(2, () => 1), maxAttempts: 2 });
+    fake.failNext("GetConsoleOutput", "RequestLimitExceeded", undefined, { times: 3 });
+    const { value: inst, advances } = await driveConsoleWait(clock, fake, aws.provision(grant("hk-throttle"), key, never), POLL);
+    assert.equal(inst.host_key_sha256, fake.hostKeyFingerprint(inst.instance_id));
+    assert.deepEqual(consoleCalls(fake).map((c) => c.code), ["RequestLimitExceeded", "RequestLimitExceeded", "RequestLimitExceeded", undefined]);
+    assert.equal(advances, 1, "the first read failed after its SDK retries; the next interval's read got through");
+    assert.deepEqual(warned(), []);
+    await aws.terminate(inst);
+  });
+
+  it("a guest that powered itself off before SSH answered: no console wait, host_key_sha256 null", { timeout: 30_000 }, async (t) => {
+    // An SSH port nobody listens on (taken and released on the loopback), so SSH never answers.
+    const probe = net.createServer();
+    await new Promise<void>((r) => probe.listen(0, "127.0.0.1", r));
+    const closedPort = (probe.address() as net.AddressInfo).port;
+    await new Promise<void>((r) => probe.close(() => r()));
+    const fake = await startFake(t, { faults: { bootDelayMs: 0 } });
+    const aws = makeBackend(t, awsConfig(t, fake, { ssh_port: closedPort }));
+    const p = aws.provision(grant("hk-ended"), key, never);
+    const running = await until(() => fake.instances.find((i) => i.state === "running"), "the instance to run");
+    // Its report is on the console, yet nobody can connect any more: nothing to pin.
+    assert.match(running.consoleOutput, new RegExp(`^${hostKeyMarker("hk-ended", fake.hostKeyFingerprint(running.instanceId)).replace(/[+/]/g, "\\$&")}$`, "m"));
+    fake.guestPowerOff(running.instanceId, `${exitMarker("hk-ended", 0)}\n`);
+    const inst = await p;
+    assert.equal(inst.instance_id, running.instanceId);
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(fake.countCalls("GetConsoleOutput"), 0);
   });
 });

@@ -4,6 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { gzipSync } from "node:zlib";
 import { after, before, describe, it } from "node:test";
 import {
   DescribeInstancesCommand,
@@ -267,6 +268,49 @@ describe("Ec2Fake with the real EC2Client", () => {
       const inst = await describeOne(ec2, id);
       assert.equal(inst.State?.Name, "terminated");
       assert.equal(inst.StateReason?.Code, "Client.InstanceInitiatedShutdown");
+    }));
+
+  it("GetConsoleOutput Latest: the boot script's host key report (gzip user data too), none/never, UnsupportedOperation on non-Nitro types", () =>
+    withFake({ faults: { bootDelayMs: 1_000, nonNitroTypes: new Set(["t2.micro"]) } }, async (fake, ec2) => {
+      const script = (rid: string) => `#!/bin/sh\nCB_CONSOLE=\${CB_CONSOLE:-/dev/ttyS0}\nCB_REQUEST_ID='${rid}'\necho hi\n`;
+      const launch = async (userData: Buffer | undefined, over: Partial<RunInstancesCommandInput> = {}) =>
+        (await ec2.send(new RunInstancesCommand(runInput({ ...(userData ? { UserData: userData.toString("base64") } : {}), ...over })))).Instances?.[0]?.InstanceId ?? "";
+      const latest = async (id: string) => Buffer.from((await ec2.send(new GetConsoleOutputCommand({ InstanceId: id, Latest: true }))).Output ?? "", "base64").toString("utf8");
+
+      const plain = await launch(Buffer.from(script("req-1")));
+      const quoted = await launch(gzipSync(Buffer.from(script(`it'\\''s-2`))));
+      const other = await launch(Buffer.from("#!/bin/sh\necho not the bridge\n"));
+      assert.equal(await latest(plain), "", "nothing before the guest runs");
+      fake.advance(1_000);
+      assert.equal(await latest(plain), `COMPUTE-BRIDGE-HOSTKEY req-1 ${fake.hostKeyFingerprint(plain)}\n`);
+      assert.match(fake.hostKeyFingerprint(plain), /^SHA256:[A-Za-z0-9+/]{43}$/);
+      assert.equal(await latest(quoted), `COMPUTE-BRIDGE-HOSTKEY it's-2 ${fake.hostKeyFingerprint(quoted)}\n`, "gzip inflated, shell quoting undone");
+      assert.equal(await latest(other), "", "user data that is not the bridge's script reports nothing");
+      // Without Latest: the same text (the fake posts console output as it is written).
+      const buffered = await ec2.send(new GetConsoleOutputCommand({ InstanceId: plain }));
+      assert.equal(Buffer.from(buffered.Output ?? "", "base64").toString("utf8"), await latest(plain));
+      assert.deepEqual(fake.calls.filter((c) => c.action === "GetConsoleOutput").map((c) => c.params.Latest), ["true", "true", "true", "true", undefined, "true"]);
+
+      fake.faults.hostKeyReport = (i) => (i.tags.grant === "none" ? "none" : "never");
+      const none = await launch(Buffer.from(script("req-3")), { TagSpecifications: [{ ResourceType: "instance", Tags: [{ Key: "grant", Value: "none" }] }] });
+      const silent = await launch(Buffer.from(script("req-4")));
+      fake.bootAll();
+      assert.equal(await latest(none), "COMPUTE-BRIDGE-HOSTKEY req-3 none\n");
+      assert.equal(await latest(silent), "");
+
+      // A type without the Nitro hypervisor keeps no live console: UnsupportedOperation/400, not retried.
+      fake.faults.hostKeyReport = "key";
+      const xen = await launch(Buffer.from(script("req-5")), { InstanceType: "t2.micro" });
+      fake.bootAll();
+      fake.resetCalls();
+      const err = await sdkError(ec2.send(new GetConsoleOutputCommand({ InstanceId: xen, Latest: true })));
+      assert.equal(err.name, "UnsupportedOperation");
+      assert.equal(err.$metadata.httpStatusCode, 400);
+      assert.equal(fake.countCalls("GetConsoleOutput"), 1);
+      const old = await ec2.send(new GetConsoleOutputCommand({ InstanceId: xen, Latest: false }));
+      assert.match(Buffer.from(old.Output ?? "", "base64").toString("utf8"), /^COMPUTE-BRIDGE-HOSTKEY req-5 SHA256:/, "without Latest it works");
+      fake.clearFaults();
+      assert.equal(await latest(xen), Buffer.from(old.Output ?? "", "base64").toString("utf8"));
     }));
 
   it("unknown and malformed ids surface as InvalidInstanceID.NotFound / .Malformed", () =>

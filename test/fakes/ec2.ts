@@ -2,7 +2,8 @@
  * Fake AWS EC2 endpoint speaking the real EC2 Query wire protocol (form-encoded `POST /`, XML replies in the
  * http://ec2.amazonaws.com/doc/2016-11-15/ namespace, `<Response><Errors>…</Errors><RequestID>` error bodies) on
  * 127.0.0.1, so the unmodified `EC2Client` from `@aws-sdk/client-ec2` works against it with
- * `endpoint: fake.endpoint`. Node built-ins only. Actions: RunInstances, DescribeInstances, TerminateInstances,
+ * `endpoint: fake.endpoint`. Node built-ins only (plus the boot script's marker format from
+ * src/backends/common/cloud-init.ts). Actions: RunInstances, DescribeInstances, TerminateInstances,
  * GetConsoleOutput. Requests must be SigV4-signed; the region in the credential scope selects the "region".
  *
  * SDK retry behaviour MEASURED against this fake (@aws-sdk/client-ec2 3.1169.0, @smithy/core standard retry
@@ -24,6 +25,15 @@
  * RequestLimitExceeded 503, InternalError 500, InsufficientInstanceCapacity 500, Unavailable 503,
  * AuthFailure 401, UnauthorizedOperation 403, SignatureDoesNotMatch 403, DryRunOperation 412, all others 400.
  *
+ * Guest: when an instance first becomes running, the fake plays the first step of the bridge's boot script (the
+ * user data, gzip or not, carrying a `CB_REQUEST_ID='...'` line): it appends
+ * `COMPUTE-BRIDGE-HOSTKEY <request_id> <fingerprint>` to the console, the fingerprint being
+ * `hostKeyFingerprint(instanceId)` (faults.hostKeyReport makes it report "none", or nothing). Instances launched
+ * with other user data report nothing. GetConsoleOutput with `Latest=true` returns the same live text, except for
+ * instance types in faults.nonNitroTypes, which answer UnsupportedOperation/400: only Nitro types support Latest
+ * (GetConsoleOutput API reference, which names no error code; UnsupportedOperation is EC2's common client error
+ * for an operation the resource does not support).
+ *
  * Time: state changes run on a virtual clock (`now()`, `advance(ms)`, `bootAll()`, `settleAll()`), applied
  * lazily when a request arrives or an accessor is read, so tests never sleep. RunInstances always answers
  * "pending"; TerminateInstances answers "shutting-down". Fault rates and generated ids come from a seeded PRNG.
@@ -31,6 +41,8 @@
 import { createHash, createHmac, randomUUID, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
+import { gunzipSync } from "node:zlib";
+import { hostKeyMarker } from "../../src/backends/common/cloud-init.js";
 
 export const EC2_API_VERSION = "2016-11-15";
 export const EC2_NAMESPACE = `http://ec2.amazonaws.com/doc/${EC2_API_VERSION}/`;
@@ -159,6 +171,13 @@ export interface RunInstancesRequestInfo {
  * error code string (e.g. "InstanceLimitExceeded", "VcpuLimitExceeded", "Unsupported") or a full InjectedError;
  * false/undefined/null lets the launch proceed.
  */
+/**
+ * What the simulated boot script reports for the guest's SSH host key: "key" its fingerprint
+ * (`hostKeyFingerprint(instanceId)`), "none" (the guest has no ed25519 host key), "never" (nothing reaches the
+ * console, as when the script is not the bridge's or the console lags without end).
+ */
+export type HostKeyReport = "key" | "none" | "never";
+
 export type CapacityFault =
   | ReadonlySet<string>
   | readonly string[]
@@ -178,6 +197,13 @@ export interface Ec2Faults {
   bootDelayMs: number;
   /** shutting-down -> terminated (and stopping -> stopped) after this many (virtual) ms. */
   terminateDelayMs: number;
+  /** The host key report of instances that boot from now on, or a choice per instance. Default "key". */
+  hostKeyReport: HostKeyReport | ((instance: FakeInstance) => HostKeyReport);
+  /**
+   * Instance types without the Nitro hypervisor: GetConsoleOutput with Latest=true answers
+   * UnsupportedOperation/400 for their instances (without Latest it works as for any other type).
+   */
+  nonNitroTypes: ReadonlySet<string> | readonly string[] | undefined;
 }
 
 export interface FailNextOptions {
@@ -219,6 +245,8 @@ class Ec2Error extends Error {
 
 type InstanceRecord = { -readonly [K in keyof FakeInstance]: FakeInstance[K] } & {
   seq: number;
+  /** Has been running once (the boot script's host key report is written on the first boot only). */
+  booted: boolean;
   /** Next automatic state change, due at virtual time `at`. */
   transition: { to: InstanceStateName; at: number } | undefined;
 };
@@ -306,6 +334,24 @@ function parseIntParam(params: Record<string, string>, name: string): number | u
   return Number(v);
 }
 
+/**
+ * The request id in the bridge's boot script (`CB_REQUEST_ID='...'`, quoted as util/shell.ts `shq` does), read
+ * from the user data as cloud-init would see it (gzip inflated); undefined for any other user data.
+ */
+function bootScriptRequestId(userDataBase64: string | undefined): string | undefined {
+  if (userDataBase64 === undefined) return undefined;
+  let raw = Buffer.from(userDataBase64, "base64");
+  if (raw[0] === 0x1f && raw[1] === 0x8b) {
+    try {
+      raw = gunzipSync(raw);
+    } catch {
+      return undefined;
+    }
+  }
+  const m = /^CB_REQUEST_ID='((?:[^']|'\\'')*)'$/m.exec(raw.toString("utf8"));
+  return m ? m[1]!.replace(/'\\''/g, "'") : undefined;
+}
+
 function gmt(ms: number): string {
   return new Date(ms).toISOString().replace("T", " ").replace(/\.\d+Z$/, " GMT");
 }
@@ -364,6 +410,8 @@ export class Ec2Fake {
       instanceLimit: undefined,
       bootDelayMs: 0,
       terminateDelayMs: 0,
+      hostKeyReport: "key",
+      nonNitroTypes: undefined,
       ...opts.faults,
     };
   }
@@ -495,6 +543,14 @@ export class Ec2Fake {
     this.beginShutdown(r, r.shutdownBehavior === "stop" ? "stopping" : "shutting-down");
   }
 
+  /**
+   * The SSH host key fingerprint the simulated guest reports: `SHA256:` + base64 of sha256(instanceId) without
+   * padding (43 characters, the form `ssh-keygen -lf` prints), deterministic per instance.
+   */
+  hostKeyFingerprint(instanceId: string): string {
+    return `SHA256:${createHash("sha256").update(instanceId).digest("base64").replace(/=+$/, "")}`;
+  }
+
   /** Append text to the instance's console output (what GetConsoleOutput returns, base64). */
   appendConsole(instanceId: string, text: string): void {
     this.mustGet(instanceId).consoleOutput += text;
@@ -522,7 +578,10 @@ export class Ec2Fake {
     });
   }
 
-  /** Remove all injected faults (rates, capacity, limits, one-shot failures); delays are kept. */
+  /**
+   * Remove all injected faults (rates, capacity, limits, one-shot failures, host key reports other than "key",
+   * non-Nitro types); delays are kept.
+   */
   clearFaults(): void {
     this.failures.length = 0;
     this.faults.throttleRate = 0;
@@ -530,6 +589,8 @@ export class Ec2Fake {
     this.faults.rateFaultActions = undefined;
     this.faults.capacity = undefined;
     this.faults.instanceLimit = undefined;
+    this.faults.hostKeyReport = "key";
+    this.faults.nonNitroTypes = undefined;
   }
 
   // ---------------------------------------------------------------- internals: state machine
@@ -552,9 +613,32 @@ export class Ec2Fake {
     if (to === "running") {
       r.stateReason = undefined;
       r.publicIpAddress = typeof this.publicIp === "function" ? this.publicIp(r) : this.publicIp;
+      if (!r.booted) {
+        r.booted = true;
+        this.bootScriptHostKey(r);
+      }
     } else {
       r.publicIpAddress = undefined;
     }
+  }
+
+  /**
+   * The boot script's first console line that matters to the bridge: its host key report, written before anything
+   * from the image runs (so it is on the console by the time sshd answers).
+   */
+  private bootScriptHostKey(r: InstanceRecord): void {
+    const requestId = bootScriptRequestId(r.userDataBase64);
+    if (requestId === undefined) return;
+    const choice = this.faults.hostKeyReport;
+    const report = typeof choice === "function" ? choice(r) : choice;
+    if (report === "never") return;
+    r.consoleOutput += `${hostKeyMarker(requestId, report === "key" ? this.hostKeyFingerprint(r.instanceId) : null)}\n`;
+  }
+
+  private isNitro(instanceType: string): boolean {
+    const non = this.faults.nonNitroTypes;
+    if (non === undefined) return true;
+    return !("has" in non ? (non as ReadonlySet<string>).has(instanceType) : (non as readonly string[]).includes(instanceType));
   }
 
   private beginShutdown(r: InstanceRecord, to: "shutting-down" | "stopping"): void {
@@ -905,6 +989,7 @@ export class Ec2Fake {
         securityGroupIds: Object.freeze(list(params, "SecurityGroupId")),
         shutdownBehavior: shutdown,
         consoleOutput: "",
+        booted: false,
         stateReason: { code: "pending", message: "pending" },
         reason: "",
         launchParams: Object.freeze({ ...params }),
@@ -1080,8 +1165,15 @@ export class Ec2Fake {
   private getConsoleOutput(params: Record<string, string>, ctx: RequestContext, requestId: string): string {
     const id = params.InstanceId;
     if (id === undefined) throw new Ec2Error("MissingParameter", "The request must contain the parameter InstanceId");
+    const latest = params.Latest;
+    if (latest !== undefined && latest !== "true" && latest !== "false") throw new Ec2Error("InvalidParameterValue", `Invalid value '${latest}' for Latest`);
     const [r] = this.lookup([id], ctx);
+    if (latest === "true" && !this.isNitro(r!.instanceType)) {
+      // EC2's code for an operation the resource does not support; the wording is the fake's own.
+      throw new Ec2Error("UnsupportedOperation", `The instance type ${r!.instanceType} does not support retrieving the latest console output.`);
+    }
     this.checkDryRun(params);
+    // Live (Latest=true) and buffered output are the same text here: the fake posts console text as it is written.
     const output = r!.consoleOutput === "" ? undefined : Buffer.from(r!.consoleOutput, "utf8").toString("base64");
     return this.doc(
       "GetConsoleOutputResponse",
