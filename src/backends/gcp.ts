@@ -11,7 +11,8 @@
  *   for and its `error` checked (a DONE operation can carry ZONE_RESOURCE_POOL_EXHAUSTED or
  *   QUOTA_EXCEEDED): a stock-out tries the region's next zone, then fails over (CapacityError with
  *   the (region, machine type) offering); quota fails over at once (QuotaError). Then the external
- *   IP and an SSH banner.
+ *   IP, an SSH banner and the guest's own report of its SSH host key on serial port 1
+ *   (host_key_sha256; null, with a warning, when it does not come within host_key_timeout_seconds).
  * - watch: one `aggregatedList` per project per poll interval (label filter) for every instance
  *   watched, through common/batch-watcher.ts; the exit code comes from the serial console
  *   (`getSerialPortOutput`) once the guest has powered off. valid_to is enforced.
@@ -49,8 +50,8 @@ import {
 } from "./backend.js";
 import { BatchWatcher, type PollEvent, type WaitResult } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript } from "./common/cloud-init.js";
-import { SshNotReadyError, waitForSsh } from "./common/ssh-ready.js";
-import { AlreadyExistsError, mapGcpError, operationError, redact } from "./gcp/errors.js";
+import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
+import { AlreadyExistsError, mapGcpError, operationError, PermissionDeniedError, redact } from "./gcp/errors.js";
 import { deterministicUuid, gceNaming, lastSegment, META_PROVIDER_ID, META_REQUEST_ID, regionOfZone, type GceNaming } from "./gcp/naming.js";
 import type { OfferingCache } from "./offering-cache.js";
 
@@ -237,9 +238,15 @@ export class GcpBackend implements ManagedBackend {
       if (!view)
         throw new CapacityError(`no capacity for ${shape.name}${tdx ? " (TDX)" : ""} in ${exhausted.join(", ")} (ZONE_RESOURCE_POOL_EXHAUSTED)`, this.name).withOffering(grant.region, shape.name);
     }
-    if (view.status !== "TERMINATED") view = await this.waitReachable(view, deadline, signal);
-    log.info({ zone: view.zone, instance: view.name, machine_type: view.machineType, tdx: view.tdx, host: view.natIP }, "GCE instance ready");
-    return this.toInstance(grant, view);
+    let hostKey: string | null = null;
+    if (view.status !== "TERMINATED") {
+      const reached = await this.waitReachable(view, deadline, signal);
+      view = reached.view;
+      // A guest that powered off before sshd answered has no host to connect to: nothing to pin.
+      if (reached.sshReady) hostKey = await this.hostKey(rid, view, signal, log);
+    }
+    log.info({ zone: view.zone, instance: view.name, machine_type: view.machineType, tdx: view.tdx, host: view.natIP, host_key_sha256: hostKey }, "GCE instance ready");
+    return this.toInstance(grant, view, hostKey);
   }
 
   async watchUntilExit(instance: ProvisionedInstance, validTo: Date, signal: AbortSignal): Promise<ExitObservation> {
@@ -449,8 +456,11 @@ export class GcpBackend implements ManagedBackend {
     return op;
   }
 
-  /** RUNNING with an external IP and an SSH banner, or TERMINATED (a short workload already ended). */
-  private async waitReachable(view: InstanceView, deadline: number, signal: AbortSignal): Promise<InstanceView> {
+  /**
+   * RUNNING with an external IP and an SSH banner (sshReady), or TERMINATED (a short workload
+   * already ended; sshReady false).
+   */
+  private async waitReachable(view: InstanceView, deadline: number, signal: AbortSignal): Promise<{ view: InstanceView; sshReady: boolean }> {
     const key = `${view.zone}/${view.name}`;
     let v = view;
     if (!(v.status === "RUNNING" && v.natIP)) {
@@ -459,7 +469,7 @@ export class GcpBackend implements ManagedBackend {
         throw new BackendError(`GCE instance ${v.name} in ${v.zone} was not RUNNING with an external IP within launch_timeout_seconds (${this.cfg.launch_timeout_seconds} s); it is deleted`, this.name);
       if (r.kind === "missing") throw new BackendError(`GCE instance ${v.name} in ${v.zone} disappeared while starting`, this.name);
       v = r.status;
-      if (v.status === "TERMINATED") return v;
+      if (v.status === "TERMINATED") return { view: v, sshReady: false };
       if (isGoing(v.status)) throw new BackendError(`GCE instance ${v.name} in ${v.zone} is ${v.status} while starting`, this.name);
     }
     const host = v.natIP!;
@@ -473,9 +483,9 @@ export class GcpBackend implements ManagedBackend {
           .sleep(this.pollMs, ctl.signal)
           .then(() => this.watcher.waitFor(this.cfg.project, key, { until: (s) => s.status === "TERMINATED" || isGoing(s.status), signal: ctl.signal })),
       ]);
-      if (r === "ssh") return v;
+      if (r === "ssh") return { view: v, sshReady: true };
       if (r.kind === "missing") throw new BackendError(`GCE instance ${v.name} in ${v.zone} disappeared while waiting for SSH`, this.name);
-      if (r.status.status === "TERMINATED") return r.status;
+      if (r.status.status === "TERMINATED") return { view: r.status, sshReady: false };
       throw new BackendError(`GCE instance ${v.name} in ${v.zone} is ${r.status.status} while waiting for SSH`, this.name);
     } catch (e) {
       if (e instanceof SshNotReadyError) throw new BackendError(`GCE instance ${v.name}: ${e.message} (ready_timeout_seconds = ${this.cfg.ready_timeout_seconds}); it is deleted`, this.name);
@@ -483,6 +493,34 @@ export class GcpBackend implements ManagedBackend {
     } finally {
       ctl.abort();
     }
+  }
+
+  /**
+   * The SSH host key fingerprint the guest's boot script wrote to serial port 1 (only the VM writes
+   * there, and only the API reads it: whoever connects can pin the key), or null when it reported
+   * none, did not report within host_key_timeout_seconds or its console cannot be read. Never fails
+   * the grant; rejects only when `signal` aborts.
+   */
+  private async hostKey(rid: string, v: InstanceView, signal: AbortSignal, log: Logger): Promise<string | null> {
+    const what = `instances.getSerialPortOutput ${v.zone}/${v.name}`;
+    const read = async (): Promise<string> => {
+      try {
+        // From byte 0: the report is among the first lines the startup script prints, well inside
+        // the first (at most 1 MiB) answer; later output cannot replace it (the first one counts).
+        const [res] = await this.call(what, (c) => c.instances.getSerialPortOutput({ project: this.cfg.project, zone: v.zone, instance: v.name, port: 1, start: 0 }), signal);
+        return res.contents ?? "";
+      } catch (e) {
+        // An instance that is gone (404) has no console to come back to; a 403 (the service
+        // account lacks compute.instances.getSerialPortOutput) ends the wait too, as every
+        // CredentialError does. Throttling and 5xx (already retried inside call()) are read again
+        // at the next interval.
+        if (e instanceof NotFoundError) throw new ConsoleUnavailableError(e.message);
+        throw e;
+      }
+    };
+    const found = await waitForHostKey(read, rid, { timeoutMs: this.cfg.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
+    if (found.fingerprint === null) log.warn({ zone: v.zone, instance: v.name, missing: found.missing }, "no SSH host key from the GCE guest; the grant runs with host_key_sha256 null");
+    return found.fingerprint;
   }
 
   private async waitStatus(key: string, until: (s: InstanceView) => boolean, deadline: number, signal: AbortSignal): Promise<WaitResult<InstanceView> | "timeout"> {
@@ -497,7 +535,7 @@ export class GcpBackend implements ManagedBackend {
     }
   }
 
-  private toInstance(grant: ComputeGrant, v: InstanceView): ProvisionedInstance {
+  private toInstance(grant: ComputeGrant, v: InstanceView, hostKey: string | null): ProvisionedInstance {
     const shape = [...this.cfg.machine_types, ...this.cfg.tdx_machine_types].find((s) => s.name === v.machineType);
     const started = v.lastStartMs ?? v.createdMs ?? this.clock.now();
     return {
@@ -508,7 +546,7 @@ export class GcpBackend implements ManagedBackend {
       host: v.natIP,
       ssh_port: v.natIP ? this.cfg.ssh_port : null,
       ssh_user: this.cfg.ssh_user,
-      host_key_sha256: null,
+      host_key_sha256: hostKey,
       started_at: new Date(started).toISOString(),
       cpu_millicores: grant.cpu_millicores,
       ram_mib: grant.ram_mib,
@@ -682,7 +720,10 @@ export class GcpBackend implements ManagedBackend {
         const status = (e as { status?: unknown; code?: unknown }).status ?? (e as { code?: unknown }).code;
         this.metrics?.apiCall(this.name, op, typeof status === "number" || typeof status === "string" ? String(status) : err.kind);
         if (status === 429) this.metrics?.throttled(this.name, op);
-        if (err instanceof CredentialError) {
+        // A 403 on the serial console alone means one missing permission, not refused credentials:
+        // the host key read during provisioning must not make canSatisfy decline every grant (the
+        // watch's own serial read still fails with this CredentialError and names the permission).
+        if (err instanceof CredentialError && !(err instanceof PermissionDeniedError && op === "instances.getSerialPortOutput")) {
           if (this.credentialProblem === null) this.log.error({ err: { kind: err.kind, message: err.message } }, "GCP refused the bridge's credentials; new grants are declined until a call succeeds");
           this.credentialProblem = err.message;
         }

@@ -186,6 +186,17 @@ async function settledRecord(store: Store, id: string, what = `grant ${id} to fi
   }, what, 20_000, 5);
 }
 
+/** Parsed log lines at `level` (pino writes one JSON object per line). */
+function logged(logs: LogCapture, level: string): Record<string, unknown>[] {
+  return logs.text
+    .split("\n")
+    .filter((l) => l.trim() !== "")
+    .map((l) => JSON.parse(l) as Record<string, unknown>)
+    .filter((o) => o["level"] === level);
+}
+
+const HOST_KEY_WARNING = "no SSH host key from the GCE guest; the grant runs with host_key_sha256 null";
+
 // ------------------------------------------------------------------ tests
 
 describe("gcp backend: declared capabilities and routing", () => {
@@ -264,6 +275,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     assert.equal(rec.instance?.ssh_port, sshPort);
     assert.equal(rec.instance?.details["zone"], "us-central1-a");
     assert.equal(rec.instance?.details["machine_type"], "n2-standard-2", "the smallest fitting type");
+    assert.equal(rec.instance?.host_key_sha256, fake.hostKeyFingerprint(PROJECT, "us-central1-a", name), "the guest's host key report, read from its serial console");
 
     assert.equal(fake.createdCount, 1);
     const create = fake.creates[0]!;
@@ -529,6 +541,8 @@ describe("gcp backend: direct", () => {
     fake.guestPowerOff(PROJECT, "us-central1-a", nameOf("quick-1"), `${exitMarker("quick-1", 9)}\n`);
     const inst = await p;
     assert.equal(inst.host, null);
+    assert.equal(inst.host_key_sha256, null, "a guest that powered off before SSH answered has no host key to pin");
+    assert.equal(fake.countCalls("serialPort"), 0, "... and its console is not read for one");
     const obs = await backend.watchUntilExit(inst, new Date(g.valid_to), never);
     assert.equal(obs.exit_code, 9);
     await backend.terminate(inst);
@@ -645,5 +659,97 @@ describe("gcp backend: direct", () => {
     const u = deterministicUuid("insert", PROVIDER, "A", "us-central1-a", "n2-standard-2");
     assert.equal(u, deterministicUuid("insert", PROVIDER, "A", "us-central1-a", "n2-standard-2"));
     assert.notEqual(u, deterministicUuid("insert", PROVIDER, "A", "us-central1-b", "n2-standard-2"));
+  });
+});
+
+describe("gcp backend: the guest's SSH host key (host_key_sha256) from serial port 1", () => {
+  it("a provisioned instance carries the fingerprint its guest reported; one read of port 1 from byte 0", async (t) => {
+    const { fake, backend, logs } = await rig(t);
+    const inst = await backend.provision(grant("Key.Grant_1"), envelope, never);
+    const want = fake.hostKeyFingerprint(PROJECT, "us-central1-a", nameOf("Key.Grant_1"));
+    assert.equal(inst.host_key_sha256, want);
+    assert.match(inst.host_key_sha256 ?? "", /^SHA256:[A-Za-z0-9+/]{43}$/);
+    const reads = fake.callsMatching("serialPort");
+    assert.equal(reads.length, 1, "the report is there once SSH answers: one read");
+    assert.equal(reads[0]!.path, `/compute/v1/projects/${PROJECT}/zones/us-central1-a/instances/${nameOf("Key.Grant_1")}/serialPort`);
+    assert.equal(reads[0]!.query["port"], "1");
+    assert.ok((reads[0]!.query["start"] ?? "0") === "0", "from the start of the console");
+    assert.deepEqual(logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING), []);
+    await backend.terminate(inst);
+  });
+
+  it("a guest that reports no host key: null at once, a warning, the instance still provisioned", async (t) => {
+    const { fake, backend, logs } = await rig(t, { fake: { guestHostKey: "none" }, cfg: { host_key_timeout_seconds: 30 } });
+    const rid = "NoKey.1";
+    const inst = await backend.provision(grant(rid), envelope, never);
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(inst.host, "127.0.0.1", "provisioned all the same");
+    assert.equal(inst.ssh_port, sshPort);
+    assert.equal(fake.getInstance(PROJECT, "us-central1-a", nameOf(rid))?.["status"], "RUNNING");
+    assert.equal(fake.countCalls("serialPort"), 1, "a 'none' report is final: no second read");
+    const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
+    assert.equal(warn.length, 1);
+    assert.equal(warn[0]!["request_id"], rid);
+    assert.equal(warn[0]!["instance"], nameOf(rid));
+    assert.match(String(warn[0]!["missing"]), /no ed25519 SSH host key/);
+    await backend.terminate(inst);
+  });
+
+  it("a guest that never reports: null after host_key_timeout_seconds of reads, the instance still provisioned", async (t) => {
+    const { fake, backend, logs } = await rig(t, { fake: { guestHostKey: "never" }, cfg: { host_key_timeout_seconds: 0.3, poll_interval_seconds: 0.02 } });
+    const rid = "Silent.1";
+    const t0 = Date.now();
+    const inst = await backend.provision(grant(rid), envelope, never);
+    const elapsed = Date.now() - t0;
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(inst.host, "127.0.0.1");
+    const reads = fake.callsMatching("serialPort");
+    assert.ok(elapsed >= 300, `kept reading for host_key_timeout_seconds (${elapsed} ms)`);
+    assert.ok(reads.length >= 3, `read again at the poll interval (${reads.length} reads)`);
+    assert.ok(reads.every((c) => c.status === 200));
+    const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
+    assert.equal(warn.length, 1);
+    assert.equal(warn[0]!["request_id"], rid);
+    assert.match(String(warn[0]!["missing"]), /reported no SSH host key on its serial console within \d+ s/);
+    await backend.terminate(inst);
+  });
+
+  it("429 and 503 on the first serial reads are retried (inside call(), then at the next interval); the fingerprint is still found", async (t) => {
+    const { fake, backend, logs } = await rig(t, { cfg: { host_key_timeout_seconds: 30 } });
+    // FAST allows 4 attempts per call: the first call fails all of them, the next read succeeds on its second.
+    fake.failNext("serialPort", 429, "rateLimitExceeded", { times: 2 });
+    fake.failNext("serialPort", 503, "backendError", { times: 3 });
+    const rid = "Flaky.Console_1";
+    const inst = await backend.provision(grant(rid), envelope, never);
+    assert.equal(inst.host_key_sha256, fake.hostKeyFingerprint(PROJECT, "us-central1-a", nameOf(rid)));
+    assert.equal(fake.countCalls({ method: "serialPort", injected: true }), 5);
+    assert.equal(fake.countCalls({ method: "serialPort", status: 200 }), 1);
+    assert.deepEqual(logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING), []);
+    await backend.terminate(inst);
+  });
+
+  it("a console that can never be read (403: no compute.instances.getSerialPortOutput; 404): null without waiting, credentials not flagged", async (t) => {
+    const { fake, backend, logs } = await rig(t, { cfg: { host_key_timeout_seconds: 30 } });
+    fake.faults.serialPortDenied = true;
+    const inst = await backend.provision(grant("Denied.1"), envelope, never);
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(inst.host, "127.0.0.1", "provisioned all the same");
+    assert.equal(fake.countCalls({ method: "serialPort", status: 403 }), 1, "one read: a missing permission is not retried");
+    assert.equal(backend.canSatisfy(grant("Other.1")).ok, true, "the credentials still work for everything else: new grants are not declined");
+    assert.equal(backend.status()["credentials"], undefined);
+    const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
+    assert.equal(warn.length, 1);
+    assert.equal(warn[0]!["request_id"], "Denied.1");
+    assert.match(String(warn[0]!["missing"]), /serial console cannot be read: .*Required 'compute\.instances\.getSerialPortOutput' permission/);
+    assert.deepEqual(logged(logs, "error"), [], "not reported as refused credentials");
+    fake.faults.serialPortDenied = false;
+
+    fake.failNext("serialPort", 404, "notFound", { times: 10 });
+    const gone = await backend.provision(grant("Gone.1"), envelope, never);
+    assert.equal(gone.host_key_sha256, null);
+    assert.equal(fake.countCalls({ method: "serialPort", status: 404 }), 1, "an instance the API does not know is not read again");
+    fake.clearFailures();
+    await backend.terminate(inst);
+    await backend.terminate(gone);
   });
 });

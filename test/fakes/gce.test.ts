@@ -404,6 +404,41 @@ describe('GceFake with the real @google-cloud/compute 6.x REST clients', () => {
     }
   });
 
+  test("simulated boot script: the host key report on serial port 1 at RUNNING ('report', 'none', 'never'); serialPortDenied answers 403", async () => {
+    const modes: Record<string, 'report' | 'none' | 'never'> = { 'vm-none': 'none', 'vm-never': 'never' };
+    const h = await harness({ bootSerial: 'boot ok\n', bootDelayMs: 10_000, guestHostKey: (i) => modes[i.name] ?? 'report' });
+    try {
+      // The request id as the bridge's script quotes it (shq): a quote inside is '\''.
+      const script = (rid: string) => `#!/bin/sh\nCB_CONSOLE=\${CB_CONSOLE:-/dev/ttyS0}\nCB_REQUEST_ID='${rid.replace(/'/g, "'\\''")}'\nCB_SSH_USER='u'\n`;
+      const withScript = (name: string, rid: string) => vm(name, { metadata: { items: [{ key: 'startup-script', value: script(rid) }] } });
+      for (const [name, rid] of [['vm-key', "It's.Grant_1"], ['vm-none', 'g-none'], ['vm-never', 'g-never']] as const) {
+        await h.instances.insert({ project: h.project, zone: ZONE, requestId: uuid(), instanceResource: withScript(name, rid) });
+      }
+      await h.instances.insert({ project: h.project, zone: ZONE, requestId: uuid(), instanceResource: vm('vm-plain') });
+      const serial = async (name: string) => (await h.instances.getSerialPortOutput({ project: h.project, zone: ZONE, instance: name, port: 1, start: 0 }))[0].contents;
+      assert.equal(await serial('vm-key'), '', 'nothing before the guest runs');
+      h.fake.settle();
+
+      const fp = h.fake.hostKeyFingerprint(h.project, ZONE, 'vm-key');
+      assert.match(fp, /^SHA256:[A-Za-z0-9+/]{43}$/);
+      assert.equal(fp, h.fake.hostKeyFingerprint(h.project, ZONE, 'vm-key'), 'deterministic');
+      assert.notEqual(fp, h.fake.hostKeyFingerprint(h.project, ZONE2, 'vm-key'), 'per instance');
+      assert.equal(await serial('vm-key'), `boot ok\nCOMPUTE-BRIDGE-HOSTKEY It's.Grant_1 ${fp}\n`);
+      assert.equal(await serial('vm-none'), 'boot ok\nCOMPUTE-BRIDGE-HOSTKEY g-none none\n');
+      assert.equal(await serial('vm-never'), 'boot ok\n');
+      assert.equal(await serial('vm-plain'), 'boot ok\n', 'another startup script reports nothing');
+
+      h.fake.faults.serialPortDenied = (i) => i.name === 'vm-key';
+      const denied = await httpError(h.instances.getSerialPortOutput({ project: h.project, zone: ZONE, instance: 'vm-key', port: 1 }));
+      assert.equal(denied.status, 403);
+      assert.equal(denied.body.error.errors[0]?.reason, 'forbidden');
+      assert.match(denied.body.error.message, /^Required 'compute\.instances\.getSerialPortOutput' permission for 'projects\/proj-1\/zones\/us-central1-a\/instances\/vm-key'$/);
+      assert.equal(await serial('vm-none'), 'boot ok\nCOMPUTE-BRIDGE-HOSTKEY g-none none\n', 'only the instances the switch names');
+    } finally {
+      await h.close();
+    }
+  });
+
   test('delete -> STOPPING -> gone: get rejects with status 404; delete of unknown -> 404', async () => {
     const h = await harness({ deleteDelayMs: 5_000 });
     try {

@@ -9,7 +9,8 @@
  *   authClient.setCredentials({ access_token: fake.accessToken, expiry_date: Date.now() + 365 * 864e5 });
  *   const instances = new InstancesClient({ ...fake.clientOptions(), authClient });
  *
- * Only node built-ins are used here. Nothing ever contacts anything but 127.0.0.1
+ * Only node built-ins are used here (plus the boot script's host key line from
+ * src/backends/common/cloud-init.ts). Nothing ever contacts anything but 127.0.0.1
  * (self links look like the real `https://www.googleapis.com/compute/v1/...` URLs
  * but are never dereferenced).
  *
@@ -72,6 +73,11 @@
  *    `networkInterfaces[i].accessConfigs[0]` once RUNNING, only for interfaces
  *    that requested an access config (as on GCE). Ephemeral natIPs are dropped
  *    when the instance is TERMINATED.
+ *  - the guest's boot script: when an instance becomes RUNNING, serial port 1 gets
+ *    `bootSerial` and then, if its `startup-script` metadata is the bridge's boot
+ *    script (a `CB_REQUEST_ID='<id>'` line), the script's host key report
+ *    `COMPUTE-BRIDGE-HOSTKEY <id> <fingerprint>` with a fingerprint derived from the
+ *    instance (`hostKeyFingerprint`); `guestHostKey` makes it report `none` or nothing.
  *  - delete: STOPPING for `deleteDelayMs`, then gone (404); the delete Operation
  *    is DONE at that moment.
  *  - pool exhausted / quota (operation mode): the instance is PROVISIONING until
@@ -88,6 +94,8 @@
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
+
+import { hostKeyMarker } from '../../src/backends/common/cloud-init.js';
 
 // ----------------------------------------------------------------------------------------------
 // Public types
@@ -130,6 +138,21 @@ export interface InsertContext {
 
 export type QuotaMode = 'operation' | 'http';
 
+/** Which instance a per-instance switch is asked about. */
+export interface InstanceRef {
+  project: string;
+  zone: string;
+  name: string;
+}
+
+/**
+ * What the simulated boot script prints about its SSH host key once the instance is RUNNING:
+ * 'report' its fingerprint (`hostKeyFingerprint`), 'none' the line a guest without an ed25519
+ * host key prints, 'never' no line at all (a script that did not run, a console that lags).
+ */
+export type GuestHostKey = 'report' | 'none' | 'never';
+export type GuestHostKeyPolicy = GuestHostKey | ((inst: InstanceRef) => GuestHostKey);
+
 export interface GceFaults {
   /** Probability (0..1) that a call is answered 429 rateLimitExceeded. */
   rateLimitRate: number;
@@ -146,6 +169,11 @@ export interface GceFaults {
   quotaExceeded: boolean | QuotaMode | ((ctx: InsertContext) => boolean | QuotaMode);
   /** Quota metric named in quota messages (default 'CPUS'). */
   quotaMetric: string;
+  /**
+   * getSerialPortOutput answers 403 forbidden "Required 'compute.instances.getSerialPortOutput'
+   * permission for ...", as GCE does for a caller whose role lacks that permission: every time.
+   */
+  serialPortDenied: boolean | ((inst: InstanceRef) => boolean);
   /** PROVISIONING+STAGING duration for new instances (read at insert time). */
   bootDelayMs: number;
   /** STOPPING duration for deleted instances (read at delete time). */
@@ -171,6 +199,8 @@ export interface GceFakeOptions {
   requestTickMs?: number;
   /** Serial text appended (port 1) when an instance first becomes RUNNING. */
   bootSerial?: string | ((inst: { project: string; zone: string; name: string }) => string);
+  /** The simulated boot script's host key report (default 'report'); mutable later via `fake.guestHostKey`. */
+  guestHostKey?: GuestHostKeyPolicy;
   /** TCP port (default 0 = random). Always binds 127.0.0.1. */
   port?: number;
   bootDelayMs?: number;
@@ -669,6 +699,8 @@ export class GceFake {
   readonly zones: string[];
   waitTimeoutMs: number;
   requestTickMs: number;
+  /** Read when an instance becomes RUNNING; may be changed at runtime. */
+  guestHostKey: GuestHostKeyPolicy;
 
   private server!: Server;
   private _port = 0;
@@ -693,6 +725,7 @@ export class GceFake {
     this.zones = [...(opts.zones ?? DEFAULT_ZONES)];
     this.waitTimeoutMs = opts.waitTimeoutMs ?? 120_000;
     this.requestTickMs = opts.requestTickMs ?? 0;
+    this.guestHostKey = opts.guestHostKey ?? 'report';
     const seed = opts.seed ?? 1;
     this.faultRand = prng(seed);
     this.idRand = prng(seed ^ 0x5bd1e995);
@@ -705,6 +738,7 @@ export class GceFake {
       poolExhausted: false,
       quotaExceeded: false,
       quotaMetric: 'CPUS',
+      serialPortDenied: false,
       bootDelayMs: opts.bootDelayMs ?? 20_000,
       deleteDelayMs: opts.deleteDelayMs ?? 10_000,
       ...opts.faults,
@@ -813,6 +847,16 @@ export class GceFake {
     const inst = this.mustFind(project, zone, name);
     const prev = inst.serial.get(port) ?? Buffer.alloc(0);
     inst.serial.set(port, Buffer.concat([prev, Buffer.from(text, 'utf8')]));
+  }
+
+  /**
+   * The SSH host key fingerprint the simulated guest of this instance reports, as `ssh-keygen -lf`
+   * prints it: "SHA256:" + unpadded base64 of sha256 of the instance's resource name (43
+   * characters). Deterministic, so a test can compute it even after the instance is deleted.
+   */
+  hostKeyFingerprint(project: string, zone: string, name: string): string {
+    const digest = createHash('sha256').update(`projects/${project}/zones/${zone}/instances/${name}`).digest('base64');
+    return `SHA256:${digest.replace(/=+$/, '')}`;
   }
 
   /**
@@ -1505,6 +1549,12 @@ export class GceFake {
 
   private apiSerial(project: string, zone: string, name: string, query: Record<string, string>): JsonObject {
     this.checkZone(zone);
+    const ref = { project, zone, name };
+    const denied = this.faults.serialPortDenied;
+    // IAM is checked before the resource is looked up, as on GCE (a 403 does not reveal existence).
+    if (typeof denied === 'function' ? denied(ref) : denied) {
+      throw new HttpError(403, 'forbidden', `Required 'compute.instances.getSerialPortOutput' permission for 'projects/${project}/zones/${zone}/instances/${name}'`);
+    }
     const inst = this.find404(project, zone, name);
     const port = query['port'] === undefined || query['port'] === '' ? 1 : Number(query['port']);
     if (!Number.isInteger(port) || port < 1) throw invalidField('port', query['port'], 'Must be greater than or equal to 1');
@@ -1584,12 +1634,25 @@ export class GceFake {
         inst.bootSerialDone = true;
         inst.startedAt = inst.runningAt;
         const text = typeof this.opts.bootSerial === 'function' ? this.opts.bootSerial(inst) : this.opts.bootSerial;
-        if (text) {
+        // Kernel and image output first, then the startup script's first line about the host key.
+        const report = this.hostKeyReport(inst);
+        for (const t of [text, report]) {
+          if (!t) continue;
           const prev = inst.serial.get(1) ?? Buffer.alloc(0);
-          inst.serial.set(1, Buffer.concat([prev, Buffer.from(text, 'utf8')]));
+          inst.serial.set(1, Buffer.concat([prev, Buffer.from(t, 'utf8')]));
         }
       }
     }
+  }
+
+  /** The boot script's host key line for this instance, if it runs the bridge's boot script and reports. */
+  private hostKeyReport(inst: InstanceRec): string | undefined {
+    const requestId = bootScriptRequestId(inst.body);
+    if (requestId === undefined) return undefined;
+    const ref = { project: inst.project, zone: inst.zone, name: inst.name };
+    const mode = typeof this.guestHostKey === 'function' ? this.guestHostKey(ref) : this.guestHostKey;
+    if (mode === 'never') return undefined;
+    return `${hostKeyMarker(requestId, mode === 'none' ? null : this.hostKeyFingerprint(inst.project, inst.zone, inst.name))}\n`;
   }
 
   private statusOf(inst: InstanceRec): string {
@@ -1760,6 +1823,20 @@ export class GceFake {
 }
 
 // ----------------------------------------------------------------------------------------------
+
+/**
+ * The request id in the bridge's boot script (`startup-script` metadata), as the script itself
+ * has it: the value of its `CB_REQUEST_ID='...'` line, a single-quoted POSIX literal (`'\''` is a
+ * quote). undefined for any other startup script.
+ */
+function bootScriptRequestId(body: JsonObject): string | undefined {
+  const items = (body['metadata'] as JsonObject | undefined)?.['items'];
+  if (!Array.isArray(items)) return undefined;
+  const script = (items as JsonObject[]).find((i) => i?.['key'] === 'startup-script')?.['value'];
+  if (typeof script !== 'string') return undefined;
+  const m = /^CB_REQUEST_ID='((?:[^']|'\\'')*)'$/m.exec(script);
+  return m ? m[1]!.replace(/'\\''/g, "'") : undefined;
+}
 
 function key(project: string, zone: string, name: string): string {
   return `${project}/${zone}/${name}`;

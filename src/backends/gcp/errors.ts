@@ -11,6 +11,14 @@ import { redactCredentials } from "../../util/redact.js";
 /** GCE answered 409 alreadyExists: the deterministic name is taken (by an earlier call of ours). */
 export class AlreadyExistsError extends BackendError {}
 
+/**
+ * GCE answered 403 without a rate or quota reason ("Required 'compute.instances.getSerialPortOutput'
+ * permission for ..."): the credentials work but lack this one IAM permission, so the same call
+ * fails the same way until an operator changes the role. Still a CredentialError for every caller
+ * that only cares about the kind; callers that can do without the call tell it apart.
+ */
+export class PermissionDeniedError extends CredentialError {}
+
 const NETWORK_CODES = new Set(["ECONNRESET", "ECONNREFUSED", "ETIMEDOUT", "EPIPE", "EAI_AGAIN", "ENETUNREACH", "EHOSTUNREACH", "ECONNABORTED", "UND_ERR_SOCKET", "UND_ERR_CONNECT_TIMEOUT"]);
 const RATE_REASONS = new Set(["rateLimitExceeded", "userRateLimitExceeded", "RATE_LIMIT_EXCEEDED"]);
 const QUOTA_REASONS = new Set(["quotaExceeded", "QUOTA_EXCEEDED"]);
@@ -100,7 +108,7 @@ export function mapGcpError(e: unknown, what: string, backend: string): BackendE
   if (status === 403 || status === 429) {
     if ((reason && RATE_REASONS.has(reason)) || (infoReason && RATE_REASONS.has(infoReason)) || status === 429) return new TransientError(text, backend);
     if ((reason && QUOTA_REASONS.has(reason)) || (infoReason && QUOTA_REASONS.has(infoReason))) return new QuotaError(text, backend);
-    return new CredentialError(`GCP denied ${what} (HTTP 403 ${reason ?? "forbidden"}): ${message}; grant the service account in backends.gcp.credentials_file the Compute Instance Admin role on the project`, backend);
+    return new PermissionDeniedError(`GCP denied ${what} (HTTP 403 ${reason ?? "forbidden"}): ${message}; grant the service account in backends.gcp.credentials_file the Compute Instance Admin role on the project`, backend);
   }
   if (status === 404) return new NotFoundError(text, backend);
   if (status === 409 && reason === "alreadyExists") return new AlreadyExistsError(text, backend);
