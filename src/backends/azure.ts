@@ -24,11 +24,11 @@ import {
   type ManagedBackend,
   type Satisfaction,
 } from "./backend.js";
-import { describeArmError, isNotFound, mapArmError, redact } from "./azure/errors.js";
+import { describeArmError, isBootDiagnosticsDisabled, isNotFound, mapArmError, redact } from "./azure/errors.js";
 import { azureNaming, parseResourceId, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST, type AzureNames, type AzureNaming } from "./azure/naming.js";
 import { BatchWatcher, type PollEvent } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript } from "./common/cloud-init.js";
-import { SshNotReadyError, waitForSsh } from "./common/ssh-ready.js";
+import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
 import type { OfferingCache } from "./offering-cache.js";
 
 /** A VM size from the config: name plus the shape the card and canSatisfy reason about. */
@@ -76,7 +76,7 @@ interface Clients {
 
 /** Azure custom data holds at most 65535 bytes before base64. */
 const MAX_CUSTOM_DATA_BYTES = 65_535;
-/** Serial console bytes read when looking for the exit marker (the end of the log is kept). */
+/** Serial console bytes read when looking for a marker (the end of the log is kept). */
 const MAX_SERIAL_LOG_BYTES = 8 * 1024 * 1024;
 const SERIAL_TAIL_BYTES = 1024 * 1024;
 /** Reads of the serial log after the VM stopped, while the marker is not there yet (the blob lags). */
@@ -85,8 +85,8 @@ const SERIAL_LOG_READS = 3;
 const READ_TIMEOUT_MS = 60_000;
 /** Bound on the sweep's four lists together. */
 const SWEEP_LIST_TIMEOUT_MS = 300_000;
-/** Serial-log reads at once (each is an ARM POST plus a blob GET): bursts of exits queue. */
-const MARKER_READ_CONCURRENCY = 8;
+/** Serial-log reads at once (each is an ARM POST plus a blob GET): bursts of exits and launches queue. */
+const SERIAL_READ_CONCURRENCY = 8;
 /** Concurrent deletes during the orphan sweep. */
 const SWEEP_CONCURRENCY = 4;
 /** The guest powered off (the boot script ends with poweroff), or someone deallocated it. */
@@ -109,8 +109,10 @@ const KNOWN_AUTHORITY_HOSTS = new Set([
  * boot script (custom data), which fetches and verifies the image, runs it, prints
  * `COMPUTE-BRIDGE-EXIT <id> <code>` on the serial console and powers off; watchUntilExit() sees
  * the power state in one batched list per resource group and reads the code from boot
- * diagnostics. terminate() deletes the VM, then NIC, public IP and OS disk; reconcile() sweeps
- * anything tagged (or named) for this bridge that no live grant owns.
+ * diagnostics. Before that, once SSH answers, provision() reads the same serial log for the host
+ * key fingerprint the script reports first (host_key_sha256). terminate() deletes the VM, then
+ * NIC, public IP and OS disk; reconcile() sweeps anything tagged (or named) for this bridge that
+ * no live grant owns.
  *
  * The SDKs are loaded on first use: capabilities() and canSatisfy() need no SDK and no I/O.
  */
@@ -135,7 +137,7 @@ export class AzureBackend implements ManagedBackend {
   /** Keep-alive agent of the ARM clients when ca_file is set, sharing one TLS context (see armAgent()). */
   private armAgentP: https.Agent | null = null;
   private secureContextCache: tls.SecureContext | null | undefined;
-  private readonly markerReads = new Semaphore(MARKER_READ_CONCURRENCY);
+  private readonly serialReads = new Semaphore(SERIAL_READ_CONCURRENCY);
   private clientsP: Promise<Clients> | null = null;
   private watcherP: BatchWatcher<VmStatus> | null = null;
   /** Real ARM may refuse `$expand=instanceView` on a resource-group list; then listAll(statusOnly) is used. */
@@ -280,7 +282,10 @@ export class AzureBackend implements ManagedBackend {
       pip = await this.call(`reading public IP ${names.pip}`, () => c.network.publicIPAddresses.get(this.rg, names.pip, { abortSignal: launch }), o);
     }
     const host = pip.ipAddress;
-    await this.waitReady(names, host, id, signal);
+    const ready = await this.waitReady(names, host, id, signal);
+    // The guest's own report of its SSH host key, so whoever connects can pin it. A guest that
+    // powered off before SSH answered is not waited for: its workload is over, nobody connects.
+    const hostKey = ready === "ssh" ? await this.readHostKey(names.vm, id, signal) : null;
 
     return {
       request_id: id,
@@ -290,7 +295,7 @@ export class AzureBackend implements ManagedBackend {
       host,
       ssh_port: this.cfg.ssh_port,
       ssh_user: this.cfg.admin_username,
-      host_key_sha256: null,
+      host_key_sha256: hostKey,
       started_at: (vm.timeCreated ?? new Date(this.clock.now())).toISOString(),
       cpu_millicores: grant.cpu_millicores,
       ram_mib: grant.ram_mib,
@@ -564,7 +569,7 @@ export class AzureBackend implements ManagedBackend {
   }
 
   /** SSH answers with a banner, or the VM powers off first (a short workload may be done already). */
-  private async waitReady(names: AzureNames, host: string, requestId: string, signal: AbortSignal): Promise<void> {
+  private async waitReady(names: AzureNames, host: string, requestId: string, signal: AbortSignal): Promise<"ssh" | "stopped"> {
     const ctl = new AbortController();
     const onAbort = () => ctl.abort(signal.reason);
     signal.addEventListener("abort", onAbort, { once: true });
@@ -574,6 +579,7 @@ export class AzureBackend implements ManagedBackend {
       const first = await Promise.race([ssh.then(() => "ssh" as const), stopped.then((r) => (r.kind === "match" ? ("stopped" as const) : ("missing" as const)))]);
       if (first === "stopped") this.log.info({ request_id: requestId, vm: names.vm }, "azure VM powered off before SSH answered: the workload already ended");
       if (first === "missing") throw new NotFoundError(`azure: VM ${names.vm} disappeared while waiting for SSH`, this.name);
+      return first;
     } catch (e) {
       if (signal.aborted) throw abortError(signal);
       if (e instanceof SshNotReadyError) throw new BackendError(`azure: VM ${names.vm} is running but ${e.message} (ready_timeout_seconds; check the subnet's network security group allows SSH)`, this.name);
@@ -632,32 +638,48 @@ export class AzureBackend implements ManagedBackend {
     return out;
   }
 
+  /**
+   * The SSH host key fingerprint the guest's boot script reported on the serial console, read
+   * until it appears or host_key_timeout_seconds pass; null when there is none (logged: the grant
+   * goes on without it, its user falls back to trusting the first connection).
+   */
+  private async readHostKey(vmName: string, requestId: string, signal: AbortSignal): Promise<string | null> {
+    // Each read takes a slot only while it runs (not across the pauses): a burst of launches and
+    // exits shares the same bound on concurrent boot-diagnostics calls.
+    const read = async () => {
+      await this.serialReads.acquire(signal);
+      try {
+        return await this.readSerialLog(vmName, signal);
+      } finally {
+        this.serialReads.release();
+      }
+    };
+    const found = await waitForHostKey(read, requestId, { timeoutMs: this.cfg.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
+    if (found.fingerprint === null) this.log.warn({ request_id: requestId, vm: vmName, missing: found.missing }, "azure: no SSH host key fingerprint for the VM; host_key_sha256 stays empty");
+    return found.fingerprint;
+  }
+
   /** The exit marker from the serial console, via boot diagnostics; null when there is none. */
   private async readMarker(vmName: string, requestId: string, signal: AbortSignal): Promise<ReturnType<typeof parseMarker>> {
-    await this.markerReads.acquire(signal);
+    await this.serialReads.acquire(signal);
     try {
       return await this.readMarkerNow(vmName, requestId, signal);
     } finally {
-      this.markerReads.release();
+      this.serialReads.release();
     }
   }
 
   private async readMarkerNow(vmName: string, requestId: string, signal: AbortSignal): Promise<ReturnType<typeof parseMarker>> {
-    const c = await this.clients();
     for (let attempt = 1; attempt <= SERIAL_LOG_READS; attempt++) {
       try {
-        const bounded = AbortSignal.any([signal, AbortSignal.timeout(READ_TIMEOUT_MS)]);
-        const uris = await c.compute.virtualMachines.retrieveBootDiagnosticsData(this.rg, vmName, { sasUriExpirationTimeInMinutes: 5, abortSignal: bounded });
-        const url = uris.serialConsoleLogBlobUri;
-        if (!url) {
-          this.log.warn({ request_id: requestId, vm: vmName }, "azure: no serial console log for the VM; its exit code is unknown");
-          return null;
-        }
-        const text = await this.fetchBlobTail(url, bounded);
-        const marker = parseMarker(text, requestId);
+        const marker = parseMarker(await this.readSerialLog(vmName, signal), requestId);
         if (marker) return marker;
       } catch (e) {
         if (signal.aborted) throw abortError(signal);
+        if (e instanceof ConsoleUnavailableError) {
+          this.log.warn({ request_id: requestId, vm: vmName, reason: e.message }, "azure: the VM's serial console log cannot be read; its exit code is unknown");
+          return null;
+        }
         const err = e instanceof BlobError ? e : mapArmError(e, { what: `reading the serial console of VM ${vmName}`, backend: this.name });
         this.log.warn({ request_id: requestId, vm: vmName, err: { kind: err instanceof BlobError ? "blob" : err.kind, message: err.message } }, "azure: cannot read the serial console log");
         const retry = err instanceof BlobError ? err.transient : err instanceof TransientError;
@@ -669,13 +691,49 @@ export class AzureBackend implements ManagedBackend {
     return null;
   }
 
+  /**
+   * The VM's serial console log (its last MiB) through boot diagnostics: ARM hands out a short-lived
+   * SAS URL for the blob, which is then fetched. A blob that does not exist yet (nothing written
+   * so far) is empty text. Rejects with ConsoleUnavailableError when the log can never be read
+   * (boot diagnostics disabled on the VM, no serial log offered), with a BlobError or a mapped
+   * BackendError (TransientError for throttling and 5xx) otherwise, with an AbortError on `signal`.
+   */
+  private async readSerialLog(vmName: string, signal: AbortSignal): Promise<string> {
+    const c = await this.clients();
+    const bounded = AbortSignal.any([signal, AbortSignal.timeout(READ_TIMEOUT_MS)]);
+    let url: string | undefined;
+    try {
+      const uris = await c.compute.virtualMachines.retrieveBootDiagnosticsData(this.rg, vmName, { sasUriExpirationTimeInMinutes: 5, abortSignal: bounded });
+      url = uris.serialConsoleLogBlobUri;
+    } catch (e) {
+      if (signal.aborted) throw abortError(signal);
+      // Our VMs are created with boot diagnostics on; an adopted or hand-edited one may have them
+      // off, and no amount of retrying makes its console readable.
+      if (isBootDiagnosticsDisabled(e)) throw new ConsoleUnavailableError(`boot diagnostics are not enabled on VM ${vmName} (${describeArmError(e).message})`);
+      throw mapArmError(e, { what: `reading the serial console of VM ${vmName}`, backend: this.name });
+    }
+    if (!url) throw new ConsoleUnavailableError(`ARM offers no serial console log for VM ${vmName}`);
+    try {
+      return await this.fetchBlobTail(url, bounded);
+    } catch (e) {
+      if (signal.aborted) throw abortError(signal);
+      throw e;
+    }
+  }
+
   /** GET a boot-diagnostics blob (a SAS URL: never logged) and return its last MiB as text. */
   private fetchBlobTail(url: string, signal: AbortSignal): Promise<string> {
     return new Promise((resolve, reject) => {
       const u = new URL(url);
-      if (u.protocol !== "https:") return reject(new BackendError("azure: the serial console log URL is not https", this.name));
+      if (u.protocol !== "https:") return reject(new ConsoleUnavailableError("the serial console log URL ARM gave is not https"));
       const req = https.get(u, { signal, agent: this.blobAgent(), timeout: READ_TIMEOUT_MS, headers: { "x-ms-version": "2021-08-06" } }, (res) => {
         const status = res.statusCode ?? 0;
+        // Boot diagnostics create the blob on the guest's first console output: until then the
+        // log is empty, not unreadable.
+        if (status === 404) {
+          res.resume();
+          return resolve("");
+        }
         if (status !== 200) {
           res.resume();
           return reject(new BlobError(`the boot diagnostics blob answered HTTP ${status}`, status === 429 || status >= 500));
@@ -893,7 +951,7 @@ export class AzureBackend implements ManagedBackend {
 
   private blobAgent(): https.Agent {
     const secureContext = this.secureContext();
-    return (this.blobAgentP ??= new https.Agent({ keepAlive: true, maxSockets: MARKER_READ_CONCURRENCY, ...(secureContext ? { secureContext } : {}) }));
+    return (this.blobAgentP ??= new https.Agent({ keepAlive: true, maxSockets: SERIAL_READ_CONCURRENCY, ...(secureContext ? { secureContext } : {}) }));
   }
 
   /**

@@ -81,6 +81,10 @@ class LogSink extends Writable {
   get text() {
     return this.lines.join("\n");
   }
+  /** The parsed lines logged at `level` whose message matches `msg`. */
+  find(level: string, msg: RegExp): Record<string, unknown>[] {
+    return this.lines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l["level"] === level && msg.test(String(l["msg"])));
+  }
 }
 
 async function startFake(opts: ArmFakeOptions = {}): Promise<ArmFake> {
@@ -416,8 +420,141 @@ describe("azure backend: provisioning", { timeout: 45_000 }, () => {
     await until(() => fake.powerState(RG, n.vm) === "running", "the VM to run");
     fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 4, 0.75)}\n`);
     const inst = await p;
+    // The guest did report its host key, but a VM that is already off is not waited on for it.
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(fake.countCalls({ path: /retrieveBootDiagnosticsData$/i }), 0, "no serial console read while provisioning");
     const obs = await backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
     assert.deepEqual([obs.kind, obs.exit_code, obs.cpu_seconds], ["exited", 4, 0.75]);
+    await backend.terminate(inst);
+  });
+});
+
+describe("azure backend: the guest's SSH host key", { timeout: 45_000 }, () => {
+  const bootDiagReads = (fake: ArmFake) => fake.countCalls({ method: "POST", path: /retrieveBootDiagnosticsData$/i });
+  const serialGets = (fake: ArmFake) => fake.countCalls({ method: "GET", kind: "blob", path: /serialconsole\.log$/i });
+  const hostKeyWarnings = (logs: LogSink) => logs.find("warn", /no SSH host key fingerprint/);
+
+  it("host_key_sha256 is the fingerprint the guest reported on its serial console (one read, nothing logged)", async (t) => {
+    const { fake, backend, logs } = await setup(t);
+    const id = "hk-1";
+    const n = naming.names(id);
+    const inst = await backend.provision(grant(id), envelope, never);
+    const expected = fake.hostKeyFingerprint(RG, n.vm);
+    assert.match(expected, /^SHA256:[A-Za-z0-9+/]{43}$/);
+    assert.equal(inst.host_key_sha256, expected);
+    assert.ok((fake.serialLog(RG, n.vm) ?? "").includes(`COMPUTE-BRIDGE-HOSTKEY ${id} ${expected}`));
+    // The guest had reported by the time SSH answered: a single boot-diagnostics round trip.
+    assert.equal(bootDiagReads(fake), 1);
+    assert.equal(serialGets(fake), 1);
+    assert.deepEqual(hostKeyWarnings(logs), []);
+
+    // Adopted by a retried provision: the same report, read again.
+    const again = await backend.provision(grant(id), envelope, never);
+    assert.equal(again.host_key_sha256, expected);
+    await backend.terminate(inst);
+  });
+
+  it("a guest that reports no ed25519 host key: null at once, still provisioned, a warning says why", async (t) => {
+    // A long timeout (20 s): returning well before it shows the "none" report ended the wait.
+    const { fake, backend, logs } = await setup(t, { cfg: { host_key_timeout_seconds: 20 } });
+    const id = "hk-none";
+    const n = naming.names(id);
+    fake.guestHostKey(RG, n.vm, "none");
+    const t0 = Date.now();
+    const inst = await backend.provision(grant(id), envelope, never);
+    assert.ok(Date.now() - t0 < 10_000, `took ${Date.now() - t0} ms`);
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(inst.instance_id, n.vm);
+    assert.equal(fake.powerState(RG, n.vm), "running");
+    assert.equal(bootDiagReads(fake), 1);
+    const warned = hostKeyWarnings(logs);
+    assert.equal(warned.length, 1, logs.text);
+    assert.equal(warned[0]!["request_id"], id);
+    assert.equal(warned[0]!["vm"], n.vm);
+    assert.match(String(warned[0]!["missing"]), /no ed25519 SSH host key/);
+
+    // The grant runs on: through the manager it reaches running with no host key.
+    const s2 = await setup(t, { fake, cfg: { host_key_timeout_seconds: 20 } });
+    const { manager, store } = lifecycle(t, s2.dir, [s2.backend], s2.ctx.unavailable);
+    const id2 = "hk-none-2";
+    fake.guestHostKey(RG, naming.names(id2).vm, "none");
+    await manager.submit({ grant: grant(id2), envelope: { image: IMAGE } });
+    await until(() => store.get(id2)?.state === "running", "the grant to run");
+    assert.equal(store.get(id2)?.instance?.host_key_sha256, null);
+    await manager.cancel(id2);
+    await manager.settled(id2);
+    await backend.terminate(inst);
+  });
+
+  it("a guest that never reports: null after host_key_timeout_seconds, still provisioned; a missing log blob is empty text, not an error", async (t) => {
+    const { fake, backend, logs } = await setup(t, { cfg: { host_key_timeout_seconds: 0.4 } });
+    const id = "hk-never";
+    const n = naming.names(id);
+    fake.guestHostKey(RG, n.vm, "never");
+    // Storage has no log blob for the VM (yet): every GET of it is a 404 BlobNotFound.
+    fake.failNext("GET", /serialconsole\.log$/i, 404, "BlobNotFound", "The specified blob does not exist.", 1_000);
+    const t0 = Date.now();
+    const inst = await backend.provision(grant(id), envelope, never);
+    const took = Date.now() - t0;
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(fake.powerState(RG, n.vm), "running");
+    assert.ok(took >= 400, `gave up after ${took} ms, before host_key_timeout_seconds`);
+    assert.ok(bootDiagReads(fake) >= 2, `the console was read ${bootDiagReads(fake)} time(s)`);
+    const warned = hostKeyWarnings(logs);
+    assert.equal(warned.length, 1, logs.text);
+    assert.equal(warned[0]!["vm"], n.vm);
+    // An empty console (not a failing read) is what timed out.
+    assert.match(String(warned[0]!["missing"]), /reported no SSH host key on its serial console within/);
+    fake.clearFailNext();
+    await backend.terminate(inst);
+  });
+
+  it("throttled and failing serial console reads are retried: the fingerprint is still found", async (t) => {
+    const { fake, backend, logs } = await setup(t);
+    const id = "hk-flaky";
+    const n = naming.names(id);
+    // More 429s (Retry-After: 0) than the SDK's own 3 retries: the first read fails as a whole.
+    fake.failNext("POST", /retrieveBootDiagnosticsData$/i, 429, "SubscriptionRequestsThrottled", "Number of 'write' requests exceeded. Please try again after '0' seconds.", 4);
+    // Then storage fails the blob GET twice.
+    fake.failNext("GET", /serialconsole\.log$/i, 503, "ServerBusy", "The server is busy.", 2);
+    const inst = await backend.provision(grant(id), envelope, never);
+    assert.equal(inst.host_key_sha256, fake.hostKeyFingerprint(RG, n.vm));
+    assert.equal(fake.countCalls({ method: "POST", path: /retrieveBootDiagnosticsData$/i, status: 429 }), 4);
+    assert.equal(fake.countCalls({ method: "GET", kind: "blob", status: 503 }), 2);
+    assert.equal(serialGets(fake), 3, "two failed blob reads, then the one that found the report");
+    assert.deepEqual(hostKeyWarnings(logs), []);
+    await backend.terminate(inst);
+  });
+
+  it("boot diagnostics turned off on an adopted VM: no waiting (ConsoleUnavailable), null host key; its exit code is unknown", async (t) => {
+    const { fake, backend, logs } = await setup(t, { cfg: { host_key_timeout_seconds: 20 } });
+    const id = "hk-nodiag";
+    const n = naming.names(id);
+    const first = await backend.provision(grant(id), envelope, never);
+    assert.equal(first.host_key_sha256, fake.hostKeyFingerprint(RG, n.vm));
+    // Someone turned boot diagnostics off on the VM; a retried provision adopts it.
+    const compute = new ComputeManagementClient(fake.credential(), fake.subscriptionId, fake.clientOptions());
+    const vm = await compute.virtualMachines.get(RG, n.vm);
+    vm.diagnosticsProfile = { bootDiagnostics: { enabled: false } };
+    await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, n.vm, vm, { updateIntervalInMs: 1 });
+    const reads = bootDiagReads(fake);
+    const t0 = Date.now();
+    const inst = await backend.provision(grant(id), envelope, never);
+    assert.ok(Date.now() - t0 < 10_000, `took ${Date.now() - t0} ms`);
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(bootDiagReads(fake) - reads, 1, "refused once, not retried");
+    assert.equal(fake.findCalls({ method: "POST", path: /retrieveBootDiagnosticsData$/i }).at(-1)?.errorCode, "OperationNotAllowed");
+    const warned = hostKeyWarnings(logs);
+    assert.equal(warned.length, 1, logs.text);
+    assert.match(String(warned[0]!["missing"]), /cannot be read: boot diagnostics are not enabled on VM/);
+
+    // The exit-marker read stops at once too: exited, code unknown.
+    const watch = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
+    fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 5)}\n`);
+    const obs = await watch;
+    assert.deepEqual([obs.kind, obs.exit_code], ["exited", null]);
+    assert.equal(bootDiagReads(fake) - reads, 2);
+    assert.equal(logs.find("warn", /serial console log cannot be read; its exit code is unknown/).length, 1, logs.text);
     await backend.terminate(inst);
   });
 });

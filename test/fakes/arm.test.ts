@@ -409,6 +409,66 @@ describe("ArmFake with the real Azure SDK clients", () => {
     assert.equal((await httpsGet(uris.serialConsoleLogBlobUri!, fake.ca)).status, 403, "SAS expired");
   });
 
+  test("the guest's boot script reports its SSH host key on first boot: fingerprint, none, or nothing", async () => {
+    const { fake, compute, network } = await startFake({ bootDelayMs: 30_000 });
+    const script = (id: string) => Buffer.from(`#!/bin/sh\nCB_REQUEST_ID='${id}'\nCB_SSH_USER='azureuser'\n`).toString("base64");
+    const withScript = (nicId: string, id: string) => {
+      const p = vmParams(nicId);
+      p.osProfile!.customData = script(id);
+      return p;
+    };
+    const { nic } = await createNetworking(network, fake, "k1");
+    const vm = await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, "k1", withScript(nic.id!, "req-k1"), FAST);
+    const fp = fake.hostKeyFingerprint(RG, "k1");
+    assert.match(fp, /^SHA256:[A-Za-z0-9+/]{43}$/);
+    assert.equal(fp, fake.hostKeyFingerprint(RG, "k1"), "deterministic");
+    assert.doesNotMatch(fake.serialLog(RG, "k1") ?? "", /COMPUTE-BRIDGE-HOSTKEY/, "not before the guest boots");
+    fake.advanceTime(30_000);
+    assert.equal(fake.powerState(RG, "k1"), "running");
+    assert.equal((fake.serialLog(RG, "k1") ?? "").split("\n").filter((l) => l === `COMPUTE-BRIDGE-HOSTKEY req-k1 ${fp}`).length, 1);
+    // Read the way the bridge does: through the SAS URI.
+    const uris = await compute.virtualMachines.retrieveBootDiagnosticsData(RG, "k1");
+    assert.ok((await httpsGet(uris.serialConsoleLogBlobUri!, fake.ca)).body.includes(`COMPUTE-BRIDGE-HOSTKEY req-k1 ${fp}\n`));
+    // A second boot does not run the script again; an update without custom data keeps it.
+    await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, "k1", { ...vm, osProfile: { ...vm.osProfile, customData: undefined } }, FAST);
+    await compute.virtualMachines.beginDeallocateAndWait(RG, "k1", FAST);
+    await compute.virtualMachines.beginStartAndWait(RG, "k1", FAST);
+    fake.advanceTime(30_000);
+    assert.equal(fake.powerState(RG, "k1"), "running");
+    assert.equal((fake.serialLog(RG, "k1") ?? "").match(/COMPUTE-BRIDGE-HOSTKEY/g)?.length, 1);
+
+    // Per VM (set before it exists): no ed25519 key, or no report at all.
+    fake.guestHostKey(RG, "k2", "none");
+    fake.guestHostKey(RG, "k3", "never");
+    for (const name of ["k2", "k3"]) {
+      const { nic: n } = await createNetworking(network, fake, name);
+      await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, name, withScript(n.id!, `req-${name}`), FAST);
+    }
+    fake.bootAll();
+    assert.match(fake.serialLog(RG, "k2") ?? "", /^COMPUTE-BRIDGE-HOSTKEY req-k2 none$/m);
+    assert.doesNotMatch(fake.serialLog(RG, "k3") ?? "", /COMPUTE-BRIDGE-HOSTKEY/);
+    // The global switch (read as the guest boots); custom data that is not the bridge's script reports nothing.
+    fake.faults.guestHostKey = "never";
+    const { nic: n4 } = await createNetworking(network, fake, "k4");
+    await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, "k4", withScript(n4.id!, "req-k4"), FAST);
+    fake.bootAll();
+    fake.faults.guestHostKey = "fingerprint";
+    const { nic: n5 } = await createNetworking(network, fake, "k5");
+    await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, "k5", vmParams(n5.id!), FAST);
+    fake.bootAll();
+    assert.equal(fake.powerState(RG, "k4"), "running");
+    assert.doesNotMatch(fake.serialLog(RG, "k4") ?? "", /COMPUTE-BRIDGE-HOSTKEY/);
+    assert.doesNotMatch(fake.serialLog(RG, "k5") ?? "", /COMPUTE-BRIDGE-HOSTKEY/);
+
+    // Boot diagnostics turned off: retrieveBootDiagnosticsData is refused with 409 OperationNotAllowed.
+    const off = await compute.virtualMachines.get(RG, "k2");
+    await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, "k2", { ...off, diagnosticsProfile: { bootDiagnostics: { enabled: false } } }, FAST);
+    const err = await rejection(compute.virtualMachines.retrieveBootDiagnosticsData(RG, "k2"));
+    assert.equal(err.statusCode, 409);
+    assert.equal(err.code, "OperationNotAllowed");
+    assert.match(err.message, /Boot diagnostics is not enabled/);
+  });
+
   test("power actions and the 202 + Location create style", async () => {
     const { fake, compute, network } = await startFake({ createLroStyle: "location" });
     const { nic } = await createNetworking(network, fake, "w10");

@@ -81,11 +81,21 @@
  *  - Power: create LRO completes -> `PowerState/starting` until `bootDelayMs` of fake time has
  *    passed (fake clock: `now` option + `advanceTime()`), or `bootAll()` -> `PowerState/running`.
  *    No real timers are used anywhere.
+ *  - The guest's boot script (the bridge's custom data, common/cloud-init.ts): on its first boot
+ *    (PowerState/running) a VM whose custom data carries `CB_REQUEST_ID='<id>'` writes
+ *    `COMPUTE-BRIDGE-HOSTKEY <id> <fingerprint>` to its serial log, the fingerprint being
+ *    `hostKeyFingerprint()` (deterministic per VM). `faults.guestHostKey` (or `guestHostKey()` for
+ *    one VM) makes the guest report `none` (no ed25519 host key) or nothing at all.
+ *  - Faults on boot diagnostics: `failNext()` matches retrieveBootDiagnosticsData POSTs and the
+ *    serial log blob's GETs (`/bootdiagnostics/.../<vm>.<vmId>.serialconsole.log`) like any other
+ *    request; a VM whose diagnosticsProfile disables boot diagnostics answers
+ *    retrieveBootDiagnosticsData with 409 OperationNotAllowed, as ARM does.
  */
-import { createHmac } from "node:crypto";
+import { createHash, createHmac } from "node:crypto";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import https from "node:https";
 import type { AddressInfo } from "node:net";
+import { hostKeyMarker } from "../../src/backends/common/cloud-init.js";
 import { makeTestCert, type TestCert } from "./tls.js";
 
 // ---------------------------------------------------------------------------------------------
@@ -99,6 +109,13 @@ export type WireDoc = Record<string, any>;
 export type ResourceType = "virtualMachines" | "disks" | "networkInterfaces" | "publicIPAddresses";
 
 export type PowerState = "starting" | "running" | "stopping" | "stopped" | "deallocating" | "deallocated";
+
+/**
+ * What a booting guest's boot script writes about its SSH host key: its fingerprint (what the real
+ * script does), `none` (an image without an ed25519 host key), or nothing (a script that never
+ * gets that far, or a serial console that never shows it).
+ */
+export type GuestHostKeyReport = "fingerprint" | "none" | "never";
 
 /**
  * Failure codes the allocation predicate may return.
@@ -151,6 +168,8 @@ export interface ArmFaults {
   lroInProgressPolls: number;
   /** How many 202 replies a delete operation gives before finishing. */
   deleteInProgressPolls: number;
+  /** What booting guests report about their SSH host key (see `guestHostKey()` for one VM). */
+  guestHostKey: GuestHostKeyReport;
 }
 
 export interface ArmFakeOptions {
@@ -267,6 +286,10 @@ interface VmRuntime {
   serial: string;
   osDiskKey?: string;
   allocated: boolean;
+  /** The custom data as sent (base64): ARM never returns it, the guest's boot script is in it. */
+  customData?: string;
+  /** The boot script ran (it runs once per VM, as cloud-init runs custom data once). */
+  bootScriptRan?: boolean;
 }
 
 interface Res {
@@ -426,6 +449,8 @@ export class ArmFake {
   private readonly resources = new Map<string, Res>();
   private readonly ops = new Map<string, Op>();
   private readonly failRules: FailRule[] = [];
+  /** Per-VM overrides of `faults.guestHostKey`, by resource key (set before or after the VM exists). */
+  private readonly hostKeyReports = new Map<string, GuestHostKeyReport>();
   private readonly creates = new Map<string, number>();
   private readonly createsPerType = new Map<ResourceType, number>();
   private readonly sasSecret: string;
@@ -450,6 +475,7 @@ export class ArmFake {
       bootDelayMs: opts.bootDelayMs ?? 0,
       lroInProgressPolls: opts.lroInProgressPolls ?? 1,
       deleteInProgressPolls: opts.deleteInProgressPolls ?? 1,
+      guestHostKey: "fingerprint",
       ...opts.faults,
     };
   }
@@ -647,6 +673,21 @@ export class ArmFake {
 
   appendSerialLog(resourceGroup: string, name: string, text: string): void {
     this.appendSerial(this.mustVm(resourceGroup, name), text);
+  }
+
+  /**
+   * The SSH host key fingerprint the VM's guest reports: `SHA256:` and the unpadded base64 of
+   * sha256(vmId), as `ssh-keygen -lf` prints one (43 characters). A new VM of the same name has a
+   * new vmId, hence a new host key, as on Azure.
+   */
+  hostKeyFingerprint(resourceGroup: string, name: string): string {
+    const vmId = String(this.mustVm(resourceGroup, name).doc["properties"]["vmId"]);
+    return `SHA256:${createHash("sha256").update(vmId).digest("base64").replace(/=+$/, "")}`;
+  }
+
+  /** What this VM's guest reports about its host key (overrides `faults.guestHostKey`); may be set before the VM is created. */
+  guestHostKey(resourceGroup: string, name: string, report: GuestHostKeyReport): void {
+    this.hostKeyReports.set(this.key("virtualMachines", resourceGroup, name), report);
   }
 
   // =============================================================================================
@@ -1462,6 +1503,7 @@ export class ArmFake {
     const vmId = this.idFor("virtualMachines", rg, name);
     const location = String(body["location"]);
     const bodyProps: WireDoc = isObj(body["properties"]) ? clone(body["properties"]) : {};
+    const customData: unknown = bodyProps["osProfile"]?.["customData"];
     const needsAllocation = !current || !current.vm?.allocated;
     let failure: { code: string; message: string } | undefined;
     if (needsAllocation) {
@@ -1525,6 +1567,8 @@ export class ArmFake {
       this.creates.set(name, (this.creates.get(name) ?? 0) + 1);
     }
     const vm = r.vm!;
+    // An update that does not send custom data (a GET result PUT back) keeps what the VM had.
+    if (typeof customData === "string") vm.customData = customData;
     this.attachNics(r);
 
     if (needsAllocation) {
@@ -1949,8 +1993,29 @@ export class ArmFake {
     if (r.op && !r.op.done) return;
     if (vm.power === "starting" && this.now() >= vm.bootAt) {
       vm.power = "running";
+      const report = this.bootScriptReport(r);
+      if (report) this.appendSerial(r, report);
       this.appendSerial(r, this.bootEpilogue(r));
     }
+  }
+
+  /**
+   * What the bridge's boot script writes on the serial console as cloud-init runs it, on the VM's
+   * first boot only: its host key report (common/cloud-init.ts), for the request id in its custom
+   * data. Nothing for custom data that is not the bridge's script.
+   */
+  private bootScriptReport(r: Res): string | null {
+    const vm = r.vm!;
+    if (vm.bootScriptRan || !vm.customData) return null;
+    vm.bootScriptRan = true;
+    const script = Buffer.from(vm.customData, "base64").toString("utf8");
+    const requestId = /^CB_REQUEST_ID='([^']*)'$/m.exec(script)?.[1];
+    if (requestId === undefined) return null;
+    const report = this.hostKeyReports.get(r.key) ?? this.faults.guestHostKey;
+    if (report === "never") return null;
+    const fingerprint = report === "none" ? null : this.hostKeyFingerprint(r.rg, r.name);
+    // The script writes straight to the console device: no cloud-init prefix on its lines.
+    return `compute-bridge: boot script for ${requestId} started\n${hostKeyMarker(requestId, fingerprint)}\n`;
   }
 
   private appendSerial(r: Res, text: string): void {

@@ -157,6 +157,18 @@ function isQuota(code: string, message: string): boolean {
   return code === "operationnotallowed" && /quota/i.test(message);
 }
 
+/**
+ * True when ARM refuses retrieveBootDiagnosticsData because the VM has boot diagnostics turned
+ * off: 409 OperationNotAllowed "Boot diagnostics is not enabled for virtual machine '<name>'."
+ * (test/fakes/arm.ts models that reply). Nothing but turning them on changes it, so a caller
+ * waiting for the serial console stops instead of retrying.
+ */
+export function isBootDiagnosticsDisabled(e: unknown): boolean {
+  const f = describeArmError(e);
+  if (f.lro || (f.code ?? "").toLowerCase() !== "operationnotallowed") return false;
+  return /boot ?diagnostics/i.test(f.message) && /\b(not|isn't) (been )?(enabled|configured)\b|\bdisabled\b/i.test(f.message);
+}
+
 /** True for a 404 (already gone), whatever shape the SDK gave it. */
 export function isNotFound(e: unknown): boolean {
   const f = describeArmError(e);
