@@ -796,7 +796,7 @@ export class BareMetalBackend implements ManagedBackend {
             return out;
           }
           out.push({ check: `${m.cfg.name}: ssh`, ok: true, detail: `${target}, host key ${m.cfg.host_key_sha256} matches` });
-          const r = await conn.exec(remote(DOCTOR, "cb-doctor", [m.cfg.mode, m.cfg.libvirt_uri, m.runs.replace(/\/runs$/, "") || "/", m.cfg.tdx_capable ? (m.cfg.ovmf_path ?? "") : "", m.cfg.run_as ?? ""]), { op: "doctor", timeoutMs: COMMAND_TIMEOUT_MS });
+          const r = await conn.exec(remote(DOCTOR, "cb-doctor", [m.cfg.mode, m.cfg.libvirt_uri, m.runs.replace(/\/runs$/, "") || "/", m.cfg.tdx_capable ? (m.cfg.ovmf_path ?? "") : "", m.cfg.run_as ?? "", m.cfg.tdx_capable ? "1" : ""]), { op: "doctor", timeoutMs: COMMAND_TIMEOUT_MS });
           for (const line of r.stdout.split("\n")) {
             const [res, check, detail] = line.split("\t");
             if ((res === "ok" || res === "fail") && check) out.push({ check: `${m.cfg.name}: ${check}`, ok: res === "ok", detail: detail ?? "" });

@@ -177,6 +177,16 @@ describe("bare-metal virsh mode on real libvirt + QEMU (TCG) over a real sshd", 
     const checks = await b.check();
     for (const c of ["ssh", "tools", "libvirt", "qemu-img", "work_dir"]) assert.ok(checks.find((x) => x.check === `lv1: ${c}`)?.ok, `${c}: ${JSON.stringify(checks)}`);
     assert.match(checks.find((x) => x.check === "lv1: libvirt")!.detail, /hypervisor: QEMU/);
+    // A machine configured for TDX is asked whether its libvirt offers TDX guests, from the real
+    // domcapabilities output; this host's (libvirt 9, no TDX, likely no KVM either) does not.
+    const tdx = backend([machine("lvtdx", S, work, { mode: "virsh", tdx_capable: true, ovmf_path: "/usr/share/ovmf/OVMF.inteltdx.fd" })]);
+    try {
+      const tdxCheck = (await tdx.check()).find((x) => x.check === "lvtdx: tdx");
+      assert.equal(tdxCheck?.ok, false, JSON.stringify(tdxCheck));
+      assert.match(tdxCheck!.detail, /no <tdx supported='yes'\/>|domcapabilities --virttype kvm failed/);
+    } finally {
+      await tdx.close();
+    }
   });
 
   it("refuses a real qcow2 with a backing file (real qemu-img JSON) and defines nothing", { skip }, async () => {

@@ -534,6 +534,21 @@ describe("bare-metal backend over SSH", () => {
     const tdxMachine = (name: string, s: FakeSshd, over: Record<string, unknown> = {}) =>
       machine(name, s, work, { mode: "virsh", tdx_capable: true, ovmf_path: "/usr/share/ovmf/OVMF.inteltdx.fd", ...over });
 
+    it("doctor: a TDX machine's libvirt must offer TDX guests (its domcapabilities), a plain virsh machine is not asked", async () => {
+      // T's libvirt answers as a TDX host's does; V's as libvirt 9 (Debian 12), which has no TDX.
+      mkdirSync(path.join(T.stateDir, "libvirt"), { recursive: true });
+      writeFileSync(path.join(T.stateDir, "libvirt", "tdx-host"), "");
+      const checks = await track(backend([tdxMachine("tdxok", T), tdxMachine("tdxno", V), tdxMachine("plain", V, { tdx_capable: false, ovmf_path: undefined })])).check!();
+      const tdx = (name: string) => checks.find((c) => c.check === `${name}: tdx`);
+      assert.equal(tdx("tdxok")?.ok, true, JSON.stringify(checks));
+      assert.match(tdx("tdxok")!.detail, /libvirt offers TDX guests here/);
+      assert.equal(tdx("tdxno")?.ok, false);
+      assert.match(tdx("tdxno")!.detail, /no <tdx supported='yes'\/>/);
+      assert.equal(tdx("plain"), undefined);
+      // Everything else on the TDX machine passes (the OVMF file aside: it is not on this host).
+      for (const c of checks.filter((c) => c.check.startsWith("tdxok: ") && c.check !== "tdxok: ovmf")) assert.ok(c.ok, `${c.check}: ${c.detail}`);
+    });
+
     it("a TDX grant lands only on the TDX machine: <launchSecurity type='tdx'> defined, TD quote attached, overlay removed at the end", async () => {
       const disk = { ...srv.put("guest.qcow2", qcow2(2 * 1024 ** 3)), format: "disk" as const };
       const rec = recorder();

@@ -345,7 +345,7 @@ ${LIST_RUNS()}`;
  * `compute-bridge doctor`: read-only checks on a machine. Args: mode uri work_dir ovmf_path.
  * Lines: "ok|fail<TAB>check<TAB>detail".
  */
-export const DOCTOR = `${PRELUDE}mode=$1 uri=$2 work=$3 ovmf=$4 runas=$5
+export const DOCTOR = `${PRELUDE}mode=$1 uri=$2 work=$3 ovmf=$4 runas=$5 tdx=$6
 r() { printf '%s\\t%s\\t%s\\n' "$1" "$2" "$(printf '%s' "$3" | tr '\\n\\t' '  ' | head -c 300)"; }
 missing=
 for t in curl sha256sum tar flock od dd; do command -v "$t" >/dev/null 2>&1 || missing="$missing $t"; done
@@ -360,6 +360,19 @@ else
   if v=$(virsh -c "$uri" version 2>&1); then r ok libvirt "$(printf '%s\\n' "$v" | grep -iE 'library|hypervisor' | tr '\\n' ';')"; else r fail libvirt "virsh -c $uri version failed: $v"; fi
   if v=$(qemu-img --version 2>&1); then r ok qemu-img "$(printf '%s\\n' "$v" | head -n 1)"; else r fail qemu-img "qemu-img --version failed: $v"; fi
   if [ -n "$ovmf" ]; then if [ -r "$ovmf" ]; then r ok ovmf "$ovmf readable"; else r fail ovmf "$ovmf is not readable"; fi; fi
+  # A TDX guest needs libvirt, QEMU, KVM and the host kernel all to support it; libvirt reports
+  # the sum in its domain capabilities (libvirt without TDX support has no <tdx> element there
+  # and refuses <launchSecurity type='tdx'> in the domain XML).
+  if [ -n "$tdx" ]; then
+    if caps=$(virsh -c "$uri" domcapabilities --virttype kvm 2>&1); then
+      case $caps in
+        *"<tdx supported='yes'"*) r ok tdx "libvirt offers TDX guests here (domcapabilities)" ;;
+        *) r fail tdx "libvirt does not offer TDX guests here: its domcapabilities has no <tdx supported='yes'/> (TDX needs a libvirt, QEMU, KVM and host kernel with TDX support)" ;;
+      esac
+    else
+      r fail tdx "virsh -c $uri domcapabilities --virttype kvm failed: $caps"
+    fi
+  fi
   if command -v systemd-run >/dev/null 2>&1; then r ok systemd-run "$(command -v systemd-run) (guests get a host-side deadline at valid_to)"; else r fail systemd-run "systemd-run not found: guests would run past valid_to while the bridge is away"; fi
 fi
 d=$work
