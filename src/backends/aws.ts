@@ -44,6 +44,7 @@ import {
 } from "./backend.js";
 import { BatchLookup, BatchWatcher, type PollEvent } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript, type MarkerResult } from "./common/cloud-init.js";
+import { Semaphore } from "./common/semaphore.js";
 import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
 import type { OfferingCache } from "./offering-cache.js";
 import type { EC2Client, Instance, RunInstancesCommandInput } from "@aws-sdk/client-ec2";
@@ -220,23 +221,6 @@ class FailFastRetry implements RetryStrategyV2 {
   }
 }
 
-/** A tiny counting semaphore. */
-class Limiter {
-  private running = 0;
-  private readonly queue: (() => void)[] = [];
-  constructor(private readonly max: number) {}
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.running >= this.max) await new Promise<void>((r) => this.queue.push(r));
-    this.running++;
-    try {
-      return await fn();
-    } finally {
-      this.running--;
-      this.queue.shift()?.();
-    }
-  }
-}
-
 export class AwsBackend implements ManagedBackend {
   readonly name = "aws";
   private readonly log: Logger;
@@ -261,7 +245,7 @@ export class AwsBackend implements ManagedBackend {
   /** request_ids holding (or about to hold) an instance; bounded by max_concurrent_instances. */
   private readonly active = new Set<string>();
   private readonly clients = new Map<string, Promise<EC2Client>>();
-  private readonly consoleLimits = new Map<string, Limiter>();
+  private readonly consoleLimits = new Map<string, Semaphore>();
   private sdk: Promise<{ ec2: Ec2Sdk; retry: RetrySdk }> | null = null;
   private sdkLoaded = false;
   /** Batched polling while instances boot (describe by instance id) and while they run (by tag). */
@@ -765,7 +749,7 @@ export class AwsBackend implements ManagedBackend {
    */
   private async consoleOutput(region: string, id: string, signal: AbortSignal, opts: { latest?: boolean } = {}): Promise<string> {
     let limit = this.consoleLimits.get(region);
-    if (!limit) this.consoleLimits.set(region, (limit = new Limiter(this.opts.consoleConcurrency ?? 8)));
+    if (!limit) this.consoleLimits.set(region, (limit = new Semaphore(this.opts.consoleConcurrency ?? 8)));
     const { ec2: sdk } = await this.loadSdk();
     const client = await this.client(region);
     return limit.run(async () => {
@@ -778,7 +762,7 @@ export class AwsBackend implements ManagedBackend {
           throw new ConsoleUnavailableError(`EC2 keeps no live console for ${id} in ${region} (${errorCode(e)}: ${clean((e as SdkErrorLike)?.message ?? "")}); only Nitro instance types have one`);
         throw this.mapError(e, "GetConsoleOutput", region);
       }
-    });
+    }, signal);
   }
 
   // ---- terminate / reconcile ------------------------------------------------------------------

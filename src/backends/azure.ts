@@ -28,6 +28,7 @@ import { describeArmError, isBootDiagnosticsDisabled, isNotFound, mapArmError, r
 import { azureNaming, parseResourceId, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST, type AzureNames, type AzureNaming } from "./azure/naming.js";
 import { BatchWatcher, type PollEvent } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript } from "./common/cloud-init.js";
+import { Semaphore } from "./common/semaphore.js";
 import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
 import type { OfferingCache } from "./offering-cache.js";
 
@@ -646,27 +647,15 @@ export class AzureBackend implements ManagedBackend {
   private async readHostKey(vmName: string, requestId: string, signal: AbortSignal): Promise<string | null> {
     // Each read takes a slot only while it runs (not across the pauses): a burst of launches and
     // exits shares the same bound on concurrent boot-diagnostics calls.
-    const read = async () => {
-      await this.serialReads.acquire(signal);
-      try {
-        return await this.readSerialLog(vmName, signal);
-      } finally {
-        this.serialReads.release();
-      }
-    };
+    const read = () => this.serialReads.run(() => this.readSerialLog(vmName, signal), signal);
     const found = await waitForHostKey(read, requestId, { timeoutMs: this.cfg.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
     if (found.fingerprint === null) this.log.warn({ request_id: requestId, vm: vmName, missing: found.missing }, "azure: no SSH host key fingerprint for the VM; host_key_sha256 stays empty");
     return found.fingerprint;
   }
 
   /** The exit marker from the serial console, via boot diagnostics; null when there is none. */
-  private async readMarker(vmName: string, requestId: string, signal: AbortSignal): Promise<ReturnType<typeof parseMarker>> {
-    await this.serialReads.acquire(signal);
-    try {
-      return await this.readMarkerNow(vmName, requestId, signal);
-    } finally {
-      this.serialReads.release();
-    }
+  private readMarker(vmName: string, requestId: string, signal: AbortSignal): Promise<ReturnType<typeof parseMarker>> {
+    return this.serialReads.run(() => this.readMarkerNow(vmName, requestId, signal), signal);
   }
 
   private async readMarkerNow(vmName: string, requestId: string, signal: AbortSignal): Promise<ReturnType<typeof parseMarker>> {
@@ -1041,36 +1030,6 @@ function isStoppedOrFailed(s: VmStatus): boolean {
 
 function expired(nowMs: number): ExitObservation {
   return { kind: "expired", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: new Date(nowMs).toISOString(), failure: null };
-}
-
-/** A counting semaphore whose waiters can give up on an abort signal. */
-class Semaphore {
-  private waiters: (() => void)[] = [];
-  constructor(private free: number) {}
-  async acquire(signal: AbortSignal): Promise<void> {
-    if (signal.aborted) throw abortError(signal);
-    if (this.free > 0) {
-      this.free--;
-      return;
-    }
-    await new Promise<void>((resolve, reject) => {
-      const grant = () => {
-        signal.removeEventListener("abort", onAbort);
-        resolve();
-      };
-      const onAbort = () => {
-        this.waiters = this.waiters.filter((w) => w !== grant);
-        reject(abortError(signal));
-      };
-      this.waiters.push(grant);
-      signal.addEventListener("abort", onAbort, { once: true });
-    });
-  }
-  release(): void {
-    const next = this.waiters.shift();
-    if (next) next();
-    else this.free++;
-  }
 }
 
 async function mapLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
