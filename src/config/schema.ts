@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { Region } from "../domain/grant.js";
+import { HOST_KEY_FINGERPRINT } from "../domain/instance.js";
 
 /**
  * The boot TOML, as zod schemas. Every object is strict: a misspelt key is an error, never a
@@ -277,7 +278,7 @@ export const BareMetalMachine = z
     port: z.number().int().min(1).max(65535).default(22),
     user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/, "must be a user name"),
     private_key_file: Path,
-    host_key_sha256: z.string().regex(/^SHA256:[A-Za-z0-9+/]{43}$/, 'must be a pinned host key fingerprint as printed by ssh-keygen -lf, "SHA256:..."'),
+    host_key_sha256: z.string().regex(HOST_KEY_FINGERPRINT, 'must be a pinned host key fingerprint as printed by ssh-keygen -lf, "SHA256:..."'),
     region: Region,
     tdx_capable: z.boolean().default(false),
     cpu_millicores: PositiveInt,

@@ -1,6 +1,9 @@
 import { z } from "zod";
 import { RequestId, Region } from "./grant.js";
 
+/** An SSH host key fingerprint as `ssh-keygen -lf` prints it: "SHA256:" and 43 base64 characters. */
+export const HOST_KEY_FINGERPRINT = /^SHA256:[A-Za-z0-9+/]{43}$/;
+
 /**
  * What a backend hands back from provision(). It is persisted verbatim, so a restarted daemon
  * can watch or terminate the same instance: backend-specific handles go in `details`.

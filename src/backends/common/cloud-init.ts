@@ -32,6 +32,7 @@
  */
 import { SshPublicKey } from "../../domain/grant.js";
 import type { Envelope } from "../../domain/index.js";
+import { HOST_KEY_FINGERPRINT } from "../../domain/instance.js";
 import { shq } from "../../util/shell.js";
 
 export const EXIT_MARKER = "COMPUTE-BRIDGE-EXIT";
@@ -293,8 +294,6 @@ export function parseMarker(consoleText: string, requestId: string): MarkerResul
   return result;
 }
 
-/** What `ssh-keygen -lf` prints for a key, and what host_key_sha256 holds. */
-export const FINGERPRINT_RE = /^SHA256:[A-Za-z0-9+/]{43}$/;
 const HOST_KEY_RE = /(?:^|\s)COMPUTE-BRIDGE-HOSTKEY (\S+) (\S+)$/;
 
 /**
@@ -307,7 +306,7 @@ export function parseHostKey(consoleText: string, requestId: string): { fingerpr
   for (const raw of consoleText.split("\n")) {
     const m = HOST_KEY_RE.exec(raw.replace(/\s+$/, ""));
     if (!m || m[1] !== requestId) continue;
-    return { fingerprint: FINGERPRINT_RE.test(m[2]!) ? m[2]! : null };
+    return { fingerprint: HOST_KEY_FINGERPRINT.test(m[2]!) ? m[2]! : null };
   }
   return null;
 }
