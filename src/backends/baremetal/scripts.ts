@@ -342,7 +342,8 @@ done
 ${LIST_RUNS()}`;
 
 /**
- * `compute-bridge doctor`: read-only checks on a machine. Args: mode uri work_dir ovmf_path.
+ * `compute-bridge doctor`: read-only checks on a machine. Args: mode uri work_dir ovmf_path
+ * run_as tdx ("1" for a TDX machine; empty strings for what does not apply).
  * Lines: "ok|fail<TAB>check<TAB>detail".
  */
 export const DOCTOR = `${PRELUDE}mode=$1 uri=$2 work=$3 ovmf=$4 runas=$5 tdx=$6
