@@ -502,13 +502,11 @@ export class GcpBackend implements ManagedBackend {
    * the grant; rejects only when `signal` aborts.
    */
   private async hostKey(rid: string, v: InstanceView, signal: AbortSignal, log: Logger): Promise<string | null> {
-    const what = `instances.getSerialPortOutput ${v.zone}/${v.name}`;
     const read = async (): Promise<string> => {
       try {
         // From byte 0: the report is among the first lines the startup script prints, well inside
         // the first (at most 1 MiB) answer; later output cannot replace it (the first one counts).
-        const [res] = await this.call(what, (c) => c.instances.getSerialPortOutput({ project: this.cfg.project, zone: v.zone, instance: v.name, port: 1, start: 0 }), signal);
-        return res.contents ?? "";
+        return (await this.serialPage(v.zone, v.name, 0, signal)).contents ?? "";
       } catch (e) {
         // An instance that is gone (404) has no console to come back to; a 403 (the service
         // account lacks compute.instances.getSerialPortOutput) ends the wait too, as every
@@ -584,6 +582,12 @@ export class GcpBackend implements ManagedBackend {
     }
   }
 
+  /** One answer of getSerialPortOutput for serial port 1 from byte `start` (at most 1 MiB). */
+  private async serialPage(zone: string, name: string, start: number, signal?: AbortSignal): Promise<protos.google.cloud.compute.v1.ISerialPortOutput> {
+    const [res] = await this.call(`instances.getSerialPortOutput ${zone}/${name}`, (c) => c.instances.getSerialPortOutput({ project: this.cfg.project, zone, instance: name, port: 1, start }), signal);
+    return res;
+  }
+
   /** Serial port 1, up to the last SERIAL_TAIL_BYTES. */
   private async readSerial(zone: string, name: string, signal?: AbortSignal): Promise<string> {
     let text = "";
@@ -591,7 +595,7 @@ export class GcpBackend implements ManagedBackend {
     for (let i = 0; i < SERIAL_MAX_READS; i++) {
       let res: protos.google.cloud.compute.v1.ISerialPortOutput;
       try {
-        [res] = await this.call(`instances.getSerialPortOutput ${zone}/${name}`, (c) => c.instances.getSerialPortOutput({ project: this.cfg.project, zone, instance: name, port: 1, start }), signal);
+        res = await this.serialPage(zone, name, start, signal);
       } catch (e) {
         if (e instanceof NotFoundError) return text;
         throw e;
