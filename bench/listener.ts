@@ -145,10 +145,13 @@ export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{
   const cpuPer = (ms: number, rs: LoadResult[]) => (ms * 1000) / rs.reduce((a, r) => a + r.requests, 0);
   const clientPer = (rs: LoadResult[]) => cpuPer(rs.reduce((a, r) => a + (r.clientCpuMs ?? 0), 0), rs);
   const cpuLine = `CPU per request (µs): server ${cpuPer(serverCpu.bare, bareRounds).toFixed(0)} bare vs ${cpuPer(serverCpu.bridge, bridgeRounds).toFixed(0)} bridge; load generator ${clientPer(bareRounds).toFixed(0)} vs ${clientPer(bridgeRounds).toFixed(0)}`;
+  const roundsOf = { bare: bareRounds, bridge: bridgeRounds };
+  /** µs per request on one group of threads, for `route`. */
+  const onThreads = (route: "bare" | "bridge", g: Thread) => cpuPer(byThread[route].get(g) ?? 0, roundsOf[route]).toFixed(0);
   const threadLine =
     byThread.bridge.size === 0
       ? ""
-      : `\n  by thread (/proc, 10 ms ticks): event loop ${(["bare", "bridge"] as const).map((r) => cpuPer(byThread[r].get("main") ?? 0, r === "bare" ? bareRounds : bridgeRounds).toFixed(0)).join(" vs ")}; store writer ${cpuPer(byThread.bridge.get("writer") ?? 0, bridgeRounds).toFixed(0)}; other threads (GC helpers, libuv) ${(["bare", "bridge"] as const).map((r) => cpuPer(byThread[r].get("other") ?? 0, r === "bare" ? bareRounds : bridgeRounds).toFixed(0)).join(" vs ")}`;
+      : `\n  by thread (/proc, 10 ms ticks): event loop ${onThreads("bare", "main")} vs ${onThreads("bridge", "main")}; store writer ${onThreads("bridge", "writer")}; other threads (GC helpers, libuv) ${onThreads("bare", "other")} vs ${onThreads("bridge", "other")}`;
   const perRound = `per round (bridge/bare): throughput ${ratios.map((x) => x.toFixed(2)).join(", ")}; p99 ${p99Ratios.map((x) => x.toFixed(2)).join(", ")}`;
   commits.sort((a, b) => a - b);
   const cq = (p: number) => (commits[Math.min(commits.length - 1, Math.floor(p * commits.length))] ?? NaN).toFixed(2);
