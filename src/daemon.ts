@@ -108,12 +108,15 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     clock,
     providerId: cfg.bridge.provider_id,
     maxAttempts: cfg.fleet.max_attempts,
+    provisionConcurrency: cfg.fleet.provision_concurrency,
     publishLogs: Boolean(cfg.market?.log_url),
     onLogWritten: () => publisher?.notify(),
     ...(o.expiryGraceMs !== undefined ? { expiryGraceMs: o.expiryGraceMs } : {}),
     ...(o.retryBaseMs !== undefined ? { retryBaseMs: o.retryBaseMs } : {}),
     events: o.events ? mergeEvents(events, o.events) : events,
   });
+
+  metrics.watchAdmission(fleet, manager);
 
   const card = () => buildCard(cfg, fleet, identity);
   let lastCardDigest = "";

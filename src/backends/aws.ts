@@ -41,6 +41,9 @@ import {
   type CheckResult,
   type ManagedBackend,
   type Satisfaction,
+  NOTHING_HELD,
+  countDecline,
+  type Held,
 } from "./backend.js";
 import { BatchLookup, BatchWatcher, type PollEvent } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript, type MarkerResult } from "./common/cloud-init.js";
@@ -328,7 +331,7 @@ export class AwsBackend implements ManagedBackend {
     };
   }
 
-  canSatisfy(grant: ComputeGrant): Satisfaction {
+  canSatisfy(grant: ComputeGrant, held: Held = NOTHING_HELD): Satisfaction {
     if (grant.tdx_required) return { ok: false, code: "tdx_not_supported", message: "EC2 has no Intel TDX instances" };
     if (!this.cfg.regions[grant.region])
       return { ok: false, code: "region_not_served", message: `aws serves ${Object.keys(this.cfg.regions).sort().join(", ")}` };
@@ -337,8 +340,8 @@ export class AwsBackend implements ManagedBackend {
       const big = this.types[this.types.length - 1]!;
       return { ok: false, code: "too_large", message: `grant needs ${grant.cpu_millicores}m CPU / ${grant.ram_mib} MiB; the largest configured instance type ${big.name} has ${big.shape.vcpus * 1000}m / ${big.shape.memory_mib} MiB` };
     }
-    if (this.active.size >= this.cfg.max_concurrent_instances && !this.active.has(grant.request_id))
-      return { ok: false, code: "at_capacity", message: `aws is running ${this.active.size} of ${this.cfg.max_concurrent_instances} instances` };
+    const full = countDecline(this.name, held, this.cfg.max_concurrent_instances, "max_concurrent_instances");
+    if (full) return full;
     if (fitting.every((t) => this.unavailable.isUnavailable(this.name, grant.region, t.name)))
       return { ok: false, code: "offering_unavailable", message: `no capacity was reported recently in ${grant.region} for ${fitting.map((t) => t.name).join(", ")}` };
     return { ok: true };
@@ -351,8 +354,6 @@ export class AwsBackend implements ManagedBackend {
     if (!rcfg) throw new InvalidRequestError(`aws does not serve region ${region}`, this.name);
     if (grant.tdx_required) throw new InvalidRequestError("the grant requires Intel TDX; EC2 has no TDX instances", this.name);
     const userData = this.userData(grant, envelope);
-    if (!this.active.has(rid) && this.active.size >= this.cfg.max_concurrent_instances)
-      throw new CapacityError(`aws is running ${this.active.size} of ${this.cfg.max_concurrent_instances} instances (max_concurrent_instances)`, this.name);
     this.active.add(rid);
 
     // A retried or resumed provision adopts what an earlier call created.

@@ -23,6 +23,9 @@ import {
   type CheckResult,
   type ManagedBackend,
   type Satisfaction,
+  NOTHING_HELD,
+  countDecline,
+  type Held,
 } from "./backend.js";
 import { describeArmError, isBootDiagnosticsDisabled, isNotFound, mapArmError, redact } from "./azure/errors.js";
 import { azureNaming, parseResourceId, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST, type AzureNames, type AzureNaming } from "./azure/naming.js";
@@ -214,7 +217,7 @@ export class AzureBackend implements ManagedBackend {
     };
   }
 
-  canSatisfy(grant: ComputeGrant): Satisfaction {
+  canSatisfy(grant: ComputeGrant, held: Held = NOTHING_HELD): Satisfaction {
     if (!this.cfg.regions.includes(grant.region))
       return { ok: false, code: "region_not_served", message: `azure serves ${this.cfg.regions.join(", ")}` };
     if (grant.tdx_required && this.tdxSizes.length === 0)
@@ -222,10 +225,10 @@ export class AzureBackend implements ManagedBackend {
     const fitting = this.fittingSizes(grant);
     if (fitting.length === 0)
       return { ok: false, code: "too_large", message: `no configured ${grant.tdx_required ? "TDX " : ""}VM size has ${grant.cpu_millicores}m CPU and ${grant.ram_mib} MiB` };
+    const full = countDecline(this.name, held, this.cfg.max_concurrent_instances, "max_concurrent_instances");
+    if (full) return full;
     if (!fitting.some((s) => !this.unavailable.isUnavailable(this.name, grant.region, s.name)))
       return { ok: false, code: "offering_unavailable", message: `every fitting VM size in ${grant.region} recently reported no capacity (${fitting.map((s) => s.name).join(", ")})` };
-    if (this.active.size >= this.cfg.max_concurrent_instances && !this.active.has(grant.request_id))
-      return { ok: false, code: "at_capacity", message: `azure is running ${this.active.size} of ${this.cfg.max_concurrent_instances} instances` };
     return { ok: true };
   }
 
@@ -233,8 +236,6 @@ export class AzureBackend implements ManagedBackend {
     const id = grant.request_id;
     if (!this.cfg.regions.includes(grant.region)) throw new InvalidRequestError(`azure does not serve region ${grant.region}`, this.name);
     if (!envelope.ssh_public_key) throw new InvalidRequestError("azure VMs need the grant's SSH public key (envelope.ssh_public_key)", this.name);
-    if (this.active.size >= this.cfg.max_concurrent_instances && !this.active.has(id))
-      throw new CapacityError(`azure is running ${this.active.size} of ${this.cfg.max_concurrent_instances} instances (max_concurrent_instances)`, this.name);
     const names = this.naming.names(id);
     const customData = this.customData(grant, envelope);
     this.active.add(id);

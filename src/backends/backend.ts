@@ -3,7 +3,40 @@ import type { Logger } from "../util/logger.js";
 import type { Clock } from "../util/clock.js";
 import type { OfferingCache } from "./offering-cache.js";
 
-export type Satisfaction = { ok: true } | { ok: false; code: DeclineCode; message: string };
+/**
+ * `placement`: where inside the backend the grant's capacity is reserved, when the backend has
+ * more than one pool of it (a bare-metal machine's name). The Fleet records it with the
+ * reservation and hands it back to provision().
+ */
+export type Satisfaction = { ok: true; placement?: string } | { ok: false; code: DeclineCode; message: string };
+
+/** Totals of a set of reservations. */
+export interface Usage {
+  readonly count: number;
+  readonly cpu_millicores: number;
+  readonly ram_mib: number;
+}
+
+/**
+ * What a backend has already promised: one reservation per grant accepted for it and not yet
+ * ended (queued, provisioning, running or terminating alike), kept by the Fleet's ledger.
+ */
+export interface Held extends Usage {
+  /** The reservations with this placement (e.g. on one bare-metal machine). */
+  at(placement: string): Usage;
+}
+
+/** Nothing held: canSatisfy's answer for an empty backend. */
+export const NOTHING_HELD: Held = { count: 0, cpu_millicores: 0, ram_mib: 0, at: () => NOTHING_HELD };
+
+/**
+ * The at_capacity decline of a backend whose capacity is a number of grants (instances for a
+ * cloud, workloads for local), or null while it has room. Every such backend checks it after
+ * region, TDX and size, and before offering availability.
+ */
+export function countDecline(backend: string, held: Held, max: number, setting: string, unit = "instances"): Satisfaction | null {
+  return held.count >= max ? { ok: false, code: "at_capacity", message: `${backend} holds ${held.count} of ${max} ${unit} (${setting})` } : null;
+}
 
 /**
  * The whole contract between the Fleet and a place that runs workloads. Six members; a new
@@ -12,15 +45,33 @@ export type Satisfaction = { ok: true } | { ok: false; code: DeclineCode; messag
  * Every method must be idempotent per request_id so a restarted daemon can simply call it again:
  * provision() adopts an instance its earlier call created (client token / deterministic name),
  * watchUntilExit() re-attaches, terminate() on something already gone returns normally.
+ *
+ * Capacity is promised at accept, not at provision (issue #15): a 202 is a promise to the market.
+ * The Fleet keeps a ledger of reservations (fleet/reservations.ts), one per grant from its accept
+ * until it ends, written in the grant's own durable accept commit and rebuilt from the store's
+ * non-terminal grants before a restarted listener accepts anything. canSatisfy() is handed what
+ * the backend already holds and decides against its declared capacity minus that, so admission
+ * never exceeds it however many grants wait to be provisioned. That is why canSatisfy takes
+ * `held` (and the envelope, because a bare-metal machine's mode depends on the image format) and
+ * may answer a placement, and why provision() takes the placement back: the decision stays the
+ * backend's, the bookkeeping is written once. Backends keep no capacity counters of their own and
+ * never refuse for capacity they declared: a CapacityError from provision() means the cloud or host
+ * had none (failover), never "the bridge is full".
  */
 export interface Backend {
   readonly name: string;
   /** Declared capacity, from config: no cloud calls. */
   capabilities(): Capabilities;
-  /** Fast, local decision (no I/O): can this backend take the grant right now? */
-  canSatisfy(grant: ComputeGrant): Satisfaction;
-  /** Create (or adopt) the instance, fetch + verify the image, and wait until it is reachable. */
-  provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<ProvisionedInstance>;
+  /**
+   * Fast, local decision (no I/O): can this backend take the grant, given what it already holds
+   * (`held`, every reservation but this grant's)? Pure: it reserves nothing itself.
+   */
+  canSatisfy(grant: ComputeGrant, held?: Held, envelope?: Envelope): Satisfaction;
+  /**
+   * Create (or adopt) the instance, fetch + verify the image, and wait until it is reachable.
+   * `placement` is what canSatisfy answered when the grant was admitted (absent: choose now).
+   */
+  provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal, placement?: string): Promise<ProvisionedInstance>;
   /** Resolve when the workload ends or `validTo` passes; reject with an AbortError on `signal`. */
   watchUntilExit(instance: ProvisionedInstance, validTo: Date, signal: AbortSignal): Promise<ExitObservation>;
   /** Stop and delete everything billable; resolves only once the backend confirms. */

@@ -31,8 +31,10 @@ import {
   type BackendContext,
   type BackendMetrics,
   type CheckResult,
+  type Held,
   type ManagedBackend,
   type Satisfaction,
+  NOTHING_HELD,
 } from "./backend.js";
 import { BatchWatcher } from "./common/batch-watcher.js";
 import {
@@ -174,21 +176,30 @@ export class BareMetalBackend implements ManagedBackend {
     };
   }
 
-  canSatisfy(grant: ComputeGrant): Satisfaction {
+  canSatisfy(grant: ComputeGrant, held: Held = NOTHING_HELD, envelope?: Envelope): Satisfaction {
     const inRegion = this.machines.filter((m) => m.cfg.region === grant.region);
     if (inRegion.length === 0) return { ok: false, code: "region_not_served", message: `no bare-metal machine in region ${grant.region}` };
     const kind = grant.tdx_required ? inRegion.filter((m) => m.cfg.tdx_capable && m.cfg.mode === "virsh") : inRegion;
     if (kind.length === 0) return { ok: false, code: "tdx_not_supported", message: `no TDX-capable bare-metal machine in region ${grant.region}` };
-    const big = kind.filter((m) => grant.cpu_millicores <= m.cfg.cpu_millicores && grant.ram_mib <= m.cfg.ram_mib);
+    // The image format decides the mode (disk: virsh guests; bundle: systemd units).
+    const mode = envelope ? (envelope.image.format === "disk" ? "virsh" : "systemd") : null;
+    const able = mode ? kind.filter((m) => m.cfg.mode === mode) : kind;
+    if (able.length === 0)
+      return { ok: false, code: "image_format_not_supported", message: `no ${mode}-mode machine in region ${grant.region} can run a ${envelope!.image.format} image${grant.tdx_required ? " for a TDX grant" : ""}` };
+    const big = able.filter((m) => grant.cpu_millicores <= m.cfg.cpu_millicores && grant.ram_mib <= m.cfg.ram_mib);
     if (big.length === 0) {
-      const max = kind.reduce((a, m) => (m.cfg.cpu_millicores > a.cfg.cpu_millicores ? m : a));
+      const max = able.reduce((a, m) => (m.cfg.cpu_millicores > a.cfg.cpu_millicores ? m : a));
       return { ok: false, code: "too_large", message: `grant needs ${grant.cpu_millicores}m CPU / ${grant.ram_mib} MiB; the largest machine offers ${max.cfg.cpu_millicores}m / ${max.cfg.ram_mib} MiB` };
     }
-    if (this.allocs.has(grant.request_id)) return { ok: true };
     const up = big.filter((m) => m.conn.usable);
     if (up.length === 0) return { ok: false, code: "backend_unavailable", message: `every machine that could take it is down: ${big.map((m) => `${m.cfg.name} (${m.conn.reason || m.conn.state})`).join(", ")}` };
-    if (!up.some((m) => this.fits(m, grant))) return { ok: false, code: "at_capacity", message: `every reachable machine that could take it is fully allocated (${up.map((m) => m.cfg.name).join(", ")})` };
-    return { ok: true };
+    // Exact placement against what every machine already holds: the first in config order that fits.
+    const m = up.find((x) => {
+      const h = held.at(x.cfg.name);
+      return h.cpu_millicores + grant.cpu_millicores <= x.cfg.cpu_millicores && h.ram_mib + grant.ram_mib <= x.cfg.ram_mib;
+    });
+    if (!m) return { ok: false, code: "at_capacity", message: `every reachable machine that could take it is fully reserved (${up.map((x) => x.cfg.name).join(", ")})` };
+    return { ok: true, placement: m.cfg.name };
   }
 
   private allocated(m: Machine): { cpu: number; ram: number; grants: number } {
@@ -209,8 +220,11 @@ export class BareMetalBackend implements ManagedBackend {
     return a.cpu + grant.cpu_millicores <= m.cfg.cpu_millicores && a.ram + grant.ram_mib <= m.cfg.ram_mib;
   }
 
-  /** Reserve a machine for the grant (synchronously: concurrent grants never see stale totals). */
-  private reserve(grant: ComputeGrant, envelope: Envelope): Machine {
+  /**
+   * The machine the grant runs on: where its capacity was reserved at accept (`placement`), or,
+   * called without one, the first machine that fits what this backend has started.
+   */
+  private reserve(grant: ComputeGrant, envelope: Envelope, placement?: string): Machine {
     const id = grant.request_id;
     const existing = this.allocs.get(id);
     if (existing) {
@@ -230,6 +244,13 @@ export class BareMetalBackend implements ManagedBackend {
       throw capacity(`no ${mode}-mode machine can run ${what}${grant.tdx_required && mode === "systemd" ? " (TDX grants need a disk image and a virsh machine)" : ""}`);
     const up = kind.filter((m) => m.conn.usable);
     if (up.length === 0) throw capacity(`every machine that could run ${what} is down: ${kind.map((m) => m.cfg.name).join(", ")}`);
+    if (placement !== undefined) {
+      const placed = kind.find((x) => x.cfg.name === placement);
+      if (!placed) throw capacity(`machine ${placement}, reserved for the grant, can no longer run ${what}`);
+      if (!placed.conn.usable) throw capacity(`machine ${placement}, reserved for the grant, is down (${placed.conn.reason || placed.conn.state})`);
+      this.allocs.set(id, { machine: placed.cfg.name, cpu: grant.cpu_millicores, ram: grant.ram_mib, started: false });
+      return placed;
+    }
     const m = up.find((x) => this.fits(x, grant));
     if (!m) throw capacity(`no reachable machine has ${grant.cpu_millicores}m CPU / ${grant.ram_mib} MiB free for ${what}`);
     this.allocs.set(id, { machine: m.cfg.name, cpu: grant.cpu_millicores, ram: grant.ram_mib, started: false });
@@ -242,7 +263,7 @@ export class BareMetalBackend implements ManagedBackend {
 
   // ---- provision ------------------------------------------------------------------------------
 
-  async provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<ProvisionedInstance> {
+  async provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal, placement?: string): Promise<ProvisionedInstance> {
     this.assertOpen();
     const id = checkRequestId(grant.request_id);
     const sha = envelope.image.sha256.toLowerCase();
@@ -250,7 +271,7 @@ export class BareMetalBackend implements ManagedBackend {
     const url = imageUrl(envelope.image.url);
     if (envelope.ssh_public_key !== undefined && !SshPublicKey.safeParse(envelope.ssh_public_key).success)
       throw new InvalidRequestError("ssh_public_key must be a single OpenSSH public key line", BACKEND);
-    const m = this.reserve(grant, envelope);
+    const m = this.reserve(grant, envelope, placement);
     const alloc = this.allocs.get(id)!;
     try {
       return m.cfg.mode === "systemd" ? await this.provisionSystemd(m, grant, envelope, sha, url, alloc, signal) : await this.provisionVirsh(m, grant, envelope, sha, url, alloc, signal);

@@ -47,6 +47,9 @@ import {
   type CheckResult,
   type ManagedBackend,
   type Satisfaction,
+  NOTHING_HELD,
+  countDecline,
+  type Held,
 } from "./backend.js";
 import { BatchWatcher, type PollEvent, type WaitResult } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript } from "./common/cloud-init.js";
@@ -181,7 +184,7 @@ export class GcpBackend implements ManagedBackend {
     };
   }
 
-  canSatisfy(grant: ComputeGrant): Satisfaction {
+  canSatisfy(grant: ComputeGrant, held: Held = NOTHING_HELD): Satisfaction {
     if (!this.zonesByRegion.has(grant.region))
       return { ok: false, code: "region_not_served", message: `gcp serves ${[...this.zonesByRegion.keys()].sort().join(", ")} (zones ${this.cfg.zones.join(", ")})` };
     if (grant.tdx_required && this.cfg.tdx_machine_types.length === 0)
@@ -191,8 +194,8 @@ export class GcpBackend implements ManagedBackend {
       const pool = this.pool(grant);
       return { ok: false, code: "too_large", message: `grant needs ${grant.cpu_millicores}m CPU / ${grant.ram_mib} MiB; the largest ${grant.tdx_required ? "TDX " : ""}machine type is ${describeLargest(pool)}` };
     }
-    if (this.active.size >= this.cfg.max_concurrent_instances && !this.active.has(grant.request_id))
-      return { ok: false, code: "at_capacity", message: `gcp is running ${this.active.size} of ${this.cfg.max_concurrent_instances} instances (max_concurrent_instances)` };
+    const full = countDecline(this.name, held, this.cfg.max_concurrent_instances, "max_concurrent_instances");
+    if (full) return full;
     if (this.credentialProblem !== null) return { ok: false, code: "backend_unavailable", message: "gcp credentials are currently refused; see the bridge log" };
     if (fits.every((s) => this.unavailable.isUnavailable(this.name, grant.region, s.name)))
       return { ok: false, code: "offering_unavailable", message: `no capacity recently for ${fits.map((s) => s.name).join(", ")} in ${grant.region}` };
@@ -204,8 +207,6 @@ export class GcpBackend implements ManagedBackend {
     const zones = this.zonesByRegion.get(grant.region);
     if (!zones) throw new InvalidRequestError(`gcp does not serve region ${grant.region}`, this.name);
     if (grant.tdx_required && this.cfg.tdx_machine_types.length === 0) throw new InvalidRequestError("gcp has no tdx_machine_types configured", this.name);
-    if (this.active.size >= this.cfg.max_concurrent_instances && !this.active.has(rid))
-      throw new CapacityError(`gcp is running ${this.active.size} of ${this.cfg.max_concurrent_instances} instances (max_concurrent_instances)`, this.name);
     // An envelope a VM cannot run fails before anything billable exists.
     const script = this.bootScript(grant, envelope);
     this.active.add(rid);

@@ -8,12 +8,14 @@ import { DigestMismatchError, FetchError, fetchVerified } from "../util/fetch-ve
 import type { Logger } from "../util/logger.js";
 import {
   BackendError,
-  CapacityError,
   ImageVerificationError,
   InvalidRequestError,
   TransientError,
+  NOTHING_HELD,
+  countDecline,
   type BackendContext,
   type CheckResult,
+  type Held,
   type ManagedBackend,
   type Satisfaction,
 } from "./backend.js";
@@ -82,21 +84,20 @@ export class LocalBackend implements ManagedBackend {
     };
   }
 
-  canSatisfy(grant: ComputeGrant): Satisfaction {
+  canSatisfy(grant: ComputeGrant, held: Held = NOTHING_HELD, envelope?: Envelope): Satisfaction {
     if (grant.region !== this.cfg.region) return { ok: false, code: "region_not_served", message: `local serves region ${this.cfg.region} only` };
     if (grant.tdx_required) return { ok: false, code: "tdx_not_supported", message: "local runs plain processes, not TDX guests" };
     if (grant.cpu_millicores > this.cfg.cpu_millicores || grant.ram_mib > this.cfg.ram_mib)
       return { ok: false, code: "too_large", message: `grant needs ${grant.cpu_millicores}m CPU / ${grant.ram_mib} MiB; local offers at most ${this.cfg.cpu_millicores}m / ${this.cfg.ram_mib} MiB` };
-    if (this.active.size >= this.cfg.max_concurrent && !this.active.has(grant.request_id))
-      return { ok: false, code: "at_capacity", message: `local is running ${this.active.size} of ${this.cfg.max_concurrent} workloads` };
-    return { ok: true };
+    if (envelope && envelope.image.format !== "bundle")
+      return { ok: false, code: "image_format_not_supported", message: `local runs "bundle" images (an executable or a tar/tar.gz), not "${envelope.image.format}"` };
+    return countDecline(this.name, held, this.cfg.max_concurrent, "max_concurrent", "workloads") ?? { ok: true };
   }
 
   async provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<ProvisionedInstance> {
     this.ensureReady();
     const runDir = this.runDir(grant.request_id);
-    if (this.active.size >= this.cfg.max_concurrent && !this.active.has(grant.request_id))
-      throw new CapacityError(`local is running ${this.active.size} of ${this.cfg.max_concurrent} workloads`, this.name).withOffering(this.cfg.region, "local");
+    // Capacity was reserved at accept (the Fleet's ledger): nothing to refuse here.
     this.active.add(grant.request_id);
     try {
       if (!existsSync(path.join(runDir, "started"))) {

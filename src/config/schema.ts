@@ -87,6 +87,8 @@ export const FleetConfig = z.strictObject({
   max_attempts: PositiveInt.max(10).default(3),
   /** How long a (backend, region, shape) that just reported no capacity is skipped. */
   unavailable_ttl_seconds: z.number().int().nonnegative().default(300),
+  /** Provision calls at most in flight per backend and region; accepted grants beyond wait in order. */
+  provision_concurrency: PositiveInt.max(1024).default(16),
 });
 
 const marketToken = secretRef("token", true);
@@ -338,7 +340,7 @@ export const BootConfig = z
     listener: ListenerConfig,
     almanac: AlmanacConfig,
     log: LogConfig.default({ level: "info" }),
-    fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300 }),
+    fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300, provision_concurrency: 16 }),
     market: MarketConfig.optional(),
     backends: BackendsConfig.default({}),
   })

@@ -5,6 +5,7 @@ export const DeclineCode = z.enum([
   "region_not_served",
   "tdx_not_supported",
   "too_large",
+  "image_format_not_supported",
   "at_capacity",
   "offering_unavailable",
   "backend_unavailable",

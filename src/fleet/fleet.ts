@@ -1,11 +1,12 @@
 import { fleetOrder, type BootConfig } from "../config/schema.js";
-import type { Capabilities, ComputeGrant, Decline } from "../domain/index.js";
+import type { Capabilities, ComputeGrant, Decline, Envelope } from "../domain/index.js";
 import type { BackendContext, ManagedBackend } from "../backends/backend.js";
 import { OfferingCache } from "../backends/offering-cache.js";
 import { createBackend, type BackendOptions } from "../backends/registry.js";
 import type { Clock } from "../util/clock.js";
+import { Reservations, type Reservation } from "./reservations.js";
 
-export type Route = { ok: true; backend: ManagedBackend } | { ok: false; declines: Decline[] };
+export type Route = { ok: true; backend: ManagedBackend; placement: string | null } | { ok: false; declines: Decline[] };
 
 /** Thrown by provisionForGrant when no backend takes the grant; `declines` is machine-readable. */
 export class NoBackendError extends Error {
@@ -17,9 +18,12 @@ export class NoBackendError extends Error {
 
 /**
  * The configured backends in the operator's preference order. Routing is first-match-wins:
- * the first backend whose canSatisfy() is true gets the grant.
+ * the first backend whose canSatisfy() is true, given the reservations it already holds, gets the
+ * grant; admit() reserves its capacity in the same synchronous step.
  */
 export class Fleet {
+  readonly reservations = new Reservations();
+
   constructor(
     readonly backends: readonly ManagedBackend[],
     readonly unavailable: OfferingCache,
@@ -41,23 +45,39 @@ export class Fleet {
     return this.backends.find((b) => b.name === name);
   }
 
-  /** First backend (in order, skipping `exclude`) whose canSatisfy is true, or every decline. */
-  route(grant: ComputeGrant, exclude: ReadonlySet<string> = new Set()): Route {
+  /**
+   * First backend (in order, skipping `exclude`) whose canSatisfy is true against what it holds,
+   * or every decline. Reserves nothing: see admit().
+   */
+  route(grant: ComputeGrant, envelope?: Envelope, exclude: ReadonlySet<string> = NONE): Route {
     const declines: Decline[] = [];
     for (const b of this.backends) {
       if (exclude.has(b.name)) continue;
-      const s = b.canSatisfy(grant);
-      if (s.ok) return { ok: true, backend: b };
+      const s = b.canSatisfy(grant, this.reservations.held(b.name), envelope);
+      if (s.ok) return { ok: true, backend: b, placement: s.placement ?? null };
       declines.push({ backend: b.name, code: s.code, message: s.message });
     }
     return { ok: false, declines };
   }
 
-  /** Route or throw NoBackendError; the caller provisions on the returned backend. */
-  provisionForGrant(grant: ComputeGrant, exclude?: ReadonlySet<string>): ManagedBackend {
-    const r = this.route(grant, exclude);
+  /**
+   * Route and reserve in one synchronous step, so that grants admitted together never share the
+   * last unit of capacity. A grant that holds a reservation already is moved (failover): its old
+   * one is released first, and kept if nothing else takes it.
+   */
+  admit(grant: ComputeGrant, envelope?: Envelope, exclude?: ReadonlySet<string>): Route {
+    const previous = this.reservations.release(grant.request_id);
+    const r = this.route(grant, envelope, exclude);
+    if (r.ok) this.reservations.reserve(reservationOf(grant, r.backend.name, r.placement));
+    else if (previous) this.reservations.reserve(previous);
+    return r;
+  }
+
+  /** Admit or throw NoBackendError; the caller provisions on the returned backend. */
+  provisionForGrant(grant: ComputeGrant, envelope?: Envelope, exclude?: ReadonlySet<string>): { backend: ManagedBackend; placement: string | null } {
+    const r = this.admit(grant, envelope, exclude);
     if (!r.ok) throw new NoBackendError(r.declines);
-    return r.backend;
+    return r;
   }
 
   capabilities(): { name: string; capabilities: Capabilities; status: Record<string, unknown> }[] {
@@ -67,4 +87,10 @@ export class Fleet {
   async close(): Promise<void> {
     await Promise.allSettled(this.backends.map((b) => b.close?.()));
   }
+}
+
+const NONE: ReadonlySet<string> = new Set();
+
+export function reservationOf(grant: ComputeGrant, backend: string, placement: string | null): Reservation {
+  return { request_id: grant.request_id, backend, placement, cpu_millicores: grant.cpu_millicores, ram_mib: grant.ram_mib };
 }

@@ -7,12 +7,13 @@ import {
   type ManagedBackend,
 } from "../backends/backend.js";
 import { grantRequestDigest, type Almanac, type ComputeGrant, type Decline, type Envelope, type ExitObservation, type GrantRequest, type ProvisionedInstance } from "../domain/index.js";
-import { NoBackendError, type Fleet } from "../fleet/fleet.js";
+import { NoBackendError, reservationOf, type Fleet } from "../fleet/fleet.js";
 import type { Attempt, GrantRecord, Outcome, Store } from "../store/store.js";
 import { backoffMs, isAbort, type Clock } from "../util/clock.js";
 import type { Identity } from "../util/identity.js";
 import type { Logger } from "../util/logger.js";
 import { buildComputeLog } from "./compute-log.js";
+import { ProvisionQueue } from "./provision-queue.js";
 
 export interface ManagerOptions {
   store: Store;
@@ -29,6 +30,8 @@ export interface ManagerOptions {
   /** Retry pacing for terminate and transient provision errors. */
   retryBaseMs?: number;
   retryCapMs?: number;
+  /** Provision calls at most in flight per backend and region (fleet.provision_concurrency). */
+  provisionConcurrency?: number;
   /** Enqueue ComputeLogs for the market publisher. */
   publishLogs?: boolean;
   onLogWritten?: () => void;
@@ -43,6 +46,8 @@ export interface ManagerEvents {
   /** From accept to running (the instance reachable). */
   ready?(backend: string, seconds: number): void;
   failover?(from: string, kind: string): void;
+  /** A grant got its provisioning slot after waiting in its backend's queue. */
+  dequeued?(backend: string, seconds: number): void;
 }
 
 export class ValidationError extends Error {
@@ -75,8 +80,11 @@ class Shutdown extends Error {
 class Task {
   readonly shutdown = new AbortController();
   done: Promise<void> = Promise.resolve();
-  private cancelRequested = false;
-  private onCancel: (() => void) | null = null;
+  /** The provisioning slot (queue key) this task holds, released once its provision call ends. */
+  slot: string | null = null;
+  cancelRequested = false;
+  /** What a cancel interrupts: the provisioning wait, or the watch. */
+  onCancel: (() => void) | null = null;
 
   cancel(): void {
     this.cancelRequested = true;
@@ -91,6 +99,17 @@ class Task {
 
 const TRANSIENT_PROVISION_RETRIES = 3;
 
+/** Why a provisioning wait was cut short: the grant ends with this outcome. */
+class Interrupted extends Error {
+  override name = "AbortError";
+  constructor(readonly state: "cancelled" | "expired") {
+    super(state === "cancelled" ? "cancel requested" : "valid_to passed");
+  }
+}
+
+/** A grant waiting for a provisioning slot: its record, or a live task woken by a failover. */
+type Waiter = { rec: GrantRecord } | { wake: () => void };
+
 /**
  * Drives each grant through accepted -> provisioning -> running -> terminating -> terminal,
  * writing every transition before the side effect it announces, so that after a crash
@@ -99,6 +118,7 @@ const TRANSIENT_PROVISION_RETRIES = 3;
  */
 export class GrantManager {
   private readonly tasks = new Map<string, Task>();
+  private readonly queue: ProvisionQueue<Waiter>;
   private stopping = false;
   private readonly graceMs: number;
   private readonly baseMs: number;
@@ -108,10 +128,37 @@ export class GrantManager {
     this.graceMs = o.expiryGraceMs ?? 5000;
     this.baseMs = o.retryBaseMs ?? 1000;
     this.capMs = o.retryCapMs ?? 60_000;
+    this.queue = new ProvisionQueue<Waiter>({
+      limit: o.provisionConcurrency ?? DEFAULT_PROVISION_CONCURRENCY,
+      clock: o.clock,
+      start: (w, key) => ("rec" in w ? this.launch(w.rec, key) : w.wake()),
+      // Past valid_to while waiting: its task starts outside the limit and ends it as expired.
+      onExpired: (w) => ("rec" in w ? this.launch(w.rec, null) : w.wake()),
+      onStarted: (key, ms) => {
+        if (ms > 0) this.o.events?.dequeued?.(key.slice(0, key.indexOf("|")), ms / 1000);
+      },
+    });
+    // Capacity promised before a restart is still promised: the ledger is rebuilt from the open
+    // grants before the listener can accept anything (the daemon builds the manager first).
+    for (const rec of o.store.nonTerminal()) if (rec.backend) o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
   }
 
+  /** Grants the bridge is responsible for right now: driven by a task or waiting for a slot. */
   get activeCount(): number {
-    return this.tasks.size;
+    return this.tasks.size + this.queue.waiting;
+  }
+
+  /** Per backend and region: provision calls in flight and grants waiting (metrics). */
+  queueStats(): { backend: string; region: string; running: number; waiting: number; oldestWaitMs: number }[] {
+    return this.queue.stats().map(({ key, ...s }) => {
+      const i = key.indexOf("|");
+      return { backend: key.slice(0, i), region: key.slice(i + 1), ...s };
+    });
+  }
+
+  /** Where a grant waits for a provisioning slot, if it does (for its record). */
+  queued(id: string): { queued_at: string; position: number } | null {
+    return this.queue.info(id);
   }
 
   /** Validate, route and durably accept a grant; provisioning continues in the background. */
@@ -130,7 +177,11 @@ export class GrantManager {
       if (k) return k;
       throw new ValidationError("grant.valid_to", `tick ${grant.valid_to} (${this.o.almanac.toDate(grant.valid_to).toISOString()}) is already in the past`);
     }
-    const route = this.o.fleet.route(grant);
+    // A grant still open holds its reservation: answered from the store, never routed again.
+    if (this.o.fleet.reservations.get(grant.request_id)) return known()!;
+    // Routed and its capacity reserved in this same turn of the event loop; the reservation is
+    // made durable by the accept commit below (the grant row names its backend and placement).
+    const route = this.o.fleet.admit(grant, envelope);
     if (!route.ok) {
       const k = known();
       if (k) return k;
@@ -144,15 +195,24 @@ export class GrantManager {
       privateKey = kp.private;
       publicKey = kp.public.trim();
     }
-    const r = await this.o.store.accept({
-      request_id: grant.request_id,
-      grant,
-      envelope,
-      backend: route.backend.name,
-      private_key: privateKey,
-      public_key: publicKey,
-    });
-    if (r.status === "created") {
+    let r: Awaited<ReturnType<Store["accept"]>>;
+    try {
+      r = await this.o.store.accept({
+        request_id: grant.request_id,
+        grant,
+        envelope,
+        backend: route.backend.name,
+        placement: route.placement,
+        private_key: privateKey,
+        public_key: publicKey,
+      });
+    } catch (e) {
+      this.o.fleet.reservations.release(grant.request_id);
+      throw e;
+    }
+    // A grant that had ended already (a re-post or a conflict) holds nothing.
+    if (r.status !== "created") this.o.fleet.reservations.release(grant.request_id);
+    else {
       this.o.events?.transition?.(route.backend.name, "none", "accepted");
       this.o.log.info({ request_id: grant.request_id, backend: route.backend.name, state: "accepted", region: grant.region }, "grant accepted");
       this.start(r.record);
@@ -177,6 +237,8 @@ export class GrantManager {
     if (!rec || rec.outcome || ["completed", "failed", "expired", "cancelled"].includes(rec.state)) return rec;
     // Recorded before acting on it: a restart still cancels.
     const updated = await this.o.store.requestCancel(id);
+    // A grant still waiting for a slot starts now, outside the limit, only to end as cancelled.
+    if (updated && this.queue.take(id)) this.launch(updated, null);
     this.tasks.get(id)?.cancel();
     this.o.log.info({ request_id: id, backend: rec.backend, state: rec.state }, "cancel requested");
     return updated;
@@ -185,6 +247,8 @@ export class GrantManager {
   /** Stop driving grants without terminating anything; the next start resumes them. */
   async shutdown(timeoutMs = 8000): Promise<void> {
     this.stopping = true;
+    // Waiting grants stay as they are in the store: the next start queues them again.
+    this.queue.close();
     for (const t of this.tasks.values()) t.shutdown.abort(new Shutdown());
     const all = Promise.allSettled([...this.tasks.values()].map((t) => t.done));
     await Promise.race([all, new Promise((r) => setTimeout(r, timeoutMs).unref())]);
@@ -197,12 +261,30 @@ export class GrantManager {
 
   // ---- the state machine ----------------------------------------------------------------------
 
+  /** Grants yet to be provisioned wait for a slot of their backend and region; the rest start now. */
   private start(rec: GrantRecord): void {
     if (this.stopping || this.tasks.has(rec.request_id)) return;
+    if ((rec.state === "accepted" || rec.state === "provisioning") && !rec.cancel_requested && rec.backend)
+      this.queue.enqueue(rec.request_id, slotKey(rec.backend, rec.grant.region), this.o.almanac.toWallMs(rec.grant.valid_to), { rec });
+    else this.launch(rec, null);
+  }
+
+  /** The grant's task; `slot`: the provisioning slot it was given (null: it holds none). */
+  private launch(rec: GrantRecord, slot: string | null): void {
+    if (this.stopping || this.tasks.has(rec.request_id)) {
+      if (slot) this.queue.release(slot);
+      return;
+    }
     const task = new Task();
+    task.slot = slot;
     if (rec.cancel_requested) task.cancel();
     this.tasks.set(rec.request_id, task);
     task.done = this.drive(rec, task);
+  }
+
+  private releaseSlot(task: Task): void {
+    if (task.slot) this.queue.release(task.slot);
+    task.slot = null;
   }
 
   /**
@@ -216,33 +298,43 @@ export class GrantManager {
     try {
       const deadlineMs = this.o.almanac.toWallMs(rec.grant.valid_to);
       if (rec.state === "terminating") {
+        this.releaseSlot(task);
         await this.terminateAndFinish(rec, rec.outcome ?? this.failOutcome("backend", "resumed while terminating without a recorded outcome"), signal);
         return;
       }
 
       if (rec.state === "accepted" || rec.state === "provisioning") {
-        const early = this.preProvisionOutcome(rec, deadlineMs);
+        const early = this.preProvisionOutcome(rec, deadlineMs, task);
         if (early) {
+          this.releaseSlot(task);
           if (rec.state === "accepted") await this.finish(rec, early);
           // A create call may have been in flight: terminate by request_id before finishing.
           else await this.terminateAndFinish(await this.toTerminating(rec, early), early, signal);
           return;
         }
         let instance: ProvisionedInstance;
+        // Cancel and valid_to cut every provisioning wait short (create, boot, image fetch, SSH).
+        const wait = this.provisionWait(task, deadlineMs);
         try {
-          ({ rec, instance } = await this.provisionWithFailover(rec, signal));
+          ({ rec, instance } = await this.provisionWithFailover(rec, task, wait.signal));
         } catch (e) {
-          if (isAbort(e, signal)) throw e;
-          const outcome = this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
-          this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: outcome.error_kind, message: outcome.error_message } }, "provisioning failed");
+          if (signal.aborted) throw e;
+          const cut = wait.signal.reason instanceof Interrupted ? wait.signal.reason : null;
+          const outcome = cut ? this.outcome(cut.state, null) : this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
+          if (cut) this.o.log.info({ request_id: id, backend: rec.backend, reason: cut.message }, "provisioning stopped");
+          else this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: outcome.error_kind, message: outcome.error_message } }, "provisioning failed");
           rec = this.o.store.get(id)!;
-          // Whatever a failed create left behind is found by request_id and removed.
+          // Whatever a failed or interrupted create left behind is found by request_id and removed.
           await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
           return;
+        } finally {
+          wait.done();
+          this.releaseSlot(task);
         }
         rec = await this.transition(rec, "running", { instance, note: `instance ${instance.instance_id}` });
         this.o.events?.ready?.(instance.backend, (this.o.clock.now() - Date.parse(rec.created_at)) / 1000);
       }
+      this.releaseSlot(task);
 
       // running: watch until exit, expiry or cancel
       const outcome = await this.watch(rec, deadlineMs, task);
@@ -250,29 +342,78 @@ export class GrantManager {
     } catch (e) {
       if (!isAbort(e, signal)) this.o.log.error({ request_id: id, backend: rec.backend, err: e }, "grant task failed unexpectedly; it resumes on the next start");
     } finally {
+      this.releaseSlot(task);
       this.tasks.delete(id);
     }
   }
 
-  private preProvisionOutcome(rec: GrantRecord, deadlineMs: number): Outcome | null {
+  private preProvisionOutcome(rec: GrantRecord, deadlineMs: number, task: Task): Outcome | null {
     const now = this.o.clock.now();
-    if (rec.cancel_requested) return this.outcome("cancelled", null);
+    if (rec.cancel_requested || task.cancelRequested) return this.outcome("cancelled", null);
     if (now >= deadlineMs) return this.outcome("expired", null);
     return null;
   }
 
-  private async provisionWithFailover(initial: GrantRecord, signal: AbortSignal): Promise<{ rec: GrantRecord; instance: ProvisionedInstance }> {
+  /** A signal for the provisioning phase: shutdown, a cancel or valid_to abort it at once. */
+  private provisionWait(task: Task, deadlineMs: number): { signal: AbortSignal; done(): void } {
+    const ctl = new AbortController();
+    const shutdown = task.shutdown.signal;
+    const onShutdown = () => ctl.abort(shutdown.reason);
+    shutdown.addEventListener("abort", onShutdown, { once: true });
+    task.onCancel = () => ctl.abort(new Interrupted("cancelled"));
+    if (task.cancelRequested) task.onCancel();
+    this.o.clock.sleep(Math.max(0, deadlineMs - this.o.clock.now()), ctl.signal).then(
+      () => ctl.abort(new Interrupted("expired")),
+      () => undefined,
+    );
+    return {
+      signal: ctl.signal,
+      done: () => {
+        shutdown.removeEventListener("abort", onShutdown);
+        task.onCancel = null;
+        ctl.abort();
+      },
+    };
+  }
+
+  /** Hold the provisioning slot of `key`, waiting in its queue for one if needed (a failover). */
+  private async holdSlot(task: Task, id: string, key: string, signal: AbortSignal): Promise<void> {
+    if (task.slot === key) return;
+    this.releaseSlot(task);
+    await new Promise<void>((resolve, reject) => {
+      if (signal.aborted) return reject(signal.reason);
+      const onAbort = () => {
+        if (this.queue.take(id)) reject(signal.reason);
+      };
+      signal.addEventListener("abort", onAbort, { once: true });
+      this.queue.enqueue(id, key, Infinity, {
+        wake: () => {
+          signal.removeEventListener("abort", onAbort);
+          task.slot = key;
+          resolve();
+        },
+      });
+    });
+  }
+
+  private async provisionWithFailover(initial: GrantRecord, task: Task, signal: AbortSignal): Promise<{ rec: GrantRecord; instance: ProvisionedInstance }> {
     let rec = initial;
     const grant = rec.grant;
     const attempts: Attempt[] = [...rec.attempts];
-    let backend = this.o.fleet.get(rec.backend ?? "") ?? this.o.fleet.provisionForGrant(grant);
+    let backend = this.o.fleet.get(rec.backend ?? "");
+    let placement = rec.placement;
+    if (!backend) {
+      // Its backend left the config before provisioning: admitted again, to whichever takes it.
+      ({ backend, placement } = this.o.fleet.provisionForGrant(grant, rec.envelope));
+    }
     let transient = 0;
     for (;;) {
       if (rec.state !== "provisioning" || rec.backend !== backend.name)
-        rec = await this.transition(rec, "provisioning", { backend: backend.name, attempts, note: `idempotency key derived from request_id ${grant.request_id}` });
+        rec = await this.transition(rec, "provisioning", { backend: backend.name, placement, attempts, note: `idempotency key derived from request_id ${grant.request_id}` });
+      await this.holdSlot(task, grant.request_id, slotKey(backend.name, grant.region), signal);
       const t0 = this.o.clock.now();
       try {
-        const instance = await backend.provision(grant, this.envelopeFor(rec), signal);
+        const instance = await backend.provision(grant, this.envelopeFor(rec), signal, placement ?? undefined);
         this.o.events?.provisioned?.(backend.name, (this.o.clock.now() - t0) / 1000);
         return { rec, instance };
       } catch (e) {
@@ -292,13 +433,15 @@ export class GrantManager {
         // Anything half-created on the backend that declined is removed before moving on.
         await this.terminateWithRetry(backend, placeholder(grant, backend.name), signal);
         const tried = new Set(attempts.map((a) => a.backend));
-        const next = attempts.length < this.o.maxAttempts ? this.o.fleet.route(grant, tried) : null;
+        // The reservation moves with the grant; with nowhere to go it stays until the grant ends.
+        const next = attempts.length < this.o.maxAttempts ? this.o.fleet.admit(grant, rec.envelope, tried) : null;
         if (!next || !next.ok) {
           rec = await this.o.store.transition(grant.request_id, "provisioning", { attempts, note: "no backend left to try" });
           throw e;
         }
         this.o.log.warn({ request_id: grant.request_id, backend: backend.name, next_backend: next.backend.name, err: { kind, message: messageOf(e) } }, "failing over to the next backend");
         backend = next.backend;
+        placement = next.placement;
         transient = 0;
       }
     }
@@ -378,6 +521,8 @@ export class GrantManager {
   private async finish(rec: GrantRecord, outcome: Outcome): Promise<void> {
     const log = buildComputeLog(this.o.providerId, rec, outcome, this.o.clock.now(), this.o.identity);
     const done = await this.o.store.finish(rec.request_id, outcome.state, log, { error_kind: outcome.error_kind, error_message: outcome.error_message }, this.o.publishLogs ?? false);
+    // Ended in the store, so ended in the ledger: a restart would not count it either.
+    this.o.fleet.reservations.release(rec.request_id);
     this.o.events?.transition?.(rec.backend, rec.state, outcome.state);
     this.o.log.info(
       { request_id: rec.request_id, backend: rec.backend, instance_id: rec.instance?.instance_id, state: done.state, exit_code: log.exit_code, partial: log.partial, ...(outcome.error_kind ? { err: { kind: outcome.error_kind } } : {}) },
@@ -406,6 +551,13 @@ export class GrantManager {
   private failOutcome(kind: string, message: string): Outcome {
     return { ...this.outcome("failed", null), error_kind: kind, error_message: message };
   }
+}
+
+/** Provision calls in flight per backend and region unless fleet.provision_concurrency says otherwise. */
+export const DEFAULT_PROVISION_CONCURRENCY = 16;
+
+function slotKey(backend: string, region: string): string {
+  return `${backend}|${region}`;
 }
 
 /** An instance known only by its request_id: backends locate its resources from that alone. */

@@ -30,7 +30,7 @@ export interface Listener {
  * The public view of a grant record. The bridge-generated private key is included only where
  * asked for (GET /v1/grants/{id}); lists, cancels and idempotent re-posts never carry it.
  */
-export function grantView(r: GrantRecord, o: { privateKey?: boolean } = {}) {
+export function grantView(r: GrantRecord, o: { privateKey?: boolean; queued?: { queued_at: string; position: number } | null } = {}) {
   return {
     request_id: r.request_id,
     state: r.state,
@@ -49,6 +49,8 @@ export function grantView(r: GrantRecord, o: { privateKey?: boolean } = {}) {
     error: r.error_kind ? { kind: r.error_kind, message: r.error_message ?? "" } : null,
     attempts: r.attempts,
     cancel_requested: r.cancel_requested,
+    // Accepted and waiting for a provisioning slot of its backend (state stays "provisioning").
+    ...(o.queued ? { queue: o.queued } : {}),
     created_at: r.created_at,
     updated_at: r.updated_at,
   };
@@ -202,7 +204,7 @@ export function buildListener(o: ListenerOptions): Listener {
     if (!id.success) return reply.code(400).send(badRequest([{ path: "request_id", message: id.error.issues[0]?.message ?? "invalid" }]));
     const rec = o.store.get(id.data);
     if (!rec) return reply.code(404).send({ error: "not_found", message: `no grant ${id.data}` });
-    return grantView(rec, { privateKey: true });
+    return grantView(rec, { privateKey: true, queued: o.manager.queued(rec.request_id) });
   });
 
   app.delete("/v1/grants/:id", async (req, reply) => {

@@ -1,7 +1,8 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 import type { BackendMetrics } from "../backends/backend.js";
 import type { Decline } from "../domain/index.js";
-import type { ManagerEvents } from "../lifecycle/manager.js";
+import type { Fleet } from "../fleet/fleet.js";
+import type { GrantManager, ManagerEvents } from "../lifecycle/manager.js";
 import type { Store } from "../store/store.js";
 
 const SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200];
@@ -19,6 +20,7 @@ export class BridgeMetrics implements BackendMetrics {
   private readonly throttles = new Counter({ name: "cb_api_throttled_total", help: "Throttled API calls", labelNames: ["backend", "operation"], registers: [this.registry] });
   private readonly ssh = new Gauge({ name: "cb_ssh_session_up", help: "1 when the persistent SSH session to a machine is up", labelNames: ["backend", "machine"], registers: [this.registry] });
   private readonly orphans = new Counter({ name: "cb_orphans_swept_total", help: "Resources without a live grant that were removed", labelNames: ["backend", "kind"], registers: [this.registry] });
+  private readonly queueWait = new Histogram({ name: "cb_provision_queue_wait_seconds", help: "Time accepted grants waited for a provisioning slot, per backend", labelNames: ["backend"], buckets: SECONDS, registers: [this.registry] });
   readonly storeWrite = new Histogram({ name: "cb_store_write_seconds", help: "Durable store write (group commit) latency", labelNames: ["op"], buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25], registers: [this.registry] });
 
   constructor(store: Store, activeGrants: () => number) {
@@ -49,7 +51,71 @@ export class BridgeMetrics implements BackendMetrics {
       provisioned: (backend, seconds) => this.provisionSeconds.observe({ backend }, seconds),
       ready: (backend, seconds) => this.readySeconds.observe({ backend }, seconds),
       failover: (backend, kind) => this.failovers.inc({ backend, kind }),
+      dequeued: (backend, seconds) => this.queueWait.observe({ backend }, seconds),
     };
+  }
+
+  /** Admission: provisioning queues, and reservations held against each backend's capacity. */
+  watchAdmission(fleet: Fleet, manager: GrantManager): void {
+    const registers = [this.registry];
+    new Gauge({
+      name: "cb_provision_queue_depth",
+      help: "Accepted grants waiting for a provisioning slot, per backend and region",
+      labelNames: ["backend", "region"],
+      registers,
+      collect() {
+        this.reset();
+        for (const q of manager.queueStats()) this.set({ backend: q.backend, region: q.region }, q.waiting);
+      },
+    });
+    new Gauge({
+      name: "cb_provision_in_flight",
+      help: "provision() calls in flight, per backend and region (at most fleet.provision_concurrency)",
+      labelNames: ["backend", "region"],
+      registers,
+      collect() {
+        this.reset();
+        for (const q of manager.queueStats()) this.set({ backend: q.backend, region: q.region }, q.running);
+      },
+    });
+    new Gauge({
+      name: "cb_reservations",
+      help: "Grants holding a capacity reservation (accepted, not yet ended), per backend",
+      labelNames: ["backend"],
+      registers,
+      collect() {
+        this.reset();
+        for (const b of fleet.backends) this.set({ backend: b.name }, fleet.reservations.held(b.name).count);
+      },
+    });
+    new Gauge({
+      name: "cb_reserved",
+      help: "CPU (millicores) and RAM (MiB) reserved by open grants, per backend",
+      labelNames: ["backend", "resource"],
+      registers,
+      collect() {
+        this.reset();
+        for (const b of fleet.backends) {
+          const h = fleet.reservations.held(b.name);
+          this.set({ backend: b.name, resource: "cpu_millicores" }, h.cpu_millicores);
+          this.set({ backend: b.name, resource: "ram_mib" }, h.ram_mib);
+        }
+      },
+    });
+    new Gauge({
+      name: "cb_capacity",
+      help: "Declared capacity: CPU (millicores) and RAM (MiB), per backend",
+      labelNames: ["backend", "resource"],
+      registers,
+      collect() {
+        this.reset();
+        for (const b of fleet.backends) {
+          const c = b.capabilities();
+          this.set({ backend: b.name, resource: "cpu_millicores" }, c.max_cpu_millicores);
+          this.set({ backend: b.name, resource: "ram_mib" }, c.max_ram_mib);
+        }
+      },
+    });
   }
 
   apiCall(backend: string, operation: string, code: string): void {

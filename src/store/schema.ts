@@ -30,6 +30,8 @@ export interface GrantRecord {
   envelope: Envelope;
   state: GrantState;
   backend: string | null;
+  /** Where inside `backend` the grant's capacity is reserved (a bare-metal machine), if anywhere. */
+  placement: string | null;
   instance: ProvisionedInstance | null;
   private_key: string | null;
   public_key: string | null;
@@ -48,6 +50,8 @@ export interface NewGrant {
   grant: ComputeGrant;
   envelope: Envelope;
   backend: string;
+  /** Where inside `backend` its capacity is reserved (absent: the backend has one pool). */
+  placement?: string | null;
   private_key: string | null;
   public_key: string | null;
 }
@@ -73,6 +77,7 @@ export interface Row {
   created_at: string;
   updated_at: string;
   routed_backend: string | null;
+  placement: string | null;
 }
 
 /** Forward-only migrations; PRAGMA user_version records how many have run. */
@@ -130,6 +135,10 @@ const MIGRATIONS: string[] = [
   // routed backend left the config before provisioning; the history's first entry reads this.
   // NULL in rows accepted before it (their history falls back to the first attempt).
   `ALTER TABLE grants ADD COLUMN routed_backend TEXT;`,
+  // Capacity is reserved at accept (issue #15): a non-terminal row is its grant's reservation on
+  // `backend`, and this is where inside the backend (a bare-metal machine); NULL where the
+  // backend has one pool. The ledger is rebuilt from these rows at start.
+  `ALTER TABLE grants ADD COLUMN placement TEXT;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -196,6 +205,7 @@ export function toRecord(r: Row): GrantRecord {
     envelope: JSON.parse(r.envelope_json) as Envelope,
     state: r.state,
     backend: r.backend,
+    placement: r.placement,
     instance: r.instance_json ? (JSON.parse(r.instance_json) as ProvisionedInstance) : null,
     private_key: r.private_key,
     public_key: r.public_key,

@@ -22,6 +22,7 @@ export interface Transition {
 /** What a transition changes alongside the state. */
 export interface GrantChanges {
   backend?: string | null;
+  placement?: string | null;
   instance?: ProvisionedInstance | null;
   error_kind?: string | null;
   error_message?: string | null;
@@ -186,6 +187,7 @@ export class Store {
         grant: g.grant,
         envelope: g.envelope,
         backend: g.backend,
+        placement: g.placement ?? null,
         private_key: g.private_key,
         public_key: g.public_key,
       },
@@ -204,6 +206,7 @@ export class Store {
         envelope: g.envelope,
         state: "provisioning",
         backend: g.backend,
+        placement: g.placement ?? null,
         instance: null,
         private_key: g.private_key,
         public_key: g.public_key,
@@ -385,6 +388,7 @@ function countKey(state: string, backend: string | null): string {
 function columns(c: GrantChanges): ColumnChanges {
   const out: ColumnChanges = {};
   if (c.backend !== undefined) out.backend = c.backend;
+  if (c.placement !== undefined) out.placement = c.placement;
   if (c.instance !== undefined) out.instance_json = c.instance ? JSON.stringify(c.instance) : null;
   if (c.error_kind !== undefined) out.error_kind = c.error_kind;
   if (c.error_message !== undefined) out.error_message = c.error_message;

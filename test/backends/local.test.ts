@@ -1,3 +1,5 @@
+import { Fleet } from "../../src/fleet/fleet.js";
+import { systemClock } from "../../src/util/clock.js";
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
@@ -129,15 +131,20 @@ describe("local backend", () => {
     void g;
   });
 
-  it("enforces max_concurrent at provision time with a CapacityError naming the offering", async (t) => {
-    const dir = tempDir(t);
-    const img = scriptImage(dir, "forever", "sleep 600");
-    const b = localBackend(path.join(dir, "state"), { max_concurrent: 1 });
-    const i1 = await b.provision(localGrant("cap-1"), { image: { ...img, format: "bundle" } }, never);
-    assert.equal(b.canSatisfy(localGrant("cap-2")).ok, false);
-    await assert.rejects(b.provision(localGrant("cap-2"), { image: { ...img, format: "bundle" } }, never), (e: unknown) => e instanceof CapacityError && e.offering?.shape === "local");
-    await b.terminate(i1);
-    assert.equal(b.canSatisfy(localGrant("cap-2")).ok, true);
+  it("declines at_capacity from what it holds (the Fleet's reservations), not from what it has started", (t) => {
+    const b = localBackend(path.join(tempDir(t), "state"), { max_concurrent: 2 });
+    const f = Fleet.of([b], systemClock);
+    const env = { image: { url: "file:///x", sha256: "0".repeat(64), format: "bundle" as const } };
+    assert.equal(f.admit(localGrant("cap-1"), env).ok, true);
+    assert.equal(f.admit(localGrant("cap-2"), env).ok, true);
+    // Nothing has been provisioned yet: two accepted grants already fill it.
+    const third = f.admit(localGrant("cap-3"), env);
+    assert.equal(third.ok === false && third.declines[0]!.code, "at_capacity");
+    assert.match(third.ok === false ? third.declines[0]!.message : "", /holds 2 of 2 workloads \(max_concurrent\)/);
+    f.reservations.release("cap-1");
+    assert.equal(f.admit(localGrant("cap-3"), env).ok, true, "a released reservation frees its slot");
+    const disk = b.canSatisfy(localGrant("d"), undefined, { image: { ...env.image, format: "disk" } });
+    assert.equal(disk.ok === false && disk.code, "image_format_not_supported");
   });
 
   it("declines with reasons", (t) => {

@@ -27,17 +27,17 @@ const full = staticBackend("full", { regions: ["eu-1"], tdx_capable: true, max_c
 describe("Fleet routing", () => {
   it("first match wins, in fleet order", () => {
     const f = Fleet.of([a, b], systemClock);
-    assert.equal(f.provisionForGrant(grant()).name, "a");
+    assert.equal(f.provisionForGrant(grant()).backend.name, "a");
     const g = Fleet.of([b, a], systemClock);
-    assert.equal(g.provisionForGrant(grant()).name, "b");
+    assert.equal(g.provisionForGrant(grant()).backend.name, "b");
   });
 
   it("skips backends that decline and excluded ones", () => {
     const f = Fleet.of([full, a, b], systemClock);
-    assert.equal(f.provisionForGrant(grant()).name, "a");
-    assert.equal(f.provisionForGrant(grant({ tdx_required: true })).name, "b");
-    assert.equal(f.provisionForGrant(grant({ region: "ap-1" })).name, "b");
-    assert.equal(f.provisionForGrant(grant(), new Set(["a"])).name, "b");
+    assert.equal(f.provisionForGrant(grant()).backend.name, "a");
+    assert.equal(f.provisionForGrant(grant({ tdx_required: true })).backend.name, "b");
+    assert.equal(f.provisionForGrant(grant({ region: "ap-1" })).backend.name, "b");
+    assert.equal(f.provisionForGrant(grant(), undefined, new Set(["a"])).backend.name, "b");
   });
 
   it("lists every backend's machine-readable decline reason when none can", () => {

@@ -14,6 +14,7 @@ function record(withInstance: boolean): GrantRecord {
     envelope: { image: { url: "file:///x", sha256: "a".repeat(64), format: "bundle" } },
     state: "terminating",
     backend: "local",
+    placement: null,
     instance: withInstance
       ? { request_id: "r-1", backend: "local", instance_id: "local-r-1", region: "local", host: null, ssh_port: null, ssh_user: null, host_key_sha256: null, started_at: started, cpu_millicores: 500, ram_mib: 256, details: {} }
       : null,
