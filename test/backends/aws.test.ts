@@ -1,3 +1,4 @@
+import { Reservations } from "../../src/fleet/reservations.js";
 /**
  * AWS backend against the EC2 wire-protocol fake (test/fakes/ec2.ts) with the real EC2Client.
  * Run: node --import tsx --test test/backends/aws.test.ts
@@ -752,10 +753,13 @@ describe("aws backend with the EC2 fake", () => {
     const ud = Buffer.from(fake.getInstance(inst.instance_id)?.userDataBase64 ?? "", "base64");
     assert.ok(ud.length <= 16384 && ud[0] === 0x1f && ud[1] === 0x8b, "gzip user data");
     assert.match(gunzipSync(ud).toString(), /^#!\/bin\/sh\n/);
-    assert.equal((aws.canSatisfy(grant("two-1")) as { code: string }).code, "at_capacity");
-    await assert.rejects(aws.provision(grant("two-1"), { image: { ...img, format: "bundle" } }, never), CapacityError);
+    // Capacity is decided at admission from what the backend holds (the Fleet's reservations).
+    const ledger = new Reservations();
+    ledger.reserve({ request_id: "one-1", backend: aws.name, placement: null, cpu_millicores: 1000, ram_mib: 1024 });
+    assert.equal((aws.canSatisfy(grant("two-1"), ledger.held(aws.name)) as { code: string }).code, "at_capacity");
     await aws.terminate(inst);
-    assert.deepEqual(aws.canSatisfy(grant("two-1")), { ok: true });
+    ledger.release("one-1");
+    assert.deepEqual(aws.canSatisfy(grant("two-1"), ledger.held(aws.name)), { ok: true });
     assert.equal(fake.createdCount, 1);
   });
 

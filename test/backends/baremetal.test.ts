@@ -1,3 +1,4 @@
+import { Reservations } from "../../src/fleet/reservations.js";
 // The bare-metal backend against real OpenSSH servers on 127.0.0.1 (test/fakes/sshd.ts, one per
 // simulated machine) running the systemd / libvirt stand-ins (test/fakes/bin).
 //
@@ -276,8 +277,13 @@ describe("bare-metal backend over SSH", () => {
     assert.equal(ok.filter((i) => i.details.machine === "m2").length, 4);
     assert.equal(unitsOn(A).length, 4, "the machine itself runs 4");
     assert.equal(unitsOn(B).length, 4);
-    const d = b.canSatisfy(grant("conc-extra", 60_000, { cpu_millicores: 500, ram_mib: 256 }));
+    // Admission decides from reservations: with these eight held where they run, a ninth is declined.
+    const ledger = new Reservations();
+    for (const i of ok) ledger.reserve({ request_id: i.request_id, backend: b.name, placement: String(i.details.machine), cpu_millicores: 500, ram_mib: 256 });
+    const d = b.canSatisfy(grant("conc-extra", 60_000, { cpu_millicores: 500, ram_mib: 256 }), ledger.held(b.name));
     assert.equal(d.ok === false && d.code, "at_capacity");
+    ledger.release(ok.find((i) => i.details.machine === "m2")!.request_id);
+    assert.deepEqual(b.canSatisfy(grant("conc-extra", 60_000, { cpu_millicores: 500, ram_mib: 256 }), ledger.held(b.name)), { ok: true, placement: "m2" }, "placed where a reservation was released");
     for (const m of Object.values(b.diagnostics())) assert.ok(m.channels_peak <= 8, `at most 8 channels per connection (peak ${m.channels_peak})`);
     // Free two slots on m1: the next grants go there, and still never beyond.
     const onM1 = ok.filter((i) => i.details.machine === "m1");
