@@ -141,6 +141,8 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const reconcileAll = async () => {
     if (reconciling || stopping) return;
     reconciling = true;
+    // Ended grants of past months no longer count against any cap.
+    fleet.spend?.budgets.prune(clock.now());
     try {
       const live = new Set(store.nonTerminal().map((g) => g.request_id));
       for (const b of fleet.backends) {

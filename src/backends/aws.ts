@@ -342,9 +342,9 @@ export class AwsBackend implements ManagedBackend {
     }
     const full = countDecline(this.name, held, this.cfg.max_concurrent_instances, "max_concurrent_instances");
     if (full) return full;
-    if (fitting.every((t) => this.unavailable.isUnavailable(this.name, grant.region, t.name)))
-      return { ok: false, code: "offering_unavailable", message: `no capacity was reported recently in ${grant.region} for ${fitting.map((t) => t.name).join(", ")}` };
-    return { ok: true };
+    const first = fitting.find((t) => !this.unavailable.isUnavailable(this.name, grant.region, t.name));
+    if (!first) return { ok: false, code: "offering_unavailable", message: `no capacity was reported recently in ${grant.region} for ${fitting.map((t) => t.name).join(", ")}` };
+    return { ok: true, shape: first.name };
   }
 
   async provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<ProvisionedInstance> {

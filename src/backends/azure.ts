@@ -227,9 +227,9 @@ export class AzureBackend implements ManagedBackend {
       return { ok: false, code: "too_large", message: `no configured ${grant.tdx_required ? "TDX " : ""}VM size has ${grant.cpu_millicores}m CPU and ${grant.ram_mib} MiB` };
     const full = countDecline(this.name, held, this.cfg.max_concurrent_instances, "max_concurrent_instances");
     if (full) return full;
-    if (!fitting.some((s) => !this.unavailable.isUnavailable(this.name, grant.region, s.name)))
-      return { ok: false, code: "offering_unavailable", message: `every fitting VM size in ${grant.region} recently reported no capacity (${fitting.map((s) => s.name).join(", ")})` };
-    return { ok: true };
+    const first = fitting.find((s) => !this.unavailable.isUnavailable(this.name, grant.region, s.name));
+    if (!first) return { ok: false, code: "offering_unavailable", message: `every fitting VM size in ${grant.region} recently reported no capacity (${fitting.map((s) => s.name).join(", ")})` };
+    return { ok: true, shape: first.name };
   }
 
   async provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<ProvisionedInstance> {

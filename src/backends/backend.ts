@@ -6,9 +6,10 @@ import type { OfferingCache } from "./offering-cache.js";
 /**
  * `placement`: where inside the backend the grant's capacity is reserved, when the backend has
  * more than one pool of it (a bare-metal machine's name). The Fleet records it with the
- * reservation and hands it back to provision().
+ * reservation and hands it back to provision(). `shape`: the instance type / machine type / VM
+ * size a cloud would launch first, which prices the grant (fleet/pricing.ts).
  */
-export type Satisfaction = { ok: true; placement?: string } | { ok: false; code: DeclineCode; message: string };
+export type Satisfaction = { ok: true; placement?: string; shape?: string } | { ok: false; code: DeclineCode; message: string };
 
 /** Totals of a set of reservations. */
 export interface Usage {

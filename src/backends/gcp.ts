@@ -197,9 +197,9 @@ export class GcpBackend implements ManagedBackend {
     const full = countDecline(this.name, held, this.cfg.max_concurrent_instances, "max_concurrent_instances");
     if (full) return full;
     if (this.credentialProblem !== null) return { ok: false, code: "backend_unavailable", message: "gcp credentials are currently refused; see the bridge log" };
-    if (fits.every((s) => this.unavailable.isUnavailable(this.name, grant.region, s.name)))
-      return { ok: false, code: "offering_unavailable", message: `no capacity recently for ${fits.map((s) => s.name).join(", ")} in ${grant.region}` };
-    return { ok: true };
+    const first = fits.find((s) => !this.unavailable.isUnavailable(this.name, grant.region, s.name));
+    if (!first) return { ok: false, code: "offering_unavailable", message: `no capacity recently for ${fits.map((s) => s.name).join(", ")} in ${grant.region}` };
+    return { ok: true, shape: first.name };
   }
 
   async provision(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<ProvisionedInstance> {

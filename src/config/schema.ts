@@ -78,6 +78,19 @@ export const LogConfig = z.strictObject({
 export const NO_BACKENDS =
   "no backends configured — enable at least one of aws / gcp / azure / baremetal in the boot config (or local, for development)";
 
+/** Money per hour (the fleet's currency); at most 6 decimals matter. */
+const Price = z.number().nonnegative().finite();
+
+/** Spend caps per UTC day and month, in the fleet's currency (issue #20). */
+export const BudgetConfig = z.strictObject({
+  per_day: z.number().positive().finite().optional(),
+  per_month: z.number().positive().finite().optional(),
+});
+export type BudgetConfig = z.infer<typeof BudgetConfig>;
+
+/** Price per hour of each shape (instance type, machine type, VM size) a cloud backend may launch. */
+const ShapePrices = z.record(z.string().regex(/^[A-Za-z0-9_.-]{1,80}$/, "must be a shape name"), Price);
+
 export const BACKEND_NAMES = ["aws", "gcp", "azure", "baremetal", "local"] as const;
 export type BackendName = (typeof BACKEND_NAMES)[number];
 
@@ -89,6 +102,13 @@ export const FleetConfig = z.strictObject({
   unavailable_ttl_seconds: z.number().int().nonnegative().default(300),
   /** Provision calls at most in flight per backend and region; accepted grants beyond wait in order. */
   provision_concurrency: PositiveInt.max(1024).default(16),
+  /** "ordered": first backend that can take it (operator's order); "cheapest": lowest hourly price, ties by order. */
+  policy: z.enum(["ordered", "cheapest"]).default("ordered"),
+  /** ISO 4217 code of every price and budget. */
+  currency: z.string().regex(/^[A-Z]{3}$/, 'must be an ISO 4217 code like "USD"').default("USD"),
+  /** Publish each backend's prices on the ProviderCard. */
+  publish_prices: z.boolean().default(false),
+  budget: BudgetConfig.optional(),
 });
 
 const marketToken = secretRef("token", true);
@@ -131,6 +151,10 @@ export const LocalConfig = z.strictObject({
   poll_interval_ms: PositiveInt.default(200),
   terminate_grace_seconds: z.number().nonnegative().default(5),
   max_image_bytes: PositiveInt.default(1024 * 1024 * 1024),
+  /** Price per hour of 1,000 millicores and of 1 GiB allocated (absent: free). */
+  price_per_cpu_hour: Price.optional(),
+  price_per_gib_hour: Price.optional(),
+  budget: BudgetConfig.optional(),
 });
 
 const AwsRegion = z.strictObject({
@@ -153,6 +177,8 @@ export const AwsConfig = z
     endpoint: Url.optional(),
     tag_prefix: z.string().regex(/^[A-Za-z0-9:._-]{1,64}$/).default("compute-bridge"),
     ssh_user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("ec2-user"),
+    prices: ShapePrices.default({}),
+    budget: BudgetConfig.optional(),
     ...Timeouts,
   })
   .superRefine((v, ctx) => {
@@ -188,6 +214,8 @@ export const GcpConfig = z.strictObject({
   api_endpoint: Url.optional(),
   ssh_user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("compute-bridge"),
   label_prefix: z.string().regex(/^[a-z][a-z0-9_-]{0,30}$/).default("compute-bridge"),
+  prices: ShapePrices.default({}),
+  budget: BudgetConfig.optional(),
   ...Timeouts,
 }).superRefine((v, ctx) => {
   if (v.machine_types.length + v.tdx_machine_types.length === 0)
@@ -240,6 +268,8 @@ export const AzureConfig = z
     /** PEM bundle to trust in addition to the system CAs (private endpoints, tests). */
     ca_file: Path.optional(),
     admin_username: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("computebridge"),
+    prices: ShapePrices.default({}),
+    budget: BudgetConfig.optional(),
     ...Timeouts,
   })
   .superRefine((v, ctx) => {
@@ -295,6 +325,9 @@ export const BareMetalMachine = z
     virt_type: z.enum(["kvm", "qemu"]).default("kvm"),
     /** systemd mode: the (unprivileged) user workloads run as; unset, they run as root. */
     run_as: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/, "must be a user name").optional(),
+    /** What the machine's capacity costs per hour: per 1,000 millicores and per GiB allocated. */
+    price_per_cpu_hour: Price.optional(),
+    price_per_gib_hour: Price.optional(),
   })
   .superRefine((m, ctx) => {
     if (m.tdx_capable && m.mode !== "virsh")
@@ -316,6 +349,7 @@ export const BareMetalConfig = z
     max_channels_per_machine: PositiveInt.max(9).default(8),
     poll_interval_ms: PositiveInt.default(1000),
     ready_timeout_seconds: PositiveInt.default(300),
+    budget: BudgetConfig.optional(),
   })
   .superRefine((v, ctx) => {
     const seen = new Map<string, number>();
@@ -340,7 +374,7 @@ export const BootConfig = z
     listener: ListenerConfig,
     almanac: AlmanacConfig,
     log: LogConfig.default({ level: "info" }),
-    fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300, provision_concurrency: 16 }),
+    fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300, provision_concurrency: 16, policy: "ordered", currency: "USD", publish_prices: false }),
     market: MarketConfig.optional(),
     backends: BackendsConfig.default({}),
   })
@@ -357,7 +391,30 @@ export const BootConfig = z
       for (const n of configured)
         if (!order.includes(n)) ctx.addIssue({ code: "custom", path: ["fleet", "order"], message: `configured backend "${n}" is missing from the order (list every configured backend)` });
     }
+    // Spend caps and the cheapest policy need a price for everything that may be launched.
+    const budgeted = v.fleet.budget !== undefined || configured.some((n) => v.backends[n]?.budget !== undefined);
+    if (budgeted || v.fleet.policy === "cheapest") {
+      const why = budgeted ? "a budget is set" : 'fleet.policy is "cheapest"';
+      for (const { path, message } of unpricedShapes(v)) ctx.addIssue({ code: "custom", path, message: `${message} (required because ${why})` });
+    }
   });
+
+/** Every shape or machine of the config that has no price, with the config path to give it one. */
+export function unpricedShapes(v: { backends: z.infer<typeof BackendsConfig> }): { path: (string | number)[]; message: string }[] {
+  const out: { path: (string | number)[]; message: string }[] = [];
+  const b = v.backends;
+  const shapes = (name: "aws" | "gcp" | "azure", prices: Record<string, number>, list: string[]) => {
+    for (const s of list) if (prices[s] === undefined) out.push({ path: ["backends", name, "prices", s], message: `no price_per_hour for ${s}: add ${JSON.stringify(s)} = <price> to [backends.${name}.prices]` });
+  };
+  if (b.aws) shapes("aws", b.aws.prices, b.aws.instance_types);
+  if (b.gcp) shapes("gcp", b.gcp.prices, [...b.gcp.machine_types, ...b.gcp.tdx_machine_types].map((m) => m.name));
+  if (b.azure) shapes("azure", b.azure.prices, [...b.azure.vm_sizes, ...b.azure.tdx_vm_sizes].map((m) => m.name));
+  b.baremetal?.machines.forEach((m, i) => {
+    for (const k of ["price_per_cpu_hour", "price_per_gib_hour"] as const)
+      if (m[k] === undefined) out.push({ path: ["backends", "baremetal", "machines", i, k], message: `machine ${m.name} has no ${k}` });
+  });
+  return out;
+}
 export type BootConfig = z.infer<typeof BootConfig>;
 export type LocalConfig = z.infer<typeof LocalConfig>;
 export type AwsConfig = z.infer<typeof AwsConfig>;

@@ -21,6 +21,13 @@ export const UnsignedProviderCard = z.strictObject({
   config_digest: z.string().regex(/^[0-9a-f]{64}$/),
   /** base64 raw ed25519 public key of the bridge identity. */
   public_key: z.string(),
+  /** Only with [fleet] publish_prices = true: price per hour of each shape / machine rates. */
+  prices: z
+    .strictObject({
+      currency: z.string(),
+      backends: z.record(z.string(), z.record(z.string(), z.union([z.number(), z.strictObject({ per_cpu_hour: z.number().nullable(), per_gib_hour: z.number().nullable() })]))),
+    })
+    .optional(),
 });
 export type UnsignedProviderCard = z.infer<typeof UnsignedProviderCard>;
 

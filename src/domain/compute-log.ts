@@ -6,6 +6,9 @@ export const UsageMetrics = z.strictObject({
   cpu_seconds: z.number().nonnegative().nullable(),
   cpu_millicore_seconds: z.number().nonnegative(),
   ram_mib_seconds: z.number().nonnegative(),
+  /** Price x billed time, by the backend's billing rule (null: no price configured). */
+  cost: z.number().nonnegative().nullable(),
+  currency: z.string(),
 });
 export type UsageMetrics = z.infer<typeof UsageMetrics>;
 

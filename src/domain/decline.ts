@@ -9,6 +9,7 @@ export const DeclineCode = z.enum([
   "at_capacity",
   "offering_unavailable",
   "backend_unavailable",
+  "budget_exhausted",
 ]);
 export type DeclineCode = z.infer<typeof DeclineCode>;
 
@@ -16,5 +17,8 @@ export const Decline = z.strictObject({
   backend: z.string(),
   code: DeclineCode,
   message: z.string(),
+  /** budget_exhausted: what is left of the cap that declined it, in `currency`. */
+  remaining: z.number().nonnegative().optional(),
+  currency: z.string().optional(),
 });
 export type Decline = z.infer<typeof Decline>;

@@ -11,7 +11,9 @@ import type { Fleet } from "./fleet.js";
  * gives the same digest however its tables are ordered; another backend set gives another one.
  */
 export function configDigest(cfg: BootConfig): string {
-  const enabled = Object.fromEntries(Object.entries(cfg.backends).filter(([, v]) => v !== undefined));
+  // Prices and spend caps are commercial settings, not what the bridge is: they stay out of its
+  // measured identity (a budget raised at noon is the same provider).
+  const enabled = Object.fromEntries(Object.entries(cfg.backends).filter(([, v]) => v !== undefined).map(([k, v]) => [k, withoutCommercial(v as object)]));
   return sha256Hex(canonicalJson({ backend_set: Object.keys(enabled).sort(), backends: enabled }));
 }
 
@@ -28,6 +30,18 @@ export function buildCard(cfg: BootConfig, fleet: Fleet, identity: Identity): Pr
     backends: entries.map((e) => ({ name: e.name, capabilities: e.capabilities, status: e.status })),
     config_digest: configDigest(cfg),
     public_key: identity.publicKeyBase64,
+    ...(cfg.fleet.publish_prices && fleet.spend ? { prices: { currency: fleet.spend.currency, backends: fleet.spend.prices.table() } } : {}),
   };
   return { ...unsigned, signature: identity.signDoc(unsigned) };
+}
+
+const COMMERCIAL = new Set(["prices", "budget", "price_per_cpu_hour", "price_per_gib_hour"]);
+
+function withoutCommercial(v: object): object {
+  const out: Record<string, unknown> = {};
+  for (const [k, x] of Object.entries(v)) {
+    if (COMMERCIAL.has(k)) continue;
+    out[k] = Array.isArray(x) ? x.map((e) => (e && typeof e === "object" ? withoutCommercial(e as object) : e)) : x;
+  }
+  return out;
 }

@@ -7,6 +7,8 @@ import {
   type ManagedBackend,
 } from "../backends/backend.js";
 import { grantRequestDigest, type Almanac, type ComputeGrant, type Decline, type Envelope, type ExitObservation, type GrantRequest, type ProvisionedInstance } from "../domain/index.js";
+import { windowOf } from "../fleet/budget.js";
+import { costOf } from "../fleet/pricing.js";
 import { NoBackendError, reservationOf, type Fleet } from "../fleet/fleet.js";
 import type { Attempt, GrantRecord, Outcome, Store } from "../store/store.js";
 import { backoffMs, isAbort, type Clock } from "../util/clock.js";
@@ -98,6 +100,7 @@ class Task {
 }
 
 const TRANSIENT_PROVISION_RETRIES = 3;
+const TERMINAL: readonly string[] = ["completed", "failed", "expired", "cancelled"];
 
 /** Why a provisioning wait was cut short: the grant ends with this outcome. */
 class Interrupted extends Error {
@@ -141,6 +144,19 @@ export class GrantManager {
     // Capacity promised before a restart is still promised: the ledger is rebuilt from the open
     // grants before the listener can accept anything (the daemon builds the manager first).
     for (const rec of o.store.nonTerminal()) if (rec.backend) o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
+    // Spend caps: every grant accepted this month is charged again, an open one its worst case
+    // from its accept, an ended one what it cost.
+    const spend = o.fleet.spend;
+    if (spend?.budgets.active) {
+      const monthStart = `${windowOf("month", o.clock.now())}-01T00:00:00.000Z`;
+      for (const rec of o.store.acceptedSince(monthStart)) {
+        if (!rec.backend) continue;
+        const at = Date.parse(rec.created_at);
+        const open = !TERMINAL.includes(rec.state);
+        const amount = open ? spend.worstCase(rec.backend, rec.grant, rec.price_per_hour, at) : (rec.cost ?? 0);
+        spend.budgets.charge({ request_id: rec.request_id, backend: rec.backend, amount, at_ms: at, settled: !open });
+      }
+    }
   }
 
   /** Grants the bridge is responsible for right now: driven by a task or waiting for a slot. */
@@ -154,6 +170,19 @@ export class GrantManager {
       const i = key.indexOf("|");
       return { backend: key.slice(0, i), region: key.slice(i + 1), ...s };
     });
+  }
+
+  /**
+   * What a grant has cost: its ComputeLog's figure once ended, else its price times the billed
+   * time it has run so far; null without a price.
+   */
+  cost(rec: GrantRecord): { amount: number; currency: string; final: boolean } | null {
+    const spend = this.o.fleet.spend;
+    if (!spend || rec.price_per_hour === null) return null;
+    if (rec.cost !== null) return { amount: rec.cost, currency: spend.currency, final: true };
+    const started = rec.instance ? Date.parse(rec.instance.started_at) : null;
+    const seconds = started === null ? 0 : (this.o.clock.now() - started) / 1000;
+    return { amount: costOf(rec.price_per_hour, seconds, spend.prices.rule(rec.backend ?? "")), currency: spend.currency, final: false };
   }
 
   /** Where a grant waits for a provisioning slot, if it does (for its record). */
@@ -186,6 +215,7 @@ export class GrantManager {
       const k = known();
       if (k) return k;
       this.o.events?.decline?.(route.declines);
+      this.o.log.info({ request_id: grant.request_id, region: grant.region, declines: route.declines }, "grant declined");
       return { status: "declined", declines: route.declines };
     }
     let privateKey: string | null = null;
@@ -203,18 +233,22 @@ export class GrantManager {
         envelope,
         backend: route.backend.name,
         placement: route.placement,
+        price_per_hour: route.price_per_hour,
         private_key: privateKey,
         public_key: publicKey,
       });
     } catch (e) {
-      this.o.fleet.reservations.release(grant.request_id);
+      this.o.fleet.release(grant.request_id);
       throw e;
     }
     // A grant that had ended already (a re-post or a conflict) holds nothing.
-    if (r.status !== "created") this.o.fleet.reservations.release(grant.request_id);
+    if (r.status !== "created") this.o.fleet.release(grant.request_id);
     else {
       this.o.events?.transition?.(route.backend.name, "none", "accepted");
-      this.o.log.info({ request_id: grant.request_id, backend: route.backend.name, state: "accepted", region: grant.region }, "grant accepted");
+      this.o.log.info(
+        { request_id: grant.request_id, backend: route.backend.name, state: "accepted", region: grant.region, ...(route.price_per_hour !== null ? { price_per_hour: route.price_per_hour, worst_case: route.worst_case } : {}) },
+        "grant accepted",
+      );
       this.start(r.record);
     }
     return r;
@@ -402,14 +436,15 @@ export class GrantManager {
     const attempts: Attempt[] = [...rec.attempts];
     let backend = this.o.fleet.get(rec.backend ?? "");
     let placement = rec.placement;
+    let price = rec.price_per_hour;
     if (!backend) {
       // Its backend left the config before provisioning: admitted again, to whichever takes it.
-      ({ backend, placement } = this.o.fleet.provisionForGrant(grant, rec.envelope));
+      ({ backend, placement, price_per_hour: price } = this.o.fleet.provisionForGrant(grant, rec.envelope));
     }
     let transient = 0;
     for (;;) {
       if (rec.state !== "provisioning" || rec.backend !== backend.name)
-        rec = await this.transition(rec, "provisioning", { backend: backend.name, placement, attempts, note: `idempotency key derived from request_id ${grant.request_id}` });
+        rec = await this.transition(rec, "provisioning", { backend: backend.name, placement, price_per_hour: price, attempts, note: `idempotency key derived from request_id ${grant.request_id}` });
       await this.holdSlot(task, grant.request_id, slotKey(backend.name, grant.region), signal);
       const t0 = this.o.clock.now();
       try {
@@ -442,6 +477,7 @@ export class GrantManager {
         this.o.log.warn({ request_id: grant.request_id, backend: backend.name, next_backend: next.backend.name, err: { kind, message: messageOf(e) } }, "failing over to the next backend");
         backend = next.backend;
         placement = next.placement;
+        price = next.price_per_hour;
         transient = 0;
       }
     }
@@ -519,10 +555,12 @@ export class GrantManager {
   }
 
   private async finish(rec: GrantRecord, outcome: Outcome): Promise<void> {
-    const log = buildComputeLog(this.o.providerId, rec, outcome, this.o.clock.now(), this.o.identity);
+    const spend = this.o.fleet.spend;
+    const billing = spend ? { rule: spend.prices.rule(rec.backend ?? ""), currency: spend.currency } : undefined;
+    const log = buildComputeLog(this.o.providerId, rec, outcome, this.o.clock.now(), this.o.identity, billing);
     const done = await this.o.store.finish(rec.request_id, outcome.state, log, { error_kind: outcome.error_kind, error_message: outcome.error_message }, this.o.publishLogs ?? false);
-    // Ended in the store, so ended in the ledger: a restart would not count it either.
-    this.o.fleet.reservations.release(rec.request_id);
+    // Ended in the store, so ended in the ledgers: its capacity is free, its cost is what it cost.
+    this.o.fleet.settle(rec.request_id, log.usage.cost);
     this.o.events?.transition?.(rec.backend, rec.state, outcome.state);
     this.o.log.info(
       { request_id: rec.request_id, backend: rec.backend, instance_id: rec.instance?.instance_id, state: done.state, exit_code: log.exit_code, partial: log.partial, ...(outcome.error_kind ? { err: { kind: outcome.error_kind } } : {}) },

@@ -30,7 +30,10 @@ export interface Listener {
  * The public view of a grant record. The bridge-generated private key is included only where
  * asked for (GET /v1/grants/{id}); lists, cancels and idempotent re-posts never carry it.
  */
-export function grantView(r: GrantRecord, o: { privateKey?: boolean; queued?: { queued_at: string; position: number } | null } = {}) {
+export function grantView(
+  r: GrantRecord,
+  o: { privateKey?: boolean; queued?: { queued_at: string; position: number } | null; cost?: { amount: number; currency: string; final: boolean } | null } = {},
+) {
   return {
     request_id: r.request_id,
     state: r.state,
@@ -51,6 +54,8 @@ export function grantView(r: GrantRecord, o: { privateKey?: boolean; queued?: { 
     cancel_requested: r.cancel_requested,
     // Accepted and waiting for a provisioning slot of its backend (state stays "provisioning").
     ...(o.queued ? { queue: o.queued } : {}),
+    // Price x billed time: so far while it runs (final: false), what it cost once ended.
+    ...(o.cost ? { cost: o.cost } : {}),
     created_at: r.created_at,
     updated_at: r.updated_at,
   };
@@ -204,7 +209,7 @@ export function buildListener(o: ListenerOptions): Listener {
     if (!id.success) return reply.code(400).send(badRequest([{ path: "request_id", message: id.error.issues[0]?.message ?? "invalid" }]));
     const rec = o.store.get(id.data);
     if (!rec) return reply.code(404).send({ error: "not_found", message: `no grant ${id.data}` });
-    return grantView(rec, { privateKey: true, queued: o.manager.queued(rec.request_id) });
+    return grantView(rec, { privateKey: true, queued: o.manager.queued(rec.request_id), cost: o.manager.cost(rec) });
   });
 
   app.delete("/v1/grants/:id", async (req, reply) => {

@@ -102,6 +102,37 @@ export class BridgeMetrics implements BackendMetrics {
         }
       },
     });
+    const report = () => (fleet.spend?.budgets.active ? fleet.spend.budgets.report(fleet.spend.clock.now()) : []);
+    new Gauge({
+      name: "cb_spend",
+      help: "Actual cost of grants ended in the current UTC day/month, per scope (fleet or backend), in the fleet's currency",
+      labelNames: ["scope", "period"],
+      registers,
+      collect() {
+        this.reset();
+        for (const r of report()) this.set({ scope: r.scope, period: r.period }, r.spent);
+      },
+    });
+    new Gauge({
+      name: "cb_spend_reserved",
+      help: "Worst case (price until valid_to) of open grants charged to the current UTC day/month, per scope",
+      labelNames: ["scope", "period"],
+      registers,
+      collect() {
+        this.reset();
+        for (const r of report()) this.set({ scope: r.scope, period: r.period }, r.reserved);
+      },
+    });
+    new Gauge({
+      name: "cb_budget_remaining",
+      help: "What is left of each configured spend cap in the current UTC day/month",
+      labelNames: ["scope", "period"],
+      registers,
+      collect() {
+        this.reset();
+        for (const r of report()) if (r.limit !== null) this.set({ scope: r.scope, period: r.period }, Math.max(0, r.limit - r.spent - r.reserved));
+      },
+    });
     new Gauge({
       name: "cb_capacity",
       help: "Declared capacity: CPU (millicores) and RAM (MiB), per backend",

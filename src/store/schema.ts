@@ -32,6 +32,10 @@ export interface GrantRecord {
   backend: string | null;
   /** Where inside `backend` the grant's capacity is reserved (a bare-metal machine), if anywhere. */
   placement: string | null;
+  /** The hourly price it was admitted at on `backend` (null: no price configured). */
+  price_per_hour: number | null;
+  /** What it cost, once ended (null while open, or without a price). */
+  cost: number | null;
   instance: ProvisionedInstance | null;
   private_key: string | null;
   public_key: string | null;
@@ -52,6 +56,7 @@ export interface NewGrant {
   backend: string;
   /** Where inside `backend` its capacity is reserved (absent: the backend has one pool). */
   placement?: string | null;
+  price_per_hour?: number | null;
   private_key: string | null;
   public_key: string | null;
 }
@@ -78,6 +83,8 @@ export interface Row {
   updated_at: string;
   routed_backend: string | null;
   placement: string | null;
+  price_per_hour: number | null;
+  cost: number | null;
 }
 
 /** Forward-only migrations; PRAGMA user_version records how many have run. */
@@ -139,6 +146,11 @@ const MIGRATIONS: string[] = [
   // `backend`, and this is where inside the backend (a bare-metal machine); NULL where the
   // backend has one pool. The ledger is rebuilt from these rows at start.
   `ALTER TABLE grants ADD COLUMN placement TEXT;`,
+  // Spend caps (issue #20): the price a grant was admitted at and, once ended, its cost; a budget
+  // ledger is rebuilt at start from the grants accepted in the current month.
+  `ALTER TABLE grants ADD COLUMN price_per_hour REAL;
+   ALTER TABLE grants ADD COLUMN cost REAL;
+   CREATE INDEX grants_created ON grants(created_at);`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -206,6 +218,8 @@ export function toRecord(r: Row): GrantRecord {
     state: r.state,
     backend: r.backend,
     placement: r.placement,
+    price_per_hour: r.price_per_hour,
+    cost: r.cost,
     instance: r.instance_json ? (JSON.parse(r.instance_json) as ProvisionedInstance) : null,
     private_key: r.private_key,
     public_key: r.public_key,

@@ -23,6 +23,7 @@ export interface Transition {
 export interface GrantChanges {
   backend?: string | null;
   placement?: string | null;
+  price_per_hour?: number | null;
   instance?: ProvisionedInstance | null;
   error_kind?: string | null;
   error_message?: string | null;
@@ -188,6 +189,7 @@ export class Store {
         envelope: g.envelope,
         backend: g.backend,
         placement: g.placement ?? null,
+        price_per_hour: g.price_per_hour ?? null,
         private_key: g.private_key,
         public_key: g.public_key,
       },
@@ -207,6 +209,8 @@ export class Store {
         state: "provisioning",
         backend: g.backend,
         placement: g.placement ?? null,
+        price_per_hour: g.price_per_hour ?? null,
+        cost: null,
         instance: null,
         private_key: g.private_key,
         public_key: g.public_key,
@@ -251,7 +255,7 @@ export class Store {
       op: "finish",
       id,
       to,
-      changes: columns(changes),
+      changes: { ...columns(changes), cost: log.usage.cost },
       note: `exit_reason=${log.exit_reason}`,
       log_json: JSON.stringify(log),
       publish_at: publish ? this.clock.now() : null,
@@ -296,6 +300,11 @@ export class Store {
         : this.stmts.listAll.all({ after: opts.after ?? 0, limit: opts.limit })
     ) as Row[];
     return rows.map(toRecord);
+  }
+
+  /** Grants accepted at or after `sinceIso` (their charges to the current budget windows). */
+  acceptedSince(sinceIso: string): GrantRecord[] {
+    return (this.stmts.acceptedSince.all(sinceIso) as Row[]).map(toRecord);
   }
 
   nonTerminal(): GrantRecord[] {
@@ -371,6 +380,7 @@ export class Store {
       get: db.prepare("SELECT * FROM grants WHERE request_id = ?"),
       listAll: db.prepare("SELECT * FROM grants WHERE seq > @after ORDER BY seq LIMIT @limit"),
       listByState: db.prepare("SELECT * FROM grants WHERE state = @state AND seq > @after ORDER BY seq LIMIT @limit"),
+      acceptedSince: db.prepare("SELECT * FROM grants WHERE created_at >= ? ORDER BY seq"),
       nonTerminal: db.prepare("SELECT * FROM grants WHERE state IN ('accepted','provisioning','running','terminating') ORDER BY seq"),
       transitions: db.prepare("SELECT from_state, to_state, backend, note, at FROM transitions WHERE request_id = ? ORDER BY id"),
       computeLog: db.prepare("SELECT log_json FROM compute_logs WHERE request_id = ?"),
@@ -389,6 +399,7 @@ function columns(c: GrantChanges): ColumnChanges {
   const out: ColumnChanges = {};
   if (c.backend !== undefined) out.backend = c.backend;
   if (c.placement !== undefined) out.placement = c.placement;
+  if (c.price_per_hour !== undefined) out.price_per_hour = c.price_per_hour;
   if (c.instance !== undefined) out.instance_json = c.instance ? JSON.stringify(c.instance) : null;
   if (c.error_kind !== undefined) out.error_kind = c.error_kind;
   if (c.error_message !== undefined) out.error_message = c.error_message;

@@ -11,13 +11,15 @@ import { flushJsonl, type NewGrant, type Row } from "./schema.js";
 export interface ColumnChanges {
   backend?: string | null;
   placement?: string | null;
+  price_per_hour?: number | null;
+  cost?: number | null;
   instance_json?: string | null;
   error_kind?: string | null;
   error_message?: string | null;
   attempts_json?: string;
   outcome_json?: string | null;
 }
-const CHANGEABLE: readonly (keyof ColumnChanges)[] = ["backend", "placement", "instance_json", "error_kind", "error_message", "attempts_json", "outcome_json"];
+const CHANGEABLE: readonly (keyof ColumnChanges)[] = ["backend", "placement", "price_per_hour", "cost", "instance_json", "error_kind", "error_message", "attempts_json", "outcome_json"];
 
 export type WriteOp =
   | { op: "accept"; row: NewGrant; now: string }
@@ -66,8 +68,8 @@ export class Writer {
       get: db.prepare("SELECT * FROM grants WHERE request_id = ?"),
       // A request_id seen before inserts nothing (changes = 0): one statement for the common case.
       insert: db.prepare(
-        `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, routed_backend, placement, private_key, public_key, created_at, updated_at)
-         VALUES (?, ?, ?, ?, 'provisioning', ?, ?, ?, ?, ?, ?, ?)
+        `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, routed_backend, placement, price_per_hour, private_key, public_key, created_at, updated_at)
+         VALUES (?, ?, ?, ?, 'provisioning', ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (request_id) DO NOTHING`,
       ),
       transition: db.prepare("INSERT INTO transitions (request_id, from_state, to_state, backend, note, at) VALUES (?, ?, ?, ?, ?, ?)"),
@@ -160,7 +162,7 @@ export class Writer {
     // with the next one, which saves every accept a row and an index entry (a fifth of the
     // writer's work per accept); Store.transitions() shows the accept from the grants row.
     const body_digest = grantRequestDigest({ grant: g.grant, envelope: g.envelope });
-    const info = this.st.insert.run(g.request_id, body_digest, JSON.stringify(g.grant), JSON.stringify(g.envelope), g.backend, g.backend, g.placement, g.private_key, g.public_key, now, now);
+    const info = this.st.insert.run(g.request_id, body_digest, JSON.stringify(g.grant), JSON.stringify(g.envelope), g.backend, g.backend, g.placement ?? null, g.price_per_hour ?? null, g.private_key, g.public_key, now, now);
     if (info.changes === 0) {
       const row = this.st.get.get(g.request_id) as Row;
       return { status: row.body_digest === body_digest ? "duplicate" : "conflict", row };

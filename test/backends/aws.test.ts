@@ -304,21 +304,21 @@ describe("aws backend: declared capabilities and routing (no SDK, no I/O)", () =
     const unavailable = new OfferingCache(60_000, systemClock);
     const b = makeBackend(t, awsConfig(t, fake, { max_concurrent_instances: 3 }), { unavailable });
     assert.deepEqual(b.capabilities(), { regions: ["eu-west-1", "us-east-1"], tdx_capable: false, max_cpu_millicores: 3 * 4000, max_ram_mib: 3 * 16384 });
-    assert.deepEqual(b.canSatisfy(grant("a")), { ok: true });
+    assert.deepEqual(b.canSatisfy(grant("a")), { ok: true, shape: "m6i.large" }, "the smallest fitting type prices it");
     assert.equal((b.canSatisfy(grant("a", { tdx_required: true })) as { code: string }).code, "tdx_not_supported");
     assert.equal((b.canSatisfy(grant("a", { region: "ap-south-1" })) as { code: string }).code, "region_not_served");
     assert.equal((b.canSatisfy(grant("a", { cpu_millicores: 4001 })) as { code: string }).code, "too_large");
     assert.equal((b.canSatisfy(grant("a", { ram_mib: 16385 })) as { code: string }).code, "too_large");
     unavailable.markUnavailable("aws", "us-east-1", "m6i.large");
-    assert.deepEqual(b.canSatisfy(grant("a")), { ok: true }, "m6i.xlarge still fits");
+    assert.deepEqual(b.canSatisfy(grant("a")), { ok: true, shape: "m6i.xlarge" }, "m6i.xlarge still fits");
     unavailable.markUnavailable("aws", "us-east-1", "m6i.xlarge");
     assert.equal((b.canSatisfy(grant("a")) as { code: string }).code, "offering_unavailable");
-    assert.deepEqual(b.canSatisfy(grant("a", { region: "eu-west-1" })), { ok: true }, "per region");
+    assert.deepEqual(b.canSatisfy(grant("a", { region: "eu-west-1" })), { ok: true, shape: "m6i.large" }, "per region");
     assert.equal(b.stats().sdk_loaded, false, "nothing so far needed the SDK");
     assert.equal(fake.countCalls(), 0);
     // Offline uses (check-config, card) never touch the secrets: a missing key file surfaces on first use.
     const offline = makeBackend(t, awsConfig(t, fake, { access_key_id_file: "/nonexistent/akid", secret_access_key_file: "/nonexistent/secret" }));
-    assert.deepEqual(offline.canSatisfy(grant("a")), { ok: true });
+    assert.equal(offline.canSatisfy(grant("a")).ok, true);
     const [c1] = await offline.check();
     assert.equal(c1?.ok, false);
     assert.match(c1?.detail ?? "", /backends\.aws\.access_key_id_file: cannot read \/nonexistent\/akid: ENOENT/);
@@ -759,7 +759,7 @@ describe("aws backend with the EC2 fake", () => {
     assert.equal((aws.canSatisfy(grant("two-1"), ledger.held(aws.name)) as { code: string }).code, "at_capacity");
     await aws.terminate(inst);
     ledger.release("one-1");
-    assert.deepEqual(aws.canSatisfy(grant("two-1"), ledger.held(aws.name)), { ok: true });
+    assert.equal(aws.canSatisfy(grant("two-1"), ledger.held(aws.name)).ok, true);
     assert.equal(fake.createdCount, 1);
   });
 

@@ -190,8 +190,8 @@ describe("azure backend: card and routing (no SDK, no I/O)", { timeout: 45_000 }
     const sneaky = new AzureBackend({ ...cfg, tdx_vm_sizes: [{ name: "Standard_DC4as_v5", vcpus: 4, memory_mib: 16384 }] }, ctx, { credential: fake.credential() });
     assert.equal(sneaky.capabilities().tdx_capable, false);
 
-    assert.deepEqual(backend.canSatisfy(grant("a")), { ok: true });
-    assert.deepEqual(backend.canSatisfy(grant("a", { tdx_required: true })), { ok: true });
+    assert.equal(backend.canSatisfy(grant("a")).ok, true);
+    assert.equal(backend.canSatisfy(grant("a", { tdx_required: true })).ok, true);
     const code = (g: ComputeGrant, b = backend) => {
       const s = b.canSatisfy(g);
       return s.ok ? "ok" : s.code;
@@ -241,7 +241,7 @@ console.log(JSON.stringify({ caps: b.capabilities(), sat: b.canSatisfy(g) }));
     assert.equal(r.status, 0, r.stderr);
     const out = JSON.parse(r.stdout.trim().split("\n").at(-1)!);
     assert.equal(out.caps.tdx_capable, true);
-    assert.deepEqual(out.sat, { ok: true });
+    assert.equal(out.sat.ok, true);
     assert.equal(readFileSync(record, "utf8"), "", "no @azure/* module was resolved");
   });
 });

@@ -67,6 +67,26 @@ describe("boot config", () => {
     for (const f of ["config/dev.toml", "config/example.toml"]) parseConfigText(readFileSync(f, "utf8"), f);
   });
 
+  it("prices: a budget or the cheapest policy needs a price for every shape and machine, named by its path", () => {
+    expectProblem(BASE + "[fleet.budget]\nper_day = 100\n" + AWS, 'backends.aws.prices["m6i.large"]: no price_per_hour for m6i.large: add "m6i.large" = <price> to [backends.aws.prices] (required because a budget is set)');
+    expectProblem(BASE + '[fleet]\npolicy = "cheapest"\n' + AWS, 'required because fleet.policy is "cheapest"');
+    expectProblem(BASE + AWS.replace("[backends.aws.regions", "[backends.aws.budget]\nper_month = 10\n[backends.aws.regions"), "no price_per_hour for m6i.large");
+    const ok = parseConfigText(BASE + "[fleet.budget]\nper_day = 100\n" + AWS.replace("[backends.aws.regions", '[backends.aws.prices]\n"m6i.large" = 0.096\n[backends.aws.regions'), "t");
+    assert.equal(ok.backends.aws?.prices["m6i.large"], 0.096);
+    assert.equal(ok.fleet.currency, "USD");
+    // Without budgets or the cheapest policy, prices are optional (and local is free by default).
+    parseConfigText(BASE + AWS, "t");
+    parseConfigText(BASE + "[fleet.budget]\nper_day = 1\n" + LOCAL, "t");
+    expectProblem(BASE + '[fleet]\ncurrency = "usd"\n' + LOCAL, "fleet.currency");
+    expectProblem(BASE + "[fleet.budget]\nper_day = -1\n" + LOCAL, "fleet.budget.per_day");
+  });
+
+  it("prices and budgets stay out of the card's config digest", () => {
+    const plain = parseConfigText(BASE + AWS, "t");
+    const priced = parseConfigText(BASE + AWS.replace("[backends.aws.regions", '[backends.aws.prices]\n"m6i.large" = 0.096\n[backends.aws.budget]\nper_day = 5\n[backends.aws.regions'), "t");
+    assert.equal(configDigest(priced), configDigest(plain));
+  });
+
   it("applies defaults", () => {
     const c = parseConfigText(BASE + LOCAL, "t");
     assert.equal(c.log.level, "info");

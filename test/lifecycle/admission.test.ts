@@ -155,3 +155,42 @@ describe("admission keeps its word", () => {
     await finalStates(daemon.url, ["keep-4"]);
   });
 });
+
+describe("spend caps over HTTP", () => {
+  it("declines budget_exhausted with what is left, records cost in the record and the ComputeLog, and keeps spend across a restart", async (t) => {
+    // 100 millicores at 36 per 1,000 millicores-hour: 3.6 an hour, 0.001 a second; valid for 100 s: a worst case of 0.1.
+    const d0 = await startTestDaemon(t, { extra: "price_per_cpu_hour = 36\nprice_per_gib_hour = 0\n\n[fleet.budget]\nper_day = 0.25\n" });
+    const quick = scriptImage(d0.dir, "quick", "exit 0");
+    const long = scriptImage(d0.dir, "long", "sleep 60");
+    assert.equal((await call(d0.url, "POST", "/v1/grants", body("s-1", quick, 100))).status, 202);
+    assert.equal((await call(d0.url, "POST", "/v1/grants", body("s-2", long, 100))).status, 202);
+    const third = await call(d0.url, "POST", "/v1/grants", body("s-3", long, 100));
+    assert.equal(third.status, 422, third.text);
+    assert.equal(third.body.declines[0].code, "budget_exhausted");
+    assert.equal(third.body.declines[0].currency, "USD");
+    // Each worst case is 100 to 101 billed seconds (valid_to is a whole tick): 0.25 - 2 x (0.100 to 0.101).
+    assert.ok(third.body.declines[0].remaining >= 0.048 && third.body.declines[0].remaining <= 0.05, `remaining ${third.body.declines[0].remaining}`);
+    assert.match(third.body.declines[0].message, /fleet per_day budget \(0\.25 USD\)/);
+
+    await finalStates(d0.url, ["s-1"]);
+    const log = (await call(d0.url, "GET", "/v1/grants/s-1/log")).body;
+    assert.equal(log.usage.currency, "USD");
+    assert.equal(log.usage.cost, Math.round(Math.max(1, Math.ceil(log.usage.wall_seconds)) * 0.001 * 1e6) / 1e6, "per second of allocation, rounded up");
+    const s1 = (await call(d0.url, "GET", "/v1/grants/s-1")).body;
+    assert.deepEqual(s1.cost, { amount: log.usage.cost, currency: "USD", final: true });
+    await until(async () => (await call(d0.url, "GET", "/v1/grants/s-2")).body.state === "running", "s-2 to run");
+    const s2 = (await call(d0.url, "GET", "/v1/grants/s-2")).body;
+    assert.equal(s2.cost.final, false, "cost so far while it runs");
+    // s-1's worst case was replaced by its actual cost: room for one more.
+    assert.equal((await call(d0.url, "POST", "/v1/grants", body("s-4", long, 100))).status, 202);
+    const metrics = (await call(d0.url, "GET", "/metrics")).text;
+    assert.match(metrics, /cb_budget_remaining\{scope="fleet",period="day"\} 0\.0[0-9]+/);
+
+    const d1 = await d0.restart();
+    const fifth = await call(d1.url, "POST", "/v1/grants", body("s-5", long, 100));
+    assert.equal(fifth.status, 422, "the spend and the open grants' worst cases survived the restart");
+    assert.equal(fifth.body.declines[0].code, "budget_exhausted");
+    for (const id of ["s-2", "s-4"]) await call(d1.url, "DELETE", `/v1/grants/${id}`);
+    await finalStates(d1.url, ["s-2", "s-4"]);
+  });
+});

@@ -15,6 +15,8 @@ function record(withInstance: boolean): GrantRecord {
     state: "terminating",
     backend: "local",
     placement: null,
+    price_per_hour: null,
+    cost: null,
     instance: withInstance
       ? { request_id: "r-1", backend: "local", instance_id: "local-r-1", region: "local", host: null, ssh_port: null, ssh_user: null, host_key_sha256: null, started_at: started, cpu_millicores: 500, ram_mib: 256, details: {} }
       : null,

@@ -1,0 +1,43 @@
+import type { BootConfig, BudgetConfig } from "../config/schema.js";
+import { BACKEND_NAMES } from "../config/schema.js";
+import type { Almanac, ComputeGrant } from "../domain/index.js";
+import type { Clock } from "../util/clock.js";
+import { Budgets } from "./budget.js";
+import { costOf, PriceBook, type Offer } from "./pricing.js";
+
+/**
+ * What routing needs to know of money: each offer's hourly price, the worst case of a grant (its
+ * price until valid_to, billed by the backend's rule), the spend caps and the routing policy.
+ */
+export class Spend {
+  constructor(
+    readonly prices: PriceBook,
+    readonly budgets: Budgets,
+    readonly policy: "ordered" | "cheapest",
+    private readonly almanac: Almanac,
+    readonly clock: Clock,
+  ) {}
+
+  static fromConfig(cfg: BootConfig, almanac: Almanac, clock: Clock): Spend {
+    const perBackend = new Map<string, BudgetConfig>();
+    for (const n of BACKEND_NAMES) {
+      const b = cfg.backends[n]?.budget;
+      if (b) perBackend.set(n, b);
+    }
+    return new Spend(new PriceBook(cfg), new Budgets(cfg.fleet.budget, perBackend), cfg.fleet.policy, almanac, clock);
+  }
+
+  get currency(): string {
+    return this.prices.currency;
+  }
+
+  hourly(backend: string, grant: ComputeGrant, offer: Offer): number | null {
+    return this.prices.hourly(backend, grant, offer);
+  }
+
+  /** The most a grant can cost on `backend` at `pricePerHour`: running from `fromMs` until valid_to. */
+  worstCase(backend: string, grant: ComputeGrant, pricePerHour: number | null, fromMs = this.clock.now()): number {
+    if (pricePerHour === null) return 0;
+    return costOf(pricePerHour, (this.almanac.toWallMs(grant.valid_to) - fromMs) / 1000, this.prices.rule(backend));
+  }
+}
