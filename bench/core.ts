@@ -68,11 +68,11 @@ ${extra}
 ${regions.map((r) => `[backends.aws.regions.${r}]\nimage_id = "ami-0123456789abcdef0"\nsubnet_id = "subnet-0123456789abcdef0"\nsecurity_group_ids = ["sg-0123456789abcdef0"]\n`).join("\n")}`;
 }
 
-export function allBackends(dir: string, machines: number): string {
+export function allBackends(dir: string, machines: number, priced = false): string {
   writeFileSync(path.join(dir, "sa.json"), JSON.stringify({ type: "service_account", client_email: "b@x.iam.gserviceaccount.com", private_key: "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n" }));
   writeFileSync(path.join(dir, "azure_secret"), "bench-secret\n");
   writeFileSync(path.join(dir, "id_ed25519"), "unused\n");
-  let s = awsSection("http://127.0.0.1:9", ["us-east-1", "eu-west-1"]);
+  let s = awsSection("http://127.0.0.1:9", ["us-east-1", "eu-west-1"], priced ? 'prices = { "m6i.large" = 0.096, "m6i.xlarge" = 0.192 }' : "");
   s += `
 [backends.gcp]
 project = "bench-project-1"
@@ -84,6 +84,7 @@ max_concurrent_instances = 1000
 image = "img"
 credentials_file = "sa.json"
 api_endpoint = "http://127.0.0.1:9"
+${priced ? 'prices = { "e2-standard-2" = 0.067, "c3-standard-4" = 0.21 }' : ""}
 
 [backends.azure]
 subscription_id = "00000000-0000-0000-0000-000000000000"
@@ -97,11 +98,12 @@ tenant_id = "11111111-1111-1111-1111-111111111111"
 client_id = "22222222-2222-2222-2222-222222222222"
 client_secret_file = "azure_secret"
 endpoint = "https://127.0.0.1:9"
+${priced ? 'prices = { "Standard_D2s_v5" = 0.096 }' : ""}
 `;
   if (REGISTRY.baremetal !== null) {
     s += `\n[backends.baremetal]\n`;
     for (let i = 0; i < machines; i++)
-      s += `[[backends.baremetal.machines]]\nname = "m${i}"\nhost = "127.0.0.1"\nport = 9\nuser = "bench"\nprivate_key_file = "id_ed25519"\nhost_key_sha256 = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"\nregion = "rack-1"\ncpu_millicores = 8000\nram_mib = 16384\nmode = "systemd"\n`;
+      s += `[[backends.baremetal.machines]]\nname = "m${i}"\nhost = "127.0.0.1"\nport = 9\nuser = "bench"\nprivate_key_file = "id_ed25519"\nhost_key_sha256 = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"\nregion = "rack-1"\ncpu_millicores = 8000\nram_mib = 16384\nmode = "systemd"\n${priced ? "price_per_cpu_hour = 0.02\nprice_per_gib_hour = 0.003\n" : ""}`;
   }
   return s + LOCAL;
 }
@@ -112,21 +114,25 @@ const nsPer = (fn: () => void, n: number) => {
   return Number(process.hrtime.bigint() - t0) / n;
 };
 
-export async function routing(): Promise<{ fleet_us: number; local_only_us: number; backends: string[]; machines: number }> {
+export async function routing(): Promise<{ fleet_us: number; cheapest_us: number; local_only_us: number; backends: string[]; machines: number }> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-route-"));
   const machines = 1000;
   const ctx = { providerId: "bench", stateDir: dir, configDir: dir, log: createLogger("silent"), clock: systemClock, almanac: new Almanac(new Date(0), 1) };
   const full = await Fleet.build(parseConfigText(head({ stateDir: dir }) + allBackends(dir, machines), "bench"), ctx);
   const local = await Fleet.build(parseConfigText(head({ stateDir: dir }) + LOCAL, "bench"), ctx);
+  // The same fleet priced, routing cheapest-first: every backend that can take a grant is priced.
+  const cheapest = await Fleet.build(parseConfigText(head({ stateDir: dir }) + '[fleet]\npolicy = "cheapest"\n' + allBackends(dir, machines, true), "bench"), ctx);
   // Only the last backend (local) serves region "local": every other backend is asked and declines.
   const g: ComputeGrant = { request_id: "r", region: "local", tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e10 };
   const N = 20_000;
   nsPer(() => full.route(g), 2000);
   const fleetNs = nsPer(() => full.route(g), N);
   const localNs = nsPer(() => local.route(g), N);
+  nsPer(() => cheapest.route(g), 2000);
+  const cheapestNs = nsPer(() => cheapest.route(g), N);
   // And a grant that bare metal takes after scanning its machines (first fit, last machine free).
   rmSync(dir, { recursive: true, force: true });
-  return { fleet_us: fleetNs / 1000, local_only_us: localNs / 1000, backends: full.backends.map((b) => b.name), machines: REGISTRY.baremetal !== null ? machines : 0 };
+  return { fleet_us: fleetNs / 1000, cheapest_us: cheapestNs / 1000, local_only_us: localNs / 1000, backends: full.backends.map((b) => b.name), machines: REGISTRY.baremetal !== null ? machines : 0 };
 }
 
 /** In a child with --expose-gc: RSS idle, then with 10,000 grants parked mid-provision. */
@@ -269,6 +275,7 @@ export async function run(): Promise<{ text: string; figures: Record<string, unk
   const text = table([
     ["figure", "value", "baseline", "value", "ratio"],
     [`Fleet routing per grant (${r.backends.join(", ")}${r.machines ? `; ${r.machines} bare-metal machines` : ""})`, `${r.fleet_us.toFixed(2)} µs`, "local backend alone", `${r.local_only_us.toFixed(2)} µs`, (r.fleet_us / r.local_only_us).toFixed(1)],
+    [`Fleet routing per grant, policy "cheapest" (same fleet, priced)`, `${r.cheapest_us.toFixed(2)} µs`, `policy "ordered"`, `${r.fleet_us.toFixed(2)} µs`, (r.cheapest_us / r.fleet_us).toFixed(1)],
     [`RSS with ${rss.grants} active grants`, `${rss.active_mib.toFixed(0)} MiB`, "same process, idle", `${rss.idle_mib.toFixed(0)} MiB`, `+${(((rss.active_mib - rss.idle_mib) * 1024) / rss.grants).toFixed(1)} KiB/grant`],
     ["cold start to listening, every backend configured", `${cold.all_ms.toFixed(0)} ms`, "local backend only", `${cold.local_ms.toFixed(0)} ms`, (cold.all_ms / cold.local_ms).toFixed(2)],
     ["cold start, local only", `${cold.local_ms.toFixed(0)} ms`, "node -e 0", `${cold.node_ms.toFixed(0)} ms`, (cold.local_ms / cold.node_ms).toFixed(1)],
