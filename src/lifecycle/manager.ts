@@ -1,4 +1,3 @@
-import ssh2 from "ssh2";
 import {
   errorKind,
   isFailoverable,
@@ -14,6 +13,7 @@ import type { Attempt, GrantRecord, Outcome, Store } from "../store/store.js";
 import { backoffMs, isAbort, type Clock } from "../util/clock.js";
 import type { Identity } from "../util/identity.js";
 import type { Logger } from "../util/logger.js";
+import { generateEd25519 } from "../util/ssh-key.js";
 import { buildComputeLog } from "./compute-log.js";
 import { ProvisionQueue } from "./provision-queue.js";
 
@@ -221,7 +221,7 @@ export class GrantManager {
     let privateKey: string | null = null;
     let publicKey: string | null = null;
     if (!envelope.ssh_public_key) {
-      const kp = ssh2.utils.generateKeyPairSync("ed25519", { comment: `compute-bridge-${grant.request_id}` });
+      const kp = generateEd25519(`compute-bridge-${grant.request_id}`);
       privateKey = kp.private;
       publicKey = kp.public.trim();
     }
