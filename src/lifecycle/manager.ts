@@ -110,8 +110,12 @@ class Interrupted extends Error {
   }
 }
 
-/** A grant waiting for a provisioning slot: its record, or a live task woken by a failover. */
-type Waiter = { rec: GrantRecord } | { wake: () => void };
+/**
+ * A grant waiting for a provisioning slot: only its request_id (the record is read back from the
+ * store when its turn comes, so thousands waiting cost a few hundred bytes each), or a live task
+ * woken by a failover.
+ */
+type Waiter = string | { wake: () => void };
 
 /**
  * Drives each grant through accepted -> provisioning -> running -> terminating -> terminal,
@@ -134,9 +138,9 @@ export class GrantManager {
     this.queue = new ProvisionQueue<Waiter>({
       limit: o.provisionConcurrency ?? DEFAULT_PROVISION_CONCURRENCY,
       clock: o.clock,
-      start: (w, key) => ("rec" in w ? this.launch(w.rec, key) : w.wake()),
+      start: (w, key) => (typeof w === "string" ? this.launchStored(w, key) : w.wake()),
       // Past valid_to while waiting: its task starts outside the limit and ends it as expired.
-      onExpired: (w) => ("rec" in w ? this.launch(w.rec, null) : w.wake()),
+      onExpired: (w) => (typeof w === "string" ? this.launchStored(w, null) : w.wake()),
       onStarted: (key, ms) => {
         if (ms > 0) this.o.events?.dequeued?.(key.slice(0, key.indexOf("|")), ms / 1000);
       },
@@ -299,7 +303,7 @@ export class GrantManager {
   private start(rec: GrantRecord): void {
     if (this.stopping || this.tasks.has(rec.request_id)) return;
     if ((rec.state === "accepted" || rec.state === "provisioning") && !rec.cancel_requested && rec.backend)
-      this.queue.enqueue(rec.request_id, slotKey(rec.backend, rec.grant.region), this.o.almanac.toWallMs(rec.grant.valid_to), { rec });
+      this.queue.enqueue(rec.request_id, slotKey(rec.backend, rec.grant.region), this.o.almanac.toWallMs(rec.grant.valid_to), rec.request_id);
     else this.launch(rec, null);
   }
 
@@ -314,6 +318,13 @@ export class GrantManager {
     if (rec.cancel_requested) task.cancel();
     this.tasks.set(rec.request_id, task);
     task.done = this.drive(rec, task);
+  }
+
+  /** A waiting grant's turn: its task starts from what the store holds now. */
+  private launchStored(id: string, slot: string | null): void {
+    const rec = this.o.store.get(id);
+    if (rec && !TERMINAL.includes(rec.state)) return this.launch(rec, slot);
+    if (slot) this.queue.release(slot);
   }
 
   private releaseSlot(task: Task): void {
