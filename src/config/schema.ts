@@ -101,7 +101,7 @@ export const FleetConfig = z.strictObject({
   /** How long a (backend, region, shape) that just reported no capacity is skipped. */
   unavailable_ttl_seconds: z.number().int().nonnegative().default(300),
   /** Provision calls at most in flight per backend and region; accepted grants beyond wait in order. */
-  provision_concurrency: PositiveInt.max(1024).default(16),
+  provision_concurrency: PositiveInt.max(1024).default(32),
   /** "ordered": first backend that can take it (operator's order); "cheapest": lowest hourly price, ties by order. */
   policy: z.enum(["ordered", "cheapest"]).default("ordered"),
   /** ISO 4217 code of every price and budget. */
@@ -374,7 +374,7 @@ export const BootConfig = z
     listener: ListenerConfig,
     almanac: AlmanacConfig,
     log: LogConfig.default({ level: "info" }),
-    fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300, provision_concurrency: 16, policy: "ordered", currency: "USD", publish_prices: false }),
+    fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300, provision_concurrency: 32, policy: "ordered", currency: "USD", publish_prices: false }),
     market: MarketConfig.optional(),
     backends: BackendsConfig.default({}),
   })

@@ -118,7 +118,7 @@ class Interrupted extends Error {
 type Waiter = string | { wake: () => void };
 
 /**
- * Drives each grant through accepted -> provisioning -> running -> terminating -> terminal,
+ * Drives each grant through provisioning -> running -> terminating -> terminal (domain TRANSITIONS),
  * writing every transition before the side effect it announces, so that after a crash
  * resumeAll() can continue each grant from its last committed state. Backends are idempotent
  * per request_id, so "continue" is always "call the same method again".
@@ -248,9 +248,9 @@ export class GrantManager {
     // A grant that had ended already (a re-post or a conflict) holds nothing.
     if (r.status !== "created") this.o.fleet.release(grant.request_id);
     else {
-      this.o.events?.transition?.(route.backend.name, "none", "accepted");
+      this.o.events?.transition?.(route.backend.name, "none", "provisioning");
       this.o.log.info(
-        { request_id: grant.request_id, backend: route.backend.name, state: "accepted", region: grant.region, ...(route.price_per_hour !== null ? { price_per_hour: route.price_per_hour, worst_case: route.worst_case } : {}) },
+        { request_id: grant.request_id, backend: route.backend.name, state: "provisioning", region: grant.region, ...(route.price_per_hour !== null ? { price_per_hour: route.price_per_hour, worst_case: route.worst_case } : {}) },
         "grant accepted",
       );
       this.start(r.record);
@@ -302,7 +302,7 @@ export class GrantManager {
   /** Grants yet to be provisioned wait for a slot of their backend and region; the rest start now. */
   private start(rec: GrantRecord): void {
     if (this.stopping || this.tasks.has(rec.request_id)) return;
-    if ((rec.state === "accepted" || rec.state === "provisioning") && !rec.cancel_requested && rec.backend)
+    if (rec.state === "provisioning" && !rec.cancel_requested && rec.backend)
       this.queue.enqueue(rec.request_id, slotKey(rec.backend, rec.grant.region), this.o.almanac.toWallMs(rec.grant.valid_to), rec.request_id);
     else this.launch(rec, null);
   }
@@ -348,13 +348,12 @@ export class GrantManager {
         return;
       }
 
-      if (rec.state === "accepted" || rec.state === "provisioning") {
+      if (rec.state === "provisioning") {
         const early = this.preProvisionOutcome(rec, deadlineMs, task);
         if (early) {
           this.releaseSlot(task);
-          if (rec.state === "accepted") await this.finish(rec, early);
           // A create call may have been in flight: terminate by request_id before finishing.
-          else await this.terminateAndFinish(await this.toTerminating(rec, early), early, signal);
+          await this.terminateAndFinish(await this.toTerminating(rec, early), early, signal);
           return;
         }
         let instance: ProvisionedInstance;
@@ -482,7 +481,7 @@ export class GrantManager {
         // The reservation moves with the grant; with nowhere to go it stays until the grant ends.
         const next = attempts.length < this.o.maxAttempts ? this.o.fleet.admit(grant, rec.envelope, tried) : null;
         if (!next || !next.ok) {
-          rec = await this.o.store.transition(grant.request_id, "provisioning", { attempts, note: "no backend left to try" });
+          rec = await this.transition(rec, "provisioning", { attempts, note: "no backend left to try" });
           throw e;
         }
         this.o.log.warn({ request_id: grant.request_id, backend: backend.name, next_backend: next.backend.name, err: { kind, message: messageOf(e) } }, "failing over to the next backend");
@@ -603,7 +602,7 @@ export class GrantManager {
 }
 
 /** Provision calls in flight per backend and region unless fleet.provision_concurrency says otherwise. */
-export const DEFAULT_PROVISION_CONCURRENCY = 16;
+export const DEFAULT_PROVISION_CONCURRENCY = 32;
 
 function slotKey(backend: string, region: string): string {
   return `${backend}|${region}`;

@@ -1,5 +1,6 @@
 import type Database from "better-sqlite3";
 import { grantRequestDigest } from "../domain/grant.js";
+import { canTransition } from "../domain/grant-record.js";
 import { flushJsonl, type NewGrant, type Row } from "./schema.js";
 
 // The single writer of the state database. It runs on its own thread (writer-thread.ts): the
@@ -173,6 +174,7 @@ export class Writer {
   private transition(id: string, to: string, changes: ColumnChanges, note: string | null, now: string): Transitioned {
     const row = this.st.get.get(id) as Row | undefined;
     if (!row) throw new Error(`unknown grant ${id}`);
+    if (!canTransition(row.state, to)) throw new Error(`grant ${id}: ${row.state} -> ${to} is not an allowed transition`);
     const cols = CHANGEABLE.filter((c) => changes[c] !== undefined);
     const sql = `UPDATE grants SET state = @state, updated_at = @now${cols.map((c) => `, ${c} = @${c}`).join("")} WHERE request_id = @request_id`;
     let update = this.updates.get(sql);

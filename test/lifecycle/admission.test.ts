@@ -56,7 +56,7 @@ async function finalStates(url: string, ids: string[]): Promise<Record<string, {
       out[id] = { state: r.body.state, error: r.body.error };
     }
     return true;
-  }, "every accepted grant to end", 60_000, 50);
+  }, "every accepted grant to end", 180_000, 50);
   return out;
 }
 

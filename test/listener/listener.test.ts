@@ -185,7 +185,7 @@ describe("listener", () => {
     const ids = Array.from({ length: 200 }, (_, i) => `c-${i}`);
     const res = await Promise.all(ids.map((id) => call(url, "POST", "/v1/grants", body(id, img))));
     assert.ok(res.every((r) => r.status === 202), JSON.stringify(res.find((r) => r.status !== 202)?.body));
-    await until(() => d.store.list({ state: "completed", limit: 1000 }).length === 200, "all 200 grants to complete", 60_000, 100);
+    await until(() => d.store.list({ state: "completed", limit: 1000 }).length === 200, "all 200 grants to complete", 180_000, 100);
     for (const id of ids) assert.ok(d.store.computeLog(id), `log for ${id}`);
     assert.equal(d.store.list({ limit: 1000 }).length, 200);
     const page1 = await call(url, "GET", "/v1/grants?limit=150");
