@@ -2,7 +2,7 @@ import type { Almanac } from "../../src/domain/index.js";
 import type { Fleet } from "../../src/fleet/fleet.js";
 import { GrantManager } from "../../src/lifecycle/manager.js";
 import { Store } from "../../src/store/store.js";
-import { systemClock } from "../../src/util/clock.js";
+import { systemClock, type Clock } from "../../src/util/clock.js";
 import { Identity } from "../../src/util/identity.js";
 import { createLogger, type Logger } from "../../src/util/logger.js";
 
@@ -17,6 +17,9 @@ export interface TestBridgeOptions {
   retryBaseMs?: number;
   retryCapMs?: number;
   expiryGraceMs?: number;
+  /** The manager's clock (sleeps, valid_to); the store stamps rows with the system clock. */
+  clock?: Clock;
+  provisionConcurrency?: number;
 }
 
 /** GrantManager + Store over a Fleet, wired as src/daemon.ts wires them; closed after the test. */
@@ -28,8 +31,9 @@ export function testBridge(t: { after: (fn: () => unknown) => void }, o: TestBri
     almanac: o.almanac,
     identity: o.persistentIdentity ? Identity.loadOrCreate(o.stateDir) : Identity.ephemeral(),
     log: o.log ?? createLogger("silent"),
-    clock: systemClock,
+    clock: o.clock ?? systemClock,
     providerId: o.providerId,
+    ...(o.provisionConcurrency !== undefined ? { provisionConcurrency: o.provisionConcurrency } : {}),
     maxAttempts: 3,
     retryBaseMs: o.retryBaseMs ?? 10,
     retryCapMs: o.retryCapMs ?? 100,
