@@ -55,97 +55,53 @@ export class BridgeMetrics implements BackendMetrics {
     };
   }
 
-  /** Admission: provisioning queues, and reservations held against each backend's capacity. */
+  /** Admission: provisioning queues, reservations held against each backend's capacity, spend. */
   watchAdmission(fleet: Fleet, manager: GrantManager): void {
-    const registers = [this.registry];
-    new Gauge({
-      name: "cb_provision_queue_depth",
-      help: "Accepted grants waiting for a provisioning slot, per backend and region",
-      labelNames: ["backend", "region"],
-      registers,
-      collect() {
-        this.reset();
-        for (const q of manager.queueStats()) this.set({ backend: q.backend, region: q.region }, q.waiting);
-      },
+    type Set = (labels: Record<string, string>, v: number) => void;
+    // A gauge computed at each scrape: `fill` sets its current series.
+    const gauge = (name: string, help: string, labelNames: string[], fill: (set: Set) => void) =>
+      new Gauge({
+        name,
+        help,
+        labelNames,
+        registers: [this.registry],
+        collect() {
+          this.reset();
+          fill((l, v) => this.set(l, v));
+        },
+      });
+    gauge("cb_provision_queue_depth", "Accepted grants waiting for a provisioning slot, per backend and region", ["backend", "region"], (set) => {
+      for (const q of manager.queueStats()) set({ backend: q.backend, region: q.region }, q.waiting);
     });
-    new Gauge({
-      name: "cb_provision_in_flight",
-      help: "provision() calls in flight, per backend and region (at most fleet.provision_concurrency)",
-      labelNames: ["backend", "region"],
-      registers,
-      collect() {
-        this.reset();
-        for (const q of manager.queueStats()) this.set({ backend: q.backend, region: q.region }, q.running);
-      },
+    gauge("cb_provision_in_flight", "provision() calls in flight, per backend and region (at most fleet.provision_concurrency)", ["backend", "region"], (set) => {
+      for (const q of manager.queueStats()) set({ backend: q.backend, region: q.region }, q.running);
     });
-    new Gauge({
-      name: "cb_reservations",
-      help: "Grants holding a capacity reservation (accepted, not yet ended), per backend",
-      labelNames: ["backend"],
-      registers,
-      collect() {
-        this.reset();
-        for (const b of fleet.backends) this.set({ backend: b.name }, fleet.reservations.held(b.name).count);
-      },
+    gauge("cb_reservations", "Grants holding a capacity reservation (accepted, not yet ended), per backend", ["backend"], (set) => {
+      for (const b of fleet.backends) set({ backend: b.name }, fleet.reservations.held(b.name).count);
     });
-    new Gauge({
-      name: "cb_reserved",
-      help: "CPU (millicores) and RAM (MiB) reserved by open grants, per backend",
-      labelNames: ["backend", "resource"],
-      registers,
-      collect() {
-        this.reset();
-        for (const b of fleet.backends) {
-          const h = fleet.reservations.held(b.name);
-          this.set({ backend: b.name, resource: "cpu_millicores" }, h.cpu_millicores);
-          this.set({ backend: b.name, resource: "ram_mib" }, h.ram_mib);
-        }
-      },
+    gauge("cb_reserved", "CPU (millicores) and RAM (MiB) reserved by open grants, per backend", ["backend", "resource"], (set) => {
+      for (const b of fleet.backends) {
+        const h = fleet.reservations.held(b.name);
+        set({ backend: b.name, resource: "cpu_millicores" }, h.cpu_millicores);
+        set({ backend: b.name, resource: "ram_mib" }, h.ram_mib);
+      }
+    });
+    gauge("cb_capacity", "Declared capacity: CPU (millicores) and RAM (MiB), per backend", ["backend", "resource"], (set) => {
+      for (const b of fleet.backends) {
+        const c = b.capabilities();
+        set({ backend: b.name, resource: "cpu_millicores" }, c.max_cpu_millicores);
+        set({ backend: b.name, resource: "ram_mib" }, c.max_ram_mib);
+      }
     });
     const report = () => (fleet.spend?.budgets.active ? fleet.spend.budgets.report(fleet.spend.clock.now()) : []);
-    new Gauge({
-      name: "cb_spend",
-      help: "Actual cost of grants ended in the current UTC day/month, per scope (fleet or backend), in the fleet's currency",
-      labelNames: ["scope", "period"],
-      registers,
-      collect() {
-        this.reset();
-        for (const r of report()) this.set({ scope: r.scope, period: r.period }, r.spent);
-      },
+    gauge("cb_spend", "Actual cost of grants ended in the current UTC day/month, per scope (fleet or backend), in the fleet's currency", ["scope", "period"], (set) => {
+      for (const r of report()) set({ scope: r.scope, period: r.period }, r.spent);
     });
-    new Gauge({
-      name: "cb_spend_reserved",
-      help: "Worst case (price until valid_to) of open grants charged to the current UTC day/month, per scope",
-      labelNames: ["scope", "period"],
-      registers,
-      collect() {
-        this.reset();
-        for (const r of report()) this.set({ scope: r.scope, period: r.period }, r.reserved);
-      },
+    gauge("cb_spend_reserved", "Worst case (price until valid_to) of open grants charged to the current UTC day/month, per scope", ["scope", "period"], (set) => {
+      for (const r of report()) set({ scope: r.scope, period: r.period }, r.reserved);
     });
-    new Gauge({
-      name: "cb_budget_remaining",
-      help: "What is left of each configured spend cap in the current UTC day/month",
-      labelNames: ["scope", "period"],
-      registers,
-      collect() {
-        this.reset();
-        for (const r of report()) if (r.limit !== null) this.set({ scope: r.scope, period: r.period }, Math.max(0, r.limit - r.spent - r.reserved));
-      },
-    });
-    new Gauge({
-      name: "cb_capacity",
-      help: "Declared capacity: CPU (millicores) and RAM (MiB), per backend",
-      labelNames: ["backend", "resource"],
-      registers,
-      collect() {
-        this.reset();
-        for (const b of fleet.backends) {
-          const c = b.capabilities();
-          this.set({ backend: b.name, resource: "cpu_millicores" }, c.max_cpu_millicores);
-          this.set({ backend: b.name, resource: "ram_mib" }, c.max_ram_mib);
-        }
-      },
+    gauge("cb_budget_remaining", "What is left of each configured spend cap in the current UTC day/month", ["scope", "period"], (set) => {
+      for (const r of report()) if (r.limit !== null) set({ scope: r.scope, period: r.period }, Math.max(0, r.limit - r.spent - r.reserved));
     });
   }
 
