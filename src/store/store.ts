@@ -255,7 +255,7 @@ export class Store {
       op: "finish",
       id,
       to,
-      changes: { ...columns(changes), cost: log.usage.cost },
+      changes: { ...columns(changes), cost: log.usage?.cost ?? null },
       note: `exit_reason=${log.exit_reason}`,
       log_json: JSON.stringify(log),
       publish_at: publish ? this.clock.now() : null,

@@ -160,7 +160,9 @@ describe("spend caps over HTTP", () => {
   it("declines budget_exhausted with what is left, records cost in the record and the ComputeLog, and keeps spend across a restart", async (t) => {
     // 100 millicores at 36 per 1,000 millicores-hour: 3.6 an hour, 0.001 a second; valid for 100 s: a worst case of 0.1.
     const d0 = await startTestDaemon(t, { extra: "price_per_cpu_hour = 36\nprice_per_gib_hour = 0\n\n[fleet.budget]\nper_day = 0.25\n" });
-    const quick = scriptImage(d0.dir, "quick", "exit 0");
+    // s-1 ends only once the test lets it: its worst case must still count when s-3 is posted.
+    const gate = path.join(d0.dir, "gate");
+    const quick = scriptImage(d0.dir, "quick", `while [ ! -e ${gate} ]; do sleep 0.05; done; exit 0`);
     const long = scriptImage(d0.dir, "long", "sleep 60");
     assert.equal((await call(d0.url, "POST", "/v1/grants", body("s-1", quick, 100))).status, 202);
     assert.equal((await call(d0.url, "POST", "/v1/grants", body("s-2", long, 100))).status, 202);
@@ -172,10 +174,11 @@ describe("spend caps over HTTP", () => {
     assert.ok(third.body.declines[0].remaining >= 0.048 && third.body.declines[0].remaining <= 0.05, `remaining ${third.body.declines[0].remaining}`);
     assert.match(third.body.declines[0].message, /fleet per_day budget \(0\.25 USD\)/);
 
+    writeFileSync(gate, "");
     await finalStates(d0.url, ["s-1"]);
     const log = (await call(d0.url, "GET", "/v1/grants/s-1/log")).body;
     assert.equal(log.usage.currency, "USD");
-    assert.equal(log.usage.cost, Math.round(Math.max(1, Math.ceil(log.usage.wall_seconds)) * 0.001 * 1e6) / 1e6, "per second of allocation, rounded up");
+    assert.equal(log.usage.cost, Math.round(Math.max(1, Math.ceil(log.usage.wall_seconds - 1e-9)) * 0.001 * 1e6) / 1e6, "per second of allocation, rounded up");
     const s1 = (await call(d0.url, "GET", "/v1/grants/s-1")).body;
     assert.deepEqual(s1.cost, { amount: log.usage.cost, currency: "USD", final: true });
     await until(async () => (await call(d0.url, "GET", "/v1/grants/s-2")).body.state === "running", "s-2 to run");

@@ -84,9 +84,7 @@ describe("store", () => {
     const s = new Store(dir, systemClock);
     assert.match(plan(s.db), /USING INDEX compute_logs_jsonl_pending/);
     // A database from before the index: version 1, no index (nor what later versions add).
-    s.db.exec("DROP INDEX compute_logs_jsonl_pending");
-    s.db.exec("ALTER TABLE grants DROP COLUMN routed_backend");
-    s.db.pragma("user_version = 1");
+    downgrade(s.db, 1);
     await s.close();
     const again = new Store(dir, systemClock);
     t.after(() => again.close());
@@ -99,8 +97,7 @@ describe("store", () => {
     const s = new Store(dir, systemClock);
     await s.accept(newGrant("before"));
     await s.transition("before", "provisioning", { backend: "aws", attempts: [{ backend: "local", error_kind: "capacity", message: "full", at: "2026-01-01T00:00:00.000Z" }] });
-    s.db.exec("ALTER TABLE grants DROP COLUMN routed_backend");
-    s.db.pragma("user_version = 2");
+    downgrade(s.db, 2);
     await s.close();
     const again = new Store(dir, systemClock);
     t.after(() => again.close());
@@ -132,13 +129,14 @@ describe("store", () => {
     const running = await s.transition("g1", "running", { note: "up" });
     assert.equal(running.state, "running");
     assert.equal(s.get("g1")?.state, "running");
+    await s.transition("g1", "terminating");
     const done = await s.finish("g1", "completed", log("g1"), {}, true);
     assert.equal(done.state, "completed");
     assert.deepEqual(s.computeLog("g1"), log("g1"));
     // The jsonl line is appended (and fsync'd) before finish() resolves; the log is queued for the market.
     assert.equal(readFileSync(path.join(dir, "compute-log.jsonl"), "utf8"), `${JSON.stringify(log("g1"))}\n`);
     assert.equal(s.outboxSize(), 1);
-    assert.deepEqual(s.transitions("g1").map((x) => x.to_state), ["provisioning", "running", "completed"]);
+    assert.deepEqual(s.transitions("g1").map((x) => x.to_state), ["provisioning", "running", "terminating", "completed"]);
   });
 
   it("keeps the counts by state and backend that metrics read, without querying every grant, across writes, failures and reopen", async (t) => {
@@ -151,6 +149,7 @@ describe("store", () => {
     await s.transition("g1", "running");
     await s.transition("g2", "provisioning", { backend: "aws" });
     await assert.rejects(s.transition("nope", "running"), /unknown grant nope/);
+    await s.transition("g3", "terminating");
     await s.finish("g3", "failed", log("g3"));
     const expected = { "running|local": 1, "provisioning|aws": 1, "failed|local": 1 };
     const queries: string[] = [];
@@ -207,3 +206,16 @@ describe("store", () => {
     assert.equal(out.trim(), "created");
   });
 });
+
+/** Undo, on a database at the current version, what every migration after `version` added. */
+function downgrade(db: Database.Database, version: number): void {
+  const undo: Record<number, string> = {
+    2: "DROP INDEX compute_logs_jsonl_pending",
+    3: "ALTER TABLE grants DROP COLUMN routed_backend",
+    4: "ALTER TABLE grants DROP COLUMN placement",
+    5: "DROP INDEX grants_created; ALTER TABLE grants DROP COLUMN price_per_hour; ALTER TABLE grants DROP COLUMN cost",
+  };
+  assert.equal(Object.keys(undo).length + 1, SCHEMA_VERSION, "every migration has its undo here");
+  for (let v = SCHEMA_VERSION; v > version; v--) db.exec(undo[v]!);
+  db.pragma(`user_version = ${version}`);
+}
