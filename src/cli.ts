@@ -413,6 +413,7 @@ the card's public_key and its provider_id. Prints one line per log; exit 1 if an
   const file = a.positionals[0];
   if (file === undefined) throw new UsageError(`verify-log needs a FILE\n\n${usage}`);
   if (a.values.card === undefined) throw new UsageError(`verify-log needs --card CARD\n\n${usage}`);
+  const logs = readJsonDocs(file, "ComputeLog file");
   const [card] = readJsonDocs(a.values.card, "card");
   if (typeof card!.public_key !== "string" || typeof card!.signature !== "string") throw new UsageError(`${a.values.card}: not a ProviderCard (no public_key or signature)`);
   const key = card!.public_key;
@@ -421,7 +422,7 @@ the card's public_key and its provider_id. Prints one line per log; exit 1 if an
     return EXIT.failure;
   }
   let bad = 0;
-  for (const log of readJsonDocs(file, "ComputeLog file")) {
+  for (const log of logs) {
     const id = String(log.request_id ?? "?");
     let why = "";
     if (typeof log.signature !== "string") why = "no signature";

@@ -17,15 +17,112 @@ async function runCli(args: string[]) {
 }
 
 describe("CLI", () => {
-  it("--version and --help", async () => {
-    const v = await runCli(["--version"]);
-    assert.equal(v.code, 0);
-    assert.equal(v.out.trim(), JSON.parse(readFileSync("package.json", "utf8")).version);
+  it("--version, -V, version and --help; per-command --help", async () => {
+    const pkg = JSON.parse(readFileSync("package.json", "utf8")).version;
+    for (const v of [["--version"], ["-V"], ["version"]]) {
+      const r = await runCli(v);
+      assert.equal(r.code, 0, v.join(" "));
+      assert.equal(r.out.trim(), pkg);
+    }
     const h = await runCli(["--help"]);
     assert.equal(h.code, 0);
-    assert.match(h.out, /check-config/);
-    assert.equal((await runCli(["bogus"])).code, 2);
-    assert.equal((await runCli(["run"])).code, 2, "run without --config is a usage error");
+    for (const c of ["run", "check-config", "card", "grants", "doctor", "verify-log", "version"]) assert.match(h.out, new RegExp(`^  ${c} `, "m"));
+    assert.match(h.out, /Exit codes: 0 ok; 1 .*; 2 usage error/);
+    assert.match(h.out, /COMPUTE_BRIDGE_CONFIG, else \/etc\/compute-bridge\/bridge\.toml/);
+    for (const c of ["run", "check-config", "card", "grants", "doctor", "verify-log"]) {
+      const r = await runCli([c, "--help"]);
+      assert.equal(r.code, 0, `${c} --help: ${r.err}`);
+      assert.match(r.out, new RegExp(`compute-bridge ${c}`));
+      assert.equal(r.err, "");
+      assert.deepEqual(await runCli(["help", c]), r);
+    }
+    assert.match((await runCli(["run", "--help"])).out, /--log-level/);
+    assert.equal((await runCli([])).code, 2);
+  });
+
+  it("unknown commands and flags, missing and bad values: exit 2 with the reason", async () => {
+    const cases: [string[], RegExp][] = [
+      [["bogus"], /unknown command "bogus"/],
+      [["card", "--bogus-flag"], /card: Unknown option '--bogus-flag'/],
+      [["run", "--log-level", "loud"], /--log-level must be one of fatal, error, warn, info, debug, trace, silent \(got "loud"\)/],
+      [["run", "--config"], /Option '-c, --config <value>' argument missing/],
+      [["doctor", "extra"], /doctor: unexpected argument "extra"/],
+      [["grants"], /grants needs list, show ID or cancel ID/],
+      [["grants", "show"], /grants show needs a request id/],
+      [["grants", "list", "--state", "nope"], /--state must be one of accepted, /],
+      [["verify-log", "x.json"], /verify-log needs --card CARD/],
+      [["check-config", "a.toml", "--config", "b.toml"], /give the file once/],
+    ];
+    for (const [args, re] of cases) {
+      const r = await runCli(args);
+      assert.equal(r.code, 2, `${args.join(" ")}: ${r.err}`);
+      assert.match(r.err, re, args.join(" "));
+    }
+  });
+
+  it("--config defaults to $COMPUTE_BRIDGE_CONFIG, then /etc/compute-bridge/bridge.toml; check-config takes it as a flag too", async (t) => {
+    const saved = process.env.COMPUTE_BRIDGE_CONFIG;
+    t.after(() => (saved === undefined ? delete process.env.COMPUTE_BRIDGE_CONFIG : (process.env.COMPUTE_BRIDGE_CONFIG = saved)));
+    delete process.env.COMPUTE_BRIDGE_CONFIG;
+    const def = await runCli(["check-config"]);
+    assert.equal(def.code, 2);
+    assert.match(def.err, /\/etc\/compute-bridge\/bridge\.toml/);
+    process.env.COMPUTE_BRIDGE_CONFIG = "config/example.toml";
+    const env = await runCli(["check-config"]);
+    assert.equal(env.code, 0, env.err);
+    assert.equal(JSON.parse(env.out).provider_id, "acme-compute");
+    delete process.env.COMPUTE_BRIDGE_CONFIG;
+    for (const args of [["check-config", "--config", "config/example.toml"], ["check-config", "--config=config/example.toml"], ["check-config", "-c", "config/example.toml"]]) {
+      const r = await runCli(args);
+      assert.equal(r.code, 0, `${args.join(" ")}: ${r.err}`);
+      assert.equal(JSON.parse(r.out).provider_id, "acme-compute");
+    }
+  });
+
+  it("run: a config that cannot start the daemon is one JSON fatal line and exit 2", async (t) => {
+    const r = await runCli(["run", "--config", path.join(tempDir(t), "missing.toml")]);
+    assert.equal(r.code, 2);
+    assert.equal(r.err, "");
+    const lines = r.out.trim().split("\n");
+    assert.equal(lines.length, 1);
+    const l = JSON.parse(lines[0]!);
+    assert.equal(l.level, "fatal");
+    assert.equal(l.msg, "compute-bridge could not start");
+    assert.match(l.err.message, /cannot read the config file/);
+  });
+
+  it("verify-log checks a ComputeLog (or compute-log.jsonl) against the card: exit 0, 1 on a tampered log", async (t) => {
+    const td = await startTestDaemon(t);
+    const img = scriptImage(tempDir(t), "exit3", "exit 3");
+    await call(td.url, "POST", "/v1/grants", {
+      grant: { request_id: "vl-1", region: "local", tdx_required: false, cpu_millicores: 100, ram_mib: 64, valid_to: tickIn(120) },
+      envelope: { image: { url: img.url, sha256: img.sha256, format: "bundle" } },
+    });
+    const log = await until(async () => {
+      const r = await call(td.url, "GET", "/v1/grants/vl-1/log");
+      return r.status === 200 ? r.body : null;
+    }, "the ComputeLog");
+    const dir = tempDir(t);
+    const card = path.join(dir, "card.json");
+    const logFile = path.join(dir, "log.json");
+    writeFileSync(card, (await call(td.url, "GET", "/v1/provider-card")).text);
+    writeFileSync(logFile, JSON.stringify(log));
+    const ok = await runCli(["verify-log", logFile, "--card", card]);
+    assert.equal(ok.code, 0, ok.err);
+    assert.equal(ok.out, "ok  vl-1\n");
+    const jsonl = path.join(td.stateDir, "compute-log.jsonl");
+    await until(() => readFileSync(jsonl, "utf8").includes("vl-1"), "the jsonl line");
+    assert.equal((await runCli(["verify-log", jsonl, "--card", card])).code, 0);
+    writeFileSync(logFile, JSON.stringify({ ...log, exit_code: 0 }));
+    const bad = await runCli(["verify-log", logFile, "--card", card]);
+    assert.equal(bad.code, 1);
+    assert.equal(bad.out, "FAIL  vl-1  signature does not verify\n");
+    const other = JSON.parse(readFileSync(card, "utf8"));
+    writeFileSync(card, JSON.stringify({ ...other, provider_id: "someone-else" }));
+    const badCard = await runCli(["verify-log", logFile, "--card", card]);
+    assert.equal(badCard.code, 1);
+    assert.match(badCard.err, /card's own signature does not verify/);
+    assert.equal((await runCli(["verify-log", path.join(dir, "nope.json"), "--card", card])).code, 2);
   });
 
   it("check-config validates the documented example and prints a card", async () => {
@@ -40,7 +137,7 @@ describe("CLI", () => {
     const dir = tempDir(t);
     const f = path.join(dir, "bad.toml");
     writeFileSync(f, readFileSync("config/dev.toml", "utf8").replace("max_concurrent = 8", "max_concurrent = -1"));
-    const r = await runCli(["check-config", f]);
+    const r = await runCli(["check-config", "--config", f]);
     assert.equal(r.code, 2);
     assert.match(r.err, /backends\.local\.max_concurrent/);
     const missing = await runCli(["check-config", path.join(dir, "nope.toml")]);
