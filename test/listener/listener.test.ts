@@ -236,7 +236,8 @@ describe("listener", () => {
     assert.match(m.text, /cb_provision_duration_seconds_count\{backend="local"\} 1/);
     assert.match(m.text, /cb_grant_to_ready_seconds_count\{backend="local"\} 1/);
     assert.match(m.text, /cb_store_write_seconds_count\{op="group_commit"\} \d+/);
-    assert.match(m.text, /cb_process_resident_memory_bytes/);
+    assert.match(m.text, /^process_resident_memory_bytes /m);
+    assert.match(m.text, /^nodejs_eventloop_lag_p99_seconds /m);
 
     const sep = await startTestDaemon(t, { listenerExtra: 'metrics_bind = "127.0.0.1:0"' });
     assert.ok(sep.d.metricsUrl);

@@ -77,7 +77,7 @@ describe("grafana dashboard", () => {
     const names = new Set([...exported.matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]!));
     for (const p of dash.panels)
       for (const target of p.targets)
-        for (const m of target.expr.matchAll(/\b(cb_[a-z0-9_]+)/g)) {
+        for (const m of target.expr.matchAll(/\b((?:cb|process|nodejs)_[a-z0-9_]+)/g)) {
           const base = m[1]!.replace(/_(bucket|sum|count)$/, "");
           assert.ok(names.has(base), `dashboard queries ${m[1]}, which /metrics does not export`);
         }
