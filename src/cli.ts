@@ -52,6 +52,7 @@ const COMMANDS: Record<string, Command> = {
   card: { summary: "print the signed ProviderCard", run: (a, io) => printCard(a, io) },
   grants: { summary: "list, show or cancel grants (asks the running daemon)", run: (a, io) => grants(a, io) },
   doctor: { summary: "check each backend's credentials and reachability", run: (a, io) => doctor(a, io) },
+  healthcheck: { summary: "probe the running daemon's /healthz (or /readyz) for container health checks", run: (a, io) => healthcheck(a, io) },
   "verify-log": { summary: "verify ComputeLog signatures against a ProviderCard", run: (a, io) => verifyLog(a, io) },
   version: { summary: "print the version", run: async (a, io) => (parse(a, "version", "compute-bridge version"), io.out(`${VERSION}\n`), EXIT.ok) },
 };
@@ -440,4 +441,41 @@ function safeVerify(doc: { signature: string }, key: string): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * The container HEALTHCHECK: GET /healthz (or /readyz) of the running daemon, on metrics_bind when
+ * set (plain HTTP, no token: works whatever TLS the main listener has), else on the listener.
+ */
+async function healthcheck(argv: string[], io: Io): Promise<number> {
+  const usage = usageOf(`  compute-bridge healthcheck [--config FILE] [--ready]
+
+Asks the running daemon's /healthz (with --ready: /readyz) and exits 0 when it answers 200. Uses
+listener.metrics_bind when set (plain HTTP), else listener.bind (https when TLS is on; the
+daemon's certificate is not checked on this loopback probe). A listener that demands client
+certificates (client_ca_file) can only be probed through metrics_bind.`);
+  const a = parse(argv, "healthcheck", usage, { ...CONFIG_OPT, ready: { type: "boolean" } });
+  const cfg = loadConfig(configPath(a.values.config)).config;
+  const via = cfg.listener.metrics_bind ?? cfg.listener.bind;
+  if (!cfg.listener.metrics_bind && cfg.listener.client_ca_file) {
+    io.err("compute-bridge: the listener requires client certificates; set listener.metrics_bind to probe health over plain HTTP\n");
+    return EXIT.failure;
+  }
+  let [host, port] = splitHostPort(via);
+  if (host === "0.0.0.0" || host === "::") host = "127.0.0.1";
+  const tls = !cfg.listener.metrics_bind && Boolean(cfg.listener.tls_cert_file);
+  const { request } = tls ? await import("node:https") : await import("node:http");
+  const p = a.values.ready ? "/readyz" : "/healthz";
+  const status = await new Promise<number | string>((resolve) => {
+    const req = request({ host, port, path: p, method: "GET", timeout: 5000, ...(tls ? { rejectUnauthorized: false } : {}) }, (res: import("node:http").IncomingMessage) => {
+      res.resume();
+      resolve(res.statusCode ?? 0);
+    });
+    req.on("timeout", () => req.destroy(new Error("no answer within 5 s")));
+    req.on("error", (e: Error) => resolve(e.message));
+    req.end();
+  });
+  if (status === 200) return (io.out(`ok ${p} on ${via}\n`), EXIT.ok);
+  io.err(`compute-bridge: ${p} on ${via}: ${typeof status === "number" ? `answered ${status}` : status}\n`);
+  return EXIT.failure;
 }

@@ -193,6 +193,12 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
       binding = cfg.listener.metrics_bind;
       metricsServer = Fastify({ logger: false }) as unknown as FastifyInstance;
       metricsServer.get("/metrics", async (_req, reply) => reply.type(promText.contentType).send(await promText.text()));
+      // The probes too, so a container health check or a load balancer needs neither TLS nor the token.
+      metricsServer.get("/healthz", async () => ({ status: "ok" }));
+      metricsServer.get("/readyz", async (_req, reply) => {
+        const why = notReadyReason();
+        return why === null ? { status: "ready" } : reply.code(503).send({ status: "not_ready", reason: why });
+      });
       const [mh, mp] = splitHostPort(cfg.listener.metrics_bind);
       await metricsServer.listen({ host: mh, port: mp });
     }
