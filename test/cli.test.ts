@@ -185,6 +185,32 @@ describe("CLI", () => {
     assert.equal((await runCli(["grants", "show", "--config", f])).code, 2);
   });
 
+  it("healthcheck asks /healthz (or /readyz) on metrics_bind when set, else on the listener", async (t) => {
+    const plain = await startTestDaemon(t);
+    const f = path.join(plain.dir, "cli.toml");
+    writeFileSync(f, readFileSync(plain.configFile, "utf8").replace('bind = "127.0.0.1:0"', `bind = "${plain.url.replace("http://", "")}"`));
+    const ok = await runCli(["healthcheck", "--config", f]);
+    assert.equal(ok.code, 0, ok.err);
+    assert.equal(ok.out, `ok /healthz on ${plain.url.replace("http://", "")}\n`);
+    await plain.d.ready;
+    assert.equal((await runCli(["healthcheck", "--ready", "--config", f])).code, 0);
+
+    const sep = await startTestDaemon(t, { listenerExtra: 'metrics_bind = "127.0.0.1:0"' });
+    const mb = sep.d.metricsUrl!.replace("http://", "");
+    assert.equal((await call(sep.d.metricsUrl!, "GET", "/healthz", undefined, {}, null)).status, 200, "the metrics listener serves the probes");
+    assert.equal((await call(sep.d.metricsUrl!, "GET", "/readyz", undefined, {}, null)).status, (await sep.d.ready, 200));
+    const g = path.join(sep.dir, "cli.toml");
+    writeFileSync(g, readFileSync(sep.configFile, "utf8").replace('metrics_bind = "127.0.0.1:0"', `metrics_bind = "${mb}"`));
+    const viaMetrics = await runCli(["healthcheck", "--config", g]);
+    assert.equal(viaMetrics.code, 0, viaMetrics.err);
+    assert.equal(viaMetrics.out, `ok /healthz on ${mb}\n`);
+
+    await plain.d.close();
+    const down = await runCli(["healthcheck", "--config", f]);
+    assert.equal(down.code, 1);
+    assert.match(down.err, /ECONNREFUSED/);
+  });
+
   it("doctor prints a table of checks and fails on an unreadable token", async (t) => {
     const dir = tempDir(t);
     const f = path.join(dir, "dev.toml");
