@@ -8,6 +8,7 @@ import { startTestDaemon } from "./helpers/daemon.js";
 import { tickIn } from "./helpers/config.js";
 import { call, until } from "./helpers/http.js";
 import { scriptImage } from "./helpers/images.js";
+import { signedLogAndCard } from "./helpers/signed.js";
 
 async function runCli(args: string[]) {
   let out = "";
@@ -93,20 +94,7 @@ describe("CLI", () => {
 
   it("verify-log checks a ComputeLog (or compute-log.jsonl) against the card: exit 0, 1 on a tampered log", async (t) => {
     const td = await startTestDaemon(t);
-    const img = scriptImage(tempDir(t), "exit3", "exit 3");
-    await call(td.url, "POST", "/v1/grants", {
-      grant: { request_id: "vl-1", region: "local", tdx_required: false, cpu_millicores: 100, ram_mib: 64, valid_to: tickIn(120) },
-      envelope: { image: { url: img.url, sha256: img.sha256, format: "bundle" } },
-    });
-    const log = await until(async () => {
-      const r = await call(td.url, "GET", "/v1/grants/vl-1/log");
-      return r.status === 200 ? r.body : null;
-    }, "the ComputeLog");
-    const dir = tempDir(t);
-    const card = path.join(dir, "card.json");
-    const logFile = path.join(dir, "log.json");
-    writeFileSync(card, (await call(td.url, "GET", "/v1/provider-card")).text);
-    writeFileSync(logFile, JSON.stringify(log));
+    const { log, card, logFile, dir } = await signedLogAndCard(td.url, "vl-1", 3);
     const ok = await runCli(["verify-log", logFile, "--card", card]);
     assert.equal(ok.code, 0, ok.err);
     assert.equal(ok.out, "ok  vl-1\n");

@@ -4,11 +4,8 @@ import { writeFileSync } from "node:fs";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { canonicalJson } from "../../src/util/canonical-json.js";
-import { tickIn } from "../helpers/config.js";
 import { startTestDaemon } from "../helpers/daemon.js";
-import { call, until } from "../helpers/http.js";
-import { scriptImage } from "../helpers/images.js";
-import { tempDir } from "../helpers/tmp.js";
+import { signedLogAndCard } from "../helpers/signed.js";
 
 /** RFC 8785 Appendix B: IEEE 754 bit patterns and their canonical form. */
 const NUMBERS: [string, string][] = [
@@ -85,20 +82,7 @@ describe("canonical JSON (RFC 8785)", () => {
     }
     // ...and real signatures verify there, tampered ones do not.
     const td = await startTestDaemon(t);
-    const img = scriptImage(tempDir(t), "py", "exit 7");
-    await call(td.url, "POST", "/v1/grants", {
-      grant: { request_id: "py-1", region: "local", tdx_required: false, cpu_millicores: 250, ram_mib: 64, valid_to: tickIn(120) },
-      envelope: { image: { url: img.url, sha256: img.sha256, format: "bundle" } },
-    });
-    const log = await until(async () => {
-      const r = await call(td.url, "GET", "/v1/grants/py-1/log");
-      return r.status === 200 ? r.body : null;
-    }, "the ComputeLog");
-    const dir = tempDir(t);
-    const card = path.join(dir, "card.json");
-    const logFile = path.join(dir, "log.json");
-    writeFileSync(card, (await call(td.url, "GET", "/v1/provider-card")).text);
-    writeFileSync(logFile, JSON.stringify(log));
+    const { log, card, logFile } = await signedLogAndCard(td.url, "py-1", 7);
     const ok = spawnSync("python3", [SCRIPT, card, logFile], { encoding: "utf8" });
     assert.equal(ok.status, 0, ok.stdout + ok.stderr);
     assert.equal(ok.stdout, "ok    card test-provider\nok    log py-1\n");
