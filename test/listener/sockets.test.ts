@@ -1,13 +1,14 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import { spawnDaemon } from "../helpers/child-daemon.js";
 import { TEST_TOKEN, writeLocalConfig } from "../helpers/config.js";
-import { startTestDaemon } from "../helpers/daemon.js";
+import { LogSink, startTestDaemon } from "../helpers/daemon.js";
+import { startDaemon } from "../../src/daemon.js";
 import { call, until } from "../helpers/http.js";
 import { tempDir } from "../helpers/tmp.js";
 
@@ -86,6 +87,24 @@ describe("listener sockets", () => {
     assert.match(fatal[0]!.err!.message, new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: .*EADDRINUSE`));
     // The line is written when the listen fails; the process is gone within a second of it (2 s of slack on a loaded machine).
     assert.ok(exitedAt - Date.parse(fatal[0]!.time) < 3000, `exited ${exitedAt - Date.parse(fatal[0]!.time)} ms after the fatal line`);
+  });
+
+  it("any listen error (EADDRNOTAVAIL here) rejects the start with its code and undoes it: the state_dir is free again", async (t) => {
+    const dir = tempDir(t);
+    const stateDir = path.join(dir, "state");
+    const cfg = writeLocalConfig(dir, { stateDir });
+    // 192.0.2.1 (TEST-NET-1) is no address of this machine: bind() fails at once, nothing is contacted.
+    writeFileSync(cfg, readFileSync(cfg, "utf8").replace('bind = "127.0.0.1:0"', 'bind = "192.0.2.1:0"'));
+    await assert.rejects(startDaemon({ configFile: cfg, logDestination: new LogSink() }), (e: Error & { code?: string }) => {
+      assert.equal(e.code, "EADDRNOTAVAIL");
+      assert.match(e.message, /^cannot listen on 192\.0\.2\.1:0: /);
+      return true;
+    });
+    assert.equal(existsSync(path.join(stateDir, "daemon.pid")), false, "the state_dir lock was released");
+    writeFileSync(cfg, readFileSync(cfg, "utf8").replace('bind = "192.0.2.1:0"', 'bind = "127.0.0.1:0"'));
+    const d = await startDaemon({ configFile: cfg, logDestination: new LogSink() });
+    t.after(() => d.close());
+    assert.equal((await call(d.url, "GET", "/healthz")).status, 200, "the same state_dir starts cleanly afterwards");
   });
 
   it("SIGHUP reloads the listener token and the log level, logs what needs a restart, and keeps running", async (t) => {
