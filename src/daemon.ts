@@ -191,7 +191,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   try {
     if (cfg.listener.metrics_bind) {
       binding = cfg.listener.metrics_bind;
-      metricsServer = Fastify({ logger: false }) as unknown as FastifyInstance;
+      metricsServer = Fastify({ logger: false });
       metricsServer.get("/metrics", async (_req, reply) => reply.type(promText.contentType).send(await promText.text()));
       // The probes too, so a container health check or a load balancer needs neither TLS nor the token.
       metricsServer.get("/healthz", async () => ({ status: "ok" }));

@@ -1,4 +1,4 @@
-import Fastify, { LogController, type FastifyError, type FastifyInstance, type FastifyPluginCallback } from "fastify";
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyPluginCallback } from "fastify";
 import { readFileSync } from "node:fs";
 import type { Logger } from "../util/logger.js";
 import { AccessLog } from "./access-log.js";
@@ -104,8 +104,8 @@ export function buildListener(o: ListenerOptions): Listener {
   const serverTimeouts = { requestTimeout: t.requestMs, headersTimeout: t.headersMs, keepAliveTimeout: t.keepAliveMs, connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(t.headersMs / 4))) };
   const log = o.log.child({ component: "listener" });
   const app = Fastify({
-    loggerInstance: log,
-    childLoggerFactory: (logger, bindings) => new LazyChildLogger(logger as Logger, bindings) as unknown as Logger,
+    loggerInstance: log as FastifyBaseLogger,
+    childLoggerFactory: (logger, bindings) => new LazyChildLogger(logger as Logger, bindings),
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: o.bodyLimit,
     requestIdHeader: false,
@@ -115,7 +115,7 @@ export function buildListener(o: ListenerOptions): Listener {
     ...(o.tls
       ? { https: { cert: o.tls.cert, key: o.tls.key, ...(o.tls.ca ? { ca: o.tls.ca, requestCert: true, rejectUnauthorized: true } : {}), ...serverTimeouts } }
       : { http: serverTimeouts }),
-  }) as unknown as FastifyInstance;
+  });
   app.server.headersTimeout = t.headersMs;
 
   app.setValidatorCompiler(zodValidatorCompiler);
