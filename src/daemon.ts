@@ -236,10 +236,15 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const cardTimer = setInterval(publishCardIfChanged, o.cardCheckIntervalMs ?? 30_000);
   cardTimer.unref();
 
+  // The start-up line is written whatever the level (unless silent): where the daemon listens is
+  // what an operator (and a supervisor waiting for it) needs first.
+  const configured = log.level;
+  if (configured !== "silent" && !log.isLevelEnabled("info")) log.level = "info";
   log.info(
     { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), state_dir: stateDir, config_digest: card().config_digest },
     "compute-bridge listening",
   );
+  log.level = configured;
 
   let currentToken = token;
   const reload = async () => {

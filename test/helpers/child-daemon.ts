@@ -11,7 +11,7 @@ export interface ChildDaemon {
   stop(): Promise<number | null>;
 }
 
-/** Start the daemon as a separate process (log level info or lower) and wait for its "listening" log line. */
+/** Start the daemon as a separate process and wait for its "listening" log line (written whatever the log level). */
 export async function spawnDaemon(configFile: string, env: Record<string, string> = {}): Promise<ChildDaemon> {
   const proc = spawn(process.execPath, ["--import", "tsx", RUNNER, configFile], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
   let out = "";
@@ -19,7 +19,7 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
   proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
   const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
   const url = await new Promise<string>((resolve, reject) => {
-    // The daemon's start-up line (JSON, level info): {"url":"http://...", ..., "msg":"compute-bridge listening"}.
+    // The daemon's start-up line (JSON): {"level":"info", ..., "url":"http://...", ..., "msg":"compute-bridge listening"}.
     const onData = () => {
       const line = out.split("\n").find((l) => l.includes('"msg":"compute-bridge listening"'));
       if (line) {

@@ -138,6 +138,17 @@ describe("listener protocol points", () => {
     assert.ok(!logs.text.includes("wrong-token-SECRET") && !logs.text.includes(TEST_TOKEN), "no token, right or wrong, in the log");
   });
 
+  it("the start-up line is one JSON line written whatever the log level (unless silent)", async (t) => {
+    const warn = await startTestDaemon(t, { logLevel: "warn" });
+    await warn.d.ready;
+    const lines = warn.logs.lines.map((l) => JSON.parse(l) as { level: string; msg: string; url?: string });
+    assert.deepEqual(lines.filter((l) => l.level === "info").map((l) => l.msg), ["compute-bridge listening"], "only the start-up line below warn");
+    assert.equal(lines.find((l) => l.msg === "compute-bridge listening")!.url, warn.url);
+    assert.equal(warn.d.log.level, "warn", "and the level is back to what the config says");
+    const silent = await startTestDaemon(t, { logLevel: "silent" });
+    assert.deepEqual(silent.logs.lines, []);
+  });
+
   it("the access log is rate-limited and counts what it dropped", () => {
     const logs = new LogSink();
     let now = 0;
