@@ -85,8 +85,9 @@ describe("listener sockets", () => {
     assert.equal(fatal[0]!.msg, "compute-bridge could not start");
     assert.equal(fatal[0]!.err?.code, "EADDRINUSE");
     assert.match(fatal[0]!.err!.message, new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: .*EADDRINUSE`));
-    // The line is written when the listen fails; the process is gone within a second of it (2 s of slack on a loaded machine).
-    assert.ok(exitedAt - Date.parse(fatal[0]!.time) < 3000, `exited ${exitedAt - Date.parse(fatal[0]!.time)} ms after the fatal line`);
+    // The line is written when the listen fails and the process exits right after it (within a
+    // second; the bound leaves slack for a loaded machine: what it catches is the old hang forever).
+    assert.ok(exitedAt - Date.parse(fatal[0]!.time) < 5000, `exited ${exitedAt - Date.parse(fatal[0]!.time)} ms after the fatal line`);
   });
 
   it("any listen error (EADDRNOTAVAIL here) rejects the start with its code and undoes it: the state_dir is free again", async (t) => {
