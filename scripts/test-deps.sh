@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite needs: a real OpenSSH server (bare-metal backend tests).
 # Installed automatically when run as root (as CI does); otherwise the exact packages are named.
-# Then, optionally, real libvirt + QEMU (scripts/libvirt-up.sh) for the real-libvirt test: a failure
+# Then, optionally, promtool and real libvirt + QEMU (scripts/libvirt-up.sh) for the real-libvirt test: a failure
 # there does not stop `npm test`; test/backends/baremetal-libvirt.test.ts skips and says why.
 # CB_SKIP_LIBVIRT=1 leaves libvirt alone.
 set -euo pipefail
@@ -20,6 +20,17 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "test-deps: missing Debian packages: ${need[*]}" >&2
     echo "test-deps: install them with: sudo apt-get install -y ${need[*]}" >&2
     exit 1
+  fi
+fi
+# promtool (Debian package prometheus) lints /metrics in test/ops/metrics.test.ts, which skips and
+# says why without it. Optional: installed as root, otherwise named.
+if ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test-deps: installing prometheus (for promtool)" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } ||
+      echo "test-deps: could not install prometheus: test/ops/metrics.test.ts will skip the promtool check" >&2
+  else
+    echo "test-deps: optional: sudo apt-get install -y prometheus (promtool lints /metrics in a test)" >&2
   fi
 fi
 if [ "${CB_SKIP_LIBVIRT:-}" != 1 ]; then

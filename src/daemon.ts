@@ -56,6 +56,12 @@ export interface Daemon {
   metricsUrl: string | null;
   close(): Promise<void>;
   /**
+   * SIGHUP: re-read the config file and apply what can change without a restart (the listener
+   * token, the log level); anything else that changed is logged as needing a restart. A config
+   * that no longer loads is logged and the running one kept.
+   */
+  reload(): Promise<void>;
+  /**
    * Resolves if the daemon can no longer keep its promises (the state database writer died):
    * nothing more is acknowledged, and the process should exit non-zero so its supervisor restarts it.
    */
@@ -160,6 +166,12 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   let reconcileTimer: NodeJS.Timeout | undefined;
 
   let daemon!: Daemon;
+  // Ready once every open grant resumed, and as long as the state database can be written.
+  let resumed = false;
+  let storeFailure: Error | null = null;
+  void store.failed.then((e) => (storeFailure = e));
+  const notReadyReason = () => (storeFailure ? "the state database cannot be written" : resumed ? null : "resuming open grants");
+  const promText = { contentType: metrics.registry.contentType, text: () => metrics.registry.metrics() };
   const listener = buildListener({
     manager,
     store,
@@ -168,25 +180,45 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     log,
     bodyLimit: cfg.listener.body_limit_bytes,
     tls,
-    extraRoutes: (app) => {
-      if (!cfg.listener.metrics_bind) app.get("/metrics", metricsHandler);
-      o.extraRoutes?.(app, daemon);
+    notReadyReason,
+    timeouts: {
+      requestMs: cfg.listener.request_timeout_seconds * 1000,
+      headersMs: cfg.listener.headers_timeout_seconds * 1000,
+      keepAliveMs: cfg.listener.keep_alive_timeout_seconds * 1000,
     },
+    metrics: cfg.listener.metrics_bind ? undefined : promText,
+    extraRoutes: (app) => o.extraRoutes?.(app, daemon),
   });
-  async function metricsHandler(_req: unknown, reply: { header(k: string, v: string): unknown; send(b: string): unknown }) {
-    reply.header("content-type", metrics.registry.contentType);
-    return reply.send(await metrics.registry.metrics());
-  }
   // A separate, unauthenticated metrics listener when metrics_bind is set (keep it on loopback).
   let metricsServer: FastifyInstance | null = null;
-  if (cfg.listener.metrics_bind) {
-    metricsServer = Fastify({ logger: false }) as unknown as FastifyInstance;
-    metricsServer.get("/metrics", metricsHandler);
-    const [mh, mp] = splitHostPort(cfg.listener.metrics_bind);
-    await metricsServer.listen({ host: mh, port: mp });
-  }
   const [host, port] = splitHostPort(cfg.listener.bind);
-  await listener.app.listen({ host, port });
+  let binding = cfg.listener.bind;
+  try {
+    if (cfg.listener.metrics_bind) {
+      binding = cfg.listener.metrics_bind;
+      metricsServer = Fastify({ logger: false });
+      metricsServer.get("/metrics", async (_req, reply) => reply.type(promText.contentType).send(await promText.text()));
+      // The probes too, so a container health check or a load balancer needs neither TLS nor the token.
+      metricsServer.get("/healthz", async () => ({ status: "ok" }));
+      metricsServer.get("/readyz", async (_req, reply) => {
+        const why = notReadyReason();
+        return why === null ? { status: "ready" } : reply.code(503).send({ status: "not_ready", reason: why });
+      });
+      const [mh, mp] = splitHostPort(cfg.listener.metrics_bind);
+      await metricsServer.listen({ host: mh, port: mp });
+    }
+    binding = cfg.listener.bind;
+    await listener.app.listen({ host, port });
+  } catch (e) {
+    // EADDRINUSE, EACCES, EADDRNOTAVAIL...: undo what was started, so that the caller can exit at once.
+    const err = e as NodeJS.ErrnoException;
+    await Promise.allSettled([listener.app.close(), metricsServer?.close()]);
+    await manager.shutdown().catch(() => undefined);
+    await fleet.close().catch(() => undefined);
+    await store.close().catch(() => undefined);
+    releaseLock();
+    throw Object.assign(new Error(`cannot listen on ${binding}: ${err.message}`), { code: err.code });
+  }
   const addr = listener.app.server.address();
   const boundPort = typeof addr === "object" && addr ? addr.port : port;
   const url = `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
@@ -198,6 +230,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     await reconcileAll();
     if (stopping) return 0;
     const n = manager.resumeAll();
+    resumed = true;
     log.info({ resumed: n }, n > 0 ? "resumed open grants" : "no open grants to resume");
     reconcileTimer = setInterval(() => void reconcileAll(), o.reconcileIntervalMs ?? 60_000);
     reconcileTimer.unref();
@@ -208,13 +241,52 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const cardTimer = setInterval(publishCardIfChanged, o.cardCheckIntervalMs ?? 30_000);
   cardTimer.unref();
 
+  // The start-up line is written whatever the level (unless silent): where the daemon listens is
+  // what an operator (and a supervisor waiting for it) needs first.
+  const configured = log.level;
+  if (configured !== "silent" && !log.isLevelEnabled("info")) log.level = "info";
   log.info(
     { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), state_dir: stateDir, config_digest: card().config_digest },
     "compute-bridge listening",
   );
+  log.level = configured;
+
+  let currentToken = token;
+  const reload = async () => {
+    let next;
+    try {
+      next = loadConfig(o.configFile);
+    } catch (e) {
+      log.error({ err: { message: (e as Error).message }, signal: "SIGHUP" }, "reload: the config file no longer loads; keeping the running configuration");
+      return;
+    }
+    const applied: string[] = [];
+    try {
+      const t = readSecret(next.dir, "listener.token", { file: next.config.listener.token_file, env: next.config.listener.token_env });
+      if (t !== currentToken) {
+        currentToken = t;
+        listener.setToken(t);
+        applied.push("listener token");
+      }
+    } catch (e) {
+      log.error({ err: { message: (e as Error).message }, signal: "SIGHUP" }, "reload: cannot read the listener token; keeping the current one");
+    }
+    const level = o.logLevel ?? next.config.log.level;
+    if (level !== log.level) {
+      log.level = level;
+      applied.push(`log level ${level}`);
+    }
+    // Everything else needs a restart: name the sections that differ.
+    const rest = (c: BootConfig): Record<string, unknown> => ({ ...c, log: null, listener: { ...c.listener, token_file: null, token_env: null } });
+    const a = rest(cfg);
+    const b = rest(next.config);
+    const needsRestart = [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => canonicalJson(a[k] ?? null) !== canonicalJson(b[k] ?? null)).sort();
+    log.info({ signal: "SIGHUP", applied, needs_restart: needsRestart }, needsRestart.length ? "reloaded; changes in needs_restart take effect on the next start" : "reloaded");
+  };
 
   let closing: Promise<void> | null = null;
   daemon = {
+    reload,
     loaded,
     config: cfg,
     log,

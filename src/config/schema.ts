@@ -45,9 +45,17 @@ export const ListenerConfig = z
     client_ca_file: Path.optional(),
     metrics_bind: HostPort.optional(),
     body_limit_bytes: PositiveInt.max(64 * 1024 * 1024).default(1024 * 1024),
+    /** A request (headers and body) must arrive within this; then 408 and the connection closes. */
+    request_timeout_seconds: z.number().positive().max(3600).default(60),
+    /** The request line and headers must arrive within this (slowloris); at most request_timeout_seconds. */
+    headers_timeout_seconds: z.number().positive().max(3600).default(20),
+    /** An idle keep-alive connection is closed after this. */
+    keep_alive_timeout_seconds: z.number().positive().max(3600).default(5),
   })
   .superRefine((v, ctx) => {
     listenerToken.check(v, ctx);
+    if (v.headers_timeout_seconds > v.request_timeout_seconds)
+      ctx.addIssue({ code: "custom", path: ["headers_timeout_seconds"], message: "must be at most request_timeout_seconds" });
     if ((v.tls_cert_file === undefined) !== (v.tls_key_file === undefined))
       ctx.addIssue({ code: "custom", path: ["tls_cert_file"], message: "tls_cert_file and tls_key_file go together" });
     if (v.client_ca_file !== undefined && v.tls_cert_file === undefined)

@@ -1,22 +1,33 @@
-import Fastify, { LogController, type FastifyError, type FastifyInstance } from "fastify";
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyPluginCallback } from "fastify";
 import { readFileSync } from "node:fs";
-import { z } from "zod";
-import { formatPath } from "../config/load.js";
-import { GrantRequest, GrantState, RequestId, isTerminal, type ProviderCard } from "../domain/index.js";
-import { ValidationError, type GrantManager } from "../lifecycle/manager.js";
-import type { GrantRecord, Store } from "../store/store.js";
 import type { Logger } from "../util/logger.js";
+import { AccessLog } from "./access-log.js";
 import { bearerChecker } from "./auth.js";
+import { refuse, type RouteDeps } from "./deps.js";
+import type { CollectedRoute, RouteSchema } from "./openapi.js";
+import { grantRoutes } from "./routes/grants.js";
+import { metaRoutes } from "./routes/meta.js";
+import { STORE_RETRY_AFTER_SECONDS, classifyStoreError } from "./store-errors.js";
+import { RequestValidationError, zodValidatorCompiler } from "./validation.js";
 
-export interface ListenerOptions {
-  manager: GrantManager;
-  store: Store;
-  card: () => ProviderCard;
+export { grantView } from "./routes/grants.js";
+
+/**
+ * The route plugins, in registration order. Each is a fastify plugin taking RouteDeps, with its
+ * zod schemas beside its routes; adding one is one line here.
+ */
+const ROUTE_PLUGINS: FastifyPluginCallback<RouteDeps>[] = [metaRoutes, grantRoutes];
+
+export interface ListenerOptions extends Omit<RouteDeps, "routes" | "notReadyReason"> {
   token: string;
   log: Logger;
   bodyLimit: number;
   tls?: { cert: string; key: string; ca?: string } | undefined;
-  /** Extra routes (e.g. /metrics) registered behind the same auth. */
+  /** null once ready; the default is always ready. */
+  notReadyReason?: () => string | null;
+  /** Socket timeouts ([listener] *_timeout_seconds), in ms. */
+  timeouts?: { requestMs: number; headersMs: number; keepAliveMs: number };
+  /** Extra routes registered behind the same auth (tests). */
   extraRoutes?: (app: FastifyInstance) => void;
 }
 
@@ -24,59 +35,10 @@ export interface Listener {
   app: FastifyInstance;
   /** From now on every request gets 503: the bridge is shutting down. */
   drain(): void;
-}
-
-/**
- * The public view of a grant record. The bridge-generated private key is included only where
- * asked for (GET /v1/grants/{id}); lists, cancels and idempotent re-posts never carry it.
- */
-export function grantView(
-  r: GrantRecord,
-  o: { privateKey?: boolean; queued?: { queued_at: string; position: number } | null; cost?: { amount: number; currency: string; final: boolean } | null } = {},
-) {
-  return {
-    request_id: r.request_id,
-    state: r.state,
-    backend: r.backend,
-    instance: r.instance
-      ? {
-          instance_id: r.instance.instance_id,
-          host: r.instance.host,
-          ssh_port: r.instance.ssh_port,
-          ssh_user: r.instance.ssh_user,
-          host_key_sha256: r.instance.host_key_sha256,
-          ...(r.instance.attestation ? { attestation: r.instance.attestation } : {}),
-        }
-      : null,
-    ...(o.privateKey && r.private_key ? { private_key: r.private_key } : {}),
-    error: r.error_kind ? { kind: r.error_kind, message: r.error_message ?? "" } : null,
-    attempts: r.attempts,
-    cancel_requested: r.cancel_requested,
-    // Accepted and waiting for a provisioning slot of its backend (state stays "provisioning").
-    ...(o.queued ? { queue: o.queued } : {}),
-    // Price x billed time: so far while it runs (final: false), what it cost once ended.
-    ...(o.cost ? { cost: o.cost } : {}),
-    created_at: r.created_at,
-    updated_at: r.updated_at,
-  };
-}
-
-const ListQuery = z.strictObject({
-  state: GrantState.optional(),
-  limit: z.coerce.number().int().min(1).max(1000).default(100),
-  after: z.coerce.number().int().min(0).default(0),
-});
-
-function zodIssues(e: z.ZodError) {
-  return e.issues.map((i) => {
-    const p = i.code === "unrecognized_keys" ? formatPath([...i.path, i.keys[0] ?? ""]) : formatPath(i.path);
-    const msg = i.code === "unrecognized_keys" ? `unknown field${i.keys.length > 1 ? "s" : ""} ${i.keys.map((k) => JSON.stringify(k)).join(", ")}` : i.message;
-    return { path: p, message: msg };
-  });
-}
-
-function badRequest(issues: { path: string; message: string }[]) {
-  return { error: "invalid_request", message: issues.map((i) => `${i.path}: ${i.message}`).slice(0, 5).join("; "), issues: issues.slice(0, 50) };
+  /** Accept this token from now on (SIGHUP reload); the old one stops working at once. */
+  setToken(token: string): void;
+  /** Every route registered (method, url, schema): the input of /openapi.json. */
+  routes: CollectedRoute[];
 }
 
 type Bindings = Record<string, unknown>;
@@ -126,116 +88,118 @@ class LazyChildLogger {
   silent(): void {}
 }
 
+/** The charset parameter of a Content-Type, lowercased and unquoted, or null. */
+function charsetOf(contentType: string | undefined): string | null {
+  const m = contentType ? /;\s*charset\s*=\s*"?([^";\s]+)"?/i.exec(contentType) : null;
+  return m ? m[1]!.toLowerCase() : null;
+}
+
+const DEFAULT_TIMEOUTS = { requestMs: 60_000, headersMs: 20_000, keepAliveMs: 5_000 };
+
 export function buildListener(o: ListenerOptions): Listener {
   let draining = false;
+  const t = o.timeouts ?? DEFAULT_TIMEOUTS;
+  // Node checks the request and header deadlines every connectionsCheckingInterval (default 30 s):
+  // check often enough that a deadline is kept to within a fraction of itself.
+  const serverTimeouts = { requestTimeout: t.requestMs, headersTimeout: t.headersMs, keepAliveTimeout: t.keepAliveMs, connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(t.headersMs / 4))) };
+  const log = o.log.child({ component: "listener" });
   const app = Fastify({
-    loggerInstance: o.log.child({ component: "listener" }),
-    childLoggerFactory: (logger, bindings) => new LazyChildLogger(logger as Logger, bindings) as unknown as Logger,
+    loggerInstance: log as FastifyBaseLogger,
+    childLoggerFactory: (logger, bindings) => new LazyChildLogger(logger as Logger, bindings),
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: o.bodyLimit,
     requestIdHeader: false,
     return503OnClosing: true,
+    requestTimeout: t.requestMs,
+    keepAliveTimeout: t.keepAliveMs,
     ...(o.tls
-      ? {
-          https: {
-            cert: o.tls.cert,
-            key: o.tls.key,
-            ...(o.tls.ca ? { ca: o.tls.ca, requestCert: true, rejectUnauthorized: true } : {}),
-          },
-        }
-      : {}),
-  }) as unknown as FastifyInstance;
+      ? { https: { cert: o.tls.cert, key: o.tls.key, ...(o.tls.ca ? { ca: o.tls.ca, requestCert: true, rejectUnauthorized: true } : {}), ...serverTimeouts } }
+      : { http: serverTimeouts }),
+  });
+  app.server.headersTimeout = t.headersMs;
 
-  // JSON only: everything else is 415.
-  app.removeContentTypeParser(["text/plain"]);
+  app.setValidatorCompiler(zodValidatorCompiler);
+  // Answers are plain data built by the handlers; the response schemas document them (/openapi.json).
+  app.setSerializerCompiler(() => (data) => JSON.stringify(data));
+  app.decorateRequest("refusal", null);
 
-  const authorized = bearerChecker(o.token);
+  const routes: CollectedRoute[] = [];
+  const publicPaths = new Set<string>();
+  app.addHook("onRoute", (r) => {
+    const isPublic = (r.config as { public?: boolean } | undefined)?.public === true;
+    if (isPublic) publicPaths.add(r.url);
+    if (!r.schema) return;
+    for (const m of [r.method].flat()) if (m !== "HEAD") routes.push({ method: m, url: r.url, schema: r.schema as RouteSchema, public: isPublic });
+  });
+
+  // JSON only (everything else is 415), in UTF-8 (RFC 8259 §8.1): another declared charset is 415
+  // rather than bytes read as the wrong encoding. An empty body is no body (DELETE with a
+  // content-type and nothing else is fine; a POST without one fails its schema).
+  const json = app.getDefaultJsonParser("error", "error");
+  app.removeContentTypeParser(["text/plain", "application/json"]);
+  app.addContentTypeParser("application/json", { parseAs: "string" }, (req, body, done) => {
+    const cs = charsetOf(req.headers["content-type"]);
+    if (cs !== null && cs !== "utf-8" && cs !== "utf8")
+      return done(Object.assign(new Error(`charset ${cs} is not supported: send application/json in UTF-8`), { statusCode: 415 }), undefined);
+    if (body === "") return done(null, undefined);
+    json(req, body as string, done);
+  });
+
+  let authorized = bearerChecker(o.token);
   // A callback hook (not async): no promise per request on the hot path.
   app.addHook("onRequest", (req, reply, done) => {
     if (draining) return void reply.code(503).header("connection", "close").send({ error: "shutting_down", message: "the bridge is shutting down" });
-    if (req.url !== "/healthz" && !authorized(req.headers.authorization))
-      return void reply.code(401).header("www-authenticate", 'Bearer realm="compute-bridge"').send({ error: "unauthorized", message: "missing or invalid bearer token" });
+    const q = req.url.indexOf("?");
+    if (!publicPaths.has(q < 0 ? req.url : req.url.slice(0, q)) && !authorized(req.headers.authorization)) {
+      const h = req.headers.authorization;
+      const why = h === undefined ? "no Authorization header" : /^bearer +/i.test(h) ? "wrong bearer token" : "Authorization is not a Bearer token";
+      reply.header("www-authenticate", 'Bearer realm="compute-bridge"');
+      return void refuse(reply, 401, { error: "unauthorized", message: `missing or invalid bearer token (${why})` });
+    }
+    done();
+  });
+
+  const access = new AccessLog(log);
+  app.addHook("onResponse", (req, reply, done) => {
+    const s = reply.statusCode;
+    if (s >= 400 && s < 500) {
+      const q = req.url.indexOf("?");
+      access.refused({ method: req.method, path: q < 0 ? req.url : req.url.slice(0, q), status: s, reason: req.refusal ?? `status ${s}`, remote: req.ip });
+    }
     done();
   });
 
   app.setErrorHandler((err: FastifyError, req, reply) => {
+    if (err instanceof RequestValidationError)
+      return refuse(reply, 400, { error: "invalid_request", message: err.message, issues: err.issues.slice(0, 50) });
+    const store = classifyStoreError(err);
+    if (store) {
+      req.log.warn({ err }, "store write failed; answered %d", store.status);
+      if (store.status === 503) reply.header("retry-after", String(STORE_RETRY_AFTER_SECONDS));
+      return reply.code(store.status).send({ error: store.error, message: store.message });
+    }
     const status = err.statusCode && err.statusCode >= 400 && err.statusCode < 600 ? err.statusCode : 500;
-    if (status >= 500) req.log.error({ err }, "request failed");
-    const code =
-      status === 413 ? "body_too_large" : status === 415 ? "unsupported_media_type" : status === 400 ? "invalid_request" : status >= 500 ? "internal" : "error";
-    void reply.code(status).send({ error: code, message: status >= 500 ? "internal error" : err.message });
-  });
-  app.setNotFoundHandler((_req, reply) => void reply.code(404).send({ error: "not_found", message: "no such route" }));
-
-  app.get("/healthz", async () => ({ status: "ok" }));
-
-  app.get("/v1/provider-card", async () => o.card());
-
-  app.post("/v1/grants", async (req, reply) => {
-    if (req.body === undefined || req.body === null) return reply.code(400).send(badRequest([{ path: "(body)", message: "a JSON body {grant, envelope} is required" }]));
-    const parsed = GrantRequest.safeParse(req.body);
-    if (!parsed.success) return reply.code(400).send(badRequest(zodIssues(parsed.error)));
-    let r;
-    try {
-      r = await o.manager.submit(parsed.data);
-    } catch (e) {
-      if (e instanceof ValidationError) return reply.code(400).send(badRequest([{ path: e.field, message: e.message.slice(e.field.length + 2) }]));
-      throw e;
+    if (status >= 500) {
+      req.log.error({ err }, "request failed");
+      return reply.code(status).send({ error: "internal", message: "internal error" });
     }
-    switch (r.status) {
-      case "created":
-        return reply.code(202).send({ request_id: r.record.request_id, state: r.record.state, backend: r.record.backend });
-      case "duplicate":
-        return reply.code(200).send(grantView(o.store.get(r.record.request_id) ?? r.record));
-      case "conflict":
-        return reply.code(409).send({ error: "conflict", message: `request_id ${r.record.request_id} was already accepted with a different body`, request_id: r.record.request_id });
-      case "declined":
-        return reply.code(422).send({ error: "no_backend", message: "no backend can satisfy the grant", declines: r.declines });
-    }
+    const code = status === 413 ? "body_too_large" : status === 415 ? "unsupported_media_type" : status === 400 ? "invalid_request" : "error";
+    return refuse(reply, status, { error: code, message: err.message });
   });
+  app.setNotFoundHandler((_req, reply) => refuse(reply, 404, { error: "not_found", message: "no such route" }));
 
-  const idParam = (params: unknown) => RequestId.safeParse((params as { id?: unknown }).id);
-
-  app.get("/v1/grants", async (req, reply) => {
-    const q = ListQuery.safeParse(req.query);
-    if (!q.success) return reply.code(400).send(badRequest(zodIssues(q.error)));
-    const rows = o.store.list({ limit: q.data.limit, after: q.data.after, ...(q.data.state ? { state: q.data.state } : {}) });
-    const last = rows.at(-1);
-    return { grants: rows.map((r) => grantView(r)), next_after: rows.length === q.data.limit && last ? last.seq : null };
-  });
-
-  app.get("/v1/grants/:id", async (req, reply) => {
-    const id = idParam(req.params);
-    if (!id.success) return reply.code(400).send(badRequest([{ path: "request_id", message: id.error.issues[0]?.message ?? "invalid" }]));
-    const rec = o.store.get(id.data);
-    if (!rec) return reply.code(404).send({ error: "not_found", message: `no grant ${id.data}` });
-    return grantView(rec, { privateKey: true, queued: o.manager.queued(rec.request_id), cost: o.manager.cost(rec) });
-  });
-
-  app.delete("/v1/grants/:id", async (req, reply) => {
-    const id = idParam(req.params);
-    if (!id.success) return reply.code(400).send(badRequest([{ path: "request_id", message: id.error.issues[0]?.message ?? "invalid" }]));
-    const rec = await o.manager.cancel(id.data);
-    if (!rec) return reply.code(404).send({ error: "not_found", message: `no grant ${id.data}` });
-    return reply.code(isTerminal(rec.state) ? 200 : 202).send(grantView(rec));
-  });
-
-  app.get("/v1/grants/:id/log", async (req, reply) => {
-    const id = idParam(req.params);
-    if (!id.success) return reply.code(400).send(badRequest([{ path: "request_id", message: id.error.issues[0]?.message ?? "invalid" }]));
-    const rec = o.store.get(id.data);
-    if (!rec) return reply.code(404).send({ error: "not_found", message: `no grant ${id.data}` });
-    const log = o.store.computeLog(id.data);
-    if (!log) return reply.code(409).send({ error: "not_terminal", message: `grant ${id.data} is ${rec.state}; its ComputeLog exists once it is terminal`, state: rec.state });
-    return log;
-  });
-
+  const deps: RouteDeps = { manager: o.manager, store: o.store, card: o.card, notReadyReason: o.notReadyReason ?? (() => null), metrics: o.metrics, routes };
+  for (const plugin of ROUTE_PLUGINS) void app.register(plugin, deps);
   o.extraRoutes?.(app);
 
   return {
     app,
+    routes,
     drain: () => {
       draining = true;
+    },
+    setToken: (token) => {
+      authorized = bearerChecker(token);
     },
   };
 }

@@ -5,6 +5,9 @@ import type { Fleet } from "../fleet/fleet.js";
 import type { GrantManager, ManagerEvents } from "../lifecycle/manager.js";
 import type { Store } from "../store/store.js";
 
+/** Default metrics that are gauges named like counters (see the constructor). */
+export const DROPPED_DEFAULTS = ["nodejs_active_handles_total", "nodejs_active_requests_total", "nodejs_active_resources_total"];
+
 const SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200];
 
 /** The bridge's Prometheus metrics (names documented in docs/operations.md). */
@@ -24,7 +27,12 @@ export class BridgeMetrics implements BackendMetrics {
   readonly storeWrite = new Histogram({ name: "cb_store_write_seconds", help: "Durable store write (group commit) latency", labelNames: ["op"], buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25], registers: [this.registry] });
 
   constructor(store: Store, activeGrants: () => number) {
-    collectDefaultMetrics({ register: this.registry, prefix: "cb_" });
+    // prom-client's process and Node.js metrics under their stock names (process_*, nodejs_*), as
+    // the usual Node.js dashboards query them. Three of them are gauges named *_total, which
+    // `promtool check metrics` rejects (only counters end in _total): they are left out, their
+    // per-type versions (nodejs_active_handles{type}, ...) stay and sum to the same number.
+    collectDefaultMetrics({ register: this.registry });
+    for (const m of DROPPED_DEFAULTS) this.registry.removeSingleMetric(m);
     new Gauge({
       name: "cb_grants",
       help: "Grants by state and backend (from the store)",

@@ -11,7 +11,7 @@ export interface ChildDaemon {
   stop(): Promise<number | null>;
 }
 
-/** Start the daemon as a separate process and wait for its "listening" log line. */
+/** Start the daemon as a separate process and wait for its "listening" log line (written whatever the log level). */
 export async function spawnDaemon(configFile: string, env: Record<string, string> = {}): Promise<ChildDaemon> {
   const proc = spawn(process.execPath, ["--import", "tsx", RUNNER, configFile], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
   let out = "";
@@ -19,17 +19,18 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
   proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
   const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
   const url = await new Promise<string>((resolve, reject) => {
-    // The CLI always prints this line to stderr, whatever the log level.
+    // The daemon's start-up line (JSON): {"level":"info", ..., "url":"http://...", ..., "msg":"compute-bridge listening"}.
     const onData = () => {
-      const m = out.match(/compute-bridge listening on (https?:\/\/\S+)/);
-      if (m) {
-        proc.stderr!.off("data", onData);
-        resolve(m[1]!);
+      const line = out.split("\n").find((l) => l.includes('"msg":"compute-bridge listening"'));
+      if (line) {
+        proc.stdout!.off("data", onData);
+        resolve((JSON.parse(line) as { url: string }).url);
       }
     };
-    proc.stderr!.on("data", onData);
+    proc.stdout!.on("data", onData);
     void exited.then((code) => reject(new Error(`daemon exited (${code}) before listening:\n${out}`)));
-    setTimeout(() => reject(new Error(`daemon did not start listening within 30 s:\n${out}`)), 30_000).unref();
+    // Generous: on a loaded 2-core machine loading the modules alone has taken over 30 s.
+    setTimeout(() => reject(new Error(`daemon did not start listening within 90 s:\n${out}`)), 90_000).unref();
   });
   return {
     proc,

@@ -4,6 +4,7 @@ export interface Res {
   status: number;
   body: any; // eslint-disable-line @typescript-eslint/no-explicit-any
   text: string;
+  headers: Headers;
 }
 
 export async function call(base: string, method: string, p: string, body?: unknown, headers: Record<string, string> = {}, token: string | null = TEST_TOKEN): Promise<Res> {
@@ -22,7 +23,7 @@ export async function call(base: string, method: string, p: string, body?: unkno
   } catch {
     parsed = null;
   }
-  return { status: res.status, body: parsed, text };
+  return { status: res.status, body: parsed, text, headers: res.headers };
 }
 
 /** Poll `fn` every `intervalMs` until it returns a truthy value (or throw after `timeoutMs`). */

@@ -3,10 +3,10 @@ import { describe, it } from "node:test";
 import { bearerChecker } from "../../src/listener/auth.js";
 
 describe("bearer check", () => {
-  it("accepts exactly 'Bearer <token>' and nothing else", () => {
+  it("accepts 'Bearer <token>' with the scheme in any case (RFC 9110) and nothing else", () => {
     const ok = bearerChecker("s3cret-token-0123456789");
-    assert.equal(ok("Bearer s3cret-token-0123456789"), true);
-    for (const h of [undefined, "", "Bearer ", "bearer s3cret-token-0123456789", "Bearer s3cret-token-0123456788", "Bearer s3cret-token-012345678", "Bearer s3cret-token-01234567890", "Basic s3cret-token-0123456789"])
+    for (const h of ["Bearer s3cret-token-0123456789", "bearer s3cret-token-0123456789", "BEARER s3cret-token-0123456789", "bEaReR  s3cret-token-0123456789"]) assert.equal(ok(h), true, h);
+    for (const h of [undefined, "", "Bearer ", "Bearers3cret-token-0123456789", "Bearer\ts3cret-token-0123456789", "Bearer s3cret-token-0123456789 ", "Bearer s3cret-token-0123456788", "Bearer s3cret-token-012345678", "Bearer s3cret-token-01234567890", "Basic s3cret-token-0123456789"])
       assert.equal(ok(h), false, JSON.stringify(h));
   });
 

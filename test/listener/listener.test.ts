@@ -92,7 +92,8 @@ describe("listener", () => {
     const g = await waitState(url, "run-1", ["completed"]);
     assert.equal(g.backend, "local");
     assert.equal(g.instance.instance_id, "local-run-1");
-    assert.match(g.private_key, /BEGIN OPENSSH PRIVATE KEY/, "the bridge generated a per-grant key");
+    assert.equal(g.instance.host, null, "a local grant has no SSH host");
+    assert.equal(g.private_key, undefined, "so no private key is handed out for it");
     const log = (await call(url, "GET", "/v1/grants/run-1/log")).body;
     assert.equal(log.exit_reason, "exited");
     assert.equal(log.exit_code, 4);
@@ -201,13 +202,15 @@ describe("listener", () => {
     await (d.store as unknown as { worker: import("node:worker_threads").Worker }).worker.terminate();
     assert.match((await d.failed).message, /state database writer failed/);
     const r = await call(url, "POST", "/v1/grants", body("nowrite-1", img));
-    assert.equal(r.status, 500);
-    assert.equal(r.body.error, "internal");
+    assert.equal(r.status, 503, "a store that cannot be written is unavailable, never a 500");
+    assert.equal(r.body.error, "unavailable");
+    assert.equal(r.headers.get("retry-after"), "5");
     assert.equal(d.store.get("nowrite-1"), null);
     assert.equal((await call(url, "GET", "/healthz")).status, 200, "the listener still answers (the CLI exits non-zero on `failed`)");
     assert.ok(logs.lines.some((l) => l.includes('"level":"fatal"') && l.includes("can no longer be written")), `a fatal log line: ${logs.lines.filter((l) => l.includes("writer")).join("\n")}`);
     // The failed request's own log line carries its request id (the per-request logger is built on first use).
-    assert.ok(logs.lines.some((l) => l.includes('"msg":"request failed"') && /"reqId":"req-[0-9a-z]+"/.test(l) && l.includes('"component":"listener"')));
+    assert.ok(logs.lines.some((l) => l.includes('"msg":"store write failed; answered 503"') && /"reqId":"req-[0-9a-z]+"/.test(l) && l.includes('"component":"listener"')));
+    assert.equal((await call(url, "GET", "/readyz", undefined, {}, null)).status, 503, "not ready without a writable store");
   });
 
   it("returns 503 while shutting down", async (t) => {
@@ -233,7 +236,8 @@ describe("listener", () => {
     assert.match(m.text, /cb_provision_duration_seconds_count\{backend="local"\} 1/);
     assert.match(m.text, /cb_grant_to_ready_seconds_count\{backend="local"\} 1/);
     assert.match(m.text, /cb_store_write_seconds_count\{op="group_commit"\} \d+/);
-    assert.match(m.text, /cb_process_resident_memory_bytes/);
+    assert.match(m.text, /^process_resident_memory_bytes /m);
+    assert.match(m.text, /^nodejs_eventloop_lag_p99_seconds /m);
 
     const sep = await startTestDaemon(t, { listenerExtra: 'metrics_bind = "127.0.0.1:0"' });
     assert.ok(sep.d.metricsUrl);

@@ -22,19 +22,24 @@ function instructions(text: string): { op: string; args: string; stage: number }
 }
 
 describe("packaging", () => {
-  it("Dockerfile: multi-stage, slim Node 20 runtime, non-root, state volume, healthcheck, no secrets", () => {
+  it("Dockerfile: multi-stage, slim Node 24 LTS runtime, non-root, state volume, healthcheck, no secrets", () => {
     const ins = instructions(readFileSync("Dockerfile", "utf8"));
     const froms = ins.filter((i) => i.op === "FROM");
     assert.equal(froms.length, 2);
-    assert.match(froms[0]!.args, /^node:20-\S+ AS build$/);
-    assert.match(froms[1]!.args, /^node:20-bookworm-slim AS runtime$/);
+    assert.match(froms[0]!.args, /^node:24-\S+ AS build$/);
+    assert.match(froms[1]!.args, /^node:24-bookworm-slim AS runtime$/);
+    // The runtime is one of the versions package.json's engines admits.
+    const engines = JSON.parse(readFileSync("package.json", "utf8")).engines.node as string;
+    assert.equal(engines, "^20.12.0 || ^22.0.0 || ^24.0.0");
+    assert.ok(engines.includes(`^${froms[1]!.args.match(/^node:(\d+)/)![1]}.`));
     const runtime = ins.filter((i) => i.stage === 1);
     assert.ok(runtime.some((i) => i.op === "COPY" && i.args.startsWith("--from=build") && i.args.includes("node_modules")));
     const user = runtime.filter((i) => i.op === "USER").at(-1);
     assert.ok(user && user.args !== "root" && user.args !== "0", "runs as a non-root user");
     assert.ok(runtime.some((i) => i.op === "VOLUME" && i.args.includes("/var/lib/compute-bridge")));
     const hc = runtime.find((i) => i.op === "HEALTHCHECK");
-    assert.ok(hc && hc.args.includes("/healthz"));
+    assert.ok(hc && hc.args.includes('"healthcheck"'), "the health check uses the CLI (metrics_bind or TLS listener alike)");
+    assert.ok(runtime.some((i) => i.op === "ENV" && i.args === "COMPUTE_BRIDGE_CONFIG=/etc/compute-bridge/bridge.toml"));
     for (const i of ins) {
       assert.ok(!(i.op === "ENV" || i.op === "ARG") || !/TOKEN|SECRET|PASSWORD|KEY/i.test(i.args), `no secret in ${i.op} ${i.args}`);
       assert.ok(!(i.op === "COPY" || i.op === "ADD") || !/\.token|secret|\.key\b|\.pem/.test(i.args), `no secret files copied: ${i.args}`);
@@ -77,7 +82,7 @@ describe("grafana dashboard", () => {
     const names = new Set([...exported.matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]!));
     for (const p of dash.panels)
       for (const target of p.targets)
-        for (const m of target.expr.matchAll(/\b(cb_[a-z0-9_]+)/g)) {
+        for (const m of target.expr.matchAll(/\b((?:cb|process|nodejs)_[a-z0-9_]+)/g)) {
           const base = m[1]!.replace(/_(bucket|sum|count)$/, "");
           assert.ok(names.has(base), `dashboard queries ${m[1]}, which /metrics does not export`);
         }
