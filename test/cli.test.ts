@@ -50,7 +50,7 @@ describe("CLI", () => {
       [["doctor", "extra"], /doctor: unexpected argument "extra"/],
       [["grants"], /grants needs list, show ID or cancel ID/],
       [["grants", "show"], /grants show needs a request id/],
-      [["grants", "list", "--state", "nope"], /--state must be one of accepted, /],
+      [["grants", "list", "--state", "nope"], /--state must be one of provisioning, running, /],
       [["verify-log", "x.json"], /verify-log needs --card CARD/],
       [["check-config", "a.toml", "--config", "b.toml"], /give the file once/],
     ];
