@@ -138,6 +138,25 @@ const AwsRegion = z.strictObject({
   key_name: z.string().min(1).optional(),
 });
 
+/** A request-rate token bucket: burst size and tokens added per second. */
+const RateBucket = z.strictObject({ bucket: PositiveInt, refill_per_second: z.number().positive() });
+/**
+ * Client-side pacing of EC2 API calls per region and API class, at EC2's documented account
+ * buckets by default (https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html):
+ * non-mutating Describe* 100 / 20 per s; mutating (RunInstances, TerminateInstances) 50 / 5 per s;
+ * GetConsoleOutput, in the lowest class, 50 / 5 per s. Lower them when other tools share the account.
+ */
+export const AWS_RATE_LIMIT_DEFAULTS = {
+  describe: { bucket: 100, refill_per_second: 20 },
+  mutate: { bucket: 50, refill_per_second: 5 },
+  console: { bucket: 50, refill_per_second: 5 },
+};
+const AwsRateLimits = z.strictObject({
+  describe: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.describe),
+  mutate: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.mutate),
+  console: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.console),
+});
+
 const awsAccessKey = secretRef("access_key_id", false);
 const awsSecretKey = secretRef("secret_access_key", false);
 export const AwsConfig = z
@@ -151,6 +170,7 @@ export const AwsConfig = z
     endpoint: Url.optional(),
     tag_prefix: z.string().regex(/^[A-Za-z0-9:._-]{1,64}$/).default("compute-bridge"),
     ssh_user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("ec2-user"),
+    rate_limits: AwsRateLimits.default(AWS_RATE_LIMIT_DEFAULTS),
     ...Timeouts,
   })
   .superRefine((v, ctx) => {

@@ -9,7 +9,8 @@
  *   served (a later small caller never overtakes an earlier one), and leave the queue when their
  *   signal aborts.
  * - `throttled(retryAfterMs)` is the cloud's own word that we went too fast (a throttling code,
- *   or a 429 with Retry-After): the bucket is emptied and nobody is served before the pause ends.
+ *   or a 429 with Retry-After): the bucket is emptied so that its next token comes when the pause
+ *   ends (the balance goes below zero), and refills at its rate from there.
  * - Time comes from the injected Clock, so tests drive it without sleeping.
  */
 import { abortError, type Clock } from "../../util/clock.js";
@@ -31,7 +32,6 @@ interface Waiter {
 export class TokenBucket {
   private tokens: number;
   private last: number;
-  private pausedUntil = 0;
   private readonly queue: Waiter[] = [];
   private pumping = false;
   /** Wakes the pump early (a throttle signal moved the time the head may go). */
@@ -54,7 +54,7 @@ export class TokenBucket {
   /** Tokens available now (fractional while refilling). */
   available(): number {
     this.refill();
-    return this.clock.now() < this.pausedUntil ? 0 : this.tokens;
+    return Math.max(0, this.tokens);
   }
 
   /** Resolves once a token is taken for the caller; rejects with an AbortError when `signal` aborts first. */
@@ -79,36 +79,32 @@ export class TokenBucket {
   }
 
   /**
-   * The cloud said we are too fast: empty the bucket and serve nobody for `pauseMs` (its
-   * Retry-After, or by default the time one token takes to refill).
+   * The cloud said we are too fast: nobody is served for `pauseMs` (its Retry-After, or by
+   * default the time one token takes to refill); the next token comes when the pause ends.
    */
   throttled(pauseMs?: number): void {
     this.refill();
-    this.tokens = 0;
     const ms = pauseMs !== undefined && Number.isFinite(pauseMs) && pauseMs >= 0 ? pauseMs : 1000 / this.spec.refill_per_second;
-    this.pausedUntil = Math.max(this.pausedUntil, this.clock.now() + ms);
+    this.tokens = Math.min(this.tokens, 1 - (ms / 1000) * this.spec.refill_per_second);
     this.wake?.abort();
   }
 
   private refill(): void {
     const now = this.clock.now();
-    // No refill accrues during a pause: the cloud's bucket is empty until then.
-    const from = Math.max(this.last, this.pausedUntil);
-    if (now > from) this.tokens = Math.min(this.spec.bucket, this.tokens + ((now - from) / 1000) * this.spec.refill_per_second);
+    if (now > this.last) this.tokens = Math.min(this.spec.bucket, this.tokens + ((now - this.last) / 1000) * this.spec.refill_per_second);
     this.last = Math.max(this.last, now);
   }
 
   private tryTake(): boolean {
     this.refill();
-    if (this.clock.now() < this.pausedUntil || this.tokens < 1) return false;
+    // (Refill sums of fractions land a hair under 1 where they should be exactly 1.)
+    if (this.tokens < 1 - 1e-9) return false;
     this.tokens -= 1;
     return true;
   }
 
   private waitMs(): number {
-    const now = this.clock.now();
-    if (now < this.pausedUntil) return this.pausedUntil - now;
-    return Math.max(1, Math.ceil(((1 - this.tokens) / this.spec.refill_per_second) * 1000));
+    return Math.max(1, Math.ceil(((1 - this.tokens) / this.spec.refill_per_second) * 1000 - 1e-6));
   }
 
   private async pump(): Promise<void> {

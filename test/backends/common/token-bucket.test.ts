@@ -44,25 +44,27 @@ describe("TokenBucket", () => {
     assert.deepEqual(at, [60_000, 60_000, null]);
   });
 
-  it("throttled(): empties the bucket and serves nobody before the pause (Retry-After) ends", async () => {
+  it("throttled(): empties the bucket and serves nobody before the pause (Retry-After) ends, then one token per refill interval", async () => {
     const clock = new ManualClock(0);
     const b = new TokenBucket({ bucket: 5, refill_per_second: 5 }, clock);
     b.throttled(3000);
     assert.equal(b.available(), 0);
-    const { at } = takes(b, clock, 2);
+    const { at } = takes(b, clock, 3);
     clock.advance(2999);
     await flush();
-    assert.deepEqual(at, [null, null]);
-    // The pause ends with an empty bucket: the first token after 200 ms more.
+    assert.deepEqual(at, [null, null, null]);
     clock.advance(1);
     await flush();
-    assert.deepEqual(at, [null, null]);
+    assert.deepEqual(at, [3000, null, null]);
+    clock.advance(199);
+    await flush();
+    assert.deepEqual(at, [3000, null, null]);
+    clock.advance(1);
+    await flush();
+    assert.deepEqual(at, [3000, 3200, null]);
     clock.advance(200);
     await flush();
-    assert.deepEqual(at, [3200, null]);
-    clock.advance(200);
-    await flush();
-    assert.deepEqual(at, [3200, 3400]);
+    assert.deepEqual(at, [3000, 3200, 3400]);
   });
 
   it("throttled() without a Retry-After pauses for one refill interval; a throttle while waiting moves the wait", async () => {
@@ -72,13 +74,13 @@ describe("TokenBucket", () => {
     const { at } = takes(b, clock, 1);
     await flush();
     clock.advance(100);
-    b.throttled(); // 250 ms from now
+    b.throttled(); // the next token 250 ms from now, not at 250 as before
     clock.advance(249);
     await flush();
     assert.deepEqual(at, [null]);
-    clock.advance(251);
+    clock.advance(1);
     await flush();
-    assert.deepEqual(at, [600]);
+    assert.deepEqual(at, [350]);
   });
 
   it("an aborted waiter leaves the queue without taking a token; the next one is served in its place", async () => {
