@@ -1,6 +1,7 @@
 import { z } from "zod";
 import { Region } from "../domain/grant.js";
 import { HOST_KEY_FINGERPRINT } from "../domain/instance.js";
+import { bootDisksFor, GCE_BOOT_DISK_TYPES } from "./gce-disks.js";
 
 /**
  * The boot TOML, as zod schemas. Every object is strict: a misspelt key is an error, never a
@@ -206,8 +207,16 @@ export const GcpConfig = z.strictObject({
   api_endpoint: Url.optional(),
   ssh_user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("compute-bridge"),
   label_prefix: z.string().regex(/^[a-z][a-z0-9_-]{0,30}$/).default("compute-bridge"),
+  /** Boot disk type of every instance; GCE's own default (pd-standard) is refused by C3 (every TDX type). */
+  boot_disk_type: z.enum(GCE_BOOT_DISK_TYPES).default("pd-balanced"),
   ...Timeouts,
 }).superRefine((v, ctx) => {
+  for (const [key, list] of [["machine_types", v.machine_types], ["tdx_machine_types", v.tdx_machine_types]] as const)
+    list.forEach((m, i) => {
+      const ok = bootDisksFor(m.name);
+      if (ok && !ok.includes(v.boot_disk_type))
+        ctx.addIssue({ code: "custom", path: [key, i, "name"], message: `"${m.name}" cannot boot from boot_disk_type "${v.boot_disk_type}"; its series supports ${ok.join(", ")}` });
+    });
   if (v.machine_types.length + v.tdx_machine_types.length === 0)
     ctx.addIssue({ code: "custom", path: ["machine_types"], message: "configure machine_types and/or tdx_machine_types" });
   if (v.tdx_machine_types.length > 0 && v.tdx_image === undefined)
