@@ -408,6 +408,28 @@ describe("azure backend: provisioning", { timeout: 45_000 }, () => {
     assert.match(e.message, /HTTP 429 SubscriptionRequestsThrottled/);
   });
 
+  it("a workload that ends before SSH answers still provisions; the marker gives its exit code", async (t) => {
+    const closed = net.createServer();
+    await new Promise<void>((r) => closed.listen(0, "127.0.0.1", r));
+    const deadPort = (closed.address() as AddressInfo).port;
+    await new Promise<void>((r) => closed.close(() => r()));
+    const { fake, backend } = await setup(t, { cfg: { ssh_port: deadPort } });
+    const id = "quick-1";
+    const n = naming.names(id);
+    const p = backend.provision(grant(id), envelope, never);
+    await until(() => fake.powerState(RG, n.vm) === "running", "the VM to run");
+    fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 4, 0.75)}\n`);
+    const inst = await p;
+    // The guest did report its host key, but a VM that is already off is not waited on for it.
+    assert.equal(inst.host_key_sha256, null);
+    assert.equal(fake.countCalls({ path: /retrieveBootDiagnosticsData$/i }), 0, "no serial console read while provisioning");
+    const obs = await backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
+    assert.deepEqual([obs.kind, obs.exit_code, obs.cpu_seconds], ["exited", 4, 0.75]);
+    await backend.terminate(inst);
+  });
+});
+
+describe("azure backend: real ARM pacing (issue #18 item 5)", { timeout: 90_000 }, () => {
   it("real ARM Retry-After seconds are waited out by the SDK, inside launch_timeout_seconds", async (t) => {
     const { fake, backend } = await setup(t);
     fake.faults.retryAfterSeconds = 1;
@@ -428,26 +450,6 @@ describe("azure backend: provisioning", { timeout: 45_000 }, () => {
     const e = await rejection(b2.provision(grant("ra-2"), envelope, never));
     assert.ok(Date.now() - t1 < 10_000, `ended at the deadline (${Date.now() - t1} ms)`);
     assert.match(e.message, /launch_timeout_seconds \(2 s\)/);
-  });
-
-  it("a workload that ends before SSH answers still provisions; the marker gives its exit code", async (t) => {
-    const closed = net.createServer();
-    await new Promise<void>((r) => closed.listen(0, "127.0.0.1", r));
-    const deadPort = (closed.address() as AddressInfo).port;
-    await new Promise<void>((r) => closed.close(() => r()));
-    const { fake, backend } = await setup(t, { cfg: { ssh_port: deadPort } });
-    const id = "quick-1";
-    const n = naming.names(id);
-    const p = backend.provision(grant(id), envelope, never);
-    await until(() => fake.powerState(RG, n.vm) === "running", "the VM to run");
-    fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 4, 0.75)}\n`);
-    const inst = await p;
-    // The guest did report its host key, but a VM that is already off is not waited on for it.
-    assert.equal(inst.host_key_sha256, null);
-    assert.equal(fake.countCalls({ path: /retrieveBootDiagnosticsData$/i }), 0, "no serial console read while provisioning");
-    const obs = await backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
-    assert.deepEqual([obs.kind, obs.exit_code, obs.cpu_seconds], ["exited", 4, 0.75]);
-    await backend.terminate(inst);
   });
 });
 
@@ -588,7 +590,8 @@ describe("azure backend: watching", { timeout: 45_000 }, () => {
     const insts = await Promise.all(ids.map((id) => backend.provision(grant(id), envelope, never)));
     const before = fake.calls.length;
     const watches = insts.map((i) => backend.watchUntilExit(i, new Date(Date.now() + 60_000), never));
-    const listCalls = () => fake.findCalls((c) => c.seq > before && c.method === "GET" && /\/resourceGroups\/rg-test\/providers\/Microsoft\.Compute\/virtualMachines$/.test(c.path)).length;
+    // listAll(statusOnly): the subscription-wide status list, one per poll for every VM watched.
+    const listCalls = () => fake.findCalls((c) => c.seq > before && c.method === "GET" && /^\/subscriptions\/[^/]+\/providers\/Microsoft\.Compute\/virtualMachines$/.test(c.path)).length;
     await until(() => listCalls() >= 3, "a few polls");
     fake.guestPowerOff(RG, naming.names("w-0").vm, `${exitMarker("w-0", 0)}\n`);
     fake.guestPowerOff(RG, naming.names("w-1").vm, `[  5.1] cloud-init[900]: ${exitMarker("w-1", 7)}\n`);
