@@ -156,15 +156,3 @@ export class RateLimiter<C extends string> {
     this.bucket(scope, cls).throttled(pauseMs);
   }
 }
-
-/**
- * A Retry-After header value in ms: delta-seconds or an HTTP date (RFC 9110 §10.2.3); undefined
- * when absent or unreadable.
- */
-export function retryAfterMs(value: string | null | undefined, now: number): number | undefined {
-  if (value === null || value === undefined || value.trim() === "") return undefined;
-  const v = value.trim();
-  if (/^\d+$/.test(v)) return Number(v) * 1000;
-  const t = Date.parse(v);
-  return Number.isFinite(t) ? Math.max(0, t - now) : undefined;
-}

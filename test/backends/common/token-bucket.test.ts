@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { RateLimiter, retryAfterMs, TokenBucket } from "../../../src/backends/common/token-bucket.js";
+import { RateLimiter, TokenBucket } from "../../../src/backends/common/token-bucket.js";
 import { ManualClock } from "../../helpers/manual-clock.js";
 
 /** Let resolved promises run their continuations. */
@@ -124,15 +124,5 @@ describe("RateLimiter", () => {
     await p;
     assert.equal(r.bucket("eu-west-1", "describe").available(), 0);
     assert.equal(r.bucket("us-east-1", "describe").spec.bucket, 2);
-  });
-});
-
-describe("retryAfterMs", () => {
-  it("reads delta-seconds and HTTP dates; nothing for absent or unreadable values", () => {
-    assert.equal(retryAfterMs("7", 0), 7000);
-    assert.equal(retryAfterMs("Thu, 01 Jan 1970 00:00:10 GMT", 4000), 6000);
-    assert.equal(retryAfterMs("Thu, 01 Jan 1970 00:00:01 GMT", 4000), 0);
-    assert.equal(retryAfterMs(undefined, 0), undefined);
-    assert.equal(retryAfterMs("soon", 0), undefined);
   });
 });
