@@ -3,10 +3,13 @@
  *
  * - capabilities/canSatisfy come from config only; the SDK (`@aws-sdk/client-ec2`, ~0.4 s to
  *   import) is loaded on first use, so the card and the listener never wait for it.
- * - provision: smallest configured instance type that fits the grant and is not in the Fleet's
- *   unavailable cache; RunInstances with a ClientToken derived from (provider id, request_id),
- *   so a retry or a restarted daemon never creates a second instance (an instance already tagged
- *   with the request is adopted first); tags `${tag_prefix}:bridge-id` / `:request-id`;
+ * - provision: every configured instance type that fits the grant, smallest first, skipping those
+ *   in the Fleet's unavailable cache: a capacity error on one marks it unavailable and tries the
+ *   next before the grant fails over to another backend. Each RunInstances carries a ClientToken
+ *   derived from (provider id, request_id, instance type): EC2 binds a token to the parameters of
+ *   the call that used it, also a failed one, so one token per shape keeps every attempt
+ *   retryable; a retry or a restarted daemon never creates a second instance (an instance tagged
+ *   with the request, from any earlier attempt, is adopted first); tags `${tag_prefix}:bridge-id` / `:request-id`;
  *   InstanceInitiatedShutdownBehavior=terminate; user data = common/cloud-init.ts. Then waits
  *   for `running` (batched polling) and for an SSH banner (common/ssh-ready.ts), then reads the
  *   guest's SSH host key fingerprint from the live serial console (GetConsoleOutput Latest=true,
@@ -15,7 +18,12 @@
  *   tag, paged 1000 at a time) per interval for every watched instance; the exit code comes from
  *   the COMPUTE-BRIDGE marker in GetConsoleOutput; valid_to is enforced.
  * - terminate: TerminateInstances, idempotent, resolves once EC2 reports shutting-down or
- *   terminated; with no instance id it finds the request's instances by tag.
+ *   terminated; with no instance id it finds the request's instances by tag. EC2 is eventually
+ *   consistent: InvalidInstanceID.NotFound for an instance launched minutes ago does not mean it
+ *   is gone, so it is asked again (with backoff) before the instance counts as terminated.
+ * - pacing: every call (and every SDK retry) takes a token from a bucket per region and API class
+ *   (common/token-bucket.ts; backends.aws.rate_limits, EC2's documented buckets by default); a
+ *   throttling answer empties the bucket for a refill interval.
  * - reconcile: terminates instances with this bridge's tag that no live grant owns, once older
  *   than orphan_grace_seconds, at most every reconcile_interval_seconds.
  * - errors: capacity and account-limit codes -> CapacityError carrying the offering (region,
@@ -46,8 +54,9 @@ import {
   type Held,
 } from "./backend.js";
 import { BatchLookup, BatchWatcher, type PollEvent } from "./common/batch-watcher.js";
-import { BootScriptError, parseMarker, renderBootScript, type MarkerResult } from "./common/cloud-init.js";
+import { BootScriptError, parseHostKey, parseMarker, renderBootScript, type MarkerResult } from "./common/cloud-init.js";
 import { Semaphore } from "./common/semaphore.js";
+import { RateLimiter } from "./common/token-bucket.js";
 import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
 import type { OfferingCache } from "./offering-cache.js";
 import type { EC2Client, Instance, RunInstancesCommandInput } from "@aws-sdk/client-ec2";
@@ -132,6 +141,9 @@ const NETWORK_CODES = new Set(["ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT
 /** Codes the SDK would retry (HTTP 500) that only waste time: another try finds no capacity either. */
 const NO_SDK_RETRY = new Set([...CAPACITY_CODES]);
 
+/** This request's ClientToken for one instance type is held by an earlier failed call with other parameters. */
+class TokenBoundError extends BackendError {}
+
 interface SdkErrorLike {
   name?: string;
   code?: string;
@@ -193,6 +205,26 @@ export interface AwsBackendOptions {
   onPoll?: (poller: "launch" | "exit", e: PollEvent) => void;
 }
 
+/** EC2's request-rate class of each call the backend makes (backends.aws.rate_limits). */
+type ApiClass = "describe" | "mutate" | "console";
+const API_CLASS: Readonly<Record<string, ApiClass>> = {
+  DescribeInstancesCommand: "describe",
+  RunInstancesCommand: "mutate",
+  TerminateInstancesCommand: "mutate",
+  GetConsoleOutputCommand: "console",
+};
+const apiClass = (commandName: string | undefined): ApiClass => API_CLASS[commandName ?? ""] ?? "mutate";
+
+/**
+ * How long after launch an InvalidInstanceID.NotFound may only mean "not visible yet" (EC2 API
+ * reference, "Eventual consistency"; AWS gives no bound, minutes is what careful clients assume).
+ */
+const CONSISTENCY_WINDOW_MS = 5 * 60_000;
+/** TerminateInstances tries on NotFound within that window (1, 2, 4, 8, 10 s apart) before terminate() reports a retryable error. */
+const NOT_FOUND_TRIES = 6;
+/** GetConsoleOutput returns only the most recent 64 KB of console output. */
+const CONSOLE_WINDOW_BYTES = 64 * 1024;
+
 /** EC2 takes at most 16 KiB of user data (before base64). */
 const USER_DATA_LIMIT = 16 * 1024;
 const FILTER_VALUES_MAX = 200;
@@ -249,6 +281,8 @@ export class AwsBackend implements ManagedBackend {
   private readonly active = new Set<string>();
   private readonly clients = new Map<string, Promise<EC2Client>>();
   private readonly consoleLimits = new Map<string, Semaphore>();
+  /** Client-side request-rate buckets per (region, API class). */
+  private readonly pacer: RateLimiter<ApiClass>;
   private sdk: Promise<{ ec2: Ec2Sdk; retry: RetrySdk }> | null = null;
   private sdkLoaded = false;
   /** Batched polling while instances boot (describe by instance id) and while they run (by tag). */
@@ -301,6 +335,7 @@ export class AwsBackend implements ManagedBackend {
     this.sshProbeMs = opts.sshProbeIntervalMs ?? this.readyPollMs;
     this.consoleGraceMs = opts.consoleGraceMs ?? 120_000;
     this.maxAttempts = opts.maxAttempts ?? 5;
+    this.pacer = new RateLimiter<ApiClass>(cfg.rate_limits, this.clock);
 
     this.launchWatcher = new BatchWatcher<Ec2Status>({
       describe: (region, ids, signal) => this.describeByIds(region, ids, signal),
@@ -363,8 +398,7 @@ export class AwsBackend implements ManagedBackend {
       this.log.info({ request_id: rid, instance_id: existing.id, region, state: existing.state }, "adopting the instance an earlier provision created");
       status = existing;
     } else {
-      const type = this.chooseType(grant);
-      status = await this.runInstance(grant, type, userData, signal);
+      status = await this.launchFitting(grant, userData, signal);
     }
     return this.waitReady(grant, status, signal);
   }
@@ -416,7 +450,8 @@ export class AwsBackend implements ManagedBackend {
       ids = found.filter((s) => s.state !== "terminated" && s.state !== "shutting-down").map((s) => s.id);
     }
     if (ids.length > 0) {
-      await this.terminateIds(region, ids);
+      const launched = Date.parse(instance.started_at);
+      await this.terminateIds(region, ids, instance.instance_id && Number.isFinite(launched) ? launched : undefined);
       this.log.info({ request_id: rid, instance_ids: ids, region }, "EC2 confirmed termination");
     }
     this.active.delete(rid);
@@ -500,12 +535,37 @@ export class AwsBackend implements ManagedBackend {
     return this.types.filter((t) => t.shape.vcpus * 1000 >= grant.cpu_millicores && t.shape.memory_mib >= grant.ram_mib);
   }
 
-  private chooseType(grant: ComputeGrant): string {
+  /**
+   * RunInstances with each fitting type in turn (smallest first, skipping those recently without
+   * capacity) until one launches. A capacity or limit error marks that type unavailable and moves
+   * on; a type whose token EC2 holds bound to other parameters is skipped. When none launches, a
+   * CapacityError naming every attempt lets the Fleet fail over.
+   */
+  private async launchFitting(grant: ComputeGrant, userData: string, signal: AbortSignal): Promise<Ec2Status> {
+    const region = grant.region;
     const fitting = this.fitting(grant);
     if (fitting.length === 0) throw new InvalidRequestError(`no configured instance type fits ${grant.cpu_millicores}m CPU / ${grant.ram_mib} MiB`, this.name);
-    const pick = fitting.find((t) => !this.unavailable.isUnavailable(this.name, grant.region, t.name));
-    if (!pick) throw new CapacityError(`every instance type that fits (${fitting.map((t) => t.name).join(", ")}) recently reported no capacity in ${grant.region}`, this.name);
-    return pick.name;
+    const reasons: string[] = [];
+    let last: CapacityError | undefined;
+    for (const { name: type } of fitting) {
+      if (this.unavailable.isUnavailable(this.name, region, type)) {
+        reasons.push(`${type}: no capacity reported recently`);
+        continue;
+      }
+      try {
+        return await this.runInstance(grant, type, userData, signal);
+      } catch (e) {
+        if (e instanceof CapacityError) {
+          if (e.offering) this.unavailable.markUnavailable(this.name, e.offering.region, e.offering.shape);
+          last = e;
+        } else if (!(e instanceof TokenBoundError)) throw e;
+        reasons.push(`${type}: ${e.message}`);
+        this.log.warn({ request_id: grant.request_id, region, instance_type: type, err: { kind: e.kind, message: e.message } }, "EC2 could not launch this instance type; trying the next fitting one");
+      }
+    }
+    const err = new CapacityError(`no fitting instance type could be launched in ${region} (${reasons.join("; ")})`, this.name, last ? { cause: last } : undefined);
+    // The offering was marked above; the Fleet marks it again (same key), harmless.
+    return Promise.reject(last?.offering ? err.withOffering(last.offering.region, last.offering.shape) : err);
   }
 
   /** The cloud-init user data, base64; gzip-compressed (cloud-init inflates it) when it would not fit. */
@@ -530,15 +590,19 @@ export class AwsBackend implements ManagedBackend {
     return bytes.toString("base64");
   }
 
-  /** ClientToken: at most 64 ASCII characters, stable per (provider id, request_id). */
-  clientToken(requestId: string): string {
-    return createHash("sha256").update(`compute-bridge\u0000${this.providerId}\u0000${requestId}`).digest("hex");
+  /**
+   * ClientToken: at most 64 ASCII characters, stable per (provider id, request_id, instance type).
+   * EC2 keeps a token bound to the parameters of the call that used it, also when that call failed
+   * (another type with the same token answers IdempotentParameterMismatch), so each shape has its own.
+   */
+  clientToken(requestId: string, instanceType: string): string {
+    return createHash("sha256").update(`compute-bridge\u0000${this.providerId}\u0000${requestId}\u0000${instanceType}`).digest("hex");
   }
 
   private async runInstance(grant: ComputeGrant, type: string, userData: string, signal: AbortSignal): Promise<Ec2Status> {
     const region = grant.region;
     const rcfg = this.cfg.regions[region]!;
-    const token = this.clientToken(grant.request_id);
+    const token = this.clientToken(grant.request_id, type);
     const tags = [
       { Key: this.bridgeTag, Value: this.providerId },
       { Key: this.requestTag, Value: grant.request_id },
@@ -561,9 +625,8 @@ export class AwsBackend implements ManagedBackend {
       TagSpecifications: [{ ResourceType: "instance", Tags: tags }],
     };
     const { ec2: sdk } = await this.loadSdk();
-    const client = await this.client(region);
     try {
-      const out = await client.send(new sdk.RunInstancesCommand(input), { abortSignal: signal });
+      const out = await this.send(region, "mutate", signal, (c, o) => c.send(new sdk.RunInstancesCommand(input), o));
       const inst = out.Instances?.[0];
       if (!inst?.InstanceId) throw new BackendError(`RunInstances in ${region} returned no instance`, this.name);
       if (out.$metadata.attempts !== undefined && out.$metadata.attempts > 1)
@@ -572,14 +635,21 @@ export class AwsBackend implements ManagedBackend {
       return this.toStatus(inst);
     } catch (e) {
       if (isAbort(e, signal)) throw e;
-      if (errorCode(e) === "IdempotentParameterMismatch") {
-        // The token was used with other parameters (e.g. another instance type after a restart): adopt that launch.
+      const code = errorCode(e);
+      if (code === "IdempotentParameterMismatch" || code === "IdempotentInstanceTerminated") {
+        // The token was used before: by a launch with other parameters (a config change across a
+        // restart), or by an instance since terminated. Adopt that launch if EC2 still lists it;
+        // a terminated one ends in waitReady with its state reason, never with a second launch.
         const prior = await this.describeFiltered(region, [{ Name: "client-token", Values: [token] }], signal);
         const pick = prior.find((s) => s.state !== "terminated") ?? prior[0];
         if (pick) {
-          this.log.info({ request_id: grant.request_id, instance_id: pick.id, region }, "adopting the instance launched earlier with this request's ClientToken");
+          this.log.info({ request_id: grant.request_id, instance_id: pick.id, region, state: pick.state, code }, "adopting the instance launched earlier with this request's ClientToken");
           return pick;
         }
+        if (code === "IdempotentInstanceTerminated")
+          throw new BackendError(`EC2 RunInstances in ${region}: the instance launched earlier for this request as ${type} was terminated and is no longer listed (IdempotentInstanceTerminated); not launching a second one`, this.name, { cause: e });
+        // A failed launch with other parameters holds the token: this type cannot be launched for the request.
+        throw new TokenBoundError(`EC2 RunInstances in ${region}: this request's ClientToken for ${type} is bound to an earlier call with other parameters that launched nothing (IdempotentParameterMismatch)`, this.name, { cause: e });
       }
       throw this.mapError(e, "RunInstances", region, type);
     }
@@ -650,7 +720,14 @@ export class AwsBackend implements ManagedBackend {
    * guest has no ed25519 key, the report does not come in time, or the type keeps no live console.
    */
   private async hostKey(grant: ComputeGrant, id: string, signal: AbortSignal): Promise<string | null> {
-    const found = await waitForHostKey(() => this.consoleOutput(grant.region, id, signal, { latest: true }), grant.request_id, {
+    const read = async () => {
+      const text = await this.consoleOutput(grant.region, id, signal, { latest: true });
+      // EC2 keeps the last 64 KB only: a full console without the report has scrolled past it.
+      if (Buffer.byteLength(text) >= CONSOLE_WINDOW_BYTES && parseHostKey(text, grant.request_id) === null)
+        throw new ConsoleUnavailableError(`the host key report has scrolled out of the last ${CONSOLE_WINDOW_BYTES / 1024} KB of console output EC2 keeps`);
+      return text;
+    };
+    const found = await waitForHostKey(read, grant.request_id, {
       timeoutMs: this.cfg.host_key_timeout_seconds * 1000,
       intervalMs: this.pollMs,
       signal,
@@ -693,7 +770,7 @@ export class AwsBackend implements ManagedBackend {
       details: {
         ...(st.instanceType ? { instance_type: st.instanceType } : {}),
         ...(st.availabilityZone ? { availability_zone: st.availabilityZone } : {}),
-        client_token: this.clientToken(grant.request_id),
+        ...(st.instanceType ? { client_token: this.clientToken(grant.request_id, st.instanceType) } : {}),
       },
     };
   }
@@ -752,10 +829,9 @@ export class AwsBackend implements ManagedBackend {
     let limit = this.consoleLimits.get(region);
     if (!limit) this.consoleLimits.set(region, (limit = new Semaphore(this.opts.consoleConcurrency ?? 8)));
     const { ec2: sdk } = await this.loadSdk();
-    const client = await this.client(region);
     return limit.run(async () => {
       try {
-        const out = await client.send(new sdk.GetConsoleOutputCommand({ InstanceId: id, ...(opts.latest ? { Latest: true } : {}) }), { abortSignal: signal });
+        const out = await this.send(region, "console", signal, (c, o) => c.send(new sdk.GetConsoleOutputCommand({ InstanceId: id, ...(opts.latest ? { Latest: true } : {}) }), o));
         return out.Output ? Buffer.from(out.Output, "base64").toString("utf8") : "";
       } catch (e) {
         if (isAbort(e, signal)) throw e;
@@ -768,23 +844,36 @@ export class AwsBackend implements ManagedBackend {
 
   // ---- terminate / reconcile ------------------------------------------------------------------
 
-  /** TerminateInstances, then make sure EC2 reports every id shutting-down or terminated. */
-  private async terminateIds(region: string, ids: string[]): Promise<void> {
+  /**
+   * TerminateInstances, then make sure EC2 reports every id shutting-down or terminated.
+   * `launchedAtMs` (one id): NotFound within CONSISTENCY_WINDOW_MS of it may be eventual
+   * consistency (the instance exists and bills), so it is asked again with backoff and, if still
+   * not listed, reported as a retryable error rather than as terminated.
+   */
+  private async terminateIds(region: string, ids: string[], launchedAtMs?: number): Promise<void> {
     const { ec2: sdk } = await this.loadSdk();
-    const client = await this.client(region);
-    let unconfirmed: string[];
-    try {
-      const out = await client.send(new sdk.TerminateInstancesCommand({ InstanceIds: ids }));
-      const ok = new Set((out.TerminatingInstances ?? []).filter((t) => t.CurrentState?.Name === "shutting-down" || t.CurrentState?.Name === "terminated").map((t) => t.InstanceId));
-      unconfirmed = ids.filter((id) => !ok.has(id));
-    } catch (e) {
-      const code = errorCode(e);
-      if (code === "InvalidInstanceID.NotFound" || code === "InvalidInstanceID.Malformed") {
-        if (ids.length === 1) return; // already gone (or never existed): done
-        for (const id of ids) await this.terminateIds(region, [id]);
-        return;
+    let unconfirmed: string[] = ids;
+    for (let tries = 1; ; tries++) {
+      try {
+        const out = await this.send(region, "mutate", undefined, (c) => c.send(new sdk.TerminateInstancesCommand({ InstanceIds: ids })));
+        const ok = new Set((out.TerminatingInstances ?? []).filter((t) => t.CurrentState?.Name === "shutting-down" || t.CurrentState?.Name === "terminated").map((t) => t.InstanceId));
+        unconfirmed = ids.filter((id) => !ok.has(id));
+        break;
+      } catch (e) {
+        const code = errorCode(e);
+        if (code === "InvalidInstanceID.Malformed" && ids.length === 1) return; // never existed
+        if (code !== "InvalidInstanceID.NotFound") throw this.mapError(e, "TerminateInstances", region);
+        if (ids.length > 1) {
+          for (const id of ids) await this.terminateIds(region, [id], launchedAtMs);
+          return;
+        }
+        const age = launchedAtMs === undefined ? Number.POSITIVE_INFINITY : this.clock.now() - launchedAtMs;
+        if (age >= CONSISTENCY_WINDOW_MS) return; // gone: terminated over an hour ago, or never existed
+        if (tries >= NOT_FOUND_TRIES)
+          throw new TransientError(`EC2 does not list instance ${ids[0]} in ${region} yet (launched ${Math.round(age / 1000)} s ago; eventual consistency): its termination is retried`, this.name);
+        this.log.info({ region, instance_id: ids[0], tries, age_s: Math.round(age / 1000) }, "TerminateInstances: instance not visible yet (eventual consistency); asking again");
+        await this.clock.sleep(Math.min(1000 * 2 ** (tries - 1), 10_000));
       }
-      throw this.mapError(e, "TerminateInstances", region);
     }
     // Not confirmed in the reply: look again a few times before reporting failure (the manager retries).
     for (let i = 0; unconfirmed.length > 0 && i < 5; i++) {
@@ -895,16 +984,12 @@ export class AwsBackend implements ManagedBackend {
   /** DescribeInstances with filters, paged (AWS advises against unpaginated calls). */
   private async describeFiltered(region: string, filters: { Name: string; Values: string[] }[], signal: AbortSignal | undefined, pageSize = 1000): Promise<Ec2Status[]> {
     const { ec2: sdk } = await this.loadSdk();
-    const client = await this.client(region);
     const out: Ec2Status[] = [];
     let token: string | undefined;
     for (let page = 0; page < MAX_PAGES; page++) {
       let res;
       try {
-        res = await client.send(
-          new sdk.DescribeInstancesCommand({ Filters: filters, MaxResults: pageSize, ...(token ? { NextToken: token } : {}) }),
-          signal ? { abortSignal: signal } : {},
-        );
+        res = await this.send(region, "describe", signal, (c, o) => c.send(new sdk.DescribeInstancesCommand({ Filters: filters, MaxResults: pageSize, ...(token ? { NextToken: token } : {}) }), o));
       } catch (e) {
         if (isAbort(e, signal)) throw e;
         throw this.mapError(e, "DescribeInstances", region);
@@ -941,6 +1026,16 @@ export class AwsBackend implements ManagedBackend {
   }
 
   // ---- SDK ------------------------------------------------------------------------------------
+
+  /**
+   * One SDK call, paced: a token of the (region, API class) bucket first (waiting in order, or
+   * until `signal` aborts). SDK retries take theirs in the client's pacing middleware.
+   */
+  private async send<T>(region: string, cls: ApiClass, signal: AbortSignal | undefined, call: (c: EC2Client, opts: { abortSignal?: AbortSignal }) => Promise<T>): Promise<T> {
+    const client = await this.client(region);
+    await this.pacer.take(region, cls, signal);
+    return call(client, signal ? { abortSignal: signal } : {});
+  }
 
   private loadSdk(): Promise<{ ec2: Ec2Sdk; retry: RetrySdk }> {
     this.sdk ??= Promise.all([import("@aws-sdk/client-ec2"), import("@smithy/core/retry")]).then(([ec2, retry]) => {
@@ -980,6 +1075,23 @@ export class AwsBackend implements ManagedBackend {
       retryStrategy: new FailFastRetry(inner, NO_SDK_RETRY),
       requestHandler: { connectionTimeout: 10_000, requestTimeout: 60_000 },
     });
+    // Pacing of the SDK's own retries (the first attempt took its token in send()), and the
+    // cloud's word that we went too fast: that bucket is emptied for a refill interval.
+    client.middlewareStack.add(
+      (next, context) => async (args) => {
+        const cls = apiClass(context.commandName);
+        const header = (args.request as { headers?: Record<string, string> } | undefined)?.headers?.["amz-sdk-request"] ?? "";
+        const attempt = Number(/attempt=(\d+)/.exec(header)?.[1] ?? "1");
+        if (attempt > 1) await this.pacer.take(region, cls);
+        try {
+          return await next(args);
+        } catch (e) {
+          if (THROTTLE_CODES.has(errorCode(e))) this.pacer.throttled(region, cls);
+          throw e;
+        }
+      },
+      { step: "deserialize", priority: "high", name: "computeBridgePacing" },
+    );
     const metrics = this.metrics;
     if (metrics) {
       // Every attempt (inside the retry loop), with the parsed error code: API calls, retries, throttles.

@@ -144,8 +144,6 @@ export class AzureBackend implements ManagedBackend {
   private readonly serialReads = new Semaphore(SERIAL_READ_CONCURRENCY);
   private clientsP: Promise<Clients> | null = null;
   private watcherP: BatchWatcher<VmStatus> | null = null;
-  /** Real ARM may refuse `$expand=instanceView` on a resource-group list; then listAll(statusOnly) is used. */
-  private listMode: "rg-expand" | "status-only" = "rg-expand";
   private lastReconcile = -Infinity;
   private reconcileError: string | null = null;
   /** First time the sweep saw an orphan whose age it cannot read (no tag, no timeCreated). */
@@ -610,7 +608,12 @@ export class AzureBackend implements ManagedBackend {
     this.log.warn({ resource_group: e.scope, failures: e.consecutiveErrors, err: { kind: err.kind, message: err.message } }, "azure VM status poll failed; retrying");
   }
 
-  /** One batched list of the resource group's VMs with their instance view (power state). */
+  /**
+   * One batched list of the VMs' power states: `listAll` with `statusOnly=true`, the documented
+   * status call. (`list(rg, {expand: "instanceView"})` is documented as valid only with a
+   * `$filter`; ARM ignoring the expand would leave every power state null and no exit seen.)
+   * Subscription-wide, filtered to our resource group here: still one call per interval.
+   */
   private async describeVms(rg: string, ids: readonly string[], signal: AbortSignal): Promise<ReadonlyMap<string, VmStatus>> {
     const want = new Set(ids);
     const out = new Map<string, VmStatus>();
@@ -620,20 +623,6 @@ export class AzureBackend implements ManagedBackend {
       const n = vm.name?.toLowerCase();
       if (n && want.has(n)) out.set(n, statusOf(vm));
     };
-    if (this.listMode === "rg-expand") {
-      try {
-        for await (const vm of c.compute.virtualMachines.list(rg, { expand: "instanceView", abortSignal: signal })) add(vm);
-        return out;
-      } catch (e) {
-        const f = describeArmError(e);
-        if (f.status !== 400) throw e;
-        // ARM documents `$expand=instanceView` on a list as needing `$filter`: fall back to the
-        // subscription-wide status list (still one call per interval), filtered to our group.
-        this.listMode = "status-only";
-        this.log.info({ resource_group: rg, code: f.code }, "azure: VM list with instanceView refused; using listAll(statusOnly) instead");
-        out.clear();
-      }
-    }
     for await (const vm of c.compute.virtualMachines.listAll({ statusOnly: "true", abortSignal: signal })) {
       if (parseResourceId(vm.id)?.resourceGroup.toLowerCase() === rg.toLowerCase()) add(vm);
     }

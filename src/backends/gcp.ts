@@ -9,8 +9,12 @@
  *   TDX grants get `confidentialInstanceConfig.confidentialInstanceType = "TDX"` with
  *   `scheduling.onHostMaintenance = "TERMINATE"` on a C3 machine type. The zone Operation is waited
  *   for and its `error` checked (a DONE operation can carry ZONE_RESOURCE_POOL_EXHAUSTED or
- *   QUOTA_EXCEEDED): a stock-out tries the region's next zone, then fails over (CapacityError with
- *   the (region, machine type) offering); quota fails over at once (QuotaError). Then the external
+ *   QUOTA_EXCEEDED): a stock-out, or a 400 saying the zone does not offer the machine type or
+ *   TDX, tries the region's next zone, then the next fitting machine type (the exhausted one is
+ *   marked unavailable), each insert with its own requestId derived from (request_id, zone,
+ *   machine type); only when none is left does the grant fail over (CapacityError with the
+ *   offering); quota fails over at once (QuotaError). The boot disk is `boot_disk_type`
+ *   (pd-balanced by default: GCE's own default, pd-standard, is refused by C3). Then the external
  *   IP, an SSH banner and the guest's own report of its SSH host key on serial port 1
  *   (host_key_sha256; null, with a warning, when it does not come within host_key_timeout_seconds).
  * - watch: one `aggregatedList` per project per poll interval (label filter) for every instance
@@ -54,7 +58,7 @@ import {
 import { BatchWatcher, type PollEvent, type WaitResult } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript } from "./common/cloud-init.js";
 import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
-import { AlreadyExistsError, mapGcpError, operationError, PermissionDeniedError, redact } from "./gcp/errors.js";
+import { AlreadyExistsError, classifyInsertRefusal, ImageUnfitError, mapGcpError, operationError, PermissionDeniedError, PlacementError, redact } from "./gcp/errors.js";
 import { deterministicUuid, gceNaming, lastSegment, META_PROVIDER_ID, META_REQUEST_ID, regionOfZone, type GceNaming } from "./gcp/naming.js";
 import type { OfferingCache } from "./offering-cache.js";
 
@@ -222,22 +226,7 @@ export class GcpBackend implements ManagedBackend {
       log.info({ zone: view.zone, instance: view.name, status: view.status }, "adopting the GCE instance an earlier call created");
       view = await this.createIn(grant, envelope, script, view.zone, view.machineType, view.tdx, deadline, signal);
     } else {
-      const shape = this.candidates(grant).find((s) => !this.unavailable.isUnavailable(this.name, grant.region, s.name));
-      if (!shape) throw new CapacityError(`no machine type that fits the grant has capacity in ${grant.region} right now`, this.name);
-      const tdx = grant.tdx_required;
-      const exhausted: string[] = [];
-      for (const zone of zones) {
-        try {
-          view = await this.createIn(grant, envelope, script, zone, shape.name, tdx, deadline, signal);
-          break;
-        } catch (e) {
-          if (!(e instanceof CapacityError)) throw e;
-          exhausted.push(zone);
-          log.warn({ zone, machine_type: shape.name, err: { kind: e.kind, message: e.message } }, "no GCE capacity in this zone; trying the next one");
-        }
-      }
-      if (!view)
-        throw new CapacityError(`no capacity for ${shape.name}${tdx ? " (TDX)" : ""} in ${exhausted.join(", ")} (ZONE_RESOURCE_POOL_EXHAUSTED)`, this.name).withOffering(grant.region, shape.name);
+      view = await this.createFitting(grant, envelope, script, zones, deadline, signal, log);
     }
     let hostKey: string | null = null;
     if (view.status !== "TERMINATED") {
@@ -401,7 +390,7 @@ export class GcpBackend implements ManagedBackend {
       machineType: `zones/${zone}/machineTypes/${machineType}`,
       labels: { [this.naming.bridgeKey]: this.naming.bridgeValue, [this.naming.requestKey]: this.naming.requestValue(rid) },
       metadata: { items },
-      disks: [{ boot: true, autoDelete: true, initializeParams: { sourceImage: tdx ? (this.cfg.tdx_image ?? this.cfg.image) : this.cfg.image } }],
+      disks: [{ boot: true, autoDelete: true, initializeParams: { sourceImage: tdx ? (this.cfg.tdx_image ?? this.cfg.image) : this.cfg.image, diskType: `zones/${zone}/diskTypes/${this.cfg.boot_disk_type}` } }],
       networkInterfaces: [nic],
       // The workload runs once: never restart it behind the bridge's back.
       scheduling: tdx ? { onHostMaintenance: "TERMINATE", automaticRestart: false } : { automaticRestart: false },
@@ -411,6 +400,39 @@ export class GcpBackend implements ManagedBackend {
     };
     if (tdx) body.confidentialInstanceConfig = { confidentialInstanceType: "TDX" };
     return body;
+  }
+
+  /**
+   * Every fitting machine type (smallest first, skipping those recently without capacity) in
+   * every zone of the region, in order, until one insert succeeds. A zone without capacity or
+   * that does not offer the type (or TDX) moves on to the next zone; a type no zone could take is
+   * marked unavailable; an image that cannot run the grant, or quota, ends the loop at once.
+   */
+  private async createFitting(grant: ComputeGrant, envelope: Envelope, script: string, zones: readonly string[], deadline: number, signal: AbortSignal, log: Logger): Promise<InstanceView> {
+    const tdx = grant.tdx_required;
+    const reasons: string[] = [];
+    let last: CapacityError | undefined;
+    for (const shape of this.candidates(grant)) {
+      if (this.unavailable.isUnavailable(this.name, grant.region, shape.name)) {
+        reasons.push(`${shape.name}: no capacity reported recently`);
+        continue;
+      }
+      const tried: string[] = [];
+      for (const zone of zones) {
+        try {
+          return await this.createIn(grant, envelope, script, zone, shape.name, tdx, deadline, signal);
+        } catch (e) {
+          if (!(e instanceof CapacityError) || e instanceof ImageUnfitError) throw e;
+          last = e;
+          tried.push(`${zone}: ${e instanceof PlacementError ? "not offered there" : "ZONE_RESOURCE_POOL_EXHAUSTED"}`);
+          log.warn({ zone, machine_type: shape.name, err: { kind: e.kind, message: e.message } }, "GCE could not create the instance in this zone; trying the next zone or machine type");
+        }
+      }
+      this.unavailable.markUnavailable(this.name, grant.region, shape.name);
+      reasons.push(`${shape.name}${tdx ? " (TDX)" : ""} in ${tried.join(", ")}`);
+    }
+    const err = new CapacityError(`no fitting machine type could be created in ${grant.region}: ${reasons.join("; ") || "none fits"}`, this.name);
+    throw last?.offering ? err.withOffering(last.offering.region, last.offering.shape) : err;
   }
 
   /**
@@ -430,7 +452,13 @@ export class GcpBackend implements ManagedBackend {
     } catch (e) {
       if (e instanceof CapacityError || e instanceof QuotaError) throw e.withOffering(region, machineType);
       // Our deterministic name exists already (a create older than GCE's requestId memory): adopt it.
-      if (!(e instanceof AlreadyExistsError)) throw e;
+      if (!(e instanceof AlreadyExistsError)) {
+        const refusal = e instanceof BackendError ? classifyInsertRefusal(e, this.name) : e;
+        if (refusal instanceof PlacementError) throw refusal.withOffering(region, machineType);
+        if (refusal instanceof ImageUnfitError)
+          throw new ImageUnfitError(`gcp cannot run this grant on ${tdx ? "backends.gcp.tdx_image" : "backends.gcp.image"} (${refusal.message}); fix the image in the config`, this.name);
+        throw refusal;
+      }
     }
     if (op) {
       op = await this.waitOperation(zone, op, deadline, signal, (o) => new BackendError(`GCE instance ${name} in ${zone} was not created within launch_timeout_seconds (${this.cfg.launch_timeout_seconds} s; operation ${o}); it is deleted`, this.name));

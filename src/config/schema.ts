@@ -1,6 +1,7 @@
 import { z } from "zod";
 import { Region } from "../domain/grant.js";
 import { HOST_KEY_FINGERPRINT } from "../domain/instance.js";
+import { bootDisksFor, GCE_BOOT_DISK_TYPES } from "./gce-disks.js";
 
 /**
  * The boot TOML, as zod schemas. Every object is strict: a misspelt key is an error, never a
@@ -172,6 +173,25 @@ const AwsRegion = z.strictObject({
   key_name: z.string().min(1).optional(),
 });
 
+/** A request-rate token bucket: burst size and tokens added per second. */
+const RateBucket = z.strictObject({ bucket: PositiveInt, refill_per_second: z.number().positive() });
+/**
+ * Client-side pacing of EC2 API calls per region and API class, at EC2's documented account
+ * buckets by default (https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html):
+ * non-mutating Describe* 100 / 20 per s; mutating (RunInstances, TerminateInstances) 50 / 5 per s;
+ * GetConsoleOutput, in the lowest class, 50 / 5 per s. Lower them when other tools share the account.
+ */
+export const AWS_RATE_LIMIT_DEFAULTS = {
+  describe: { bucket: 100, refill_per_second: 20 },
+  mutate: { bucket: 50, refill_per_second: 5 },
+  console: { bucket: 50, refill_per_second: 5 },
+};
+const AwsRateLimits = z.strictObject({
+  describe: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.describe),
+  mutate: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.mutate),
+  console: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.console),
+});
+
 const awsAccessKey = secretRef("access_key_id", false);
 const awsSecretKey = secretRef("secret_access_key", false);
 export const AwsConfig = z
@@ -187,6 +207,7 @@ export const AwsConfig = z
     ssh_user: z.string().regex(/^[a-z_][a-z0-9_-]{0,31}$/).default("ec2-user"),
     prices: ShapePrices.default({}),
     budget: BudgetConfig.optional(),
+    rate_limits: AwsRateLimits.default(AWS_RATE_LIMIT_DEFAULTS),
     ...Timeouts,
   })
   .superRefine((v, ctx) => {
@@ -224,8 +245,16 @@ export const GcpConfig = z.strictObject({
   label_prefix: z.string().regex(/^[a-z][a-z0-9_-]{0,30}$/).default("compute-bridge"),
   prices: ShapePrices.default({}),
   budget: BudgetConfig.optional(),
+  /** Boot disk type of every instance; GCE's own default (pd-standard) is refused by C3 (every TDX type). */
+  boot_disk_type: z.enum(GCE_BOOT_DISK_TYPES).default("pd-balanced"),
   ...Timeouts,
 }).superRefine((v, ctx) => {
+  for (const [key, list] of [["machine_types", v.machine_types], ["tdx_machine_types", v.tdx_machine_types]] as const)
+    list.forEach((m, i) => {
+      const ok = bootDisksFor(m.name);
+      if (ok && !ok.includes(v.boot_disk_type))
+        ctx.addIssue({ code: "custom", path: [key, i, "name"], message: `"${m.name}" cannot boot from boot_disk_type "${v.boot_disk_type}"; its series supports ${ok.join(", ")}` });
+    });
   if (v.machine_types.length + v.tdx_machine_types.length === 0)
     ctx.addIssue({ code: "custom", path: ["machine_types"], message: "configure machine_types and/or tdx_machine_types" });
   if (v.tdx_machine_types.length > 0 && v.tdx_image === undefined)

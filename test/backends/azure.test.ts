@@ -429,6 +429,30 @@ describe("azure backend: provisioning", { timeout: 45_000 }, () => {
   });
 });
 
+describe("azure backend: real ARM pacing (issue #18 item 5)", { timeout: 90_000 }, () => {
+  it("real ARM Retry-After seconds are waited out by the SDK, inside launch_timeout_seconds", async (t) => {
+    const { fake, backend } = await setup(t);
+    fake.faults.retryAfterSeconds = 1;
+    const n = naming.names("ra-1");
+    fake.failNext("PUT", new RegExp(`virtualMachines/${n.vm}$`), 429, "SubscriptionRequestsThrottled", "Number of 'write' requests exceeded. Please try again after '1' seconds.", 1);
+    const t0 = Date.now();
+    const inst = await backend.provision(grant("ra-1"), envelope, never);
+    assert.ok(Date.now() - t0 >= 1000, "the 429's Retry-After: 1 was honoured");
+    assert.deepEqual(fake.createsByName, { [n.vm]: 1 });
+    fake.faults.retryAfterSeconds = 0;
+    await backend.terminate(inst);
+
+    // A Retry-After longer than what is left of the launch deadline: the launch ends at the deadline, not after the wait.
+    const { fake: f2, backend: b2 } = await setup(t, { cfg: { launch_timeout_seconds: 2 } });
+    f2.faults.retryAfterSeconds = 30;
+    f2.failNext("PUT", /publicIPAddresses\//, 429, "SubscriptionRequestsThrottled", "Please try again after '30' seconds.", 1);
+    const t1 = Date.now();
+    const e = await rejection(b2.provision(grant("ra-2"), envelope, never));
+    assert.ok(Date.now() - t1 < 10_000, `ended at the deadline (${Date.now() - t1} ms)`);
+    assert.match(e.message, /launch_timeout_seconds \(2 s\)/);
+  });
+});
+
 describe("azure backend: the guest's SSH host key", { timeout: 45_000 }, () => {
   const bootDiagReads = (fake: ArmFake) => fake.countCalls({ method: "POST", path: /retrieveBootDiagnosticsData$/i });
   const serialGets = (fake: ArmFake) => fake.countCalls({ method: "GET", kind: "blob", path: /serialconsole\.log$/i });
@@ -566,7 +590,8 @@ describe("azure backend: watching", { timeout: 45_000 }, () => {
     const insts = await Promise.all(ids.map((id) => backend.provision(grant(id), envelope, never)));
     const before = fake.calls.length;
     const watches = insts.map((i) => backend.watchUntilExit(i, new Date(Date.now() + 60_000), never));
-    const listCalls = () => fake.findCalls((c) => c.seq > before && c.method === "GET" && /\/resourceGroups\/rg-test\/providers\/Microsoft\.Compute\/virtualMachines$/.test(c.path)).length;
+    // listAll(statusOnly): the subscription-wide status list, one per poll for every VM watched.
+    const listCalls = () => fake.findCalls((c) => c.seq > before && c.method === "GET" && /^\/subscriptions\/[^/]+\/providers\/Microsoft\.Compute\/virtualMachines$/.test(c.path)).length;
     await until(() => listCalls() >= 3, "a few polls");
     fake.guestPowerOff(RG, naming.names("w-0").vm, `${exitMarker("w-0", 0)}\n`);
     fake.guestPowerOff(RG, naming.names("w-1").vm, `[  5.1] cloud-init[900]: ${exitMarker("w-1", 7)}\n`);
@@ -590,7 +615,7 @@ describe("azure backend: watching", { timeout: 45_000 }, () => {
     for (const i of insts) await backend.terminate(i);
   });
 
-  it("valid_to is enforced; a vanished VM is lost; a refused $expand falls back to listAll(statusOnly)", async (t) => {
+  it("valid_to is enforced; a vanished VM is lost; power states come from listAll(statusOnly), never from a resource-group list's $expand", async (t) => {
     const { fake, backend } = await setup(t);
     const inst = await backend.provision(grant("exp-1"), envelope, never);
     const t0 = Date.now();
@@ -598,13 +623,14 @@ describe("azure backend: watching", { timeout: 45_000 }, () => {
     assert.equal(obs.kind, "expired");
     assert.ok(Date.now() - t0 < 3000);
 
-    // Real ARM documents $expand=instanceView on a list as requiring $filter: fall back.
-    fake.failNext("GET", /\/resourceGroups\/rg-test\/providers\/Microsoft\.Compute\/virtualMachines$/, 400, "InvalidParameter", "The $expand parameter requires a valid $filter.");
+    // The fake, like ARM may, ignores $expand=instanceView on a list without $filter (documented as
+    // valid only with one): the exit is seen because the watch reads listAll(statusOnly).
     const watch = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
     await until(() => fake.countCalls({ method: "GET", path: /\/subscriptions\/[^/]+\/providers\/Microsoft\.Compute\/virtualMachines$/ }) > 0, "the statusOnly list");
     fake.guestPowerOff(RG, inst.instance_id, `${exitMarker("exp-1", 3)}\n`);
     assert.equal((await watch).exit_code, 3);
-    assert.equal(fake.findCalls({ path: /\/providers\/Microsoft\.Compute\/virtualMachines$/ }).at(-1)?.query["statusOnly"], "true");
+    const lists = fake.findCalls({ path: /\/providers\/Microsoft\.Compute\/virtualMachines$/ });
+    assert.ok(lists.length > 0 && lists.every((c) => c.query["statusOnly"] === "true" && !/\/resourceGroups\//.test(c.path)), "only the documented status call");
 
     // Deleted behind the bridge's back: reported lost (after the watcher's missing threshold).
     const compute = new ComputeManagementClient(fake.credential(), fake.subscriptionId, fake.clientOptions());

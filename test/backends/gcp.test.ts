@@ -340,12 +340,12 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     assert.equal(fake.listInstances({ project: PROJECT }).length, 0);
   });
 
-  it("ZONE_RESOURCE_POOL_EXHAUSTED in a DONE operation: every zone of the region, then failover; the offering is cached", async (t) => {
+  it("ZONE_RESOURCE_POOL_EXHAUSTED in a DONE operation: every fitting type in every zone of the region, then failover; the offerings are cached", async (t) => {
     const dir = tempDir(t);
     const clock = systemClock;
     const unavailable = new OfferingCache(60_000, clock);
     const { fake, backend } = await rig(t, { unavailable });
-    fake.faults.poolExhausted = (ctx) => ctx.machineType === "n2-standard-2";
+    fake.faults.poolExhausted = true;
     const local = new LocalBackend(
       { region: "us-central1", cpu_millicores: 8000, ram_mib: 16384, max_concurrent: 10, poll_interval_ms: 20, terminate_grace_seconds: 1, max_image_bytes: 1 << 26 },
       { ...rigCtx(t), stateDir: path.join(dir, "local") },
@@ -359,17 +359,40 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     assert.equal(done.state, "completed");
     assert.equal(done.outcome?.exit_code, 4, "the bundle ran on the local backend");
     assert.deepEqual(done.attempts.map((a) => [a.backend, a.error_kind]), [["gcp", "capacity"]]);
-    assert.match(done.attempts[0]!.message, /ZONE_RESOURCE_POOL_EXHAUSTED/);
-    assert.deepEqual(fake.creates.map((c) => [c.zone, c.outcome]), [
-      ["us-central1-a", "ZONE_RESOURCE_POOL_EXHAUSTED"],
-      ["us-central1-b", "ZONE_RESOURCE_POOL_EXHAUSTED"],
-    ], "both zones of us-central1 tried, europe-west4 never");
+    assert.match(done.attempts[0]!.message, /n2-standard-2 in us-central1-a: ZONE_RESOURCE_POOL_EXHAUSTED.*n2-standard-4 in us-central1-a/);
+    assert.deepEqual(fake.creates.map((c) => [c.zone, c.machineType, c.outcome]), [
+      ["us-central1-a", "n2-standard-2", "ZONE_RESOURCE_POOL_EXHAUSTED"],
+      ["us-central1-b", "n2-standard-2", "ZONE_RESOURCE_POOL_EXHAUSTED"],
+      ["us-central1-a", "n2-standard-4", "ZONE_RESOURCE_POOL_EXHAUSTED"],
+      ["us-central1-b", "n2-standard-4", "ZONE_RESOURCE_POOL_EXHAUSTED"],
+    ], "both types in both zones of us-central1, europe-west4 never");
     assert.equal(unavailable.isUnavailable("gcp", "us-central1", "n2-standard-2"), true);
+    assert.equal(unavailable.isUnavailable("gcp", "us-central1", "n2-standard-4"), true);
     assert.equal(fake.listInstances({ project: PROJECT }).length, 0);
+  });
 
-    // The next grant skips the cached offering and takes the next fitting type.
+  it("a stock-out of the smallest type moves on to the next fitting type on GCP (no failover), each insert with its own requestId", async (t) => {
+    const unavailable = new OfferingCache(60_000, systemClock);
+    const { fake, backend } = await rig(t, { unavailable });
+    fake.faults.poolExhausted = (ctx) => ctx.machineType === "n2-standard-2";
     const inst = await backend.provision(grant("pool-2"), envelope, never);
     assert.equal(inst.details["machine_type"], "n2-standard-4");
+    assert.deepEqual(fake.creates.map((c) => [c.zone, c.machineType, c.outcome]), [
+      ["us-central1-a", "n2-standard-2", "ZONE_RESOURCE_POOL_EXHAUSTED"],
+      ["us-central1-b", "n2-standard-2", "ZONE_RESOURCE_POOL_EXHAUSTED"],
+      ["us-central1-a", "n2-standard-4", "ok"],
+    ]);
+    const ids = fake.callsMatching("insert").map((c) => c.query["requestId"]);
+    assert.deepEqual(ids, [
+      deterministicUuid("insert", PROVIDER, "pool-2", "us-central1-a", "n2-standard-2"),
+      deterministicUuid("insert", PROVIDER, "pool-2", "us-central1-b", "n2-standard-2"),
+      deterministicUuid("insert", PROVIDER, "pool-2", "us-central1-a", "n2-standard-4"),
+    ]);
+    assert.equal(unavailable.isUnavailable("gcp", "us-central1", "n2-standard-2"), true);
+    // A retried provision adopts what the earlier attempt created: no new insert.
+    const again = await backend.provision(grant("pool-2"), envelope, never);
+    assert.equal(again.instance_id, inst.instance_id);
+    assert.equal(fake.creates.filter((c) => c.outcome === "ok").length, 1);
     await backend.terminate(inst);
   });
 
@@ -437,8 +460,8 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     const rid = "expire-1";
     await manager.submit({ grant: grant(rid, { valid_to: Date.now() + 1500 }), envelope });
     const done = await settledRecord(store, rid);
-    assert.equal(done.state, "expired");
-    assert.equal(fake.createdCount, 1);
+    assert.equal(done.state, "expired", JSON.stringify(done));
+    assert.equal(fake.createdCount, 1, JSON.stringify(done));
     assert.equal(fake.listInstances({ project: PROJECT }).length, 0);
   });
 });
@@ -753,5 +776,67 @@ describe("gcp backend: the guest's SSH host key (host_key_sha256) from serial po
     fake.clearFailures();
     await backend.terminate(inst);
     await backend.terminate(gone);
+  });
+});
+
+describe("gcp backend: cloud semantics the fake models (issue #18 items 1, 6, 7, 8)", () => {
+  it("the boot disk is boot_disk_type (pd-balanced by default) in the instance's zone; C3 (TDX) boots, where GCE's default pd-standard is refused", async (t) => {
+    const { fake, backend } = await rig(t);
+    const inst = await backend.provision(grant("disk-1", { tdx_required: true }), envelope, never);
+    const body = fake.creates[0]!.body as { disks: { initializeParams: { diskType?: string } }[] };
+    assert.equal(body.disks[0]!.initializeParams.diskType, "zones/us-central1-a/diskTypes/pd-balanced");
+    await backend.terminate(inst);
+    // The fake refuses what GCE refuses: the same C3 insert without a disk type (pd-standard).
+    const { InstancesClient } = await import("@google-cloud/compute");
+    const raw = new InstancesClient({ apiEndpoint: "127.0.0.1", port: fake.port, protocol: "http", fallback: true, authClient: authClient(fake.accessToken) as never });
+    t.after(() => raw.close());
+    const noType = { ...body, name: "disk-raw", disks: [{ boot: true, initializeParams: { sourceImage: "projects/x/global/images/y" } }] };
+    await assert.rejects(raw.insert({ project: PROJECT, zone: "us-central1-a", requestId: deterministicUuid("raw"), instanceResource: noType as never }), /pd-standard disk type cannot be used by c3-standard-4/);
+  });
+
+  it("boot_disk_type is checked against every configured machine series at config time", () => {
+    const bad = GcpConfig.safeParse({ ...gcpConfig(null), boot_disk_type: "pd-standard" });
+    assert.equal(bad.success, false);
+    assert.match(JSON.stringify(bad.error?.issues), /tdx_machine_types.*c3-standard-4.*cannot boot from boot_disk_type \\"pd-standard\\"/);
+    const c4 = GcpConfig.safeParse({ ...gcpConfig(null), machine_types: [{ name: "c4-standard-4", vcpus: 4, memory_mib: 15360 }] });
+    assert.equal(c4.success, false, "C4 boots from Hyperdisk only");
+    assert.equal(GcpConfig.safeParse({ ...gcpConfig(null), boot_disk_type: "pd-ssd" }).success, true);
+    assert.equal(gcpConfig(null).boot_disk_type, "pd-balanced");
+  });
+
+  it("a zone that does not offer the machine type (400) moves on to the next zone instead of ending the grant", async (t) => {
+    const { fake, backend } = await rig(t);
+    fake.faults.machineTypesByZone = { "us-central1-a": ["n2-standard-4"], "us-central1-b": ["n2-standard-2", "n2-standard-4"] };
+    const inst = await backend.provision(grant("place-1"), envelope, never);
+    assert.equal(inst.details["zone"], "us-central1-b");
+    assert.equal(inst.details["machine_type"], "n2-standard-2");
+    assert.deepEqual(fake.callsMatching("insert").map((c) => [c.path.split("/")[6], c.status]), [["us-central1-a", 400], ["us-central1-b", 200]]);
+    await backend.terminate(inst);
+  });
+
+  it("TDX: a zone without TDX moves on; an image without TDX_CAPABLE fails over at once with the reason, after one insert", async (t) => {
+    const { fake, backend } = await rig(t);
+    fake.faults.tdxZones = ["us-central1-b"];
+    const inst = await backend.provision(grant("tdx-zone", { tdx_required: true }), envelope, never);
+    assert.equal(inst.details["zone"], "us-central1-b");
+    await backend.terminate(inst);
+    fake.faults.tdxZones = undefined;
+    fake.faults.tdxCapableImages = [];
+    const before = fake.countCalls("insert");
+    await assert.rejects(backend.provision(grant("tdx-image", { tdx_required: true }), envelope, never), (e: Error) => e instanceof CapacityError && /backends\.gcp\.tdx_image.*TDX_CAPABLE/.test(e.message));
+    assert.equal(fake.countCalls("insert") - before, 1, "no zone or type can help a wrong image");
+  });
+
+  it("no double retries: the Compute client itself does not retry a 503 on get/getSerialPortOutput, only call() does (bounded)", async (t) => {
+    const { fake, backend } = await rig(t);
+    const inst = await backend.provision(grant("retry-1"), envelope, never);
+    fake.failNext("getSerialPortOutput", 503, "backendError", { times: 2 });
+    const before = fake.countCalls("getSerialPortOutput");
+    fake.guestPowerOff(PROJECT, inst.details["zone"]!, inst.instance_id, `${exitMarker("retry-1", 0)}\n`);
+    const obs = await backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
+    assert.equal(obs.exit_code, 0);
+    // Two 503s and one success: three HTTP calls, all of them call()'s attempts (FAST.attempts = 4).
+    assert.equal(fake.countCalls("getSerialPortOutput") - before, 3);
+    await backend.terminate(inst);
   });
 });

@@ -170,6 +170,12 @@ export interface ArmFaults {
   deleteInProgressPolls: number;
   /** What booting guests report about their SSH host key (see `guestHostKey()` for one VM). */
   guestHostKey: GuestHostKeyReport;
+  /**
+   * The Retry-After (seconds) on 429s and long-running-operation replies. Real ARM sends
+   * seconds (https://learn.microsoft.com/azure/azure-resource-manager/management/request-limits-and-throttling);
+   * the default 0 keeps tests fast, and the SDK waits out whatever is sent.
+   */
+  retryAfterSeconds: number;
 }
 
 export interface ArmFakeOptions {
@@ -476,6 +482,7 @@ export class ArmFake {
       lroInProgressPolls: opts.lroInProgressPolls ?? 1,
       deleteInProgressPolls: opts.deleteInProgressPolls ?? 1,
       guestHostKey: "fingerprint",
+      retryAfterSeconds: 0,
       ...opts.faults,
     };
   }
@@ -757,7 +764,7 @@ export class ArmFake {
       res.setHeader("x-ms-request-id", requestId);
       res.setHeader("x-ms-correlation-request-id", (req.headers["x-ms-correlation-request-id"] as string | undefined) ?? requestId);
       res.setHeader("x-ms-client-request-id", (req.headers["x-ms-client-request-id"] as string | undefined) ?? requestId);
-      if (!isBlob) res.setHeader("Retry-After", "0");
+      if (!isBlob) res.setHeader("Retry-After", String(this.faults.retryAfterSeconds));
       for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
       if (body === undefined || status === 204) {
         res.setHeader("content-length", "0");
@@ -1031,7 +1038,9 @@ export class ArmFake {
   }
 
   private listBody(type: ResourceType, rg: string | undefined, query: Record<string, string>, path: string): WireDoc {
-    const expand = (query["$expand"] ?? "").toLowerCase();
+    // `$expand=instanceView` on a list is documented as valid only with `$filter`: without one it
+    // is ignored here (VMs without instanceView), the case a client must not depend on.
+    const expand = query["$filter"] !== undefined ? (query["$expand"] ?? "").toLowerCase() : "";
     const statusOnly = (query["statusOnly"] ?? "").toLowerCase() === "true";
     let items = [...this.resources.values()].filter((r) => r.type === type && (!rg || r.rg.toLowerCase() === rg.toLowerCase()));
     for (const r of items) this.refreshVm(r);

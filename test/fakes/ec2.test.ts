@@ -505,3 +505,88 @@ describe("Ec2Fake with the real EC2Client", () => {
     });
   });
 });
+
+describe("Ec2Fake: real-EC2 semantics (FIDELITY.md)", () => {
+  const noRetry = { maxAttempts: 1 };
+
+  it("request-rate limits: a bucket per (region, API class), refilled per second on the fake's clock; empty answers RequestLimitExceeded/503", () =>
+    withFake({ faults: { rateLimits: { mutate: { bucket: 2, refillPerSecond: 1 } } } }, async (fake) => {
+      const c = client(fake, noRetry);
+      try {
+        await c.send(new RunInstancesCommand(runInput()));
+        await c.send(new RunInstancesCommand(runInput()));
+        const err = await sdkError(c.send(new RunInstancesCommand(runInput())));
+        assert.equal(err.name, "RequestLimitExceeded");
+        assert.equal(err.$metadata.httpStatusCode, 503);
+        assert.equal(fake.rateLimited, 1);
+        // Another class and another region have their own buckets.
+        await c.send(new DescribeInstancesCommand({}));
+        const eu = client(fake, { ...noRetry, region: "eu-west-1" });
+        await eu.send(new RunInstancesCommand(runInput()));
+        eu.destroy();
+        fake.advance(999);
+        assert.equal((await sdkError(c.send(new TerminateInstancesCommand({ InstanceIds: [fake.instances[0]!.instanceId] })))).name, "RequestLimitExceeded");
+        fake.advance(1);
+        await c.send(new TerminateInstancesCommand({ InstanceIds: [fake.instances[0]!.instanceId] }));
+        assert.equal(fake.createdCount, 3);
+      } finally {
+        c.destroy();
+      }
+    }));
+
+  it("eventual consistency: right after launch the instance is NotFound for Describe-by-id, Terminate and GetConsoleOutput and absent from filters", () =>
+    withFake({ faults: { consistencyDelayMs: 3000 } }, async (fake, ec2) => {
+      const id = (await ec2.send(new RunInstancesCommand(runInput()))).Instances?.[0]?.InstanceId ?? "";
+      assert.equal((await sdkError(ec2.send(new DescribeInstancesCommand({ InstanceIds: [id] })))).name, "InvalidInstanceID.NotFound");
+      assert.equal((await sdkError(ec2.send(new TerminateInstancesCommand({ InstanceIds: [id] })))).name, "InvalidInstanceID.NotFound");
+      assert.equal((await sdkError(ec2.send(new GetConsoleOutputCommand({ InstanceId: id })))).name, "InvalidInstanceID.NotFound");
+      const filtered = await ec2.send(new DescribeInstancesCommand({ Filters: [{ Name: "instance-id", Values: [id] }] }));
+      assert.deepEqual(filtered.Reservations, []);
+      // It exists all the same (and bills): the NotFound did not terminate it.
+      assert.equal(fake.getInstance(id)?.state, "running");
+      fake.advance(3000);
+      assert.equal((await describeOne(ec2, id)).State?.Name, "running");
+      await ec2.send(new TerminateInstancesCommand({ InstanceIds: [id] }));
+      assert.equal(fake.getInstance(id)?.state, "terminated");
+    }));
+
+  it("ClientToken of a failed launch stays bound to its parameters (IdempotentParameterMismatch for another type); the same parameters try again", () =>
+    withFake({ faults: { capacity: new Set(["t3.micro"]) } }, async (fake, ec2) => {
+      assert.equal((await sdkError(ec2.send(new RunInstancesCommand(runInput({ ClientToken: "tok-a" }))))).name, "InsufficientInstanceCapacity");
+      const mismatch = await sdkError(ec2.send(new RunInstancesCommand(runInput({ ClientToken: "tok-a", InstanceType: "t3.large" }))));
+      assert.equal(mismatch.name, "IdempotentParameterMismatch");
+      const byToken = await ec2.send(new DescribeInstancesCommand({ Filters: [{ Name: "client-token", Values: ["tok-a"] }] }));
+      assert.deepEqual(byToken.Reservations, [], "the client-token lookup finds no instance");
+      fake.faults.capacity = undefined;
+      const ok = await ec2.send(new RunInstancesCommand(runInput({ ClientToken: "tok-a" })));
+      assert.equal(ok.Instances?.[0]?.InstanceType, "t3.micro");
+      assert.equal(fake.createsByToken.get("tok-a"), 1);
+    }));
+
+  it("ClientToken of a terminated instance answers IdempotentInstanceTerminated instead of replaying it", () =>
+    withFake({}, async (fake, ec2) => {
+      const id = (await ec2.send(new RunInstancesCommand(runInput({ ClientToken: "tok-t" })))).Instances?.[0]?.InstanceId ?? "";
+      await ec2.send(new TerminateInstancesCommand({ InstanceIds: [id] }));
+      const err = await sdkError(ec2.send(new RunInstancesCommand(runInput({ ClientToken: "tok-t" }))));
+      assert.equal(err.name, "IdempotentInstanceTerminated");
+      assert.equal(err.$metadata.httpStatusCode, 400);
+      assert.equal(fake.createdCount, 1);
+    }));
+
+  it("GetConsoleOutput returns only the last 64 KB; terminated instances vanish after terminatedVisibleMs", () =>
+    withFake({}, async (fake, ec2) => {
+      const id = (await ec2.send(new RunInstancesCommand(runInput()))).Instances?.[0]?.InstanceId ?? "";
+      fake.appendConsole(id, `FIRST LINE\n${"x".repeat(70 * 1024)}\nLAST LINE\n`);
+      const out = Buffer.from((await ec2.send(new GetConsoleOutputCommand({ InstanceId: id }))).Output ?? "", "base64").toString("utf8");
+      assert.equal(Buffer.byteLength(out), 64 * 1024);
+      assert.ok(out.endsWith("LAST LINE\n"));
+      assert.ok(!out.includes("FIRST LINE"));
+      await ec2.send(new TerminateInstancesCommand({ InstanceIds: [id] }));
+      fake.advance(3_599_999);
+      assert.equal((await describeOne(ec2, id)).State?.Name, "terminated");
+      fake.advance(1);
+      assert.equal((await sdkError(ec2.send(new DescribeInstancesCommand({ InstanceIds: [id] })))).name, "InvalidInstanceID.NotFound");
+      const all = await ec2.send(new DescribeInstancesCommand({}));
+      assert.deepEqual(all.Reservations, []);
+    }));
+});

@@ -34,6 +34,19 @@
  * (GetConsoleOutput API reference, which names no error code; UnsupportedOperation is EC2's common client error
  * for an operation the resource does not support).
  *
+ * Real-EC2 semantics modelled (each with its source in test/fakes/FIDELITY.md):
+ *  - Request rate limits per action category and Region (faults.rateLimits, off by default): a token bucket per
+ *    (region, API class) refilled every second on the fake's clock; an empty bucket answers RequestLimitExceeded/503.
+ *  - Eventual consistency (faults.consistencyDelayMs, default 0): for that long after RunInstances the instance is
+ *    invisible to DescribeInstances (filters omit it; InstanceId.N answers InvalidInstanceID.NotFound),
+ *    TerminateInstances and GetConsoleOutput (InvalidInstanceID.NotFound) although it exists and boots.
+ *  - ClientToken lifecycle: a token stays bound to the parameters of the call that used it, also when that call
+ *    failed (capacity, limit): the same token with other parameters answers IdempotentParameterMismatch, with the
+ *    same parameters the launch is tried again; a token whose instances are all terminated answers
+ *    IdempotentInstanceTerminated (400; the message is the fake's own wording).
+ *  - GetConsoleOutput returns only the most recent 64 KB of console output.
+ *  - Terminated instances stay visible for faults.terminatedVisibleMs (default one hour), then vanish from every call.
+ *
  * Time: state changes run on a virtual clock (`now()`, `advance(ms)`, `bootAll()`, `settleAll()`), applied
  * lazily when a request arrives or an accessor is read, so tests never sleep. RunInstances always answers
  * "pending"; TerminateInstances answers "shutting-down". Fault rates and generated ids come from a seeded PRNG.
@@ -91,6 +104,26 @@ export function statusForCode(code: string): number {
 
 export type Ec2Action = "RunInstances" | "DescribeInstances" | "TerminateInstances" | "GetConsoleOutput";
 const ACTIONS: ReadonlySet<string> = new Set<Ec2Action>(["RunInstances", "DescribeInstances", "TerminateInstances", "GetConsoleOutput"]);
+
+/**
+ * EC2's request-rate categories as the bridge uses them (devguide "Request throttling for the Amazon EC2 API"):
+ * Describe* are non-mutating, RunInstances/TerminateInstances mutating, GetConsoleOutput in the lowest class.
+ */
+export type Ec2ApiClass = "describe" | "mutate" | "console";
+export const EC2_API_CLASS: Readonly<Record<Ec2Action, Ec2ApiClass>> = Object.freeze({
+  DescribeInstances: "describe",
+  RunInstances: "mutate",
+  TerminateInstances: "mutate",
+  GetConsoleOutput: "console",
+});
+
+export interface RateLimit {
+  bucket: number;
+  refillPerSecond: number;
+}
+
+/** EC2 keeps only the most recent 64 KB of console output (GetConsoleOutput API reference). */
+export const CONSOLE_OUTPUT_MAX_BYTES = 64 * 1024;
 
 export interface StateReason {
   code: string;
@@ -204,6 +237,12 @@ export interface Ec2Faults {
    * UnsupportedOperation/400 for their instances (without Latest it works as for any other type).
    */
   nonNitroTypes: ReadonlySet<string> | readonly string[] | undefined;
+  /** Request-rate token buckets per API class (per region); a class without one is never rate limited. */
+  rateLimits: Partial<Record<Ec2ApiClass, RateLimit>> | undefined;
+  /** For this many (virtual) ms after launch an instance is invisible to Describe/Terminate/GetConsoleOutput. */
+  consistencyDelayMs: number;
+  /** How long a terminated instance stays visible (virtual ms); then every call answers as if it never existed. */
+  terminatedVisibleMs: number;
 }
 
 export interface FailNextOptions {
@@ -249,6 +288,8 @@ type InstanceRecord = { -readonly [K in keyof FakeInstance]: FakeInstance[K] } &
   booted: boolean;
   /** Next automatic state change, due at virtual time `at`. */
   transition: { to: InstanceStateName; at: number } | undefined;
+  /** Virtual time it became terminated. */
+  terminatedAt: number | undefined;
 };
 
 interface Reservation {
@@ -383,7 +424,11 @@ export class Ec2Fake {
   private readonly byId = new Map<string, InstanceRecord>();
   private readonly reservations = new Map<string, Reservation>();
   /** `${region}\n${token}` -> reservation + canonical params */
-  private readonly tokens = new Map<string, { reservationId: string; fingerprint: string }>();
+  private readonly tokens = new Map<string, { reservationId: string | undefined; fingerprint: string }>();
+  /** `${region}\n${class}` -> request-rate bucket */
+  private readonly buckets = new Map<string, { tokens: number; at: number }>();
+  /** Requests answered RequestLimitExceeded by the request-rate buckets (not by throttleRate or failNext). */
+  rateLimited = 0;
   private readonly callLog: CallRecord[] = [];
   private readonly failures: PendingFailure[] = [];
   private seq = 0;
@@ -412,6 +457,9 @@ export class Ec2Fake {
       terminateDelayMs: 0,
       hostKeyReport: "key",
       nonNitroTypes: undefined,
+      rateLimits: undefined,
+      consistencyDelayMs: 0,
+      terminatedVisibleMs: 3_600_000,
       ...opts.faults,
     };
   }
@@ -580,7 +628,7 @@ export class Ec2Fake {
 
   /**
    * Remove all injected faults (rates, capacity, limits, one-shot failures, host key reports other than "key",
-   * non-Nitro types); delays are kept.
+   * non-Nitro types, request-rate limits, eventual-consistency delay); delays and terminatedVisibleMs are kept.
    */
   clearFaults(): void {
     this.failures.length = 0;
@@ -591,6 +639,8 @@ export class Ec2Fake {
     this.faults.instanceLimit = undefined;
     this.faults.hostKeyReport = "key";
     this.faults.nonNitroTypes = undefined;
+    this.faults.rateLimits = undefined;
+    this.faults.consistencyDelayMs = 0;
   }
 
   // ---------------------------------------------------------------- internals: state machine
@@ -608,6 +658,8 @@ export class Ec2Fake {
   }
 
   private applyTransition(r: InstanceRecord, to: InstanceStateName): void {
+    // Terminated when it was due (a lazily applied transition may be applied late).
+    if (to === "terminated") r.terminatedAt = Math.min(r.transition?.at ?? Infinity, this.now());
     r.state = to;
     r.transition = undefined;
     if (to === "running") {
@@ -639,6 +691,32 @@ export class Ec2Fake {
     const non = this.faults.nonNitroTypes;
     if (non === undefined) return true;
     return !("has" in non ? (non as ReadonlySet<string>).has(instanceType) : (non as readonly string[]).includes(instanceType));
+  }
+
+  /**
+   * What the API shows: nothing of an instance in its first consistencyDelayMs (eventual consistency), nor of one
+   * terminated longer than terminatedVisibleMs ago.
+   */
+  private visible(r: InstanceRecord): boolean {
+    const now = this.now();
+    if (r.launchTime.getTime() + Math.max(0, this.faults.consistencyDelayMs) > now) return false;
+    return !(r.state === "terminated" && r.terminatedAt !== undefined && r.terminatedAt + this.faults.terminatedVisibleMs <= now);
+  }
+
+  /** Request-rate limiting: one token from the (region, class) bucket, refilled every second; false when empty. */
+  private takeRateToken(action: Ec2Action, region: string): boolean {
+    const cls = EC2_API_CLASS[action];
+    const spec = this.faults.rateLimits?.[cls];
+    if (!spec) return true;
+    const key = `${region}\n${cls}`;
+    const now = this.now();
+    const b = this.buckets.get(key) ?? { tokens: spec.bucket, at: now };
+    b.tokens = Math.min(spec.bucket, b.tokens + ((now - b.at) / 1000) * spec.refillPerSecond);
+    b.at = now;
+    this.buckets.set(key, b);
+    if (b.tokens < 1) return false;
+    b.tokens -= 1;
+    return true;
   }
 
   private beginShutdown(r: InstanceRecord, to: "shutting-down" | "stopping"): void {
@@ -817,6 +895,10 @@ export class Ec2Fake {
     if (before) throw new Ec2Error(before.code, before.message ?? `Injected ${before.code}`, before.status);
     const rate = this.rateFault(action);
     if (rate) throw rate;
+    if (!this.takeRateToken(action as Ec2Action, ctx.region)) {
+      this.rateLimited++;
+      throw new Ec2Error("RequestLimitExceeded", "Request limit exceeded.");
+    }
 
     const requestId = randomUUID();
     let body: string;
@@ -861,7 +943,7 @@ export class Ec2Fake {
     const missing: string[] = [];
     for (const id of ids) {
       const r = this.byId.get(id);
-      if (r && r.region === ctx.region) {
+      if (r && r.region === ctx.region && this.visible(r)) {
         if (!found.includes(r)) found.push(r);
       } else missing.push(id);
     }
@@ -929,11 +1011,22 @@ export class Ec2Fake {
         throw new Ec2Error("IdempotentParameterMismatch", "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).");
       }
       this.checkDryRun(params);
-      this.idempotentReplays++;
-      const res = this.reservations.get(prior.reservationId)!;
-      return this.runInstancesXml(res, requestId);
+      if (prior.reservationId !== undefined) {
+        const res = this.reservations.get(prior.reservationId)!;
+        if (res.instances.every((r) => r.state === "terminated")) {
+          // boto/boto3#4406: the token of a terminated instance is not replayed any more. Wording is the fake's own.
+          throw new Ec2Error("IdempotentInstanceTerminated", "The client token you provided is associated with a resource that is already deleted. Please use a different client token.");
+        }
+        this.idempotentReplays++;
+        return this.runInstancesXml(res, requestId);
+      }
+      // A failed launch with the same parameters: tried again below.
     }
     this.checkDryRun(params);
+    // ubicloud/ubicloud#5898: a token used by a failed RunInstances stays bound to that call's parameters.
+    const bindFailed = () => {
+      if (tokenKey !== undefined && !prior) this.tokens.set(tokenKey, { reservationId: undefined, fingerprint });
+    };
 
     const info: RunInstancesRequestInfo = {
       region: ctx.region,
@@ -947,13 +1040,17 @@ export class Ec2Fake {
       params,
     };
     const capacityErr = this.capacityFault(info);
-    if (capacityErr) throw capacityErr;
+    if (capacityErr) {
+      bindFailed();
+      throw capacityErr;
+    }
     let count = maxCount;
     const limit = this.faults.instanceLimit;
     if (limit !== undefined) {
       const used = this.records.filter((r) => r.region === ctx.region && r.state !== "terminated" && r.state !== "stopped").length;
       const available = Math.max(0, limit - used);
       if (available < minCount) {
+        bindFailed();
         throw new Ec2Error(
           "InstanceLimitExceeded",
           `You have requested more instances (${used + minCount}) than your current instance limit of ${limit} allows for the specified instance type. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit.`,
@@ -994,6 +1091,7 @@ export class Ec2Fake {
         reason: "",
         launchParams: Object.freeze({ ...params }),
         transition: { to: "running", at: launchAt + Math.max(0, this.faults.bootDelayMs) },
+        terminatedAt: undefined,
       };
       res.instances.push(rec);
       this.records.push(rec);
@@ -1037,7 +1135,7 @@ export class Ec2Fake {
       throw new Ec2Error("InvalidParameterValue", `Value ( ${maxResults} ) for parameter maxResults is invalid. Expecting a value between 5 and 1000.`);
     }
     this.checkDryRun(params);
-    let candidates: InstanceRecord[] = ids.length > 0 ? this.lookup(ids, ctx) : this.records.filter((r) => r.region === ctx.region);
+    let candidates: InstanceRecord[] = ids.length > 0 ? this.lookup(ids, ctx) : this.records.filter((r) => r.region === ctx.region && this.visible(r));
 
     for (const n of indices(params, "Filter")) {
       const name = params[`Filter.${n}.Name`];
@@ -1174,7 +1272,8 @@ export class Ec2Fake {
     }
     this.checkDryRun(params);
     // Live (Latest=true) and buffered output are the same text here: the fake posts console text as it is written.
-    const output = r!.consoleOutput === "" ? undefined : Buffer.from(r!.consoleOutput, "utf8").toString("base64");
+    const bytes = Buffer.from(r!.consoleOutput, "utf8");
+    const output = bytes.length === 0 ? undefined : bytes.subarray(Math.max(0, bytes.length - CONSOLE_OUTPUT_MAX_BYTES)).toString("base64");
     return this.doc(
       "GetConsoleOutputResponse",
       `${el("requestId", requestId)}${el("instanceId", r!.instanceId)}${el("timestamp", new Date(this.now()).toISOString())}${el("output", output)}`,

@@ -80,11 +80,13 @@ function uuid(): string {
 }
 
 function vm(name: string, extra: JsonObject = {}): JsonObject {
+  // C3 refuses GCE's default boot disk type (pd-standard): pd-balanced, in the machine type's zone.
+  const zone = /zones\/([^/]+)\//.exec(typeof extra['machineType'] === 'string' ? extra['machineType'] : MT_C3)?.[1] ?? ZONE;
   return {
     name,
     machineType: MT_C3,
     labels: { app: 'compute-bridge' },
-    disks: [{ boot: true, autoDelete: true, initializeParams: { sourceImage: 'projects/debian-cloud/global/images/family/debian-12', diskSizeGb: '20' } }],
+    disks: [{ boot: true, autoDelete: true, initializeParams: { sourceImage: 'projects/debian-cloud/global/images/family/debian-12', diskSizeGb: '20', diskType: `zones/${zone}/diskTypes/pd-balanced` } }],
     networkInterfaces: [{ network: 'global/networks/default', accessConfigs: [{ name: 'External NAT', type: 'ONE_TO_ONE_NAT' }] }],
     metadata: { items: [{ key: 'startup-script', value: '#!/bin/sh\necho hi' }] },
     ...extra,

@@ -95,6 +95,7 @@ import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
+import { bootDisksFor } from '../../src/config/gce-disks.js';
 import { hostKeyMarker } from '../../src/backends/common/cloud-init.js';
 
 // ----------------------------------------------------------------------------------------------
@@ -178,6 +179,15 @@ export interface GceFaults {
   bootDelayMs: number;
   /** STOPPING duration for deleted instances (read at delete time). */
   deleteDelayMs: number;
+  /**
+   * Machine types each zone offers (a zone not listed offers none of them); undefined = every
+   * zone offers every type. Others answer 400 "Machine type with name ... does not exist in zone".
+   */
+  machineTypesByZone: Readonly<Record<string, readonly string[]>> | undefined;
+  /** Zones that offer Intel TDX; undefined = all. A TDX insert elsewhere answers 400 (wording unverified). */
+  tdxZones: readonly string[] | undefined;
+  /** Images with the TDX_CAPABLE guest OS feature; undefined = all. A TDX insert from another answers 400 (wording unverified). */
+  tdxCapableImages: readonly string[] | undefined;
 }
 
 export interface GceFakeOptions {
@@ -739,6 +749,9 @@ export class GceFake {
       quotaExceeded: false,
       quotaMetric: 'CPUS',
       serialPortDenied: false,
+      machineTypesByZone: undefined,
+      tdxZones: undefined,
+      tdxCapableImages: undefined,
       bootDelayMs: opts.bootDelayMs ?? 20_000,
       deleteDelayMs: opts.deleteDelayMs ?? 10_000,
       ...opts.faults,
@@ -1282,9 +1295,37 @@ export class GceFake {
         labels[k] = v;
       }
     }
+    const offered = this.faults.machineTypesByZone;
+    if (offered !== undefined && !(offered[zone] ?? []).includes(machineType)) {
+      throw invalidField('resource.machineType', mt, `Machine type with name '${machineType}' does not exist in zone '${zone}'.`);
+    }
+    // The boot disk: GCE's default type is pd-standard, which newer series (C3, C4, N4) refuse.
+    const disks = Array.isArray(body['disks']) ? body['disks'] : [];
+    const bootDisk = disks.find((d) => isObject(d) && d['boot'] === true) ?? disks[0];
+    const init = isObject(bootDisk) && isObject(bootDisk['initializeParams']) ? bootDisk['initializeParams'] : {};
+    const dtRaw = init['diskType'];
+    let diskType = 'pd-standard';
+    if (dtRaw !== undefined) {
+      const dm = typeof dtRaw === 'string' ? /^(?:(?:https:\/\/www\.googleapis\.com\/compute\/v1\/)?projects\/[^/]+\/)?zones\/([^/]+)\/diskTypes\/([a-z0-9-]+)$/.exec(dtRaw) : null;
+      if (!dm) throw invalidField('resource.disks[0].initializeParams.diskType', dtRaw, 'The URL is malformed.');
+      if (dm[1] !== zone) throw invalidField('resource.disks[0].initializeParams.diskType', dtRaw, `Cross-zone references are not allowed; the instance is in zone '${zone}'.`);
+      diskType = dm[2]!;
+    }
+    const bootOk = bootDisksFor(machineType);
+    if (bootOk !== undefined && !(bootOk as readonly string[]).includes(diskType)) {
+      // Status documented as 400; the wording is the fake's own.
+      throw invalidField('resource.disks[0].initializeParams.diskType', dtRaw ?? diskType, `${diskType} disk type cannot be used by ${machineType} machine type.`);
+    }
     const cic = body['confidentialInstanceConfig'];
     const ctype = isObject(cic) ? cic['confidentialInstanceType'] : undefined;
     if (ctype === 'TDX') {
+      if (this.faults.tdxZones !== undefined && !this.faults.tdxZones.includes(zone)) {
+        throw new HttpError(400, 'invalid', `Confidential Instance Type 'TDX' is not supported in zone '${zone}'.`);
+      }
+      const image = typeof init['sourceImage'] === 'string' ? init['sourceImage'] : '';
+      if (this.faults.tdxCapableImages !== undefined && !this.faults.tdxCapableImages.includes(image)) {
+        throw invalidField('resource.disks[0].initializeParams.sourceImage', image, "Confidential Instance Type 'TDX' requires an image with the guest OS feature TDX_CAPABLE.");
+      }
       const series = machineType.split('-')[0];
       if (series !== 'c3') {
         throw invalidField(

@@ -8,6 +8,35 @@ import {
 } from "../backend.js";
 import { redactCredentials } from "../../util/redact.js";
 
+/**
+ * GCE refused the insert for where it was placed, not for what it asks (HTTP 400): the machine
+ * type is not offered in this zone, or the zone does not offer Intel TDX. Another zone may take
+ * it; when none does, the grant fails over (a CapacityError, so the Fleet moves on).
+ */
+export class PlacementError extends CapacityError {}
+
+/**
+ * The image cannot run the grant anywhere (a TDX grant on an image without the TDX_CAPABLE guest
+ * OS feature): no zone or machine type helps; the grant fails over with the reason.
+ */
+export class ImageUnfitError extends CapacityError {}
+
+const ZONE_PLACEMENT = /does not exist in zone|(?:is )?not (?:available|supported|offered) in (?:the )?zone|zone [^ ]+ does not (?:support|offer)/i;
+const IMAGE_UNFIT = /TDX_CAPABLE|guest ?os ?features?/i;
+
+/**
+ * A 400 from instances.insert that is about placement (zone offers neither the machine type nor
+ * TDX) or about the image's guest OS features, as PlacementError / ImageUnfitError; anything
+ * else unchanged. GCE's exact wording is not documented: matched loosely, on the safe side (an
+ * unrecognised 400 stays a plain BackendError and ends the grant with GCE's message).
+ */
+export function classifyInsertRefusal(err: BackendError, backend: string): BackendError {
+  if (err.constructor !== BackendError || !/\(HTTP 400\b/.test(err.message)) return err;
+  if (IMAGE_UNFIT.test(err.message)) return new ImageUnfitError(err.message, backend);
+  if (ZONE_PLACEMENT.test(err.message)) return new PlacementError(err.message, backend);
+  return err;
+}
+
 /** GCE answered 409 alreadyExists: the deterministic name is taken (by an earlier call of ours). */
 export class AlreadyExistsError extends BackendError {}
 
