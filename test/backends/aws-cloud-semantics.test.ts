@@ -133,7 +133,9 @@ describe("aws backend: API calls paced to EC2's request-rate buckets (backends.a
   });
 
   it("control: the same 40 launches fired at once are throttled by the fake (its limit is real)", async (t) => {
-    const fake = await startFake(t, { now: () => Date.now(), faults: { rateLimits: limits } });
+    // The fake's clock stands still: its buckets do not refill during the burst, however slowly it arrives.
+    const t0 = Date.now();
+    const fake = await startFake(t, { now: () => t0, faults: { rateLimits: limits } });
     const c = new ec2Sdk.EC2Client({ region: "us-east-1", endpoint: fake.endpoint, credentials: fake.credentials, maxAttempts: 1 });
     t.after(() => c.destroy());
     const results = await Promise.allSettled(Array.from({ length: 40 }, () => c.send(new ec2Sdk.RunInstancesCommand({ ImageId: AMI, InstanceType: "m6i.large", MinCount: 1, MaxCount: 1 }))));
