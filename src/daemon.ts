@@ -16,6 +16,7 @@ import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
 import { splitHostPort } from "./util/hostport.js";
 import { Identity } from "./util/identity.js";
+import { ImagePolicy } from "./util/image-policy.js";
 import { createLogger, type Logger } from "./util/logger.js";
 import Fastify, { type FastifyInstance } from "fastify";
 import { BridgeMetrics } from "./metrics/metrics.js";
@@ -95,7 +96,8 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const store = new Store(stateDir, clock);
   let manager!: GrantManager;
   const metrics = new BridgeMetrics(store, () => manager.activeCount);
-  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac, metrics }, o.backendOptions);
+  const imagePolicy = new ImagePolicy({ fileRoots: cfg.backends.local?.image_roots ?? [], allowCidrs: cfg.bridge.image_allow_cidrs });
+  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac, metrics, imagePolicy }, o.backendOptions);
   const publisher = cfg.market && marketToken ? new MarketPublisher(store, cfg.market, marketToken, log.child({ component: "market" }), clock) : null;
 
   const events = metrics.managerEvents();
@@ -110,6 +112,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     maxAttempts: cfg.fleet.max_attempts,
     publishLogs: Boolean(cfg.market?.log_url),
     onLogWritten: () => publisher?.notify(),
+    imagePolicy,
     ...(o.expiryGraceMs !== undefined ? { expiryGraceMs: o.expiryGraceMs } : {}),
     ...(o.retryBaseMs !== undefined ? { retryBaseMs: o.retryBaseMs } : {}),
     events: o.events ? mergeEvents(events, o.events) : events,

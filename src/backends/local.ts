@@ -4,7 +4,8 @@ import path from "node:path";
 import type { LocalConfig } from "../config/schema.js";
 import type { Almanac, Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
 import { abortError, type Clock } from "../util/clock.js";
-import { DigestMismatchError, FetchError, fetchVerified } from "../util/fetch-verify.js";
+import { DigestMismatchError, FetchError, fetchVerified, ImageRefusedError } from "../util/fetch-verify.js";
+import { ImagePolicy } from "../util/image-policy.js";
 import type { Logger } from "../util/logger.js";
 import {
   BackendError,
@@ -22,6 +23,9 @@ import { SUPERVISOR_SCRIPT } from "./local/supervisor.js";
 /** How long a freshly spawned supervisor may take to report its workload's pid. */
 const START_TIMEOUT_MS = 15_000;
 const WORKLOAD_PATH = "/usr/local/bin:/usr/bin:/bin";
+
+/** LocalConfig as parsed, or written by hand (tests) without the image keys: their defaults apply. */
+export type LocalBackendConfig = Omit<LocalConfig, "image_roots" | "image_idle_timeout_seconds"> & Partial<Pick<LocalConfig, "image_roots" | "image_idle_timeout_seconds">>;
 
 interface RunResult {
   exit_status: number | null;
@@ -46,11 +50,13 @@ export class LocalBackend implements ManagedBackend {
   private readonly log: Logger;
   private readonly clock: Clock;
   private readonly almanac: Almanac;
+  private readonly imagePolicy: ImagePolicy;
 
   constructor(
-    private readonly cfg: LocalConfig,
+    private readonly cfg: LocalBackendConfig,
     ctx: BackendContext,
   ) {
+    this.imagePolicy = ctx.imagePolicy ?? new ImagePolicy({ fileRoots: cfg.image_roots ?? [], allowCidrs: [] });
     this.root = path.join(ctx.stateDir, "local");
     this.runs = path.join(this.root, "runs");
     this.images = path.join(this.root, "images");
@@ -66,6 +72,8 @@ export class LocalBackend implements ManagedBackend {
     if (this.ready) return;
     mkdirSync(this.runs, { recursive: true, mode: 0o700 });
     mkdirSync(this.images, { recursive: true, mode: 0o700 });
+    // Temp files of fetches a crash cut short (no fetch runs before this first use).
+    for (const f of readdirSync(this.images)) if (f.endsWith(".part")) rmSync(path.join(this.images, f), { force: true });
     // Rewritten at every start so an upgrade ships its supervisor; running ones keep their copy open.
     const tmp = `${this.supervisor}.${process.pid}.tmp`;
     writeFileSync(tmp, SUPERVISOR_SCRIPT, { mode: 0o700 });
@@ -102,7 +110,7 @@ export class LocalBackend implements ManagedBackend {
       if (!existsSync(path.join(runDir, "started"))) {
         if (envelope.image.format !== "bundle")
           throw new InvalidRequestError(`the local backend runs "bundle" images (an executable or a tar/tar.gz); got "${envelope.image.format}"`, this.name);
-        const image = await this.fetchImage(envelope, signal);
+        const image = await this.fetchImage(grant, envelope, signal);
         await this.prepare(runDir, image, envelope);
         this.spawnSupervisor(runDir, grant, envelope);
       }
@@ -224,19 +232,39 @@ export class LocalBackend implements ManagedBackend {
   }
 
   /** Content-addressed image cache: a file named by its sha256 exists only once verified. */
-  private async fetchImage(envelope: Envelope, signal: AbortSignal): Promise<string> {
+  private async fetchImage(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<string> {
     const file = path.join(this.images, envelope.image.sha256);
-    if (existsSync(file)) return file;
+    // A cached image is used only for a URL the policy admits (the admission check ran on it too).
+    if (existsSync(file) && this.imageRefusal(envelope.image.url) === null) return file;
     // Each download verifies its own bytes into its own temp file; grants sharing an image at
     // once each verify the URL they were given, and the first to finish fills the cache.
     try {
-      await fetchVerified(envelope.image.url, envelope.image.sha256, file, { maxBytes: this.cfg.max_image_bytes, signal });
+      await fetchVerified(envelope.image.url, envelope.image.sha256, file, {
+        maxBytes: this.cfg.max_image_bytes,
+        signal,
+        policy: this.imagePolicy,
+        idleTimeoutMs: (this.cfg.image_idle_timeout_seconds ?? 60) * 1000,
+        deadlineMs: this.validToMs(grant),
+      });
     } catch (e) {
       if (e instanceof DigestMismatchError) throw new ImageVerificationError(e.message, this.name);
+      if (e instanceof ImageRefusedError) throw new InvalidRequestError(e.message, this.name);
       if (e instanceof FetchError) throw new TransientError(e.message, this.name, { cause: e });
       throw e;
     }
     return file;
+  }
+
+  /** Why the policy refuses `url` (file roots, literal addresses), or null. */
+  private imageRefusal(url: string): string | null {
+    try {
+      const u = new URL(url);
+      if (u.protocol === "file:") this.imagePolicy.filePath(u);
+      else this.imagePolicy.checkHttp(u);
+      return null;
+    } catch (e) {
+      return (e as Error).message;
+    }
   }
 
   private async prepare(runDir: string, image: string, envelope: Envelope): Promise<void> {
