@@ -273,7 +273,7 @@ export class BareMetalBackend implements ManagedBackend {
       if (e instanceof ArgumentError) throw new InvalidRequestError(e.message, BACKEND);
       throw e;
     }
-    const cmd = remote(SYSTEMD_PROVISION, "cb-provision", [m.runs, id, unit, m.images, sha, url, String(MAX_BUNDLE_BYTES), built.defaultCommand ? "1" : "0", `${grant.cpu_millicores} ${grant.ram_mib}`, m.cfg.run_as ?? "", ...built.args]);
+    const cmd = remote(SYSTEMD_PROVISION, "cb-provision", [m.runs, id, unit, m.images, sha, url, String(MAX_BUNDLE_BYTES), built.defaultCommand ? "1" : "0", `${grant.cpu_millicores} ${grant.ram_mib}`, m.cfg.run_as ?? "", String(this.secondsLeft(grant)), ...built.args]);
     if (Buffer.byteLength(cmd) > MAX_COMMAND_BYTES) throw new InvalidRequestError(`the command line and environment are too large for one SSH command (${Buffer.byteLength(cmd)} bytes; at most ${MAX_COMMAND_BYTES})`, BACKEND);
     alloc.started = true;
     let r: ExecResult;
