@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, rmSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
+import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
 import path from "node:path";
 import type { LocalConfig } from "../config/schema.js";
 import type { Almanac, Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
@@ -167,17 +167,19 @@ export class LocalBackend implements ManagedBackend {
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
       }
-      const pgid = readPid(path.join(runDir, "started", "workload_pid"));
-      if (!readResult(runDir) && pgid) {
-        signalGroup(pgid, "SIGTERM");
+      // The workload's process groups: from workload_pid when it was written, and from the
+      // supervisor's session in any case (a full disk may have kept the pid files from being written).
+      const groups = () => this.workloadGroups(runDir);
+      if (!readResult(runDir)) {
+        for (const g of groups()) signalGroup(g, "SIGTERM");
         const killAt = this.clock.now() + this.cfg.terminate_grace_seconds * 1000;
-        while (!readResult(runDir) && this.supervisorAlive(runDir) && this.clock.now() < killAt) await this.clock.sleep(Math.min(50, this.cfg.poll_interval_ms));
+        while (!readResult(runDir) && this.supervisorAlive(runDir) && groups().length > 0 && this.clock.now() < killAt) await this.clock.sleep(Math.min(50, this.cfg.poll_interval_ms));
       }
-      if (pgid) signalGroup(pgid, "SIGKILL");
+      for (const g of groups()) signalGroup(g, "SIGKILL");
       const deadline = this.clock.now() + START_TIMEOUT_MS;
       while (!readResult(runDir) && this.supervisorAlive(runDir)) {
         if (this.clock.now() > deadline) {
-          const sup = readPid(path.join(runDir, "started", "supervisor_pid"));
+          const sup = this.supervisorPid(runDir);
           if (sup) signalGroup(sup, "SIGKILL");
           break;
         }
@@ -323,16 +325,84 @@ export class LocalBackend implements ManagedBackend {
   }
 
   private supervisorAlive(runDir: string): boolean {
-    const pid = readPid(path.join(runDir, "started", "supervisor_pid"));
-    // Between its mkdir and writing its pid the supervisor counts as alive.
-    if (!pid) return existsSync(path.join(runDir, "started")) && !readResult(runDir);
+    // Between its mkdir and its first instruction the supervisor cannot be found yet: alive then.
+    if (this.supervisorPid(runDir) !== null) return true;
+    if (readResult(runDir) || existsSync(path.join(runDir, "started", "supervisor_pid"))) return false;
     try {
-      // Guard against pid reuse: the process must be our supervisor for this run.
-      const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8");
-      return cmdline.includes(runDir);
+      return this.clock.now() - statSync(path.join(runDir, "started")).mtimeMs < START_TIMEOUT_MS;
     } catch {
       return false;
     }
+  }
+
+  /**
+   * This run's supervisor, by its pid file when that was written and names it, else by scanning
+   * /proc for it (its command line names the run directory): a full disk may have kept the pid
+   * file from being written, and a recycled pid must not count.
+   */
+  private supervisorPid(runDir: string): number | null {
+    const isOurs = (pid: number) => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")[2] === runDir;
+      } catch {
+        return false;
+      }
+    };
+    const recorded = readPid(path.join(runDir, "started", "supervisor_pid"));
+    if (recorded !== null) return isOurs(recorded) ? recorded : null;
+    for (const p of procPids()) if (isOurs(p)) return p;
+    return null;
+  }
+
+  /**
+   * Process groups to signal for this run's workload, found without trusting any file the run may
+   * have failed to write: every group in the supervisor's session but its own (it is a session
+   * leader, spawned detached; the workload runs in a group of its own), and the group of every
+   * process whose working directory is in the run's work directory (the workload starts there;
+   * this finds it after its supervisor died too).
+   */
+  private workloadGroups(runDir: string): number[] {
+    const out = new Set<number>();
+    const sup = this.supervisorPid(runDir) ?? readPid(path.join(runDir, "started", "supervisor_pid"));
+    const work = path.join(runDir, "work");
+    const own = procStat(process.pid)?.pgrp;
+    for (const p of procPids()) {
+      const st = procStat(p);
+      if (!st || st.pgrp <= 1) continue;
+      if (sup !== null && st.session === sup) {
+        if (st.pgrp !== sup) out.add(st.pgrp);
+        continue;
+      }
+      let cwd: string;
+      try {
+        cwd = readlinkSync(`/proc/${p}/cwd`);
+      } catch {
+        continue;
+      }
+      if ((cwd === work || cwd.startsWith(work + path.sep)) && st.pgrp !== own) out.add(st.pgrp);
+    }
+    return [...out];
+  }
+}
+
+/** Numeric entries of /proc. */
+function procPids(): number[] {
+  try {
+    return readdirSync("/proc").filter((d) => /^\d+$/.test(d)).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+/** Process group and session of `pid` from /proc/PID/stat (fields 5 and 6), or null. */
+function procStat(pid: number): { pgrp: number; session: number } | null {
+  try {
+    const text = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // "pid (comm) state ppid pgrp session ...": comm may contain spaces and parentheses.
+    const f = text.slice(text.lastIndexOf(")") + 2).split(" ");
+    return { pgrp: Number(f[2]), session: Number(f[3]) };
+  } catch {
+    return null;
   }
 }
 
