@@ -4,7 +4,7 @@ import { rmSync } from "node:fs";
 import { describe, it } from "node:test";
 import { isStorageFull, isStoreUnavailable, Store } from "../../src/store/store.js";
 import { systemClock } from "../../src/util/clock.js";
-import { fillDisk, mountTmpfs } from "../backends/local-terminate.test.js";
+import { fillDisk, mountTmpfs } from "../helpers/tmpfs.js";
 import { tempDir } from "../helpers/tmp.js";
 
 const envelope = { image: { url: "https://example.com/x", sha256: "a".repeat(64), format: "bundle" as const } };
