@@ -11,6 +11,7 @@ import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
 import { buildListener, readTls, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
 import { Store } from "./store/store.js";
+import { assertDatabaseNotLost } from "./store/state-check.js";
 import type { BackendOptions } from "./backends/registry.js";
 import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
@@ -91,9 +92,17 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
 
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
   const releaseLock = lockStateDir(stateDir);
+  let newDatabaseCreated: () => void;
+  try {
+    newDatabaseCreated = assertDatabaseNotLost(stateDir);
+  } catch (e) {
+    releaseLock();
+    throw e;
+  }
   const identity = Identity.loadOrCreate(stateDir);
   const almanac = new Almanac(cfg.almanac.genesis, cfg.almanac.tick_seconds);
   const store = new Store(stateDir, clock);
+  newDatabaseCreated();
   let manager!: GrantManager;
   const metrics = new BridgeMetrics(store, () => manager.activeCount);
   const imagePolicy = new ImagePolicy({ fileRoots: cfg.backends.local?.image_roots ?? [], allowCidrs: cfg.bridge.image_allow_cidrs });

@@ -18,6 +18,7 @@ import {
   type ManagedBackend,
   type Satisfaction,
 } from "./backend.js";
+import { recordOrphan } from "./common/orphan-log.js";
 import { SUPERVISOR_SCRIPT } from "./local/supervisor.js";
 
 /** How long a freshly spawned supervisor may take to report its workload's pid. */
@@ -51,12 +52,16 @@ export class LocalBackend implements ManagedBackend {
   private readonly clock: Clock;
   private readonly almanac: Almanac;
   private readonly imagePolicy: ImagePolicy;
+  private readonly stateDir: string;
+  private readonly metrics: BackendContext["metrics"];
 
   constructor(
     private readonly cfg: LocalBackendConfig,
     ctx: BackendContext,
   ) {
     this.imagePolicy = ctx.imagePolicy ?? new ImagePolicy({ fileRoots: cfg.image_roots ?? [], allowCidrs: [] });
+    this.stateDir = ctx.stateDir;
+    this.metrics = ctx.metrics;
     this.root = path.join(ctx.stateDir, "local");
     this.runs = path.join(this.root, "runs");
     this.images = path.join(this.root, "images");
@@ -199,7 +204,21 @@ export class LocalBackend implements ManagedBackend {
       if (live.has(id) || this.active.has(id)) continue;
       const runDir = this.runDir(id);
       if (readResult(runDir) || !this.supervisorAlive(runDir)) continue;
-      this.log.warn({ request_id: id }, "stopping orphaned local workload (no live grant)");
+      // Never stopped without a record of what it was (orphans.jsonl), written first.
+      const processes = this.runProcesses(runDir);
+      try {
+        recordOrphan(this.stateDir, this.clock.now(), {
+          backend: this.name,
+          request_id: id,
+          reason: "a local workload is running for a request_id the bridge has no live grant for",
+          stopped: { run_dir: runDir, supervisor_pid: this.supervisorPid(runDir), processes },
+        });
+      } catch (e) {
+        this.log.error({ request_id: id, err: e }, "orphaned local workload NOT stopped: its record could not be written to orphans.jsonl; trying again at the next reconcile");
+        continue;
+      }
+      this.log.warn({ request_id: id, run_dir: runDir, pids: processes.map((p) => p.pid) }, "stopping orphaned local workload (no live grant); recorded in orphans.jsonl");
+      this.metrics?.orphanSwept(this.name, "workload");
       await this.terminate({ request_id: id } as ProvisionedInstance);
     }
   }
@@ -352,6 +371,25 @@ export class LocalBackend implements ManagedBackend {
     if (recorded !== null) return isOurs(recorded) ? recorded : null;
     for (const p of procPids()) if (isOurs(p)) return p;
     return null;
+  }
+
+  /** The run's workload processes as an orphan record lists them: pid, group, command line. */
+  private runProcesses(runDir: string): { pid: number; pgrp: number; cmdline: string }[] {
+    const groups = new Set(this.workloadGroups(runDir));
+    const out: { pid: number; pgrp: number; cmdline: string }[] = [];
+    for (const p of procPids()) {
+      const st = procStat(p);
+      if (!st || !groups.has(st.pgrp)) continue;
+      let cmdline = "";
+      try {
+        cmdline = readFileSync(`/proc/${p}/cmdline`, "utf8").split("\0").filter(Boolean).join(" ").slice(0, 300);
+      } catch {
+        continue;
+      }
+      out.push({ pid: p, pgrp: st.pgrp, cmdline });
+      if (out.length >= 50) break;
+    }
+    return out;
   }
 
   /**

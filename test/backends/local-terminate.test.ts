@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { scriptImage } from "../helpers/images.js";
@@ -70,5 +70,33 @@ describe("local backend: terminate never depends on files the run may not have w
     fillDisk(path.join(state, "filler"));
     await b.terminate(inst);
     await until(() => !alive(wl), "the workload to be stopped", 5000);
+  });
+
+  it("reconcile stops an orphan only after recording it in orphans.jsonl; when the record cannot be written the workload is left alone", async (t) => {
+    const dir = tempDir(t);
+    const state = path.join(dir, "state");
+    const pids = path.join(dir, "pids");
+    const img = scriptImage(dir, "orphan", `echo $$ > ${pids}; exec sleep 600`);
+    const old = localBackend(state);
+    await old.provision(localGrant("orph-1"), { image: { ...img, format: "bundle" } }, never);
+    await until(() => existsSync(pids) && readFileSync(pids, "utf8").trim() !== "", "the workload to start");
+    const wl = Number(readFileSync(pids, "utf8"));
+    t.after(() => {
+      try {
+        process.kill(wl, "SIGKILL");
+      } catch {
+        /* stopped */
+      }
+    });
+    // The record cannot be written (a directory where the file goes): nothing is stopped.
+    mkdirSync(path.join(state, "orphans.jsonl"));
+    await localBackend(state).reconcile(new Set());
+    assert.ok(alive(wl), "not stopped without a record");
+    rmSync(path.join(state, "orphans.jsonl"), { recursive: true });
+    await localBackend(state).reconcile(new Set());
+    await until(() => !alive(wl), "the orphan to be stopped", 5000);
+    const rec = JSON.parse(readFileSync(path.join(state, "orphans.jsonl"), "utf8"));
+    assert.equal(rec.request_id, "orph-1");
+    assert.ok(rec.stopped.processes.some((p: { pid: number }) => p.pid === wl));
   });
 });
