@@ -35,6 +35,7 @@ import {
   type Satisfaction,
 } from "./backend.js";
 import { BatchWatcher } from "./common/batch-watcher.js";
+import { tryRecordOrphan } from "./common/orphan-log.js";
 import {
   DOCTOR,
   EXIT,
@@ -122,6 +123,7 @@ export class BareMetalBackend implements ManagedBackend {
   private readonly almanac: Almanac;
   private readonly metrics: BackendMetrics | undefined;
   private readonly providerId: string;
+  private readonly stateDir: string;
   private closed = false;
 
   constructor(
@@ -134,6 +136,7 @@ export class BareMetalBackend implements ManagedBackend {
     this.almanac = ctx.almanac;
     this.metrics = ctx.metrics;
     this.providerId = ctx.providerId;
+    this.stateDir = ctx.stateDir;
     const pool: PoolOptions = {
       backend: BACKEND,
       keepaliveIntervalMs: cfg.keepalive_interval_ms,
@@ -723,8 +726,10 @@ export class BareMetalBackend implements ManagedBackend {
         continue;
       }
       if (a) continue; // provisioning or terminating in this process right now
+      const kind = m.cfg.mode === "systemd" ? "unit" : "domain";
+      if (e.workload && !tryRecordOrphan(this.stateDir, this.clock.now(), { backend: BACKEND, request_id: id, reason: `a ${kind} is running for a request_id the bridge has no live grant for`, stopped: { machine: m.cfg.name, [kind]: kind === "unit" ? unitName(id) : domainName(id) } }, this.log)) continue;
       this.log.warn({ request_id: id, machine: m.cfg.name }, e.workload ? "stopping an orphaned workload (no live grant)" : "removing leftovers of a finished grant");
-      await this.sweep(m, id, e.workload ? (m.cfg.mode === "systemd" ? "unit" : "domain") : "run_dir");
+      await this.sweep(m, id, e.workload ? kind : "run_dir");
     }
     try {
       await m.conn.exec(remote(IMAGE_GC, "cb-image-gc", [work, String(this.opts.imageCacheTtlMinutes ?? 60)]), { op: "image gc", timeoutMs: COMMAND_TIMEOUT_MS, idempotent: true });

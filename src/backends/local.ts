@@ -18,7 +18,7 @@ import {
   type ManagedBackend,
   type Satisfaction,
 } from "./backend.js";
-import { recordOrphan } from "./common/orphan-log.js";
+import { tryRecordOrphan } from "./common/orphan-log.js";
 import { SUPERVISOR_SCRIPT } from "./local/supervisor.js";
 
 /** How long a freshly spawned supervisor may take to report its workload's pid. */
@@ -206,17 +206,13 @@ export class LocalBackend implements ManagedBackend {
       if (readResult(runDir) || !this.supervisorAlive(runDir)) continue;
       // Never stopped without a record of what it was (orphans.jsonl), written first.
       const processes = this.runProcesses(runDir);
-      try {
-        recordOrphan(this.stateDir, this.clock.now(), {
-          backend: this.name,
-          request_id: id,
-          reason: "a local workload is running for a request_id the bridge has no live grant for",
-          stopped: { run_dir: runDir, supervisor_pid: this.supervisorPid(runDir), processes },
-        });
-      } catch (e) {
-        this.log.error({ request_id: id, err: e }, "orphaned local workload NOT stopped: its record could not be written to orphans.jsonl; trying again at the next reconcile");
-        continue;
-      }
+      const recorded = tryRecordOrphan(this.stateDir, this.clock.now(), {
+        backend: this.name,
+        request_id: id,
+        reason: "a local workload is running for a request_id the bridge has no live grant for",
+        stopped: { run_dir: runDir, supervisor_pid: this.supervisorPid(runDir), processes },
+      }, this.log);
+      if (!recorded) continue;
       this.log.warn({ request_id: id, run_dir: runDir, pids: processes.map((p) => p.pid) }, "stopping orphaned local workload (no live grant); recorded in orphans.jsonl");
       this.metrics?.orphanSwept(this.name, "workload");
       await this.terminate({ request_id: id } as ProvisionedInstance);

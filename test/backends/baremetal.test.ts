@@ -465,10 +465,13 @@ describe("bare-metal backend over SSH", () => {
       await b1.close(); // the daemon stops; workloads outlive it
 
       const rec = recorder();
-      const b2 = track(backend([machine("r", R, work)], { rec }));
+      const state2 = mkdtempSync(path.join(tmp, "state2-"));
+      const b2 = track(backend([machine("r", R, work)], { rec, dir: state2 }));
       await b2.reconcile(new Set(["live-1"]));
       assert.deepEqual(unitsOn(R), ["cb-live-1.service"]);
       await until(() => !alive(readPid(orphanPid)), "the orphan to be stopped", 5000);
+      const orphans = readFileSync(path.join(state2, "orphans.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+      assert.deepEqual(orphans.map((o) => [o.type, o.backend, o.request_id, o.stopped.unit]), [["orphan", "baremetal", "orphan-1", "cb-orphan-1.service"]], "recorded before it was stopped; leftovers of a finished grant are no workload");
       assert.equal(existsSync(path.join(work, "r", "runs", "stale-1")), false);
       assert.equal(existsSync(path.join(work, "r", "runs", "orphan-1")), false);
       assert.ok(rec.events.includes("orphan:unit") && rec.events.includes("orphan:run_dir"), rec.events.join(","));

@@ -1,5 +1,6 @@
 import { closeSync, fdatasyncSync, openSync, writeSync } from "node:fs";
 import path from "node:path";
+import type { Logger } from "../../util/logger.js";
 
 /** The file in state_dir where every workload stopped without a grant is recorded. */
 export const ORPHAN_LOG = "orphans.jsonl";
@@ -29,5 +30,19 @@ export function recordOrphan(stateDir: string, nowMs: number, r: OrphanRecord): 
     fdatasyncSync(fd);
   } finally {
     closeSync(fd);
+  }
+}
+
+/**
+ * recordOrphan for a reconcile: true once the record is on disk (go ahead and stop the orphan);
+ * false, with an error logged, when it could not be written (leave the orphan running for now).
+ */
+export function tryRecordOrphan(stateDir: string, nowMs: number, r: OrphanRecord, log: Logger): boolean {
+  try {
+    recordOrphan(stateDir, nowMs, r);
+    return true;
+  } catch (e) {
+    log.error({ request_id: r.request_id, err: e }, `orphaned ${r.backend} workload NOT stopped: its record could not be written to ${ORPHAN_LOG}; trying again at the next reconcile`);
+    return false;
   }
 }
