@@ -74,13 +74,17 @@ function unmap(ip: string): [string, "ipv4" | "ipv6"] {
 }
 
 const SPECIAL = blockList([...SPECIAL_V4, ...SPECIAL_V6]);
-const REFUSED_HOST = "its host is not a public address (loopback, link-local, private and other special-purpose ranges are refused unless the operator allows them with image_allow_cidrs)";
+const REFUSED_HOST = "its host is not a public address, or does not resolve (loopback, link-local, private and other special-purpose ranges are refused unless the operator allows them with image_allow_cidrs)";
 
 export class ImagePolicy {
   private readonly roots: string[];
   private readonly allowed: net.BlockList;
 
-  constructor(private readonly cfg: ImagePolicyConfig) {
+  constructor(
+    private readonly cfg: ImagePolicyConfig,
+    /** Name resolution for the admission check (tests inject one). */
+    private readonly resolve: (host: string) => Promise<LookupAddress[]> = (host) => dns.promises.lookup(host, { all: true, verbatim: true }),
+  ) {
     for (const r of cfg.fileRoots) if (!path.isAbsolute(r)) throw new ImagePolicyError(`image root "${r}" must be an absolute path`);
     // Roots compared by their real path (a root given as /tmp may be a symlink on some systems).
     this.roots = cfg.fileRoots.map((r) => {
@@ -102,7 +106,8 @@ export class ImagePolicy {
 
   /**
    * Why `url` may not be fetched, or null when it may (admission: before anything is stored).
-   * A name that does not resolve right now is let through: the fetch checks every address again.
+   * A name that does not exist is refused; one the resolver cannot answer for right now is let
+   * through: the fetch checks every address again.
    */
   async refusal(url: string): Promise<string | null> {
     let u: URL;
@@ -121,9 +126,11 @@ export class ImagePolicy {
     if (net.isIP(host)) return null;
     let addrs: LookupAddress[];
     try {
-      addrs = await dns.promises.lookup(host, { all: true, verbatim: true });
-    } catch {
-      return null;
+      addrs = await this.resolve(host);
+    } catch (e) {
+      // A name that does not exist is refused like an internal one (no oracle for which internal
+      // names exist); a resolver that fails for now leaves the check to the fetch.
+      return (e as NodeJS.ErrnoException).code === "ENOTFOUND" ? `refused: ${REFUSED_HOST}` : null;
     }
     return addrs.every((a) => this.addressAllowed(a.address)) ? null : `refused: ${REFUSED_HOST}`;
   }

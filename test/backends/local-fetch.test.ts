@@ -162,7 +162,9 @@ describe("local backend: image fetch limits", { timeout: 30_000 }, () => {
         return true;
       });
     assert.equal(hits, 2);
+    // A name is checked on what it resolves to: localhost is loopback, refused by the default policy.
     const strict = localBackend(path.join(dir, "state2"));
+    await assert.rejects(strict.provision(localGrant("name-1"), bundle(`http://localhost:${new URL(url).port}/x`), never), (e: unknown) => e instanceof InvalidRequestError && /not a public address/.test((e as Error).message));
     await assert.rejects(strict.provision(localGrant("loop-1"), bundle(`${url}/x`), never), (e: unknown) => e instanceof InvalidRequestError && /not a public address/.test((e as Error).message));
     assert.equal(hits, 2, "the default policy never connected to loopback");
   });

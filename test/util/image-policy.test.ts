@@ -63,6 +63,21 @@ describe("image policy", () => {
     assert.match((await p.refusal("http://localhost:1/img")) ?? "", /not a public address/);
   });
 
+  it("a name is judged by every address it resolves to; a name that does not exist is refused alike, a resolver failing for now is not", async () => {
+    const answers: Record<string, () => Promise<{ address: string; family: number }[]>> = {
+      "mixed.example": async () => [{ address: "93.184.215.14", family: 4 }, { address: "10.0.0.5", family: 4 }],
+      "public.example": async () => [{ address: "93.184.215.14", family: 4 }, { address: "2606:4700::1111", family: 6 }],
+      "gone.example": async () => Promise.reject(Object.assign(new Error("getaddrinfo ENOTFOUND gone.example"), { code: "ENOTFOUND" })),
+      "flaky.example": async () => Promise.reject(Object.assign(new Error("getaddrinfo EAI_AGAIN flaky.example"), { code: "EAI_AGAIN" })),
+    };
+    const p = new ImagePolicy({ fileRoots: [], allowCidrs: [] }, (host) => answers[host]!());
+    const internal = await p.refusal("https://mixed.example/img");
+    assert.match(internal ?? "", /not a public address/);
+    assert.equal(await p.refusal("https://gone.example/img"), internal, "the same answer as for an internal name");
+    assert.equal(await p.refusal("https://public.example/img"), null);
+    assert.equal(await p.refusal("https://flaky.example/img"), null, "left to the fetch, which checks again");
+  });
+
   it("image_allow_cidrs lets the operator's internal ranges through, and only those", async () => {
     const p = new ImagePolicy({ fileRoots: [], allowCidrs: ["127.0.0.0/8", "10.0.5.7", "fd12::/16"] });
     assert.equal(await p.refusal("http://127.0.0.1:9/x"), null);
