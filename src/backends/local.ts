@@ -172,13 +172,13 @@ export class LocalBackend implements ManagedBackend {
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
       }
-      // The workload's process groups: from workload_pid when it was written, and from the
-      // supervisor's session in any case (a full disk may have kept the pid files from being written).
+      // The workload's process groups, found through the supervisor's session and the run's work
+      // directory: never through workload_pid alone, which a full disk may have kept from being written.
       const groups = () => this.workloadGroups(runDir);
       if (!readResult(runDir)) {
         for (const g of groups()) signalGroup(g, "SIGTERM");
         const killAt = this.clock.now() + this.cfg.terminate_grace_seconds * 1000;
-        while (!readResult(runDir) && this.supervisorAlive(runDir) && groups().length > 0 && this.clock.now() < killAt) await this.clock.sleep(Math.min(50, this.cfg.poll_interval_ms));
+        while (!readResult(runDir) && this.supervisorAlive(runDir) && this.clock.now() < killAt) await this.clock.sleep(Math.min(50, this.cfg.poll_interval_ms));
       }
       for (const g of groups()) signalGroup(g, "SIGKILL");
       const deadline = this.clock.now() + START_TIMEOUT_MS;
@@ -397,7 +397,8 @@ export class LocalBackend implements ManagedBackend {
    */
   private workloadGroups(runDir: string): number[] {
     const out = new Set<number>();
-    const sup = this.supervisorPid(runDir) ?? readPid(path.join(runDir, "started", "supervisor_pid"));
+    // Only a live supervisor verified by its command line: a dead one's pid may name another session.
+    const sup = this.supervisorPid(runDir);
     const work = path.join(runDir, "work");
     const own = procStat(process.pid)?.pgrp;
     for (const p of procPids()) {
