@@ -11,11 +11,13 @@ import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
 import { buildListener, readTls, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
 import { Store } from "./store/store.js";
+import { assertDatabaseNotLost } from "./store/state-check.js";
 import type { BackendOptions } from "./backends/registry.js";
 import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
 import { splitHostPort } from "./util/hostport.js";
 import { Identity } from "./util/identity.js";
+import { ImagePolicy } from "./util/image-policy.js";
 import { createLogger, type Logger } from "./util/logger.js";
 import Fastify, { type FastifyInstance } from "fastify";
 import { BridgeMetrics } from "./metrics/metrics.js";
@@ -96,12 +98,21 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
 
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
   const releaseLock = lockStateDir(stateDir);
+  let newDatabaseCreated: () => void;
+  try {
+    newDatabaseCreated = assertDatabaseNotLost(stateDir);
+  } catch (e) {
+    releaseLock();
+    throw e;
+  }
   const identity = Identity.loadOrCreate(stateDir);
   const almanac = new Almanac(cfg.almanac.genesis, cfg.almanac.tick_seconds);
   const store = new Store(stateDir, clock);
+  newDatabaseCreated();
   let manager!: GrantManager;
   const metrics = new BridgeMetrics(store, () => manager.activeCount);
-  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac, metrics }, o.backendOptions);
+  const imagePolicy = new ImagePolicy({ fileRoots: cfg.backends.local?.image_roots ?? [], allowCidrs: cfg.bridge.image_allow_cidrs });
+  const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac, metrics, imagePolicy }, o.backendOptions);
   const publisher = cfg.market && marketToken ? new MarketPublisher(store, cfg.market, marketToken, log.child({ component: "market" }), clock) : null;
 
   const events = metrics.managerEvents();
@@ -117,6 +128,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     provisionConcurrency: cfg.fleet.provision_concurrency,
     publishLogs: Boolean(cfg.market?.log_url),
     onLogWritten: () => publisher?.notify(),
+    imagePolicy,
     ...(o.expiryGraceMs !== undefined ? { expiryGraceMs: o.expiryGraceMs } : {}),
     ...(o.retryBaseMs !== undefined ? { retryBaseMs: o.retryBaseMs } : {}),
     events: o.events ? mergeEvents(events, o.events) : events,

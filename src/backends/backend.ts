@@ -2,6 +2,7 @@ import type { Almanac, Capabilities, ComputeGrant, DeclineCode, Envelope, ExitOb
 import type { Logger } from "../util/logger.js";
 import type { Clock } from "../util/clock.js";
 import type { OfferingCache } from "./offering-cache.js";
+import type { ImagePolicy } from "../util/image-policy.js";
 
 /**
  * `placement`: where inside the backend the grant's capacity is reserved, when the backend has
@@ -118,6 +119,11 @@ export interface BackendContext {
   unavailable: OfferingCache;
   /** Prometheus hooks (API calls, retries, throttles, SSH sessions, orphans); absent in some tests. */
   metrics?: BackendMetrics;
+  /**
+   * The bridge's image URL policy (file roots, allowed address ranges). A backend that fetches on
+   * the bridge's own host enforces it again at fetch time, on every connection and redirect.
+   */
+  imagePolicy?: ImagePolicy;
 }
 
 /** What backends report for /metrics; every method is cheap and safe on a hot path. */

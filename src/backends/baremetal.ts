@@ -37,6 +37,7 @@ import {
   NOTHING_HELD,
 } from "./backend.js";
 import { BatchWatcher } from "./common/batch-watcher.js";
+import { tryRecordOrphan } from "./common/orphan-log.js";
 import {
   DOCTOR,
   EXIT,
@@ -124,6 +125,7 @@ export class BareMetalBackend implements ManagedBackend {
   private readonly almanac: Almanac;
   private readonly metrics: BackendMetrics | undefined;
   private readonly providerId: string;
+  private readonly stateDir: string;
   private closed = false;
 
   constructor(
@@ -136,6 +138,7 @@ export class BareMetalBackend implements ManagedBackend {
     this.almanac = ctx.almanac;
     this.metrics = ctx.metrics;
     this.providerId = ctx.providerId;
+    this.stateDir = ctx.stateDir;
     const pool: PoolOptions = {
       backend: BACKEND,
       keepaliveIntervalMs: cfg.keepalive_interval_ms,
@@ -294,7 +297,7 @@ export class BareMetalBackend implements ManagedBackend {
       if (e instanceof ArgumentError) throw new InvalidRequestError(e.message, BACKEND);
       throw e;
     }
-    const cmd = remote(SYSTEMD_PROVISION, "cb-provision", [m.runs, id, unit, m.images, sha, url, String(MAX_BUNDLE_BYTES), built.defaultCommand ? "1" : "0", `${grant.cpu_millicores} ${grant.ram_mib}`, m.cfg.run_as ?? "", ...built.args]);
+    const cmd = remote(SYSTEMD_PROVISION, "cb-provision", [m.runs, id, unit, m.images, sha, url, String(MAX_BUNDLE_BYTES), built.defaultCommand ? "1" : "0", `${grant.cpu_millicores} ${grant.ram_mib}`, m.cfg.run_as ?? "", String(this.secondsLeft(grant)), ...built.args]);
     if (Buffer.byteLength(cmd) > MAX_COMMAND_BYTES) throw new InvalidRequestError(`the command line and environment are too large for one SSH command (${Buffer.byteLength(cmd)} bytes; at most ${MAX_COMMAND_BYTES})`, BACKEND);
     alloc.started = true;
     let r: ExecResult;
@@ -744,8 +747,10 @@ export class BareMetalBackend implements ManagedBackend {
         continue;
       }
       if (a) continue; // provisioning or terminating in this process right now
+      const kind = m.cfg.mode === "systemd" ? "unit" : "domain";
+      if (e.workload && !tryRecordOrphan(this.stateDir, this.clock.now(), { backend: BACKEND, request_id: id, reason: `a ${kind} is running for a request_id the bridge has no live grant for`, stopped: { machine: m.cfg.name, [kind]: kind === "unit" ? unitName(id) : domainName(id) } }, this.log)) continue;
       this.log.warn({ request_id: id, machine: m.cfg.name }, e.workload ? "stopping an orphaned workload (no live grant)" : "removing leftovers of a finished grant");
-      await this.sweep(m, id, e.workload ? (m.cfg.mode === "systemd" ? "unit" : "domain") : "run_dir");
+      await this.sweep(m, id, e.workload ? kind : "run_dir");
     }
     try {
       await m.conn.exec(remote(IMAGE_GC, "cb-image-gc", [work, String(this.opts.imageCacheTtlMinutes ?? 60)]), { op: "image gc", timeoutMs: COMMAND_TIMEOUT_MS, idempotent: true });

@@ -1,10 +1,11 @@
 import { spawn } from "node:child_process";
-import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, rmSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
+import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
 import path from "node:path";
 import type { LocalConfig } from "../config/schema.js";
 import type { Almanac, Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
 import { abortError, type Clock } from "../util/clock.js";
-import { DigestMismatchError, FetchError, fetchVerified } from "../util/fetch-verify.js";
+import { DigestMismatchError, FetchError, fetchVerified, ImageRefusedError } from "../util/fetch-verify.js";
+import { ImagePolicy } from "../util/image-policy.js";
 import type { Logger } from "../util/logger.js";
 import {
   BackendError,
@@ -19,11 +20,15 @@ import {
   type ManagedBackend,
   type Satisfaction,
 } from "./backend.js";
+import { tryRecordOrphan } from "./common/orphan-log.js";
 import { SUPERVISOR_SCRIPT } from "./local/supervisor.js";
 
 /** How long a freshly spawned supervisor may take to report its workload's pid. */
 const START_TIMEOUT_MS = 15_000;
 const WORKLOAD_PATH = "/usr/local/bin:/usr/bin:/bin";
+
+/** LocalConfig as parsed, or written by hand (tests) without the image keys: their defaults apply. */
+export type LocalBackendConfig = Omit<LocalConfig, "image_roots" | "image_idle_timeout_seconds"> & Partial<Pick<LocalConfig, "image_roots" | "image_idle_timeout_seconds">>;
 
 interface RunResult {
   exit_status: number | null;
@@ -48,11 +53,17 @@ export class LocalBackend implements ManagedBackend {
   private readonly log: Logger;
   private readonly clock: Clock;
   private readonly almanac: Almanac;
+  private readonly imagePolicy: ImagePolicy;
+  private readonly stateDir: string;
+  private readonly metrics: BackendContext["metrics"];
 
   constructor(
-    private readonly cfg: LocalConfig,
+    private readonly cfg: LocalBackendConfig,
     ctx: BackendContext,
   ) {
+    this.imagePolicy = ctx.imagePolicy ?? new ImagePolicy({ fileRoots: cfg.image_roots ?? [], allowCidrs: [] });
+    this.stateDir = ctx.stateDir;
+    this.metrics = ctx.metrics;
     this.root = path.join(ctx.stateDir, "local");
     this.runs = path.join(this.root, "runs");
     this.images = path.join(this.root, "images");
@@ -68,6 +79,8 @@ export class LocalBackend implements ManagedBackend {
     if (this.ready) return;
     mkdirSync(this.runs, { recursive: true, mode: 0o700 });
     mkdirSync(this.images, { recursive: true, mode: 0o700 });
+    // Temp files of fetches a crash cut short (no fetch runs before this first use).
+    for (const f of readdirSync(this.images)) if (f.endsWith(".part")) rmSync(path.join(this.images, f), { force: true });
     // Rewritten at every start so an upgrade ships its supervisor; running ones keep their copy open.
     const tmp = `${this.supervisor}.${process.pid}.tmp`;
     writeFileSync(tmp, SUPERVISOR_SCRIPT, { mode: 0o700 });
@@ -103,7 +116,7 @@ export class LocalBackend implements ManagedBackend {
       if (!existsSync(path.join(runDir, "started"))) {
         if (envelope.image.format !== "bundle")
           throw new InvalidRequestError(`the local backend runs "bundle" images (an executable or a tar/tar.gz); got "${envelope.image.format}"`, this.name);
-        const image = await this.fetchImage(envelope, signal);
+        const image = await this.fetchImage(grant, envelope, signal);
         await this.prepare(runDir, image, envelope);
         this.spawnSupervisor(runDir, grant, envelope);
       }
@@ -160,17 +173,19 @@ export class LocalBackend implements ManagedBackend {
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
       }
-      const pgid = readPid(path.join(runDir, "started", "workload_pid"));
-      if (!readResult(runDir) && pgid) {
-        signalGroup(pgid, "SIGTERM");
+      // The workload's process groups, found through the supervisor's session and the run's work
+      // directory: never through workload_pid alone, which a full disk may have kept from being written.
+      const groups = () => this.workloadGroups(runDir);
+      if (!readResult(runDir)) {
+        for (const g of groups()) signalGroup(g, "SIGTERM");
         const killAt = this.clock.now() + this.cfg.terminate_grace_seconds * 1000;
         while (!readResult(runDir) && this.supervisorAlive(runDir) && this.clock.now() < killAt) await this.clock.sleep(Math.min(50, this.cfg.poll_interval_ms));
       }
-      if (pgid) signalGroup(pgid, "SIGKILL");
+      for (const g of groups()) signalGroup(g, "SIGKILL");
       const deadline = this.clock.now() + START_TIMEOUT_MS;
       while (!readResult(runDir) && this.supervisorAlive(runDir)) {
         if (this.clock.now() > deadline) {
-          const sup = readPid(path.join(runDir, "started", "supervisor_pid"));
+          const sup = this.supervisorPid(runDir);
           if (sup) signalGroup(sup, "SIGKILL");
           break;
         }
@@ -190,7 +205,17 @@ export class LocalBackend implements ManagedBackend {
       if (live.has(id) || this.active.has(id)) continue;
       const runDir = this.runDir(id);
       if (readResult(runDir) || !this.supervisorAlive(runDir)) continue;
-      this.log.warn({ request_id: id }, "stopping orphaned local workload (no live grant)");
+      // Never stopped without a record of what it was (orphans.jsonl), written first.
+      const processes = this.runProcesses(runDir);
+      const recorded = tryRecordOrphan(this.stateDir, this.clock.now(), {
+        backend: this.name,
+        request_id: id,
+        reason: "a local workload is running for a request_id the bridge has no live grant for",
+        stopped: { run_dir: runDir, supervisor_pid: this.supervisorPid(runDir), processes },
+      }, this.log);
+      if (!recorded) continue;
+      this.log.warn({ request_id: id, run_dir: runDir, pids: processes.map((p) => p.pid) }, "stopping orphaned local workload (no live grant); recorded in orphans.jsonl");
+      this.metrics?.orphanSwept(this.name, "workload");
       await this.terminate({ request_id: id } as ProvisionedInstance);
     }
   }
@@ -225,19 +250,39 @@ export class LocalBackend implements ManagedBackend {
   }
 
   /** Content-addressed image cache: a file named by its sha256 exists only once verified. */
-  private async fetchImage(envelope: Envelope, signal: AbortSignal): Promise<string> {
+  private async fetchImage(grant: ComputeGrant, envelope: Envelope, signal: AbortSignal): Promise<string> {
     const file = path.join(this.images, envelope.image.sha256);
-    if (existsSync(file)) return file;
+    // A cached image is used only for a URL the policy admits (the admission check ran on it too).
+    if (existsSync(file) && this.imageRefusal(envelope.image.url) === null) return file;
     // Each download verifies its own bytes into its own temp file; grants sharing an image at
     // once each verify the URL they were given, and the first to finish fills the cache.
     try {
-      await fetchVerified(envelope.image.url, envelope.image.sha256, file, { maxBytes: this.cfg.max_image_bytes, signal });
+      await fetchVerified(envelope.image.url, envelope.image.sha256, file, {
+        maxBytes: this.cfg.max_image_bytes,
+        signal,
+        policy: this.imagePolicy,
+        idleTimeoutMs: (this.cfg.image_idle_timeout_seconds ?? 60) * 1000,
+        deadlineMs: this.validToMs(grant),
+      });
     } catch (e) {
       if (e instanceof DigestMismatchError) throw new ImageVerificationError(e.message, this.name);
+      if (e instanceof ImageRefusedError) throw new InvalidRequestError(e.message, this.name);
       if (e instanceof FetchError) throw new TransientError(e.message, this.name, { cause: e });
       throw e;
     }
     return file;
+  }
+
+  /** Why the policy refuses `url` (file roots, literal addresses), or null. */
+  private imageRefusal(url: string): string | null {
+    try {
+      const u = new URL(url);
+      if (u.protocol === "file:") this.imagePolicy.filePath(u);
+      else this.imagePolicy.checkHttp(u);
+      return null;
+    } catch (e) {
+      return (e as Error).message;
+    }
   }
 
   private async prepare(runDir: string, image: string, envelope: Envelope): Promise<void> {
@@ -296,16 +341,104 @@ export class LocalBackend implements ManagedBackend {
   }
 
   private supervisorAlive(runDir: string): boolean {
-    const pid = readPid(path.join(runDir, "started", "supervisor_pid"));
-    // Between its mkdir and writing its pid the supervisor counts as alive.
-    if (!pid) return existsSync(path.join(runDir, "started")) && !readResult(runDir);
+    // Between its mkdir and its first instruction the supervisor cannot be found yet: alive then.
+    if (this.supervisorPid(runDir) !== null) return true;
+    if (readResult(runDir) || existsSync(path.join(runDir, "started", "supervisor_pid"))) return false;
     try {
-      // Guard against pid reuse: the process must be our supervisor for this run.
-      const cmdline = readFileSync(`/proc/${pid}/cmdline`, "utf8");
-      return cmdline.includes(runDir);
+      return this.clock.now() - statSync(path.join(runDir, "started")).mtimeMs < START_TIMEOUT_MS;
     } catch {
       return false;
     }
+  }
+
+  /**
+   * This run's supervisor, by its pid file when that was written and names it, else by scanning
+   * /proc for it (its command line names the run directory): a full disk may have kept the pid
+   * file from being written, and a recycled pid must not count.
+   */
+  private supervisorPid(runDir: string): number | null {
+    const isOurs = (pid: number) => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")[2] === runDir;
+      } catch {
+        return false;
+      }
+    };
+    const recorded = readPid(path.join(runDir, "started", "supervisor_pid"));
+    if (recorded !== null) return isOurs(recorded) ? recorded : null;
+    for (const p of procPids()) if (isOurs(p)) return p;
+    return null;
+  }
+
+  /** The run's workload processes as an orphan record lists them: pid, group, command line. */
+  private runProcesses(runDir: string): { pid: number; pgrp: number; cmdline: string }[] {
+    const groups = new Set(this.workloadGroups(runDir));
+    const out: { pid: number; pgrp: number; cmdline: string }[] = [];
+    for (const p of procPids()) {
+      const st = procStat(p);
+      if (!st || !groups.has(st.pgrp)) continue;
+      let cmdline = "";
+      try {
+        cmdline = readFileSync(`/proc/${p}/cmdline`, "utf8").split("\0").filter(Boolean).join(" ").slice(0, 300);
+      } catch {
+        continue;
+      }
+      out.push({ pid: p, pgrp: st.pgrp, cmdline });
+      if (out.length >= 50) break;
+    }
+    return out;
+  }
+
+  /**
+   * Process groups to signal for this run's workload, found without trusting any file the run may
+   * have failed to write: every group in the supervisor's session but its own (it is a session
+   * leader, spawned detached; the workload runs in a group of its own), and the group of every
+   * process whose working directory is in the run's work directory (the workload starts there;
+   * this finds it after its supervisor died too).
+   */
+  private workloadGroups(runDir: string): number[] {
+    const out = new Set<number>();
+    // Only a live supervisor verified by its command line: a dead one's pid may name another session.
+    const sup = this.supervisorPid(runDir);
+    const work = path.join(runDir, "work");
+    const own = procStat(process.pid)?.pgrp;
+    for (const p of procPids()) {
+      const st = procStat(p);
+      if (!st || st.pgrp <= 1) continue;
+      if (sup !== null && st.session === sup) {
+        if (st.pgrp !== sup) out.add(st.pgrp);
+        continue;
+      }
+      let cwd: string;
+      try {
+        cwd = readlinkSync(`/proc/${p}/cwd`);
+      } catch {
+        continue;
+      }
+      if ((cwd === work || cwd.startsWith(work + path.sep)) && st.pgrp !== own) out.add(st.pgrp);
+    }
+    return [...out];
+  }
+}
+
+/** Numeric entries of /proc. */
+function procPids(): number[] {
+  try {
+    return readdirSync("/proc").filter((d) => /^\d+$/.test(d)).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+/** Process group and session of `pid` from /proc/PID/stat (fields 5 and 6), or null. */
+function procStat(pid: number): { pgrp: number; session: number } | null {
+  try {
+    const text = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // "pid (comm) state ppid pgrp session ...": comm may contain spaces and parentheses.
+    const f = text.slice(text.lastIndexOf(")") + 2).split(" ");
+    return { pgrp: Number(f[2]), session: Number(f[3]) };
+  } catch {
+    return null;
   }
 }
 

@@ -2,6 +2,7 @@ import { z } from "zod";
 import { Region } from "../domain/grant.js";
 import { HOST_KEY_FINGERPRINT } from "../domain/instance.js";
 import { bootDisksFor, GCE_BOOT_DISK_TYPES } from "./gce-disks.js";
+import { parseCidr } from "../util/image-policy.js";
 
 /**
  * The boot TOML, as zod schemas. Every object is strict: a misspelt key is an error, never a
@@ -63,9 +64,16 @@ export const ListenerConfig = z
       ctx.addIssue({ code: "custom", path: ["client_ca_file"], message: "client_ca_file needs tls_cert_file and tls_key_file" });
   });
 
+const Cidr = z.string().refine((s) => parseCidr(s) !== null, 'must be an IP address or CIDR block, e.g. "10.0.5.0/24"');
+
 export const BridgeConfig = z.strictObject({
   provider_id: z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, "must be 1-64 characters of A-Z a-z 0-9 . _ -"),
   state_dir: Path,
+  /**
+   * http(s) image hosts in otherwise refused ranges (loopback, link-local, private, ...) that
+   * images may be fetched from; by default only public addresses (src/util/image-policy.ts).
+   */
+  image_allow_cidrs: z.array(Cidr).default([]),
 });
 
 export const AlmanacConfig = z.strictObject({
@@ -164,6 +172,10 @@ export const LocalConfig = z.strictObject({
   price_per_cpu_hour: Price.optional(),
   price_per_gib_hour: Price.optional(),
   budget: BudgetConfig.optional(),
+  /** Directories file:// images may be read from; none by default (no file:// images). */
+  image_roots: z.array(z.string().regex(/^\//, "must be an absolute path")).default([]),
+  /** An image fetch fails when no byte arrives for this long (also the connect timeout). */
+  image_idle_timeout_seconds: z.number().positive().default(60),
 });
 
 const AwsRegion = z.strictObject({

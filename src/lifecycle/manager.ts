@@ -38,6 +38,8 @@ export interface ManagerOptions {
   publishLogs?: boolean;
   onLogWritten?: () => void;
   events?: ManagerEvents;
+  /** Image URL policy (util/image-policy.ts): a refused envelope.image.url is a ValidationError. */
+  imagePolicy?: { refusal(url: string): Promise<string | null> };
 }
 
 /** Hooks for metrics; all optional. */
@@ -197,6 +199,8 @@ export class GrantManager {
   /** Validate, route and durably accept a grant; provisioning continues in the background. */
   async submit(req: GrantRequest): Promise<SubmitResult> {
     const { grant, envelope } = req;
+    const refused = await this.o.imagePolicy?.refusal(envelope.image.url);
+    if (refused) throw new ValidationError("envelope.image.url", refused);
     // A re-post is answered from the store whatever has changed since (valid_to passed, capacity
     // taken): it is looked up whenever the new grant would be refused, and otherwise inside the
     // accept commit itself (where the writer digests the body), so the common path reads the

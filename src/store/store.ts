@@ -8,6 +8,7 @@ import { flushJsonl, migrate, openDatabase, toRecord, type AcceptResult, type At
 import type { AcceptOutcome, ColumnChanges, FromWriter, ToWriter, Transitioned, WriteOp } from "./writer.js";
 
 export { SCHEMA_VERSION } from "./schema.js";
+export { isStorageFull, isStoreUnavailable } from "./errors.js";
 export type { AcceptResult, Attempt, GrantRecord, NewGrant, OutboxItem, Outcome } from "./schema.js";
 
 /** One entry of a grant's history. */
@@ -150,7 +151,7 @@ export class Store {
       batch.forEach((p, i) => {
         const r = results[i]!;
         if (r.ok) p.resolve(r.value as never);
-        else p.reject(Object.assign(new Error(r.error.message), { name: r.error.name }));
+        else p.reject(Object.assign(new Error(r.error.message), { name: r.error.name }, r.error.code ? { code: r.error.code } : {}));
       });
     }
     if (this.inFlight.size === 0) this.worker.unref();
@@ -160,7 +161,8 @@ export class Store {
 
   private writerDied(e: Error): void {
     if (this.failure) return;
-    this.failure = new Error(`state database writer failed: ${e.message}`);
+    const code = (e as Error & { code?: unknown }).code;
+    this.failure = Object.assign(new Error(`state database writer failed: ${e.message}`, { cause: e }), typeof code === "string" ? { code } : {});
     const lost = [...[...this.inFlight.values()].flat(), ...this.queue];
     this.inFlight.clear();
     this.queue = [];

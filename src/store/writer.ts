@@ -40,7 +40,7 @@ export interface Transitioned {
   from_backend: string | null;
 }
 
-export type WriteResult = { ok: true; value: unknown } | { ok: false; error: { name: string; message: string } };
+export type WriteResult = { ok: true; value: unknown } | { ok: false; error: { name: string; message: string; code?: string } };
 
 /** Messages between the Store (main thread) and writer-thread.ts. */
 export type ToWriter = { type: "batch"; id: number; ops: WriteOp[] } | { type: "close" };
@@ -187,6 +187,8 @@ export class Writer {
   }
 }
 
-function errorData(e: unknown): { name: string; message: string } {
-  return e instanceof Error ? { name: e.name, message: e.message } : { name: "Error", message: String(e) };
+function errorData(e: unknown): { name: string; message: string; code?: string } {
+  if (!(e instanceof Error)) return { name: "Error", message: String(e) };
+  const code = (e as { code?: unknown }).code;
+  return typeof code === "string" ? { name: e.name, message: e.message, code } : { name: e.name, message: e.message };
 }

@@ -239,6 +239,56 @@ describe("bare-metal backend over SSH", () => {
     assert.deepEqual(unitsOn(A), []);
   });
 
+  /** Processes on this host (the machines are local sshds) whose command line mentions `s`. */
+  function processesWith(s: string): number[] {
+    const out: number[] = [];
+    for (const pid of readdirSync("/proc").filter((d) => /^\d+$/.test(d))) {
+      try {
+        if (readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(s)) out.push(Number(pid));
+      } catch {
+        /* gone */
+      }
+    }
+    return out;
+  }
+  const partsIn = (dir: string) => (existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith(".part")) : []);
+
+  it("cancel (the provision's signal) stops the host's image download at once: curl gone, partial file removed", async () => {
+    const hung = executable("hung-cancel", "exit 0");
+    const b = track(backend([machine("m1", A, work)]));
+    const release = srv.hold("hung-cancel");
+    const cancel = new AbortController();
+    try {
+      const p = b.provision(grant("fetch-cancel"), { image: hung }, cancel.signal);
+      await until(() => srv.held() >= 1, "the download to start");
+      await until(() => processesWith("hung-cancel").some((pid) => readFileSync(`/proc/${pid}/cmdline`, "utf8").startsWith("curl")), "curl to run on the host");
+      cancel.abort(Object.assign(new Error("cancelled"), { name: "AbortError" }));
+      await assert.rejects(p, (e: unknown) => (e as Error).name === "AbortError");
+      await until(() => processesWith("hung-cancel").length === 0, "the host's fetch (curl and its script) to stop", 5000);
+      assert.deepEqual(partsIn(path.join(work, "images")), []);
+    } finally {
+      release();
+    }
+  });
+
+  it("a download the image server never answers ends at valid_to with a fetch error naming no address", async () => {
+    const hung = executable("hung-expiry", "exit 0");
+    const b = track(backend([machine("m1", A, work)]));
+    const release = srv.hold("hung-expiry");
+    try {
+      const g = grant("fetch-expiry", 3000);
+      await assert.rejects(b.provision(g, { image: hung }, never), (e: unknown) => {
+        assert.match((e as Error).message, /timed out/);
+        assert.doesNotMatch((e as Error).message, /127\.0\.0\.1|port \d/);
+        return true;
+      });
+      assert.ok(Date.now() < g.valid_to + 5000, "ended at valid_to");
+      assert.deepEqual(partsIn(path.join(work, "images")), []);
+    } finally {
+      release();
+    }
+  });
+
   it("cancel: terminate stops a running workload; a placeholder (instance_id '') is found by request_id on any machine", async () => {
     const pidFile = path.join(tmp, "cancel1.pid");
     const image = executable("forever", `echo $$ > ${pidFile}; exec sleep 600`);
@@ -421,10 +471,13 @@ describe("bare-metal backend over SSH", () => {
       await b1.close(); // the daemon stops; workloads outlive it
 
       const rec = recorder();
-      const b2 = track(backend([machine("r", R, work)], { rec }));
+      const state2 = mkdtempSync(path.join(tmp, "state2-"));
+      const b2 = track(backend([machine("r", R, work)], { rec, dir: state2 }));
       await b2.reconcile(new Set(["live-1"]));
       assert.deepEqual(unitsOn(R), ["cb-live-1.service"]);
       await until(() => !alive(readPid(orphanPid)), "the orphan to be stopped", 5000);
+      const orphans = readFileSync(path.join(state2, "orphans.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+      assert.deepEqual(orphans.map((o) => [o.type, o.backend, o.request_id, o.stopped.unit]), [["orphan", "baremetal", "orphan-1", "cb-orphan-1.service"]], "recorded before it was stopped; leftovers of a finished grant are no workload");
       assert.equal(existsSync(path.join(work, "r", "runs", "stale-1")), false);
       assert.equal(existsSync(path.join(work, "r", "runs", "orphan-1")), false);
       assert.ok(rec.events.includes("orphan:unit") && rec.events.includes("orphan:run_dir"), rec.events.join(","));

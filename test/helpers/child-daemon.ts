@@ -2,6 +2,8 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 
 const RUNNER = fileURLToPath(new URL("./run-daemon.ts", import.meta.url));
+/** Exits the way bin/compute-bridge.js does: only once nothing is left pending. */
+export const BIN_LIKE_RUNNER = fileURLToPath(new URL("./run-daemon-like-bin.ts", import.meta.url));
 
 export interface ChildDaemon {
   proc: ChildProcess;
@@ -12,8 +14,8 @@ export interface ChildDaemon {
 }
 
 /** Start the daemon as a separate process and wait for its "listening" log line (written whatever the log level). */
-export async function spawnDaemon(configFile: string, env: Record<string, string> = {}): Promise<ChildDaemon> {
-  const proc = spawn(process.execPath, ["--import", "tsx", RUNNER, configFile], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+export async function spawnDaemon(configFile: string, env: Record<string, string> = {}, runner = RUNNER): Promise<ChildDaemon> {
+  const proc = spawn(process.execPath, ["--import", "tsx", runner, configFile], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
   let out = "";
   proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
   proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));

@@ -1,4 +1,5 @@
 import { writeFileSync } from "node:fs";
+import os from "node:os";
 import path from "node:path";
 
 export const TEST_TOKEN = "test-token-0123456789abcdef";
@@ -7,7 +8,9 @@ export interface TestConfigOptions {
   stateDir: string;
   genesis?: string;
   tickSeconds?: number;
-  local?: Partial<{ region: string; cpu_millicores: number; ram_mib: number; max_concurrent: number; poll_interval_ms: number; terminate_grace_seconds: number }>;
+  local?: Partial<{ region: string; cpu_millicores: number; ram_mib: number; max_concurrent: number; poll_interval_ms: number; terminate_grace_seconds: number; image_roots: string[]; image_idle_timeout_seconds: number }>;
+  /** [bridge] image_allow_cidrs (e.g. ["127.0.0.0/8"] for an image server on loopback). */
+  imageAllowCidrs?: string[];
   extra?: string;
   /** Extra lines in the [listener] section. */
   listenerExtra?: string;
@@ -17,13 +20,14 @@ export interface TestConfigOptions {
 /** Write a boot TOML for a daemon with the local backend into `dir`; returns its path. */
 export function writeLocalConfig(dir: string, o: TestConfigOptions): string {
   writeFileSync(path.join(dir, "token"), `${TEST_TOKEN}\n`, { mode: 0o600 });
-  const l = { region: "local", cpu_millicores: 4000, ram_mib: 8192, max_concurrent: 500, poll_interval_ms: 20, terminate_grace_seconds: 1, ...o.local };
+  const l = { region: "local", cpu_millicores: 4000, ram_mib: 8192, max_concurrent: 500, poll_interval_ms: 20, terminate_grace_seconds: 1, image_roots: [os.tmpdir()], ...o.local };
   const file = path.join(dir, "bridge.toml");
   writeFileSync(
     file,
     `[bridge]
 provider_id = "test-provider"
 state_dir = ${JSON.stringify(o.stateDir)}
+${o.imageAllowCidrs ? `image_allow_cidrs = ${JSON.stringify(o.imageAllowCidrs)}` : ""}
 
 [listener]
 bind = "127.0.0.1:0"

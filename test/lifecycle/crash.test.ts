@@ -39,7 +39,7 @@ describe("crash safety", () => {
     const stateDir = path.join(dir, "state");
     const starts = path.join(dir, "starts");
     const gate = path.join(dir, "gate");
-    const config = writeLocalConfig(dir, { stateDir, logLevel: "info" });
+    const config = writeLocalConfig(dir, { stateDir, logLevel: "info", imageAllowCidrs: ["127.0.0.1/32"] });
     const img = scriptImage(dir, "work", `echo "$ID" >> ${starts}; while [ ! -e ${gate} ]; do sleep 0.02; done; exit 5`);
     // The held grants get an image of their own: one already in the local image cache (filled by
     // the grants that run) would let them start without waiting for the download.

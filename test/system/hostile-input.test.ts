@@ -181,7 +181,7 @@ ram_mib = 4096
 mode = "systemd"
 work_dir = ${JSON.stringify(path.join(dir, "work"))}
 `;
-    const { url, d } = await startTestDaemon(t, { extra });
+    const { url, d } = await startTestDaemon(t, { extra, imageAllowCidrs: ["127.0.0.1/32"] });
     const hostile = `$(touch ${canary}); \`touch ${canary}\` ' " \\ | && ${"${IFS}"} ; touch ${canary}`;
     const ids = ["h.1", "h_2", "h-3"];
     for (const id of ids) {

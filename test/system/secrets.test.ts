@@ -203,7 +203,7 @@ describe("secrets", { timeout: 180_000 }, () => {
     writeFileSync(
       config,
       [
-        tomlSection("bridge", { provider_id: PROVIDER, state_dir: "state" }),
+        tomlSection("bridge", { provider_id: PROVIDER, state_dir: "state", image_allow_cidrs: ["127.0.0.1/32"] }), // images from the test server on loopback
         tomlSection("listener", { bind: `127.0.0.1:${port}`, token_file: "listener.token" }),
         tomlSection("almanac", { genesis: "2026-01-01T00:00:00Z", tick_seconds: 1 }),
         tomlSection("log", { level: "trace" }),

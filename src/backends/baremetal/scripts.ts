@@ -19,6 +19,7 @@
  * provision and terminate of one grant across daemon restarts (flock).
  */
 import { shJoin } from "../../util/shell.js";
+import { CURL_FETCH } from "../common/fetch-script.js";
 
 /** `/bin/sh -c <script> <name> <args...>`, every word quoted. */
 export function remote(script: string, name: string, args: readonly string[]): string {
@@ -67,25 +68,34 @@ const DEADLINE = String.raw`cb_deadline() {
 }
 `;
 
-/** Download into the content-addressed cache, verify sha256, move into place atomically. */
-const FETCH = String.raw`cb_fetch() { # images_dir sha256 url max_bytes -> cb_img
+/**
+ * Download into the content-addressed cache, verify sha256, move into place atomically. Bounded
+ * like every fetch the bridge starts (common/fetch-script.ts: idle timeout, valid_to, size while
+ * streaming); and while curl runs, a newline goes to stdout every second: once the bridge's SSH
+ * channel is gone (cancel, shutdown, a lost connection) that write fails and the fetch stops at
+ * once, its partial file removed. Messages name no host or address.
+ */
+const FETCH = String.raw`${CURL_FETCH}cb_fetch() { # images_dir sha256 url max_bytes seconds_left -> cb_img
   cb_img=$1/$2
   mkdir -p "$1" || cb_die 13 "cannot create the image cache $1"
   if [ -f "$cb_img" ]; then touch "$cb_img" 2>/dev/null; return 0; fi
+  [ "$5" -gt 0 ] 2>/dev/null || cb_die 11 "downloading the image failed: the grant's valid_to has passed"
   cb_part=$1/.$2.$$.part
-  trap 'rm -f "$cb_part" "$cb_part.err"' EXIT
-  trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
-  if ! curl -fsS --globoff --location --max-redirs 5 --proto '=https,http' --proto-redir '=https,http' \
-      --retry 3 --connect-timeout 30 --max-filesize "$4" -o "$cb_part" --url "$3" 2>"$cb_part.err"; then
-    cb_die 11 "downloading the image failed: $(head -c 300 "$cb_part.err" 2>/dev/null | tr '\n' ' ')"
+  cb_curl_pid=
+  trap '[ -n "$cb_curl_pid" ] && kill "$cb_curl_pid" 2>/dev/null; rm -f "$cb_part"' EXIT
+  trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 141' PIPE; trap 'exit 143' TERM
+  cb_curl "$3" "$cb_part" "$4" $(( $(date +%s) + $5 )) 60 heartbeat; cb_rc=$?
+  [ "$cb_rc" -eq 141 ] && exit 141
+  if [ "$cb_rc" -ne 0 ]; then
+    if [ "$cb_rc" -eq 63 ] || [ "$cb_rc" -eq 153 ] || [ "$(wc -c <"$cb_part" 2>/dev/null || echo 0)" -gt "$4" ]; then cb_die 12 "the image is larger than $4 bytes"; fi
+    cb_die 11 "downloading the image failed: $(cb_curl_why "$cb_rc")"
   fi
   if [ "$(wc -c <"$cb_part")" -gt "$4" ]; then cb_die 12 "the image is larger than $4 bytes"; fi
   if ! printf '%s  %s\n' "$2" "$cb_part" | sha256sum -c --status; then
     cb_die 10 "image sha256 mismatch (expected $2): nothing was run"
   fi
   mv -f "$cb_part" "$cb_img" || cb_die 13 "cannot move the verified image into the cache"
-  rm -f "$cb_part.err"
-  trap - EXIT HUP INT TERM
+  trap - EXIT HUP INT PIPE TERM
 }
 `;
 
@@ -119,22 +129,22 @@ exit 0
 
 /**
  * systemd mode, provision. Args: runs_dir id unit images_dir sha256 url max_bytes default_cmd(0|1)
- * alloc run_as ; then systemd-run's own arguments (ending with "--" and the command, or just "--"
+ * alloc run_as seconds_left (until valid_to: bounds the fetch) ; then systemd-run's own arguments (ending with "--" and the command, or just "--"
  * when default_cmd=1: ./run for a bundle, ./workload for a single executable is appended).
  * With run_as (a user name, or empty for root) the work directory is that user's and the run
  * directories above it only traversable. Adopts (prints CB-ADOPT) when the unit exists or this
  * grant already reached systemd-run.
  */
 export const SYSTEMD_PROVISION = `${PRELUDE}${FETCH}umask 077
-runs=$1 id=$2 unit=$3 images=$4 sha=$5 url=$6 max=$7 defcmd=$8 alloc=$9 runas=\${10}
-shift 10
+runs=$1 id=$2 unit=$3 images=$4 sha=$5 url=$6 max=$7 defcmd=$8 alloc=$9 runas=\${10} left=\${11}
+shift 11
 run=$runs/$id
 cb_lock "$runs" "$id" 900
 cb_adopt() { printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; exit 0; }
 st=$(systemctl show "$unit" -p LoadState 2>&1) || cb_die 14 "systemctl show failed: $st"
 case $st in *LoadState=loaded*) cb_adopt ;; esac
 if [ -e "$run/final" ] || [ -e "$run/started_at" ]; then cb_adopt; fi
-cb_fetch "$images" "$sha" "$url" "$max"
+cb_fetch "$images" "$sha" "$url" "$max" "$left"
 rm -rf "$run" && mkdir -p "$run/work" || cb_die 13 "cannot create the run directory"
 printf '%s\\n' "$alloc" > "$run/grant" && printf '%s\\n' "$sha" > "$run/image" || cb_die 13 "cannot write the run directory"
 magic=$(od -An -tx1 -N2 "$cb_img" | tr -d ' \\n')
@@ -254,7 +264,7 @@ if out=$(virsh -c "$uri" domstate --reason "$dom" 2>&1); then
 fi
 case $out in *"failed to get domain"*|*"omain not found"*) ;; *) cb_die 14 "virsh domstate failed: $out" ;; esac
 [ -e "$run/started" ] && cb_adopt
-cb_fetch "$images" "$sha" "$url" "$max"
+cb_fetch "$images" "$sha" "$url" "$max" "$left"
 chmod 0711 "$images" 2>/dev/null; chmod 0644 "$cb_img" 2>/dev/null
 if ! info=$( (ulimit -t 30; ulimit -v 4194304; exec qemu-img info -f qcow2 --output=json "$cb_img") 2>&1 ); then
   cb_die 23 "qemu-img info rejected the image: $(printf '%s' "$info" | head -c 300 | tr '\\n' ' ')"

@@ -8,7 +8,8 @@
  *     the serial console, which only the cloud API reads: the bridge reports it as
  *     host_key_sha256, so whoever connects can pin the key instead of trusting the first
  *     connection (the line comes before anything from the image runs, and the first one counts);
- *  2. downloads the image with curl (http/https only, no globbing, bounded size, retried; the URL
+ *  2. downloads the image with curl (common/fetch-script.ts: http/https only, no globbing, idle
+ *     timeout, ends by valid_to, size capped while streaming, retried; the URL
  *     given to curl is the WHATWG-normalized form of envelope.image.url), verifies its
  *     sha256 and, on a mismatch, reports COMPUTE-BRIDGE-FAIL and powers off WITHOUT running it;
  *  3. unpacks a tar/tar.gz bundle (default command ./run) or installs a single executable
@@ -34,6 +35,7 @@ import { SshPublicKey } from "../../domain/grant.js";
 import type { Envelope } from "../../domain/index.js";
 import { HOST_KEY_FINGERPRINT } from "../../domain/instance.js";
 import { shq } from "../../util/shell.js";
+import { CURL_FETCH } from "./fetch-script.js";
 
 export const EXIT_MARKER = "COMPUTE-BRIDGE-EXIT";
 export const FAIL_MARKER = "COMPUTE-BRIDGE-FAIL";
@@ -156,7 +158,7 @@ cb_end() {
 cb_fail() {
   cb_end "${FAIL_MARKER} $CB_REQUEST_ID $1 $2"
 }
-
+${CURL_FETCH}
 cb_console "compute-bridge: boot script for $CB_REQUEST_ID started"
 
 # 0. At most once per instance: GCE runs a startup-script on every boot, and a rebooted guest
@@ -190,10 +192,13 @@ cb_console "${HOST_KEY_MARKER} $CB_REQUEST_ID $cb_host_key"
 rm -rf "$CB_WORK" "$CB_STATE/image" "$CB_STATE/image.part"
 mkdir -p "$CB_WORK" && cd "$CB_STATE" || cb_fail setup "cannot create the work directory"
 cb_console "compute-bridge: fetching the image"
-if ! curl -fsSL --globoff --proto '=https,http' --proto-redir '=https,http' --retry 3 --connect-timeout 30 \\
-    --max-filesize "$CB_IMAGE_MAX_BYTES" -o image.part --url "$CB_IMAGE_URL"; then
+# Bounded (common/fetch-script.ts): idle timeout, valid_to (or a day without one), size while streaming.
+cb_fetch_by=\${CB_DEADLINE:-$(( $(date +%s) + 86400 ))}
+if [ "$(date +%s)" -ge "$cb_fetch_by" ]; then cb_fail expired "valid_to passed before the image was fetched"; fi
+cb_curl "$CB_IMAGE_URL" image.part "$CB_IMAGE_MAX_BYTES" "$cb_fetch_by" 60; cb_rc=$?
+if [ "$cb_rc" -ne 0 ]; then
   rm -f image.part
-  cb_fail fetch "downloading the image failed"
+  cb_fail fetch "downloading the image failed: $(cb_curl_why "$cb_rc")"
 fi
 cb_size=$(wc -c <image.part)
 if [ "$cb_size" -gt "$CB_IMAGE_MAX_BYTES" ]; then

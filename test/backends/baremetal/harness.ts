@@ -8,7 +8,6 @@ import { createHash } from "node:crypto";
 import { chmodSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync, existsSync } from "node:fs";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
-import os from "node:os";
 import path from "node:path";
 import { BareMetalBackend, type BareMetalBackendOptions } from "../../../src/backends/baremetal.js";
 import type { BackendMetrics } from "../../../src/backends/backend.js";
@@ -18,6 +17,7 @@ import { Almanac, type ComputeGrant } from "../../../src/domain/index.js";
 import { systemClock } from "../../../src/util/clock.js";
 import { createLogger, type Logger } from "../../../src/util/logger.js";
 import { STANDINS_BIN_DIR, type FakeSshd } from "../../fakes/sshd.js";
+import { tempDir } from "../../helpers/tmp.js";
 
 /** Genesis at the epoch and 1 ms ticks: valid_to in ticks is a wall-clock ms timestamp. */
 export const MS_ALMANAC = new Almanac(new Date(0), 0.001);
@@ -135,7 +135,8 @@ export function lineLogger(lines: string[]): Logger {
 
 export function backend(machines: Record<string, unknown>[], o: { rec?: Recorder; opts?: BareMetalBackendOptions; cfg?: Record<string, unknown>; dir?: string; log?: Logger } = {}): BareMetalBackend {
   const cfg = BareMetalConfig.parse({ machines, poll_interval_ms: 40, connect_timeout_ms: 3000, ...(o.cfg ?? {}) });
-  const dir = o.dir ?? os.tmpdir();
+  // Its own state dir (orphans.jsonl lands there), removed when the test process exits.
+  const dir = o.dir ?? tempDir(undefined, "cb-bm-state-");
   return new BareMetalBackend(
     cfg,
     {

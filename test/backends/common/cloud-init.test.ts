@@ -245,7 +245,7 @@ describe("boot script (cloud-init user data), executed", () => {
   it("a download failure reports COMPUTE-BRIDGE-FAIL fetch", async (t) => {
     const dir = tempDir(t);
     const run = await runScript(dir, renderBootScript(opts({ image: { url: `${base}/missing`, sha256: "cd".repeat(32), format: "bundle" } })));
-    assert.deepEqual(parseMarker(run.console, "req-1"), { failure: { kind: "fetch", message: "downloading the image failed" } });
+    assert.deepEqual(parseMarker(run.console, "req-1"), { failure: { kind: "fetch", message: "downloading the image failed: the image server answered with an HTTP error" } });
     assert.ok(run.poweredOff);
   });
 

@@ -1,0 +1,60 @@
+import { existsSync, readdirSync, rmSync, statSync } from "node:fs";
+import path from "node:path";
+
+/** The file an operator creates in state_dir to start on a new, empty database deliberately. */
+export const ALLOW_NEW_DATABASE = "allow-new-database";
+
+export class LostDatabaseError extends Error {
+  override name = "LostDatabaseError";
+}
+
+function size(file: string): number | null {
+  try {
+    return statSync(file).size;
+  } catch {
+    return null;
+  }
+}
+
+/** What in `stateDir` shows that a bridge ran there before (empty when nothing does). */
+export function previousUse(stateDir: string): string[] {
+  const found: string[] = [];
+  if (existsSync(path.join(stateDir, "identity.key"))) found.push("identity.key");
+  if ((size(path.join(stateDir, "compute-log.jsonl")) ?? 0) > 0) found.push("compute-log.jsonl");
+  if (existsSync(path.join(stateDir, "bridge.db-wal"))) found.push("bridge.db-wal");
+  let runs = 0;
+  try {
+    runs = readdirSync(path.join(stateDir, "local", "runs")).length;
+  } catch {
+    /* none */
+  }
+  if (runs > 0) found.push(`${runs} local run director${runs === 1 ? "y" : "ies"} (local/runs)`);
+  return found;
+}
+
+/**
+ * Refuse to start on a state_dir that was used before but whose database is missing or empty (a
+ * bad restore, the wrong volume): a new empty database would forget every grant, and reconcile would
+ * take the workloads still running for them for orphans. Throws LostDatabaseError with what was
+ * found and the way out (docs/operations.md, "Lost database").
+ *
+ * Returns a function to call once the new database exists: with the operator's ALLOW_NEW_DATABASE
+ * file present the start goes ahead, and that call removes the file (it allows one start only).
+ */
+export function assertDatabaseNotLost(stateDir: string): () => void {
+  const db = path.join(stateDir, "bridge.db");
+  const dbSize = size(db);
+  // A SQLite database starts with a 100-byte header: anything shorter is no database.
+  if (dbSize !== null && dbSize >= 100) return () => {};
+  const used = previousUse(stateDir);
+  if (used.length === 0) return () => {};
+  const ack = path.join(stateDir, ALLOW_NEW_DATABASE);
+  if (existsSync(ack)) return () => rmSync(ack, { force: true });
+  throw new LostDatabaseError(
+    `state_dir ${stateDir} was used before (${used.join(", ")}) but its database bridge.db is ${dbSize === null ? "missing" : dbSize === 0 ? "empty (0 bytes)" : `only ${dbSize} bytes (no SQLite database)`}. ` +
+      `Not starting: a new database would forget every grant, and workloads still running for them would be taken for orphans. ` +
+      `Restore bridge.db (with bridge.db-wal if the backup has one) from a backup into ${stateDir} while the bridge is stopped, then start it again; ` +
+      `or, to start over on this state_dir deliberately (keeping its identity key), stop or account for the workloads its run directories name and create the file ${ack} (it allows one start). ` +
+      `See docs/operations.md, "Lost database".`,
+  );
+}
