@@ -68,6 +68,7 @@ export async function main(argv: string[], io: Io = stdio): Promise<number> {
         return await grants(rest, io);
       case "doctor":
         return await doctor(requireConfig(rest), io);
+      case "verify-evidence": return await (await import("./attestation/cli.js")).verifyEvidenceCommand(rest, io);
       default:
         throw new UsageError(`unknown command "${cmd}"`);
     }

@@ -1,0 +1,75 @@
+import { z } from "zod";
+import { canonicalJson, sha256Hex } from "../util/canonical-json.js";
+import { RequestId } from "./grant.js";
+
+/**
+ * The attestation evidence of a grant, as the bridge stores and serves it
+ * (`GET /v1/grants/{id}/attestation`). The bridge relays what the hardware produced inside the
+ * guest and never a verdict of its own: a requester checks it offline
+ * (`compute-bridge verify-evidence`, docs/operations.md), against the nonce they chose.
+ */
+
+/** A nonce: 16 to 64 bytes as hex (the requester's `attestation_nonce`, or the bridge's random one). */
+export const NonceHex = z
+  .string()
+  .regex(/^(?:[0-9a-fA-F]{2}){16,64}$/, "must be 16 to 64 bytes as hex (32 to 128 hex digits)")
+  .transform((s) => s.toLowerCase());
+
+const Base64 = z.string().max(512 * 1024).regex(/^[A-Za-z0-9+/]*={0,2}$/, "must be base64");
+
+export const EvidencePlatform = z.enum(["gcp", "azure", "baremetal"]);
+export type EvidencePlatform = z.infer<typeof EvidencePlatform>;
+
+/**
+ * tdx-quote-v4: blobs.td_quote is a TDX quote v4 whose REPORTDATA is the binding (GCP C3, bare-metal TDs).
+ * azure-tdx-vtpm: the paravisor owns REPORTDATA; blobs hcl_report (vTPM NV index 0x01400001),
+ *   tpm_quote (TPMS_ATTEST) and tpm_signature (TPMT_SIGNATURE) whose qualifying data is the binding,
+ *   signed by the attestation key the HCL report's runtime data carries.
+ */
+export const EvidenceFormat = z.enum(["tdx-quote-v4", "azure-tdx-vtpm"]);
+export type EvidenceFormat = z.infer<typeof EvidenceFormat>;
+
+export const EvidenceBinding = z.strictObject({
+  scheme: z.literal("compute-bridge/attestation/v1"),
+  request_id: RequestId,
+  /** The host key fingerprint the guest reported and bound, or null when it had none. */
+  host_key_sha256: z.string().nullable(),
+  /** SHA-512 of the binding's encoding, hex (128 digits): REPORTDATA / TPM qualifying data. */
+  digest: z.string().regex(/^[0-9a-f]{128}$/),
+});
+export type EvidenceBinding = z.infer<typeof EvidenceBinding>;
+
+const Common = {
+  platform: EvidencePlatform,
+  nonce: NonceHex,
+  /** requester: the envelope's attestation_nonce; bridge: a random one the bridge chose and recorded. */
+  nonce_source: z.enum(["requester", "bridge"]),
+};
+
+export const AttestationEvidence = z.discriminatedUnion("status", [
+  z.strictObject({
+    status: z.literal("present"),
+    ...Common,
+    format: EvidenceFormat,
+    binding: EvidenceBinding,
+    blobs: z.partialRecord(z.enum(["td_quote", "hcl_report", "tpm_quote", "tpm_signature"]), Base64),
+  }),
+  z.strictObject({
+    status: z.literal("absent"),
+    ...Common,
+    /** Why there is none (e.g. the guest kernel has no configfs-tsm). */
+    reason: z.string().max(500),
+  }),
+]);
+export type AttestationEvidence = z.infer<typeof AttestationEvidence>;
+
+/**
+ * The evidence's bytes as served: canonical JSON (keys sorted, no whitespace). The ComputeLog
+ * carries their SHA-256 (evidenceDigest), so the signed log pins the exact evidence.
+ */
+export function evidenceJson(e: AttestationEvidence): string {
+  return canonicalJson(e);
+}
+export function evidenceDigest(e: AttestationEvidence): string {
+  return sha256Hex(evidenceJson(e));
+}
