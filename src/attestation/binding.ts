@@ -14,12 +14,10 @@
  * with one shell line (docs/operations.md).
  */
 import { createHash } from "node:crypto";
-import { RequestId } from "../domain/grant.js";
+import { NonceHex, RequestId } from "../domain/grant.js";
 import { HOST_KEY_FINGERPRINT } from "../domain/instance.js";
 
 export const BINDING_SCHEME = "compute-bridge/attestation/v1";
-/** A nonce: 16 to 64 bytes, as hex. */
-export const NONCE_HEX = /^(?:[0-9a-fA-F]{2}){16,64}$/;
 
 export class BindingInputError extends Error {
   override name = "BindingInputError";
@@ -28,7 +26,7 @@ export class BindingInputError extends Error {
 /** The exact bytes that are hashed (exported for documentation and tests). */
 export function bindingPreimage(requestId: string, nonceHex: string, hostKey: string | null): string {
   if (!RequestId.safeParse(requestId).success) throw new BindingInputError("request_id must be 1-64 characters of A-Z a-z 0-9 . _ -");
-  if (!NONCE_HEX.test(nonceHex)) throw new BindingInputError("nonce must be 16 to 64 bytes as hex (32 to 128 hex digits)");
+  if (!NonceHex.safeParse(nonceHex).success) throw new BindingInputError("nonce must be 16 to 64 bytes as hex (32 to 128 hex digits)");
   if (hostKey !== null && !HOST_KEY_FINGERPRINT.test(hostKey)) throw new BindingInputError("host key must be an ssh-keygen SHA-256 fingerprint (SHA256: and 43 base64 characters)");
   return `${BINDING_SCHEME}\nrequest_id=${requestId}\nnonce=${nonceHex.toLowerCase()}\nhost_key=${hostKey ?? "none"}\n`;
 }

@@ -1,6 +1,6 @@
 import { z } from "zod";
 import { canonicalJson, sha256Hex } from "../util/canonical-json.js";
-import { RequestId } from "./grant.js";
+import { NonceHex, RequestId } from "./grant.js";
 
 /**
  * The attestation evidence of a grant, as the bridge stores and serves it
@@ -8,12 +8,6 @@ import { RequestId } from "./grant.js";
  * guest and never a verdict of its own: a requester checks it offline
  * (`compute-bridge verify-evidence`, docs/operations.md), against the nonce they chose.
  */
-
-/** A nonce: 16 to 64 bytes as hex (the requester's `attestation_nonce`, or the bridge's random one). */
-export const NonceHex = z
-  .string()
-  .regex(/^(?:[0-9a-fA-F]{2}){16,64}$/, "must be 16 to 64 bytes as hex (32 to 128 hex digits)")
-  .transform((s) => s.toLowerCase());
 
 const Base64 = z.string().max(512 * 1024).regex(/^[A-Za-z0-9+/]*={0,2}$/, "must be base64");
 
@@ -39,30 +33,34 @@ export const EvidenceBinding = z.strictObject({
 });
 export type EvidenceBinding = z.infer<typeof EvidenceBinding>;
 
-const Common = {
+const Present = z.strictObject({
+  status: z.literal("present"),
   platform: EvidencePlatform,
+  format: EvidenceFormat,
   nonce: NonceHex,
-  /** requester: the envelope's attestation_nonce; bridge: a random one the bridge chose and recorded. */
-  nonce_source: z.enum(["requester", "bridge"]),
-};
+  binding: EvidenceBinding,
+  blobs: z.partialRecord(z.enum(["td_quote", "hcl_report", "tpm_quote", "tpm_signature"]), Base64),
+});
+const Absent = z.strictObject({
+  status: z.literal("absent"),
+  /** null when no instance was provisioned. */
+  platform: EvidencePlatform.nullable(),
+  /** null for a grant that asked for no TDX and sent no nonce. */
+  nonce: NonceHex.nullable(),
+  /** Why there is none (e.g. the guest kernel has no configfs-tsm). */
+  reason: z.string().max(500),
+});
 
-export const AttestationEvidence = z.discriminatedUnion("status", [
-  z.strictObject({
-    status: z.literal("present"),
-    ...Common,
-    format: EvidenceFormat,
-    binding: EvidenceBinding,
-    blobs: z.partialRecord(z.enum(["td_quote", "hcl_report", "tpm_quote", "tpm_signature"]), Base64),
-  }),
-  z.strictObject({
-    status: z.literal("absent"),
-    ...Common,
-    /** Why there is none (e.g. the guest kernel has no configfs-tsm). */
-    reason: z.string().max(500),
-  }),
-]);
+/** What a backend collected from the guest (stored on the instance, ProvisionedInstance.attestation). */
+export const CollectedEvidence = z.discriminatedUnion("status", [Present, Absent]);
+export type CollectedEvidence = z.infer<typeof CollectedEvidence>;
+
+/** requester: the envelope's attestation_nonce; bridge: a random one the bridge chose and recorded. */
+const NonceSource = z.enum(["requester", "bridge"]).nullable();
+
+/** The evidence as served and digested into the ComputeLog. */
+export const AttestationEvidence = z.discriminatedUnion("status", [Present.extend({ nonce_source: NonceSource }), Absent.extend({ nonce_source: NonceSource })]);
 export type AttestationEvidence = z.infer<typeof AttestationEvidence>;
-
 /**
  * The evidence's bytes as served: canonical JSON (keys sorted, no whitespace). The ComputeLog
  * carries their SHA-256 (evidenceDigest), so the signed log pins the exact evidence.

@@ -1,3 +1,4 @@
+import { grantEvidenceDigest, logsEvidence } from "../attestation/record.js";
 import type { ComputeLog, ExitReason, UnsignedComputeLog } from "../domain/index.js";
 import type { GrantRecord, Outcome } from "../store/store.js";
 import type { Identity } from "../util/identity.js";
@@ -39,6 +40,7 @@ export function buildComputeLog(providerId: string, rec: GrantRecord, outcome: O
       cpu_millicore_seconds: round((inst?.cpu_millicores ?? 0) * wall),
       ram_mib_seconds: round((inst?.ram_mib ?? 0) * wall),
     },
+    ...(logsEvidence(rec) ? { attestation_sha256: grantEvidenceDigest(rec) } : {}),
   };
   return { ...unsigned, signature: identity.signDoc(unsigned) };
 }

@@ -7,6 +7,7 @@ import { ValidationError, type GrantManager } from "../lifecycle/manager.js";
 import type { GrantRecord, Store } from "../store/store.js";
 import type { Logger } from "../util/logger.js";
 import { bearerChecker } from "./auth.js";
+import { registerAttestationRoute } from "../attestation/record.js";
 
 export interface ListenerOptions {
   manager: GrantManager;
@@ -223,6 +224,7 @@ export function buildListener(o: ListenerOptions): Listener {
     return log;
   });
 
+  registerAttestationRoute(app, o.store);
   o.extraRoutes?.(app);
 
   return {

@@ -40,6 +40,11 @@ export interface GrantRecord {
   outcome: Outcome | null;
   created_at: string;
   updated_at: string;
+  /**
+   * The nonce a TDX grant's evidence binds: the envelope's attestation_nonce, or a random one the
+   * bridge chose at accept (recorded here, never in the envelope). Null for other grants.
+   */
+  attestation_nonce?: string | null;
 }
 
 /** A grant to accept; its body digest is computed by the writer (grantRequestDigest). */
@@ -50,6 +55,8 @@ export interface NewGrant {
   backend: string;
   private_key: string | null;
   public_key: string | null;
+  /** Filled by Store.accept (GrantRecord.attestation_nonce). */
+  attestation_nonce?: string | null;
 }
 
 export type AcceptResult = { status: "created"; record: GrantRecord } | { status: "duplicate"; record: GrantRecord } | { status: "conflict"; record: GrantRecord };
@@ -73,6 +80,7 @@ export interface Row {
   created_at: string;
   updated_at: string;
   routed_backend: string | null;
+  attestation_nonce?: string | null;
 }
 
 /** Forward-only migrations; PRAGMA user_version records how many have run. */
@@ -130,6 +138,9 @@ const MIGRATIONS: string[] = [
   // routed backend left the config before provisioning; the history's first entry reads this.
   // NULL in rows accepted before it (their history falls back to the first attempt).
   `ALTER TABLE grants ADD COLUMN routed_backend TEXT;`,
+  // Migration 5 (4 is the capacity reservations'): the nonce a TDX grant's attestation evidence
+  // binds: the envelope's attestation_nonce, or the random one the bridge chose at accept.
+  `ALTER TABLE grants ADD COLUMN attestation_nonce TEXT;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -206,5 +217,6 @@ export function toRecord(r: Row): GrantRecord {
     outcome: r.outcome_json ? (JSON.parse(r.outcome_json) as Outcome) : null,
     created_at: r.created_at,
     updated_at: r.updated_at,
+    attestation_nonce: r.attestation_nonce ?? null,
   };
 }

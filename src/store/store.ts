@@ -1,4 +1,5 @@
 import type Database from "better-sqlite3";
+import { randomBytes } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { Worker } from "node:worker_threads";
@@ -179,6 +180,8 @@ export class Store {
    */
   async accept(g: NewGrant): Promise<AcceptResult> {
     const now = this.nowIso();
+    // A TDX grant's evidence binds a nonce: the requester's, else a random one recorded here.
+    const attestation_nonce = g.envelope.attestation_nonce ?? (g.grant.tdx_required ? randomBytes(32).toString("hex") : null);
     const r = await this.write<AcceptOutcome>({
       op: "accept",
       row: {
@@ -188,6 +191,7 @@ export class Store {
         backend: g.backend,
         private_key: g.private_key,
         public_key: g.public_key,
+        attestation_nonce,
       },
       now,
     });
@@ -214,6 +218,7 @@ export class Store {
         outcome: null,
         created_at: now,
         updated_at: now,
+        attestation_nonce,
       },
     };
   }

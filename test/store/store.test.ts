@@ -86,6 +86,7 @@ describe("store", () => {
     // A database from before the index: version 1, no index (nor what later versions add).
     s.db.exec("DROP INDEX compute_logs_jsonl_pending");
     s.db.exec("ALTER TABLE grants DROP COLUMN routed_backend");
+    s.db.exec("ALTER TABLE grants DROP COLUMN attestation_nonce");
     s.db.pragma("user_version = 1");
     await s.close();
     const again = new Store(dir, systemClock);
@@ -100,6 +101,7 @@ describe("store", () => {
     await s.accept(newGrant("before"));
     await s.transition("before", "provisioning", { backend: "aws", attempts: [{ backend: "local", error_kind: "capacity", message: "full", at: "2026-01-01T00:00:00.000Z" }] });
     s.db.exec("ALTER TABLE grants DROP COLUMN routed_backend");
+    s.db.exec("ALTER TABLE grants DROP COLUMN attestation_nonce");
     s.db.pragma("user_version = 2");
     await s.close();
     const again = new Store(dir, systemClock);
@@ -205,5 +207,51 @@ describe("store", () => {
       ),
     );
     assert.equal(out.trim(), "created");
+  });
+});
+
+describe("store: attestation nonce (migration 5)", () => {
+  const tdx = (id: string, nonce?: string) => ({
+    request_id: id,
+    grant: { ...grant(id), tdx_required: true },
+    envelope: nonce ? { ...envelope, attestation_nonce: nonce } : envelope,
+    backend: "gcp",
+    private_key: null,
+    public_key: null,
+  });
+
+  it("records the requester's nonce, a fresh random one for a TDX grant without, none for other grants; durable across reopen", async (t) => {
+    const dir = tempDir(t);
+    const s = new Store(dir, systemClock);
+    const mine = await s.accept(tdx("mine", "ab".repeat(20)));
+    const a = await s.accept(tdx("rand-a"));
+    const b = await s.accept(tdx("rand-b"));
+    const plain = await s.accept(newGrant("plain"));
+    assert.equal(mine.record.attestation_nonce, "ab".repeat(20));
+    assert.match(a.record.attestation_nonce!, /^[0-9a-f]{64}$/);
+    assert.notEqual(a.record.attestation_nonce, b.record.attestation_nonce);
+    assert.equal(plain.record.attestation_nonce, null);
+    // The bridge's nonce is not part of the body: a re-post is still the same grant.
+    assert.equal((await s.accept(tdx("rand-a"))).status, "duplicate");
+    await s.close();
+    const again = new Store(dir, systemClock);
+    t.after(() => again.close());
+    assert.equal(again.get("rand-a")?.attestation_nonce, a.record.attestation_nonce);
+    assert.equal(again.get("mine")?.attestation_nonce, "ab".repeat(20));
+    assert.equal(again.get("plain")?.attestation_nonce, null);
+  });
+
+  it("migrates a database without the column: its grants have none, new ones record theirs", async (t) => {
+    const dir = tempDir(t);
+    const s = new Store(dir, systemClock);
+    await s.accept(newGrant("old"));
+    s.db.exec("ALTER TABLE grants DROP COLUMN attestation_nonce");
+    s.db.pragma(`user_version = ${SCHEMA_VERSION - 1}`);
+    await s.close();
+    const again = new Store(dir, systemClock);
+    t.after(() => again.close());
+    assert.equal(again.db.pragma("user_version", { simple: true }), SCHEMA_VERSION);
+    assert.equal(again.get("old")?.attestation_nonce, null);
+    assert.match((await again.accept(tdx("new"))).record.attestation_nonce!, /^[0-9a-f]{64}$/);
   });
 });

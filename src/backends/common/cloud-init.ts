@@ -34,6 +34,7 @@ import { SshPublicKey } from "../../domain/grant.js";
 import type { Envelope } from "../../domain/index.js";
 import { HOST_KEY_FINGERPRINT } from "../../domain/instance.js";
 import { shq } from "../../util/shell.js";
+import { renderAttestStep, type GuestAttestation } from "../../attestation/guest.js";
 
 export const EXIT_MARKER = "COMPUTE-BRIDGE-EXIT";
 export const FAIL_MARKER = "COMPUTE-BRIDGE-FAIL";
@@ -62,6 +63,8 @@ export interface BootScriptOptions {
   deadlineEpochSeconds?: number;
   /** Production serial console device; default /dev/ttyS0 (EC2, GCE and Azure x86 images). */
   consoleDevice?: string;
+  /** TDX grants: evidence bound to (request_id, this nonce, the host key) goes on the console (src/attestation/guest.ts). */
+  attestation?: { mode: GuestAttestation; nonce: string };
 }
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
@@ -185,7 +188,7 @@ if [ -r "$CB_SSH_HOST_KEY" ] && command -v ssh-keygen >/dev/null 2>&1; then
   case "$cb_fp" in SHA256:*) cb_host_key=$cb_fp ;; esac
 fi
 cb_console "${HOST_KEY_MARKER} $CB_REQUEST_ID $cb_host_key"
-
+${o.attestation ? renderAttestStep(o.attestation.mode, o.attestation.nonce) : ""}
 # 2. Fetch and verify the image; on a mismatch nothing from it runs.
 rm -rf "$CB_WORK" "$CB_STATE/image" "$CB_STATE/image.part"
 mkdir -p "$CB_WORK" && cd "$CB_STATE" || cb_fail setup "cannot create the work directory"
