@@ -148,6 +148,11 @@ ${attestShellFunctions()}cb_attest_${mode}
 `;
 }
 
+/** The boot script's attestation option for a grant: TDX grants with a nonce only. */
+export function bootAttestation(tdxRequired: boolean, nonce: string | undefined, mode: GuestAttestation): { mode: GuestAttestation; nonce: string } | undefined {
+  return tdxRequired && nonce ? { mode, nonce } : undefined;
+}
+
 /**
  * The bare-metal TD's "guest agent": a standalone script the bridge hands the guest as the systemd
  * credential compute-bridge.attest (with compute-bridge.request_id and

@@ -54,19 +54,18 @@ export function fakeTpm2(dir: string, hclReport: Buffer): string {
   return bin;
 }
 
-/** Run a script with /bin/sh (dash), console and state in `dir`; returns the console text. */
-export async function runGuestScript(dir: string, script: string, env: Record<string, string>): Promise<string> {
+/** The script file and environment for one run in `dir` (console, state, poweroff stand-in). */
+function prepare(dir: string, script: string, env: Record<string, string>): { file: string; consoleFile: string; env: Record<string, string> } {
+  mkdirSync(path.join(dir, "root"), { recursive: true });
   const file = path.join(dir, "script.sh");
   writeFileSync(file, script, { mode: 0o700 });
-  const consoleFile = path.join(dir, "console");
   const poweroff = path.join(dir, "poweroff");
   writeFileSync(poweroff, "#!/bin/sh\nexit 0\n");
   chmodSync(poweroff, 0o755);
-  mkdirSync(path.join(dir, "root"), { recursive: true });
-  await execFileAsync("/bin/sh", [file], {
-    cwd: dir,
-    timeout: 60_000,
-    killSignal: "SIGKILL",
+  const consoleFile = path.join(dir, "console");
+  return {
+    file,
+    consoleFile,
     env: {
       CB_CONSOLE: consoleFile,
       CB_POWEROFF: poweroff,
@@ -77,8 +76,30 @@ export async function runGuestScript(dir: string, script: string, env: Record<st
       PATH: process.env.PATH ?? "/usr/bin:/bin",
       ...env,
     },
-  }).catch((e: { code?: unknown; killed?: boolean }) => {
+  };
+}
+
+const consoleOf = (f: string) => (existsSync(f) ? readFileSync(f, "utf8") : "");
+
+/** Run a script with /bin/sh (dash), console and state in `dir`; returns the console text. */
+export async function runGuestScript(dir: string, script: string, env: Record<string, string>): Promise<string> {
+  const p = prepare(dir, script, env);
+  await execFileAsync("/bin/sh", [p.file], { cwd: dir, timeout: 60_000, killSignal: "SIGKILL", env: p.env }).catch((e: { killed?: boolean }) => {
     if (e.killed) throw e;
   });
-  return existsSync(consoleFile) ? readFileSync(consoleFile, "utf8") : "";
+  return consoleOf(p.consoleFile);
+}
+
+/**
+ * The same, synchronously: for a fake's boot hook, which must answer at once. The script must not
+ * need this process's event loop (no image or IMDS served from here).
+ */
+export function runGuestScriptSync(dir: string, script: string, env: Record<string, string>): string {
+  const p = prepare(dir, script, env);
+  try {
+    execFileSync("/bin/sh", [p.file], { cwd: dir, timeout: 60_000, killSignal: "SIGKILL", env: p.env, stdio: "ignore" });
+  } catch (e) {
+    if ((e as { signal?: string }).signal === "SIGKILL") throw e;
+  }
+  return consoleOf(p.consoleFile);
 }
