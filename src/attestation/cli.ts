@@ -11,7 +11,8 @@ import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
 import { AttestationEvidence } from "../domain/attestation.js";
 import { BindingInputError, bindingDigest } from "./binding.js";
-import { verifyTdxQuote, type QuoteChecks } from "./verify.js";
+import { verifyAzureEvidence } from "./azure.js";
+import { verifyTdxQuote, type QuoteChecks, type QuoteVerification } from "./verify.js";
 
 export const VERIFY_EVIDENCE_USAGE = `Usage: compute-bridge verify-evidence FILE --request-id ID --nonce HEX [--host-key SHA256:...]
 
@@ -55,12 +56,23 @@ export function verifyEvidence(input: { evidence: AttestationEvidence } | { quot
     if (e.status === "absent") {
       return { structure: false, signature: false, pck_chain: false, binding: false, reasons: { structure: `no evidence: ${e.reason}` }, host_key_sha256: null };
     }
-    if (e.format !== "tdx-quote-v4" || !e.blobs.td_quote) throw new UnreadableInput(`evidence format ${e.format} without a td_quote blob cannot be checked by this command`);
-    quote = Buffer.from(e.blobs.td_quote, "base64");
+    const blob = (name: keyof typeof e.blobs) => {
+      const v = e.blobs[name];
+      if (v === undefined) throw new UnreadableInput(`the ${e.format} evidence has no ${name} blob`);
+      return Buffer.from(v, "base64");
+    };
+    quote = blob("td_quote");
     boundKey = hostKey === undefined ? e.binding.host_key_sha256 : hostKey;
+    if (e.format === "azure-tdx-vtpm") {
+      const expected = bindingDigest(requestId, nonceHex, boundKey);
+      return report(verifyAzureEvidence({ hcl_report: blob("hcl_report"), td_quote: quote, tpm_quote: blob("tpm_quote"), tpm_signature: blob("tpm_signature") }, { expectedReportData: expected, ...o }), boundKey);
+    }
   }
   const expected = bindingDigest(requestId, nonceHex, boundKey);
-  const v = verifyTdxQuote(quote, { expectedReportData: expected, ...o });
+  return report(verifyTdxQuote(quote, { expectedReportData: expected, ...o }), boundKey);
+}
+
+function report(v: QuoteVerification, boundKey: string | null): EvidenceReport {
   const b = v.quote?.body;
   return {
     ...v.checks,

@@ -21,7 +21,7 @@
  *   0x01400001 (blob hcl_report), the TD quote for its TD report comes from the host's quoting
  *   service through IMDS (`POST /acc/tdquote`, blob td_quote), and a TPM2 quote over PCRs 0-23
  *   (sha256) by the vTPM attestation key (persistent handle 0x81000003) carries the binding's first
- *   32 bytes as qualifying data (blobs tpm_quote = TPMS_ATTEST, tpm_signature = TPMT_SIGNATURE).
+ *   32 bytes as qualifying data (blobs tpm_quote = TPMS_ATTEST, tpm_signature = the raw RSA signature, tpm2_quote -f plain).
  *   Format azure-tdx-vtpm.
  *
  * A blob whose END line is missing or whose sha256 does not match is not evidence; the bridge
@@ -112,7 +112,7 @@ cb_attest_azure() {
     cb_ev_none "reading the HCL report (vTPM NV index 0x01400001) failed: not an Azure confidential VM?"; return 0
   fi
   if ! "$cb_t"tpm2_quote -c 0x81000003 -l sha256:0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23 -q "$(printf '%s' "$cb_b" | cut -c1-64)" \
-      -m "$cb_ev/tpm_quote" -s "$cb_ev/tpm_signature" -g sha256 >/dev/null 2>&1; then
+      -m "$cb_ev/tpm_quote" -s "$cb_ev/tpm_signature" -f plain -g sha256 >/dev/null 2>&1; then
     cb_ev_none "the TPM2 quote by the vTPM attestation key (0x81000003) failed"; return 0
   fi
   cb_tdr=$(dd if="$cb_ev/hcl_report" bs=1 skip=32 count=1024 2>/dev/null | base64 -w 0 | tr -- '+/' '-_' | tr -d '=')

@@ -16,9 +16,10 @@ export type EvidencePlatform = z.infer<typeof EvidencePlatform>;
 
 /**
  * tdx-quote-v4: blobs.td_quote is a TDX quote v4 whose REPORTDATA is the binding (GCP C3, bare-metal TDs).
- * azure-tdx-vtpm: the paravisor owns REPORTDATA; blobs hcl_report (vTPM NV index 0x01400001),
- *   tpm_quote (TPMS_ATTEST) and tpm_signature (TPMT_SIGNATURE) whose qualifying data is the binding,
- *   signed by the attestation key the HCL report's runtime data carries.
+ * azure-tdx-vtpm: the paravisor owns REPORTDATA; blobs hcl_report (vTPM NV index 0x01400001, its
+ *   user data the binding), td_quote (a TDX quote v4 over the HCL report's TD report), tpm_quote
+ *   (TPMS_ATTEST whose qualifying data is the binding's first 32 bytes) and tpm_signature (the raw
+ *   RSA signature over it by the attestation key the HCL report carries). src/attestation/azure.ts.
  */
 export const EvidenceFormat = z.enum(["tdx-quote-v4", "azure-tdx-vtpm"]);
 export type EvidenceFormat = z.infer<typeof EvidenceFormat>;
