@@ -114,7 +114,8 @@ export interface AzureBlobs {
 export function verifyAzureEvidence(b: AzureBlobs, o: VerifyQuoteOptions = {}): QuoteVerification {
   const reasons: Record<string, string> = {};
   const want = o.expectedReportData;
-  const td = verifyTdxQuote(b.td_quote, { ...(o.now ? { now: o.now } : {}), ...(o.rootPem ? { rootPem: o.rootPem } : {}) });
+  const { expectedReportData: _, ...quoteOptions } = o;
+  const td = verifyTdxQuote(b.td_quote, quoteOptions);
   Object.assign(reasons, td.reasons);
   let hcl: HclReport | null = null;
   let attest: TpmsAttest | null = null;
@@ -124,7 +125,7 @@ export function verifyAzureEvidence(b: AzureBlobs, o: VerifyQuoteOptions = {}): 
   } catch (e) {
     reasons.structure = (e as Error).message;
   }
-  const checks: QuoteChecks = { structure: td.checks.structure && hcl !== null && attest !== null, signature: false, pck_chain: td.checks.pck_chain };
+  const checks: QuoteChecks = { structure: td.checks.structure && hcl !== null && attest !== null, signature: false, pck_chain: td.checks.pck_chain, ...(td.checks.tcb !== undefined ? { tcb: td.checks.tcb } : {}) };
   if (hcl && attest && td.quote && td.checks.signature) {
     const digest = createHash(hcl.hashType).update(hcl.varData).digest();
     if (!td.quote.body.reportData.equals(hcl.reportData)) reasons.signature = "the TD quote is not over the HCL report's TD report (REPORTDATA differs)";
@@ -139,5 +140,5 @@ export function verifyAzureEvidence(b: AzureBlobs, o: VerifyQuoteOptions = {}): 
     else if (hcl.userData !== null && !hcl.userData.equals(want)) reasons.binding = "the HCL report's user data is not the binding";
     else checks.binding = true;
   }
-  return { checks, reasons, quote: td.quote };
+  return { checks, reasons, quote: td.quote, ...(td.tcbStatus !== undefined ? { tcbStatus: td.tcbStatus } : {}) };
 }

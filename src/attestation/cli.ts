@@ -3,7 +3,7 @@
  *
  * Offline: reads FILE (the JSON of `GET /v1/grants/{id}/attestation`, or a raw TDX quote), checks
  * it against the nonce the requester chose, and prints one JSON object with a boolean per check
- * (structure, signature, pck_chain, binding) plus the reasons of the failed ones and the TD's
+ * (structure, signature, pck_chain, binding, and tcb with --collateral) plus the reasons of the failed ones and the TD's
  * measurements. Exit 0 only when every check holds, 1 when one fails (or the evidence is absent),
  * 2 when FILE cannot be read or the arguments are wrong.
  */
@@ -12,15 +12,19 @@ import { parseArgs } from "node:util";
 import { AttestationEvidence } from "../domain/attestation.js";
 import { BindingInputError, bindingDigest } from "./binding.js";
 import { verifyAzureEvidence } from "./azure.js";
+import { CollateralError, parseCollateral, type Collateral } from "./tcb.js";
 import { verifyTdxQuote, type QuoteChecks, type QuoteVerification } from "./verify.js";
 
-export const VERIFY_EVIDENCE_USAGE = `Usage: compute-bridge verify-evidence FILE --request-id ID --nonce HEX [--host-key SHA256:...]
+export const VERIFY_EVIDENCE_USAGE = `Usage: compute-bridge verify-evidence FILE --request-id ID --nonce HEX [--host-key SHA256:...] [--collateral FILE]
 
 FILE is the JSON of GET /v1/grants/{id}/attestation, or a raw TDX quote (binary).
 --request-id  the grant's request_id
 --nonce       the attestation_nonce you sent (hex), or the bridge's nonce from the evidence
 --host-key    the SSH host key fingerprint you will pin (default: the one the evidence names;
               "none" for a guest that reported no host key)
+--collateral  Intel's collateral for the quote (JSON: tcb_info, qe_identity, CRLs and their
+              signatures and issuer chains, as Intel PCS/PCCS and dcap-qvl give them): adds the
+              check tcb (the platform's TCB status is UpToDate) and reports tcb_status
 Prints one JSON object with a boolean per check; exit 0 all hold, 1 one fails, 2 unreadable input.
 `;
 
@@ -34,6 +38,7 @@ class UnreadableInput extends Error {}
 
 export interface EvidenceReport extends QuoteChecks {
   reasons: Record<string, string>;
+  tcb_status?: string | null;
   host_key_sha256: string | null;
   measurements?: { mrtd: string; rtmr0: string; rtmr1: string; rtmr2: string; rtmr3: string; td_attributes: string; xfam: string; mrconfigid: string; tee_tcb_svn: string };
 }
@@ -42,6 +47,7 @@ export interface EvidenceReport extends QuoteChecks {
 export interface VerifyEvidenceOptions {
   now?: Date;
   rootPem?: string;
+  collateral?: Collateral;
 }
 
 /** Evidence and what a requester asserts about it -> checks. */
@@ -77,6 +83,7 @@ function report(v: QuoteVerification, boundKey: string | null): EvidenceReport {
   return {
     ...v.checks,
     reasons: v.reasons,
+    ...(v.tcbStatus !== undefined ? { tcb_status: v.tcbStatus } : {}),
     host_key_sha256: boundKey,
     ...(b
       ? {
@@ -94,6 +101,21 @@ function report(v: QuoteVerification, boundKey: string | null): EvidenceReport {
         }
       : {}),
   };
+}
+
+async function readCollateral(file: string): Promise<Collateral> {
+  let text: string;
+  try {
+    text = await readFile(file, "utf8");
+  } catch (e) {
+    throw new UnreadableInput(`cannot read the collateral ${file}: ${(e as Error).message}`);
+  }
+  try {
+    return parseCollateral(text);
+  } catch (e) {
+    if (e instanceof CollateralError) throw new UnreadableInput(`${file}: ${e.message}`);
+    throw e;
+  }
 }
 
 async function readEvidence(file: string): Promise<{ evidence: AttestationEvidence } | { quote: Buffer }> {
@@ -121,12 +143,12 @@ async function readEvidence(file: string): Promise<{ evidence: AttestationEviden
 }
 
 export async function verifyEvidenceCommand(argv: string[], io: Io = stdio, o: VerifyEvidenceOptions = {}): Promise<number> {
-  let values: { "request-id"?: string | undefined; nonce?: string | undefined; "host-key"?: string | undefined; help?: boolean | undefined };
+  let values: { "request-id"?: string | undefined; nonce?: string | undefined; "host-key"?: string | undefined; collateral?: string | undefined; help?: boolean | undefined };
   let positionals: string[];
   try {
     ({ values, positionals } = parseArgs({
       args: argv,
-      options: { "request-id": { type: "string" }, nonce: { type: "string" }, "host-key": { type: "string" }, help: { type: "boolean", short: "h" } },
+      options: { "request-id": { type: "string" }, nonce: { type: "string" }, "host-key": { type: "string" }, collateral: { type: "string" }, help: { type: "boolean", short: "h" } },
       allowPositionals: true,
       strict: true,
     }));
@@ -156,9 +178,10 @@ export async function verifyEvidenceCommand(argv: string[], io: Io = stdio, o: V
   }
   try {
     const input = await readEvidence(positionals[0]!);
-    const report = verifyEvidence(input, values["request-id"], values.nonce, hostKey, o);
+    const collateral = values.collateral === undefined ? undefined : await readCollateral(values.collateral);
+    const report = verifyEvidence(input, values["request-id"], values.nonce, hostKey, { ...o, ...(collateral ? { collateral } : {}) });
     io.out(`${JSON.stringify(report)}\n`);
-    const ok = report.structure && report.signature && report.pck_chain && report.binding !== false;
+    const ok = report.structure && report.signature && report.pck_chain && report.binding !== false && report.tcb !== false;
     return ok ? 0 : 1;
   } catch (e) {
     if (e instanceof UnreadableInput) {

@@ -17,6 +17,7 @@
  */
 import { createHash, createPublicKey, timingSafeEqual, verify as verifySignature, X509Certificate, type KeyObject } from "node:crypto";
 import { INTEL_SGX_ROOT_CA_PEM } from "./intel-root-ca.js";
+import { evaluateTcb, type Collateral } from "./tcb.js";
 import { parseTdxQuote, splitPemChain, type TdxQuoteV4 } from "./tdx-quote.js";
 
 export interface QuoteChecks {
@@ -25,6 +26,8 @@ export interface QuoteChecks {
   pck_chain: boolean;
   /** Present only when an expected REPORTDATA was given. */
   binding?: boolean;
+  /** Present only when collateral was given (tcb.ts): the platform's TCB is UpToDate. */
+  tcb?: boolean;
 }
 
 export interface QuoteVerification {
@@ -32,6 +35,8 @@ export interface QuoteVerification {
   /** Why each failed check failed (check name -> reason). */
   reasons: Record<string, string>;
   quote: TdxQuoteV4 | null;
+  /** The TCB status the collateral gives (UpToDate, OutOfDate, Revoked, ...), when checked. */
+  tcbStatus?: string | null;
 }
 
 export interface VerifyQuoteOptions {
@@ -41,6 +46,8 @@ export interface VerifyQuoteOptions {
   now?: Date;
   /** Trust anchor (PEM); default Intel's SGX root CA. Tests only. */
   rootPem?: string;
+  /** Intel's collateral: the TCB status is judged (tcb.ts). */
+  collateral?: Collateral;
 }
 
 /** An uncompressed P-256 point (x || y, 64 bytes) as a public key. */
@@ -90,7 +97,7 @@ export function verifyTdxQuote(raw: Uint8Array, o: VerifyQuoteOptions = {}): Quo
     quote = parseTdxQuote(raw);
   } catch (e) {
     const why = (e as Error).message;
-    const checks: QuoteChecks = { structure: false, signature: false, pck_chain: false, ...(o.expectedReportData ? { binding: false } : {}) };
+    const checks: QuoteChecks = { structure: false, signature: false, pck_chain: false, ...(o.expectedReportData ? { binding: false } : {}), ...(o.collateral ? { tcb: false } : {}) };
     for (const k of Object.keys(checks)) reasons[k] = k === "structure" ? why : "the quote does not parse";
     return { checks, reasons, quote: null };
   }
@@ -128,6 +135,13 @@ export function verifyTdxQuote(raw: Uint8Array, o: VerifyQuoteOptions = {}): Quo
     const want = o.expectedReportData;
     checks.binding = want.length === 64 && timingSafeEqual(quote.body.reportData, want);
     if (!checks.binding) reasons.binding = `REPORTDATA ${quote.body.reportData.toString("hex")} is not the expected ${want.toString("hex")}`;
+  }
+  if (o.collateral) {
+    // A TCB status means something only for a quote whose signatures and chain hold.
+    const t = signature && pckChain ? evaluateTcb(quote, o.collateral, o.now ?? new Date(), o.rootPem) : { ok: false, status: null, reason: "the quote's signatures or PCK chain do not hold" };
+    checks.tcb = t.ok;
+    if (t.reason) reasons.tcb = t.reason;
+    return { checks, reasons, quote, tcbStatus: t.status };
   }
   return { checks, reasons, quote };
 }
