@@ -8,6 +8,8 @@
  *     the serial console, which only the cloud API reads: the bridge reports it as
  *     host_key_sha256, so whoever connects can pin the key instead of trusting the first
  *     connection (the line comes before anything from the image runs, and the first one counts);
+ *     on a TDX grant it then prints attestation evidence bound to (request_id, nonce, that host
+ *     key) the same way (src/attestation/guest.ts);
  *  2. downloads the image with curl (http/https only, no globbing, bounded size, retried; the URL
  *     given to curl is the WHATWG-normalized form of envelope.image.url), verifies its
  *     sha256 and, on a mismatch, reports COMPUTE-BRIDGE-FAIL and powers off WITHOUT running it;
