@@ -54,6 +54,7 @@ const COMMANDS: Record<string, Command> = {
   doctor: { summary: "check each backend's credentials and reachability", run: (a, io) => doctor(a, io) },
   healthcheck: { summary: "probe the running daemon's /healthz (or /readyz) for container health checks", run: (a, io) => healthcheck(a, io) },
   "verify-log": { summary: "verify ComputeLog signatures against a ProviderCard", run: (a, io) => verifyLog(a, io) },
+  "verify-evidence": { summary: "check a TDX grant's attestation evidence offline (quote, signatures, PCK chain, nonce binding)", run: async (a, io) => (await import("./attestation/cli.js")).verifyEvidenceCommand(a, io) },
   version: { summary: "print the version", run: async (a, io) => (parse(a, "version", "compute-bridge version"), io.out(`${VERSION}\n`), EXIT.ok) },
 };
 

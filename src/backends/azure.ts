@@ -32,7 +32,8 @@ import { azureNaming, parseResourceId, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST, t
 import { BatchWatcher, type PollEvent } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript } from "./common/cloud-init.js";
 import { Semaphore } from "./common/semaphore.js";
-import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
+import { ConsoleUnavailableError, guestEvidence, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
+import { bootAttestation } from "../attestation/guest.js";
 import type { OfferingCache } from "./offering-cache.js";
 
 /** A VM size from the config: name plus the shape the card and canSatisfy reason about. */
@@ -286,6 +287,8 @@ export class AzureBackend implements ManagedBackend {
     // The guest's own report of its SSH host key, so whoever connects can pin it. A guest that
     // powered off before SSH answered is not waited for: its workload is over, nobody connects.
     const hostKey = ready === "ssh" ? await this.readHostKey(names.vm, id, signal) : null;
+    // TDX: the vTPM evidence chain follows the host key report (read once if the VM already stopped).
+    const attestation = await guestEvidence(this.serialReader(names.vm, signal), "azure", grant, envelope, { timeoutMs: ready === "ssh" ? this.cfg.host_key_timeout_seconds * 1000 : 0, intervalMs: this.pollMs, signal, clock: this.clock });
 
     return {
       request_id: id,
@@ -312,6 +315,7 @@ export class AzureBackend implements ManagedBackend {
         os_disk_name: vm.storageProfile?.osDisk?.name ?? names.osDisk,
         ...(vm.vmId ? { vm_id: vm.vmId } : {}),
       },
+      ...(attestation ? { attestation } : {}),
     };
   }
 
@@ -460,6 +464,7 @@ export class AzureBackend implements ManagedBackend {
         envelope,
         sshUser: this.cfg.admin_username,
         deadlineEpochSeconds: Math.floor(this.almanac.toWallMs(grant.valid_to) / 1000),
+        attestation: bootAttestation(grant.tdx_required, envelope.attestation_nonce, "azure"),
       });
     } catch (e) {
       if (e instanceof BootScriptError) throw new InvalidRequestError(`azure: ${e.message}`, this.name);
@@ -635,12 +640,17 @@ export class AzureBackend implements ManagedBackend {
    * goes on without it, its user falls back to trusting the first connection).
    */
   private async readHostKey(vmName: string, requestId: string, signal: AbortSignal): Promise<string | null> {
-    // Each read takes a slot only while it runs (not across the pauses): a burst of launches and
-    // exits shares the same bound on concurrent boot-diagnostics calls.
-    const read = () => this.serialReads.run(() => this.readSerialLog(vmName, signal), signal);
-    const found = await waitForHostKey(read, requestId, { timeoutMs: this.cfg.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
+    const found = await waitForHostKey(this.serialReader(vmName, signal), requestId, { timeoutMs: this.cfg.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
     if (found.fingerprint === null) this.log.warn({ request_id: requestId, vm: vmName, missing: found.missing }, "azure: no SSH host key fingerprint for the VM; host_key_sha256 stays empty");
     return found.fingerprint;
+  }
+
+  /**
+   * The serial console log. Each read takes a slot only while it runs (not across the pauses): a
+   * burst of launches and exits shares the same bound on concurrent boot-diagnostics calls.
+   */
+  private serialReader(vmName: string, signal: AbortSignal): () => Promise<string> {
+    return () => this.serialReads.run(() => this.readSerialLog(vmName, signal), signal);
   }
 
   /** The exit marker from the serial console, via boot diagnostics; null when there is none. */

@@ -69,7 +69,9 @@ import {
   unitName,
   type Usage,
 } from "./baremetal/systemd.js";
-import { domainName, domainXml, NO_NETWORK, parseDomifaddr, parseDomstats, parseQuote, qcow2Problem, requestIdOfDomain, SHUTOFF_REASON, tdxReportData } from "./baremetal/virsh.js";
+import { domainName, domainXml, NO_NETWORK, parseDomifaddr, parseDomstats, qcow2Problem, requestIdOfDomain, SHUTOFF_REASON } from "./baremetal/virsh.js";
+import { absentEvidence, evidenceFromConsole } from "../attestation/guest.js";
+import type { CollectedEvidence } from "../domain/attestation.js";
 
 const BACKEND = "baremetal";
 /** Largest image fetched onto a machine. */
@@ -362,6 +364,7 @@ export class BareMetalBackend implements ManagedBackend {
         tdx,
         ...(m.cfg.ovmf_path ? { ovmfPath: m.cfg.ovmf_path } : {}),
         ...(envelope.ssh_public_key ? { sshPublicKey: envelope.ssh_public_key } : {}),
+        ...(envelope.attestation_nonce ? { attestationNonce: envelope.attestation_nonce } : {}),
       });
       alloc.started = true;
       try {
@@ -378,15 +381,12 @@ export class BareMetalBackend implements ManagedBackend {
       this.log.info({ request_id: id, machine: m.cfg.name, domain: dom, tdx }, started[1] === "ADOPT" ? "adopted the grant's existing domain" : "domain defined and started");
       this.noDeadline(m, id, r.stdout);
     }
-    const guest = await this.waitGuest(m, id, dom, runDir, tdx, signal);
-    const inst = this.instance(m, grant, startedAt, {
-      mode: "virsh",
-      domain: dom,
-      run_dir: runDir,
-      tdx: tdx ? "yes" : "no",
-      ...(tdx ? { tdx_report_data: tdxReportData(this.providerId, id) } : {}),
-    });
-    return { ...inst, host: guest.host, ssh_port: guest.host ? 22 : null, ssh_user: guest.host ? "root" : null, attestation: guest.quote };
+    const nonce = tdx ? (envelope.attestation_nonce ?? null) : null;
+    const guest = await this.waitGuest(m, id, dom, runDir, nonce, tdx, signal);
+    const inst = this.instance(m, grant, startedAt, { mode: "virsh", domain: dom, run_dir: runDir, tdx: tdx ? "yes" : "no" });
+    // The host key the TD bound into its quote is the one to pin.
+    const hostKey = guest.evidence?.status === "present" ? guest.evidence.binding.host_key_sha256 : null;
+    return { ...inst, host: guest.host, ssh_port: guest.host ? 22 : null, ssh_user: guest.host ? "root" : null, host_key_sha256: hostKey, attestation: guest.evidence };
   }
 
   /**
@@ -403,8 +403,11 @@ export class BareMetalBackend implements ManagedBackend {
     if (why !== undefined) this.log.warn({ request_id: id, machine: m.cfg.name, err: { message: why } }, "no host-side deadline for the guest (systemd-run failed); valid_to is enforced by the bridge alone");
   }
 
-  /** Poll until the guest has an address (DHCP lease, else the guest agent), and its TD quote. */
-  private async waitGuest(m: Machine, id: string, dom: string, runDir: string, tdx: boolean, signal: AbortSignal): Promise<{ host: string | null; quote: string | null }> {
+  /** Poll until the guest has an address (DHCP lease, else the guest agent), and a TD its evidence. */
+  private async waitGuest(m: Machine, id: string, dom: string, runDir: string, nonce: string | null, isTd: boolean, signal: AbortSignal): Promise<{ host: string | null; evidence: CollectedEvidence | null }> {
+    // Without a nonce the TD was given no attest credential: nothing to wait for.
+    const tdx = isTd && nonce !== null;
+    const none = (why: string) => (isTd ? absentEvidence("baremetal", nonce, why) : null);
     const poll = this.cfg.poll_interval_ms;
     const deadline = this.clock.now() + this.cfg.ready_timeout_seconds * 1000;
     let host: string | null = null;
@@ -420,18 +423,18 @@ export class BareMetalBackend implements ManagedBackend {
       if (r && r.code === 0) {
         const state = /^@@STATE (.*)$/m.exec(r.stdout)?.[1]?.trim() ?? "";
         const addr = r.stdout.split("\n@@ADDR\n")[1]?.split("\n@@QUOTE\n")[0] ?? "";
-        const quote = tdx ? parseQuote(r.stdout.split("\n@@QUOTE\n")[1] ?? "", id) : null;
+        const evidence = tdx ? evidenceFromConsole("baremetal", id, nonce!, r.stdout.split("\n@@QUOTE\n")[1] ?? "") : null;
         host = host ?? parseDomifaddr(addr);
-        if (quote) return { host, quote };
+        if (evidence) return { host, evidence };
         // Ended already (very short workload, or it failed to boot): the watch reports it.
-        if (state === "gone" || /^shut off|^crashed/.test(state)) return { host, quote: null };
+        if (state === "gone" || /^shut off|^crashed/.test(state)) return { host, evidence: none("the TD stopped before it printed evidence on its serial console") };
         // A guest without a NIC never gets an address: running is as ready as it gets.
         if (host || (m.cfg.network === NO_NETWORK && state.startsWith("running"))) {
-          if (!tdx) return { host, quote: null };
+          if (!tdx) return { host, evidence: none("no attestation nonce reached the backend") };
           if (quoteDeadline === 0) quoteDeadline = this.clock.now() + Math.min(20_000, 40 * poll);
           if (this.clock.now() >= quoteDeadline) {
-            this.log.info({ request_id: id, machine: m.cfg.name }, "the TD published no quote on its console; continuing without attestation evidence");
-            return { host, quote: null };
+            this.log.info({ request_id: id, machine: m.cfg.name }, "the TD printed no evidence on its console; continuing without attestation evidence");
+            return { host, evidence: none("the TD printed no evidence on its serial console (does its image run the compute-bridge.attest credential at boot?)") };
           }
         }
       }

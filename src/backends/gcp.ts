@@ -57,7 +57,8 @@ import {
 } from "./backend.js";
 import { BatchWatcher, type PollEvent, type WaitResult } from "./common/batch-watcher.js";
 import { BootScriptError, parseMarker, renderBootScript } from "./common/cloud-init.js";
-import { ConsoleUnavailableError, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
+import { ConsoleUnavailableError, guestEvidence, SshNotReadyError, waitForHostKey, waitForSsh } from "./common/ssh-ready.js";
+import { bootAttestation } from "../attestation/guest.js";
 import { AlreadyExistsError, classifyInsertRefusal, ImageUnfitError, mapGcpError, operationError, PermissionDeniedError, PlacementError, redact } from "./gcp/errors.js";
 import { deterministicUuid, gceNaming, lastSegment, META_PROVIDER_ID, META_REQUEST_ID, regionOfZone, type GceNaming } from "./gcp/naming.js";
 import type { OfferingCache } from "./offering-cache.js";
@@ -235,8 +236,11 @@ export class GcpBackend implements ManagedBackend {
       // A guest that powered off before sshd answered has no host to connect to: nothing to pin.
       if (reached.sshReady) hostKey = await this.hostKey(rid, view, signal, log);
     }
+    // TDX: the guest's evidence follows its host key report (read once if it already stopped).
+    const stopped = view.status === "TERMINATED";
+    const attestation = await guestEvidence(this.consoleReader(view, signal), "gcp", grant, envelope, { timeoutMs: stopped ? 0 : this.cfg.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
     log.info({ zone: view.zone, instance: view.name, machine_type: view.machineType, tdx: view.tdx, host: view.natIP, host_key_sha256: hostKey }, "GCE instance ready");
-    return this.toInstance(grant, view, hostKey);
+    return { ...this.toInstance(grant, view, hostKey), ...(attestation ? { attestation } : {}) };
   }
 
   async watchUntilExit(instance: ProvisionedInstance, validTo: Date, signal: AbortSignal): Promise<ExitObservation> {
@@ -360,6 +364,7 @@ export class GcpBackend implements ManagedBackend {
         envelope,
         sshUser: this.cfg.ssh_user,
         deadlineEpochSeconds: Math.floor(this.almanac.toWallMs(grant.valid_to) / 1000),
+        attestation: bootAttestation(grant.tdx_required, envelope.attestation_nonce, "tdx"),
       });
     } catch (e) {
       if (e instanceof BootScriptError) throw new InvalidRequestError(`gcp cannot run this envelope: ${e.message}`, this.name);
@@ -531,10 +536,17 @@ export class GcpBackend implements ManagedBackend {
    * the grant; rejects only when `signal` aborts.
    */
   private async hostKey(rid: string, v: InstanceView, signal: AbortSignal, log: Logger): Promise<string | null> {
-    const read = async (): Promise<string> => {
+    const found = await waitForHostKey(this.consoleReader(v, signal), rid, { timeoutMs: this.cfg.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
+    if (found.fingerprint === null) log.warn({ zone: v.zone, instance: v.name, missing: found.missing }, "no SSH host key from the GCE guest; the grant runs with host_key_sha256 null");
+    return found.fingerprint;
+  }
+
+  /** Serial port 1 from byte 0, for the guest's reports (host key, evidence). */
+  private consoleReader(v: InstanceView, signal: AbortSignal): () => Promise<string> {
+    return async () => {
       try {
-        // From byte 0: the report is among the first lines the startup script prints, well inside
-        // the first (at most 1 MiB) answer; later output cannot replace it (the first one counts).
+        // From byte 0: the reports are among the first lines the startup script prints, well inside
+        // the first (at most 1 MiB) answer; later output cannot replace them (the first one counts).
         return (await this.serialPage(v.zone, v.name, 0, signal)).contents ?? "";
       } catch (e) {
         // An instance that is gone (404) has no console to come back to; a 403 (the service
@@ -545,9 +557,6 @@ export class GcpBackend implements ManagedBackend {
         throw e;
       }
     };
-    const found = await waitForHostKey(read, rid, { timeoutMs: this.cfg.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
-    if (found.fingerprint === null) log.warn({ zone: v.zone, instance: v.name, missing: found.missing }, "no SSH host key from the GCE guest; the grant runs with host_key_sha256 null");
-    return found.fingerprint;
   }
 
   private async waitStatus(key: string, until: (s: InstanceView) => boolean, deadline: number, signal: AbortSignal): Promise<WaitResult<InstanceView> | "timeout"> {

@@ -27,6 +27,8 @@ export const UnsignedComputeLog = z.strictObject({
   partial: z.boolean(),
   error_kind: z.string().nullable(),
   usage: UsageMetrics,
+  /** TDX grants: SHA-256 (hex) of the attestation evidence exactly as GET /v1/grants/{id}/attestation serves it. */
+  attestation_sha256: z.string().regex(/^[0-9a-f]{64}$/).optional(),
 });
 export type UnsignedComputeLog = z.infer<typeof UnsignedComputeLog>;
 

@@ -60,6 +60,12 @@ export const SshPublicKey = z
     "must be a single OpenSSH public key line ('<type> <base64> [comment]')",
   );
 
+/** An attestation nonce: 16 to 64 bytes as hex, kept lowercase. */
+export const NonceHex = z
+  .string()
+  .regex(/^(?:[0-9a-fA-F]{2}){16,64}$/, "must be 16 to 64 bytes as hex (32 to 128 hex digits)")
+  .transform((s) => s.toLowerCase());
+
 export const Envelope = z.strictObject({
   image: ImagePointer,
   command: z
@@ -72,6 +78,11 @@ export const Envelope = z.strictObject({
     .refine((e) => Object.keys(e).length <= 128, "at most 128 variables")
     .optional(),
   ssh_public_key: SshPublicKey.optional(),
+  /**
+   * The requester's nonce for a TDX grant's attestation evidence (src/attestation/binding.ts binds
+   * it into the quote). Without it the bridge picks a random one and records it.
+   */
+  attestation_nonce: NonceHex.optional(),
 });
 export type Envelope = z.infer<typeof Envelope>;
 
@@ -95,7 +106,7 @@ export function canonicalGrantRequest(r: GrantRequest): string {
     env = {};
     for (const k of Object.keys(e.env).sort()) env[k] = e.env[k]!;
   }
-  const envelope: Complete<Envelope> = { command: e.command, env, image, ssh_public_key: e.ssh_public_key };
+  const envelope: Complete<Envelope> = { attestation_nonce: e.attestation_nonce, command: e.command, env, image, ssh_public_key: e.ssh_public_key };
   const grant: Complete<ComputeGrant> = {
     cpu_millicores: g.cpu_millicores,
     ram_mib: g.ram_mib,

@@ -6,3 +6,4 @@ export * from "./compute-log.js";
 export * from "./card.js";
 export * from "./decline.js";
 export * from "./grant-record.js";
+export * from "./attestation.js";

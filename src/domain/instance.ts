@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { CollectedEvidence } from "./attestation.js";
 import { RequestId, Region } from "./grant.js";
 
 /** An SSH host key fingerprint as `ssh-keygen -lf` prints it: "SHA256:" and 43 base64 characters. */
@@ -22,8 +23,8 @@ export const ProvisionedInstance = z.strictObject({
   cpu_millicores: z.number().int().positive(),
   ram_mib: z.number().int().positive(),
   details: z.record(z.string(), z.string()),
-  /** Attestation evidence (e.g. a TD quote, base64), where the backend can fetch it. */
-  attestation: z.string().nullable().optional(),
+  /** Attestation evidence the backend collected from the guest (TDX grants), or why there is none. */
+  attestation: CollectedEvidence.nullable().optional(),
 });
 export type ProvisionedInstance = z.infer<typeof ProvisionedInstance>;
 

@@ -1,3 +1,4 @@
+import { grantEvidenceDigest, logsEvidence } from "../attestation/record.js";
 import type { ComputeLog, ExitReason, UnsignedComputeLog } from "../domain/index.js";
 import { BILLING, costOf, type BillingRule } from "../fleet/pricing.js";
 import type { GrantRecord, Outcome } from "../store/store.js";
@@ -51,6 +52,7 @@ export function buildComputeLog(
       cost: rec.price_per_hour === null ? null : inst ? costOf(rec.price_per_hour, Math.max(wall, 1e-3), billing.rule) : 0,
       currency: billing.currency,
     },
+    ...(logsEvidence(rec) ? { attestation_sha256: grantEvidenceDigest(rec) } : {}),
   };
   return { ...unsigned, signature: identity.signDoc(unsigned) };
 }

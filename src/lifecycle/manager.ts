@@ -498,7 +498,8 @@ export class GrantManager {
   }
 
   private envelopeFor(rec: GrantRecord): Envelope {
-    return rec.public_key ? { ...rec.envelope, ssh_public_key: rec.public_key } : rec.envelope;
+    const nonce = rec.attestation_nonce ? { attestation_nonce: rec.attestation_nonce } : {};
+    return rec.public_key ? { ...rec.envelope, ssh_public_key: rec.public_key, ...nonce } : { ...rec.envelope, ...nonce };
   }
 
   private async watch(rec: GrantRecord, deadlineMs: number, task: Task): Promise<Outcome> {

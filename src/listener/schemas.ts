@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { AttestationEvidence } from "../domain/attestation.js";
 import { ComputeLog, Decline, GrantState, ProviderCard, RequestId } from "../domain/index.js";
 
 // The wire shapes of the listener's answers, as zod schemas: the routes declare them beside their
@@ -29,7 +30,7 @@ export const GrantInstance = z.object({
   ssh_port: z.number().int().nullable(),
   ssh_user: z.string().nullable(),
   host_key_sha256: z.string().nullable().describe("the SSH host key fingerprint the machine reported (SHA256:...), null where unknown"),
-  attestation: z.string().nullable().optional().describe("attestation evidence (base64), where the backend can fetch it"),
+  attestation: z.enum(["present", "absent"]).optional().describe("whether the guest's attestation evidence was collected (TDX grants); the evidence is at GET /v1/grants/{id}/attestation"),
 });
 
 export const GrantView = z
@@ -67,3 +68,4 @@ export const Health = z.object({ status: z.literal("ok") });
 export const Readiness = z.object({ status: z.enum(["ready", "not_ready"]), reason: z.string().optional() });
 export const Card = ProviderCard.meta({ id: "ProviderCard" });
 export const Log = ComputeLog.meta({ id: "ComputeLog" });
+export const Evidence = AttestationEvidence.meta({ id: "AttestationEvidence" });

@@ -46,6 +46,11 @@ export interface GrantRecord {
   outcome: Outcome | null;
   created_at: string;
   updated_at: string;
+  /**
+   * The nonce a TDX grant's evidence binds: the envelope's attestation_nonce, or a random one the
+   * bridge chose at accept (recorded here, never in the envelope). Null for other grants.
+   */
+  attestation_nonce?: string | null;
 }
 
 /** A grant to accept; its body digest is computed by the writer (grantRequestDigest). */
@@ -59,6 +64,8 @@ export interface NewGrant {
   price_per_hour?: number | null;
   private_key: string | null;
   public_key: string | null;
+  /** Filled by Store.accept (GrantRecord.attestation_nonce). */
+  attestation_nonce?: string | null;
 }
 
 export type AcceptResult = { status: "created"; record: GrantRecord } | { status: "duplicate"; record: GrantRecord } | { status: "conflict"; record: GrantRecord };
@@ -85,6 +92,7 @@ export interface Row {
   placement: string | null;
   price_per_hour: number | null;
   cost: number | null;
+  attestation_nonce?: string | null;
 }
 
 /** Forward-only migrations; PRAGMA user_version records how many have run. */
@@ -151,6 +159,9 @@ const MIGRATIONS: string[] = [
   `ALTER TABLE grants ADD COLUMN price_per_hour REAL;
    ALTER TABLE grants ADD COLUMN cost REAL;
    CREATE INDEX grants_created ON grants(created_at);`,
+  // The nonce a TDX grant's attestation evidence binds: the envelope's attestation_nonce, or the
+  // random one the bridge chose at accept.
+  `ALTER TABLE grants ADD COLUMN attestation_nonce TEXT;`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -230,5 +241,6 @@ export function toRecord(r: Row): GrantRecord {
     outcome: r.outcome_json ? (JSON.parse(r.outcome_json) as Outcome) : null,
     created_at: r.created_at,
     updated_at: r.updated_at,
+    attestation_nonce: r.attestation_nonce ?? null,
   };
 }

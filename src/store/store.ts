@@ -1,4 +1,5 @@
 import type Database from "better-sqlite3";
+import { randomBytes } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { Worker } from "node:worker_threads";
@@ -183,6 +184,8 @@ export class Store {
    */
   async accept(g: NewGrant): Promise<AcceptResult> {
     const now = this.nowIso();
+    // A TDX grant's evidence binds a nonce: the requester's, else a random one recorded here.
+    const attestation_nonce = g.envelope.attestation_nonce ?? (g.grant.tdx_required ? randomBytes(32).toString("hex") : null);
     const r = await this.write<AcceptOutcome>({
       op: "accept",
       row: {
@@ -194,6 +197,7 @@ export class Store {
         price_per_hour: g.price_per_hour ?? null,
         private_key: g.private_key,
         public_key: g.public_key,
+        attestation_nonce,
       },
       now,
     });
@@ -223,6 +227,7 @@ export class Store {
         outcome: null,
         created_at: now,
         updated_at: now,
+        attestation_nonce,
       },
     };
   }

@@ -69,8 +69,8 @@ export class Writer {
       get: db.prepare("SELECT * FROM grants WHERE request_id = ?"),
       // A request_id seen before inserts nothing (changes = 0): one statement for the common case.
       insert: db.prepare(
-        `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, routed_backend, placement, price_per_hour, private_key, public_key, created_at, updated_at)
-         VALUES (?, ?, ?, ?, 'provisioning', ?, ?, ?, ?, ?, ?, ?, ?)
+        `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, routed_backend, placement, price_per_hour, private_key, public_key, created_at, updated_at, attestation_nonce)
+         VALUES (?, ?, ?, ?, 'provisioning', ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (request_id) DO NOTHING`,
       ),
       transition: db.prepare("INSERT INTO transitions (request_id, from_state, to_state, backend, note, at) VALUES (?, ?, ?, ?, ?, ?)"),
@@ -163,7 +163,7 @@ export class Writer {
     // with the next one, which saves every accept a row and an index entry (a fifth of the
     // writer's work per accept); Store.transitions() shows the accept from the grants row.
     const body_digest = grantRequestDigest({ grant: g.grant, envelope: g.envelope });
-    const info = this.st.insert.run(g.request_id, body_digest, JSON.stringify(g.grant), JSON.stringify(g.envelope), g.backend, g.backend, g.placement ?? null, g.price_per_hour ?? null, g.private_key, g.public_key, now, now);
+    const info = this.st.insert.run(g.request_id, body_digest, JSON.stringify(g.grant), JSON.stringify(g.envelope), g.backend, g.backend, g.placement ?? null, g.price_per_hour ?? null, g.private_key, g.public_key, now, now, g.attestation_nonce ?? null);
     if (info.changes === 0) {
       const row = this.st.get.get(g.request_id) as Row;
       return { status: row.body_digest === body_digest ? "duplicate" : "conflict", row };

@@ -1,4 +1,3 @@
-import { Reservations } from "../../src/fleet/reservations.js";
 /**
  * AWS backend against the EC2 wire-protocol fake (test/fakes/ec2.ts) with the real EC2Client.
  * Run: node --import tsx --test test/backends/aws.test.ts
@@ -31,6 +30,7 @@ import { GrantManager } from "../../src/lifecycle/manager.js";
 import { Store } from "../../src/store/store.js";
 import { systemClock, type Clock } from "../../src/util/clock.js";
 import { createLogger, type Logger } from "../../src/util/logger.js";
+import { Reservations } from "../../src/fleet/reservations.js";
 import { Ec2Fake, type Ec2FakeOptions, type FakeInstance } from "../fakes/ec2.js";
 import { until } from "../helpers/http.js";
 import { localBackend, MS_ALMANAC } from "../helpers/local.js";

@@ -985,3 +985,50 @@ describe("azure backend: managed identity", { timeout: 45_000 }, () => {
     assert.ok(!logs.text.includes(fake.accessToken), "the token is never logged");
   });
 });
+
+describe("azure backend: TDX attestation evidence from the boot diagnostics serial log", { timeout: 45_000 }, () => {
+  it("the guest's vTPM chain (HCL report, TD quote, TPM2 quote over the binding), collected at provision", async (t) => {
+    const { fake, backend } = await setup(t);
+    const dir = tempDir(t);
+    const { fakeTpm2, runGuestScriptSync, GCE_QUOTE } = await import("../attestation/guest-run.js");
+    const { bindingDigest } = await import("../../src/attestation/binding.js");
+    const { mkdirSync, readFileSync, writeFileSync } = await import("node:fs");
+    // The boot script runs for real when the VM boots, with tpm2-tools stand-ins and an IMDS the
+    // script reaches through CB_AZURE_IMDS (a file:// URL: the hook runs synchronously).
+    const hcl = Buffer.alloc(2600, 0x33);
+    const tpm2 = fakeTpm2(dir, hcl);
+    mkdirSync(path.join(dir, "imds", "acc"), { recursive: true });
+    writeFileSync(path.join(dir, "imds", "acc", "tdquote"), JSON.stringify({ quote: GCE_QUOTE.toString("base64url") }));
+    fake.guestEvidence = (script) => {
+      const out = runGuestScriptSync(path.join(dir, "guest"), script, { CB_TPM2_TOOLS: tpm2, CB_AZURE_IMDS: `file://${path.join(dir, "imds")}` });
+      return out.slice(out.indexOf("COMPUTE-BRIDGE-EVIDENCE-"));
+    };
+    const id = "tdx-ev-az";
+    const nonce = "9c".repeat(24);
+    const inst = await backend.provision(grant(id, { tdx_required: true }), { ...envelope, attestation_nonce: nonce }, never);
+    const ev = inst.attestation;
+    assert.ok(ev && ev.status === "present", JSON.stringify(ev));
+    assert.equal(ev.platform, "azure");
+    assert.equal(ev.format, "azure-tdx-vtpm");
+    assert.deepEqual(Buffer.from(ev.blobs.hcl_report!, "base64"), hcl);
+    assert.deepEqual(Buffer.from(ev.blobs.td_quote!, "base64"), GCE_QUOTE);
+    assert.equal(Buffer.from(ev.blobs.tpm_quote!, "base64").toString(), "TPMS_ATTEST");
+    // The guest bound the nonce: HCL user data and TPM qualifying data are the binding (its host key: none here).
+    const binding = bindingDigest(id, nonce, null);
+    assert.equal(ev.binding.digest, binding.toString("hex"));
+    assert.deepEqual(readFileSync(path.join(dir, "nv_user_data.bin")), binding);
+    assert.match(readFileSync(path.join(dir, "tpm2.log"), "utf8"), new RegExp(`-q ${binding.subarray(0, 32).toString("hex")} `));
+    await backend.terminate(inst);
+    assert.deepEqual(leftovers(fake), []);
+  });
+
+  it("a VM without tpm2-tools: absent with the guest's reason; a plain grant carries none", async (t) => {
+    const { backend } = await setup(t, { cfg: { host_key_timeout_seconds: 20 } });
+    const inst = await backend.provision(grant("tdx-ev-az2", { tdx_required: true }), { ...envelope, attestation_nonce: "9d".repeat(16) }, never);
+    assert.deepEqual(inst.attestation, { status: "absent", platform: "azure", nonce: "9d".repeat(16), reason: "the guest produced no evidence: tpm2-tools is not installed (tpm2_nvdefine missing)" });
+    const plain = await backend.provision(grant("plain-az"), envelope, never);
+    assert.equal(plain.attestation, undefined);
+    await backend.terminate(inst);
+    await backend.terminate(plain);
+  });
+});

@@ -1,4 +1,3 @@
-import { Reservations } from "../../src/fleet/reservations.js";
 // The bare-metal backend against real OpenSSH servers on 127.0.0.1 (test/fakes/sshd.ts, one per
 // simulated machine) running the systemd / libvirt stand-ins (test/fakes/bin).
 //
@@ -11,8 +10,10 @@ import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { CapacityError, ImageVerificationError, InvalidRequestError, type ManagedBackend } from "../../src/backends/backend.js";
-import { tdxReportData } from "../../src/backends/baremetal/virsh.js";
+import { bindingDigest } from "../../src/attestation/binding.js";
+import { verifyTdxQuote } from "../../src/attestation/verify.js";
 import type { ComputeGrant, ProvisionedInstance } from "../../src/domain/index.js";
+import { Reservations } from "../../src/fleet/reservations.js";
 import { ensureSshdInstalled, startSshd, type FakeSshd } from "../fakes/sshd.js";
 import { until } from "../helpers/http.js";
 import { bundleImage, scriptImage } from "../helpers/images.js";
@@ -20,7 +21,7 @@ import {
   alive,
   backend,
   domainsOn,
-  expectedQuote,
+  TD_QUOTE,
   grant,
   imageServer,
   installGuestCommand,
@@ -614,13 +615,23 @@ describe("bare-metal backend over SSH", () => {
       const b = track(backend([machine("m1", A, work), tdxMachine("tdx1", T)], { rec }));
       const key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq0k3mP1vWbP6YbXbXQFh7lWlWnE2x0Hj0oQb1Q2b3c tenant@example";
       const g = grant("td-1", 60_000, { tdx_required: true, cpu_millicores: 1500, ram_mib: 512 });
-      const inst = await b.provision(g, { image: disk, ssh_public_key: key }, never);
+      const nonce = "c0ffee".repeat(8);
+      const inst = await b.provision(g, { image: disk, ssh_public_key: key, attestation_nonce: nonce }, never);
       assert.equal(inst.details.machine, "tdx1");
       assert.equal(inst.details.tdx, "yes");
       assert.equal(inst.host, "127.0.0.1");
       assert.equal(inst.ssh_user, "root");
-      assert.equal(inst.details.tdx_report_data, tdxReportData("test-provider", "td-1"));
-      assert.equal(inst.attestation, expectedQuote("td-1", tdxReportData("test-provider", "td-1")));
+      // The TD ran the compute-bridge.attest credential: its quote, read back from the console log
+      // on the host, with the binding of (request_id, nonce, host key) the TD wrote as REPORTDATA.
+      const ev = inst.attestation;
+      assert.ok(ev && ev.status === "present", JSON.stringify(ev));
+      assert.equal(ev.platform, "baremetal");
+      assert.equal(ev.nonce, nonce);
+      assert.deepEqual(Buffer.from(ev.blobs.td_quote!, "base64"), TD_QUOTE);
+      assert.equal(ev.binding.digest, bindingDigest("td-1", nonce, null).toString("hex"));
+      const inblob = readFileSync(path.join(T.stateDir, "libvirt", "domains", "cb-td-1", "td", "tsm", "cb-td-1", "inblob"));
+      assert.equal(inblob.toString("hex"), ev.binding.digest, "the stand-in configfs-tsm got the binding as REPORTDATA");
+      assert.deepEqual(verifyTdxQuote(Buffer.from(ev.blobs.td_quote!, "base64"), { now: new Date("2026-06-01T00:00:00Z") }).checks, { structure: true, signature: true, pck_chain: true });
       assert.deepEqual(domainsOn(T), ["cb-td-1"]);
       const xml = readFileSync(path.join(T.stateDir, "libvirt", "domains", "cb-td-1", "domain.xml"), "utf8");
       assert.match(xml, /<launchSecurity type='tdx'>\s*<policy>0x10000000<\/policy>/);

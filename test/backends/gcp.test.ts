@@ -1,4 +1,3 @@
-import { Reservations } from "../../src/fleet/reservations.js";
 /**
  * GCP backend against the GCE REST fake (test/fakes/gce.ts), driven through the REAL
  * @google-cloud/compute 6.x clients with a static-token OAuth2Client: nothing contacts anything
@@ -32,6 +31,7 @@ import { placeholder } from "../../src/lifecycle/manager.js";
 import { Store } from "../../src/store/store.js";
 import { systemClock, type Clock } from "../../src/util/clock.js";
 import { createLogger, type Logger } from "../../src/util/logger.js";
+import { Reservations } from "../../src/fleet/reservations.js";
 import { GceFake, type GceFakeOptions, type JsonObject } from "../fakes/gce.js";
 import { until } from "../helpers/http.js";
 import { bundleImage } from "../helpers/images.js";
@@ -838,5 +838,47 @@ describe("gcp backend: cloud semantics the fake models (issue #18 items 1, 6, 7,
     // Two 503s and one success: three HTTP calls, all of them call()'s attempts (FAST.attempts = 4).
     assert.equal(fake.countCalls("getSerialPortOutput") - before, 3);
     await backend.terminate(inst);
+  });
+});
+
+describe("gcp backend: TDX attestation evidence from serial port 1", () => {
+  // The instance's boot script runs for real (the fake's bootSerial hook) with a stand-in
+  // configfs-tsm that hands out a real TD quote; its console output is the instance's serial port.
+  // Its image URL has no server: the script reports the evidence first, then fails the fetch.
+  const tdxEnvelope = (nonce: string): Envelope => ({ image: { url: "http://127.0.0.1:9/none", sha256: "0".repeat(64), format: "bundle" }, attestation_nonce: nonce });
+
+  it("the guest's quote, bound to (request_id, nonce, host key), collected at provision", async (t) => {
+    const dir = tempDir(t);
+    const nonce = "7a".repeat(32);
+    const rid = "tdx-ev-1";
+    const { fakeTsm, runGuestScriptSync } = await import("../attestation/guest-run.js");
+    const { bindingDigest } = await import("../../src/attestation/binding.js");
+    const tsm = fakeTsm(dir, rid);
+    const { fake, backend } = await rig(t, {
+      fake: { guestHostKey: "none", bootSerial: (inst) => runGuestScriptSync(path.join(dir, "guest"), metadata((inst as unknown as { body: JsonObject }).body)["startup-script"] ?? "", { CB_TSM: tsm.root }) },
+    });
+    const inst = await backend.provision(grant(rid, { tdx_required: true }), tdxEnvelope(nonce), never);
+    const ev = inst.attestation;
+    assert.ok(ev && ev.status === "present", JSON.stringify(ev));
+    assert.equal(ev.platform, "gcp");
+    assert.equal(ev.nonce, nonce);
+    assert.equal(ev.binding.digest, bindingDigest(rid, nonce, null).toString("hex"));
+    assert.equal((await import("node:fs")).readFileSync(path.join(tsm.entry, "inblob")).toString("hex"), ev.binding.digest, "REPORTDATA the guest wrote");
+    const { GCE_QUOTE } = await import("../attestation/guest-run.js");
+    assert.deepEqual(Buffer.from(ev.blobs.td_quote!, "base64"), GCE_QUOTE);
+    await backend.terminate(inst);
+    assert.ok(fake.countCalls("serialPort") >= 1);
+  });
+
+  it("a guest without configfs-tsm: absent with its reason, at once; a plain grant carries none", async (t) => {
+    const { backend } = await rig(t, { cfg: { host_key_timeout_seconds: 20 } });
+    const t0 = Date.now();
+    const inst = await backend.provision(grant("tdx-ev-2", { tdx_required: true }), tdxEnvelope("7b".repeat(16)), never);
+    assert.ok(Date.now() - t0 < 15_000, "the guest's none report ends the wait");
+    assert.deepEqual(inst.attestation, { status: "absent", platform: "gcp", nonce: "7b".repeat(16), reason: "the guest produced no evidence: this guest kernel has no configfs-tsm" });
+    const plain = await backend.provision(grant("plain-ev"), envelope, never);
+    assert.equal(plain.attestation, undefined);
+    await backend.terminate(inst);
+    await backend.terminate(plain);
   });
 });

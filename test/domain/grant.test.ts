@@ -34,3 +34,23 @@ describe("canonicalGrantRequest", () => {
     for (const v of variants) assert.notEqual(canonicalGrantRequest(v), canonicalGrantRequest(base));
   });
 });
+
+describe("envelope.attestation_nonce", () => {
+  it("is optional hex of 16 to 64 bytes, kept lowercase, and part of the body's canonical form", () => {
+    const r = GrantRequest.parse({ grant, envelope: { image, attestation_nonce: "AB".repeat(16) } });
+    assert.equal(r.envelope.attestation_nonce, "ab".repeat(16));
+    assert.equal(canonicalGrantRequest(r), canonicalJson(r));
+    const other = GrantRequest.parse({ grant, envelope: { image, attestation_nonce: "ab".repeat(17) } });
+    assert.notEqual(canonicalGrantRequest(other), canonicalGrantRequest(r));
+    assert.notEqual(canonicalGrantRequest(GrantRequest.parse({ grant, envelope: { image } })), canonicalGrantRequest(r));
+    GrantRequest.parse({ grant, envelope: { image, attestation_nonce: "0".repeat(128) } });
+  });
+
+  it("refuses anything else, naming the field", () => {
+    for (const bad of ["ab".repeat(15), "ab".repeat(65), "abc".repeat(11), "zz".repeat(16), 42]) {
+      const p = GrantRequest.safeParse({ grant, envelope: { image, attestation_nonce: bad } });
+      assert.equal(p.success, false, String(bad));
+      assert.deepEqual(p.error!.issues[0]!.path, ["envelope", "attestation_nonce"]);
+    }
+  });
+});

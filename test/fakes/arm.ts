@@ -455,6 +455,8 @@ export class ArmFake {
   private readonly resources = new Map<string, Res>();
   private readonly ops = new Map<string, Op>();
   private readonly failRules: FailRule[] = [];
+  /** What a booting TDX guest prints as its evidence report, given its boot script (default: the "none" line). */
+  guestEvidence: ((script: string) => string) | null = null;
   /** Per-VM overrides of `faults.guestHostKey`, by resource key (set before or after the VM exists). */
   private readonly hostKeyReports = new Map<string, GuestHostKeyReport>();
   private readonly creates = new Map<string, number>();
@@ -2024,7 +2026,10 @@ export class ArmFake {
     if (report === "never") return null;
     const fingerprint = report === "none" ? null : this.hostKeyFingerprint(r.rg, r.name);
     // The script writes straight to the console device: no cloud-init prefix on its lines.
-    return `compute-bridge: boot script for ${requestId} started\n${hostKeyMarker(requestId, fingerprint)}\n`;
+    // A TDX grant's script reports its evidence next (src/attestation/guest.ts): this fake VM has no
+    // tpm2-tools, so the report is the script's "none" line, unless a test supplies the guest's own.
+    const evidence = /^CB_ATTEST_NONCE=/m.test(script) ? (this.guestEvidence?.(script) ?? `COMPUTE-BRIDGE-EVIDENCE-NONE ${requestId} tpm2-tools is not installed (tpm2_nvdefine missing)\n`) : "";
+    return `compute-bridge: boot script for ${requestId} started\n${hostKeyMarker(requestId, fingerprint)}\n${evidence}`;
   }
 
   private appendSerial(r: Res, text: string): void {

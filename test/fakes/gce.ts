@@ -1693,7 +1693,11 @@ export class GceFake {
     const ref = { project: inst.project, zone: inst.zone, name: inst.name };
     const mode = typeof this.guestHostKey === 'function' ? this.guestHostKey(ref) : this.guestHostKey;
     if (mode === 'never') return undefined;
-    return `${hostKeyMarker(requestId, mode === 'none' ? null : this.hostKeyFingerprint(inst.project, inst.zone, inst.name))}\n`;
+    // A TDX grant's script reports evidence next (src/attestation/guest.ts); this fake guest's kernel
+    // has no configfs-tsm, so the report is the script's "none" line (tests run the real script
+    // through `bootSerial` for a quote).
+    const evidence = bootScriptAttests(inst.body) ? `COMPUTE-BRIDGE-EVIDENCE-NONE ${requestId} this guest kernel has no configfs-tsm\n` : '';
+    return `${hostKeyMarker(requestId, mode === 'none' ? null : this.hostKeyFingerprint(inst.project, inst.zone, inst.name))}\n${evidence}`;
   }
 
   private statusOf(inst: InstanceRec): string {
@@ -1870,6 +1874,12 @@ export class GceFake {
  * has it: the value of its `CB_REQUEST_ID='...'` line, a single-quoted POSIX literal (`'\''` is a
  * quote). undefined for any other startup script.
  */
+function bootScriptAttests(body: JsonObject): boolean {
+  const items = (body['metadata'] as JsonObject | undefined)?.['items'];
+  const script = Array.isArray(items) ? (items as JsonObject[]).find((i) => i?.['key'] === 'startup-script')?.['value'] : undefined;
+  return typeof script === 'string' && /^CB_ATTEST_NONCE=/m.test(script);
+}
+
 function bootScriptRequestId(body: JsonObject): string | undefined {
   const items = (body['metadata'] as JsonObject | undefined)?.['items'];
   if (!Array.isArray(items)) return undefined;

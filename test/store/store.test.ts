@@ -214,8 +214,55 @@ function downgrade(db: Database.Database, version: number): void {
     3: "ALTER TABLE grants DROP COLUMN routed_backend",
     4: "ALTER TABLE grants DROP COLUMN placement",
     5: "DROP INDEX grants_created; ALTER TABLE grants DROP COLUMN price_per_hour; ALTER TABLE grants DROP COLUMN cost",
+    6: "ALTER TABLE grants DROP COLUMN attestation_nonce",
   };
   assert.equal(Object.keys(undo).length + 1, SCHEMA_VERSION, "every migration has its undo here");
   for (let v = SCHEMA_VERSION; v > version; v--) db.exec(undo[v]!);
   db.pragma(`user_version = ${version}`);
 }
+
+describe("store: attestation nonce (migration 6)", () => {
+  const tdx = (id: string, nonce?: string) => ({
+    request_id: id,
+    grant: { ...grant(id), tdx_required: true },
+    envelope: nonce ? { ...envelope, attestation_nonce: nonce } : envelope,
+    backend: "gcp",
+    private_key: null,
+    public_key: null,
+  });
+
+  it("records the requester's nonce, a fresh random one for a TDX grant without, none for other grants; durable across reopen", async (t) => {
+    const dir = tempDir(t);
+    const s = new Store(dir, systemClock);
+    const mine = await s.accept(tdx("mine", "ab".repeat(20)));
+    const a = await s.accept(tdx("rand-a"));
+    const b = await s.accept(tdx("rand-b"));
+    const plain = await s.accept(newGrant("plain"));
+    assert.equal(mine.record.attestation_nonce, "ab".repeat(20));
+    assert.match(a.record.attestation_nonce!, /^[0-9a-f]{64}$/);
+    assert.notEqual(a.record.attestation_nonce, b.record.attestation_nonce);
+    assert.equal(plain.record.attestation_nonce, null);
+    // The bridge's nonce is not part of the body: a re-post is still the same grant.
+    assert.equal((await s.accept(tdx("rand-a"))).status, "duplicate");
+    await s.close();
+    const again = new Store(dir, systemClock);
+    t.after(() => again.close());
+    assert.equal(again.get("rand-a")?.attestation_nonce, a.record.attestation_nonce);
+    assert.equal(again.get("mine")?.attestation_nonce, "ab".repeat(20));
+    assert.equal(again.get("plain")?.attestation_nonce, null);
+  });
+
+  it("migrates a database without the column: its grants have none, new ones record theirs", async (t) => {
+    const dir = tempDir(t);
+    const s = new Store(dir, systemClock);
+    await s.accept(newGrant("old"));
+    s.db.exec("ALTER TABLE grants DROP COLUMN attestation_nonce");
+    s.db.pragma(`user_version = ${SCHEMA_VERSION - 1}`);
+    await s.close();
+    const again = new Store(dir, systemClock);
+    t.after(() => again.close());
+    assert.equal(again.db.pragma("user_version", { simple: true }), SCHEMA_VERSION);
+    assert.equal(again.get("old")?.attestation_nonce, null);
+    assert.match((await again.accept(tdx("new"))).record.attestation_nonce!, /^[0-9a-f]{64}$/);
+  });
+});

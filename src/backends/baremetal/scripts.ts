@@ -307,8 +307,9 @@ printf 'CB-STARTED %s\\n' "$(cat "$run/started_at")"
 `;
 
 /**
- * virsh mode: guest state, address (DHCP lease, else the guest agent) and, for TDX guests, the last
- * TD quote marker on the serial console. Args: uri domain run_dir request_id want_quote(0|1).
+ * virsh mode: guest state, address (DHCP lease, else the guest agent) and, for TDX guests, the
+ * evidence lines on the serial console (src/attestation/guest.ts; at most 512 KiB).
+ * Args: uri domain run_dir request_id want_evidence(0|1).
  */
 export const VIRSH_ADDRESS = `${PRELUDE}uri=$1 dom=$2 run=$3 rid=$4
 if ! st=$(virsh -c "$uri" domstate "$dom" 2>/dev/null); then echo "@@STATE gone"; exit 0; fi
@@ -318,7 +319,7 @@ case $a in *ipv4*|*ipv6*) ;; *) a=$(virsh -c "$uri" domifaddr "$dom" --source ag
 printf '@@ADDR\\n%s\\n' "$a"
 if [ "$5" = 1 ]; then
   printf '@@QUOTE\\n'
-  grep -aF "COMPUTE-BRIDGE-TDQUOTE $rid " "$run/console.log" 2>/dev/null | tail -n 1 | head -c 262144
+  awk -v id="$rid" 'index($0, "COMPUTE-BRIDGE-EVIDENCE-BEGIN " id " ") { on = 1 } on || index($0, "COMPUTE-BRIDGE-EVIDENCE-") { print } index($0, "COMPUTE-BRIDGE-EVIDENCE-END " id " ") { on = 0 }' "$run/console.log" 2>/dev/null | head -c 524288
   echo
 fi
 exit 0

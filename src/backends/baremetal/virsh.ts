@@ -6,14 +6,14 @@
  * Guest contract (documented for image builders):
  * - The grant's SSH public key arrives as the systemd credential `ssh.authorized_keys.root`
  *   (SMBIOS OEM string, type 11), which systemd >= 252 installs for root at boot.
- * - TDX guests also get `compute-bridge.request_id` and `compute-bridge.tdx_report_data` (128 hex
- *   digits = 64 bytes) as credentials. A guest that wants to publish attestation evidence writes
- *   the report data to configfs-tsm (`/sys/kernel/config/tsm/report/<r>/inblob`), reads the TD
- *   quote from `outblob`, and prints one line `COMPUTE-BRIDGE-TDQUOTE <request_id> <base64 quote>`
- *   on its first serial port. The bridge reads it from the console log on the host; it never
- *   executes anything inside a trust domain.
+ * - Every guest gets `compute-bridge.request_id`; TDX guests also `compute-bridge.attestation_nonce`
+ *   (hex) and `compute-bridge.attest`, a POSIX sh script (src/attestation/guest.ts
+ *   renderGuestAttestScript). A unit in the image runs it once at boot: it writes the binding of
+ *   (request_id, nonce, the guest's SSH host key) to configfs-tsm as REPORTDATA and prints the TD
+ *   quote between COMPUTE-BRIDGE-EVIDENCE markers on its first serial port. The bridge reads them
+ *   from the console log on the host; it never executes anything inside a trust domain.
  */
-import { createHash } from "node:crypto";
+import { renderGuestAttestScript } from "../../attestation/guest.js";
 import type { ComputeGrant } from "../../domain/index.js";
 
 export function domainName(requestId: string): string {
@@ -27,11 +27,6 @@ export function requestIdOfDomain(name: string, isRequestId: (s: string) => bool
 
 export function xmlEscape(s: string): string {
   return s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;" })[c]!);
-}
-
-/** 64 bytes binding a TD quote to this provider and grant: sha512 of a fixed, versioned string. */
-export function tdxReportData(providerId: string, requestId: string): string {
-  return createHash("sha512").update(`compute-bridge/tdx-report-data/v1\0${providerId}\0${requestId}`).digest("hex");
 }
 
 /** The `network` value that gives a guest no NIC at all (it then gets no address). */
@@ -53,6 +48,8 @@ export interface DomainXmlInput {
   /** OVMF build with TDX support (required for TDX guests). */
   ovmfPath?: string;
   sshPublicKey?: string;
+  /** TDX guests: the nonce their evidence binds (lowercase hex). */
+  attestationNonce?: string;
 }
 
 /**
@@ -65,7 +62,11 @@ export function domainXml(d: DomainXmlInput): string {
   const creds: string[] = [];
   if (d.sshPublicKey) creds.push(`io.systemd.credential.binary:ssh.authorized_keys.root=${Buffer.from(`${d.sshPublicKey}\n`).toString("base64")}`);
   creds.push(`io.systemd.credential:compute-bridge.request_id=${d.grant.request_id}`);
-  if (d.tdx) creds.push(`io.systemd.credential:compute-bridge.tdx_report_data=${tdxReportData(d.providerId, d.grant.request_id)}`);
+  if (d.tdx && d.attestationNonce) {
+    if (!/^(?:[0-9a-f]{2}){16,64}$/.test(d.attestationNonce)) throw new Error("attestation nonce must be lowercase hex, 16 to 64 bytes");
+    creds.push(`io.systemd.credential:compute-bridge.attestation_nonce=${d.attestationNonce}`);
+    creds.push(`io.systemd.credential.binary:compute-bridge.attest=${Buffer.from(renderGuestAttestScript()).toString("base64")}`);
+  }
   const virtType = d.virtType ?? "kvm";
   if (d.tdx && virtType !== "kvm") throw new Error("a TDX guest needs virt type kvm");
   const lines = [
@@ -167,19 +168,6 @@ export function parseDomstats(text: string): Map<string, Record<string, string>>
     if (kv && cur) cur[kv[1]!] = kv[2]!;
   }
   return out;
-}
-
-/** The TD quote (base64) of the last marker line for this request, or null. */
-export function parseQuote(text: string, requestId: string): string | null {
-  let quote: string | null = null;
-  for (const raw of text.split("\n")) {
-    const line = raw.replace(/\r$/, "");
-    const i = line.indexOf(`COMPUTE-BRIDGE-TDQUOTE ${requestId} `);
-    if (i < 0) continue;
-    const q = line.slice(i + `COMPUTE-BRIDGE-TDQUOTE ${requestId} `.length).trim();
-    if (/^[A-Za-z0-9+/]{16,}={0,2}$/.test(q) && q.length <= 256 * 1024) quote = q;
-  }
-  return quote;
 }
 
 /** libvirt's virDomainState and shut-off reasons (virsh domstats state.state / state.reason). */

@@ -8,6 +8,8 @@
  *     the serial console, which only the cloud API reads: the bridge reports it as
  *     host_key_sha256, so whoever connects can pin the key instead of trusting the first
  *     connection (the line comes before anything from the image runs, and the first one counts);
+ *     on a TDX grant it then prints attestation evidence bound to (request_id, nonce, that host
+ *     key) the same way (src/attestation/guest.ts);
  *  2. downloads the image with curl (common/fetch-script.ts: http/https only, no globbing, idle
  *     timeout, ends by valid_to, size capped while streaming, retried; the URL
  *     given to curl is the WHATWG-normalized form of envelope.image.url), verifies its
@@ -35,6 +37,7 @@ import { SshPublicKey } from "../../domain/grant.js";
 import type { Envelope } from "../../domain/index.js";
 import { HOST_KEY_FINGERPRINT } from "../../domain/instance.js";
 import { shq } from "../../util/shell.js";
+import { renderAttestStep, type GuestAttestation } from "../../attestation/guest.js";
 import { CURL_FETCH } from "./fetch-script.js";
 
 export const EXIT_MARKER = "COMPUTE-BRIDGE-EXIT";
@@ -64,6 +67,8 @@ export interface BootScriptOptions {
   deadlineEpochSeconds?: number;
   /** Production serial console device; default /dev/ttyS0 (EC2, GCE and Azure x86 images). */
   consoleDevice?: string;
+  /** TDX grants: evidence bound to (request_id, this nonce, the host key) goes on the console (src/attestation/guest.ts). */
+  attestation?: { mode: GuestAttestation; nonce: string };
 }
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
@@ -187,7 +192,7 @@ if [ -r "$CB_SSH_HOST_KEY" ] && command -v ssh-keygen >/dev/null 2>&1; then
   case "$cb_fp" in SHA256:*) cb_host_key=$cb_fp ;; esac
 fi
 cb_console "${HOST_KEY_MARKER} $CB_REQUEST_ID $cb_host_key"
-
+${o.attestation ? renderAttestStep(o.attestation.mode, o.attestation.nonce) : ""}
 # 2. Fetch and verify the image; on a mismatch nothing from it runs.
 rm -rf "$CB_WORK" "$CB_STATE/image" "$CB_STATE/image.part"
 mkdir -p "$CB_WORK" && cd "$CB_STATE" || cb_fail setup "cannot create the work directory"

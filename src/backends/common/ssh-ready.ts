@@ -9,6 +9,9 @@ import net from "node:net";
 import { abortError, systemClock, type Clock } from "../../util/clock.js";
 import { CredentialError } from "../backend.js";
 import { parseHostKey } from "./cloud-init.js";
+import { absentEvidence, evidenceFromConsole } from "../../attestation/guest.js";
+import type { CollectedEvidence, EvidencePlatform } from "../../domain/attestation.js";
+import type { ComputeGrant, Envelope } from "../../domain/grant.js";
 
 export interface WaitForSshOptions {
   /** Give up after this long (measured on `clock`). */
@@ -143,30 +146,55 @@ export interface HostKeyFound {
  * AbortError on `signal`.
  */
 export async function waitForHostKey(read: () => Promise<string>, requestId: string, opts: HostKeyWaitOptions): Promise<HostKeyFound> {
+  const r = await waitForConsole(read, (text) => parseHostKey(text, requestId), opts, "an SSH host key");
+  if ("missing" in r) return { fingerprint: null, missing: r.missing };
+  return { fingerprint: r.value.fingerprint, missing: r.value.fingerprint ? null : "the guest reported no ed25519 SSH host key" };
+}
+
+/**
+ * Read the console until `parse` finds what the guest reports (non-null), `what` naming it in the
+ * reason when it does not come. Read errors are retried until `timeoutMs`, except
+ * ConsoleUnavailableError and CredentialError, which end the wait at once. Rejects only with an
+ * AbortError on `signal`.
+ */
+export async function waitForConsole<T>(read: () => Promise<string>, parse: (text: string) => T | null, opts: HostKeyWaitOptions, what: string): Promise<{ value: T } | { missing: string }> {
   const clock = opts.clock ?? systemClock;
   const deadline = clock.now() + opts.timeoutMs;
   let lastError: string | null = null;
   for (;;) {
     if (opts.signal?.aborted) throw abortError(opts.signal);
     try {
-      const found = parseHostKey(await read(), requestId);
-      if (found) return { fingerprint: found.fingerprint, missing: found.fingerprint ? null : "the guest reported no ed25519 SSH host key" };
+      const found = parse(await read());
+      if (found !== null) return { value: found };
       lastError = null;
     } catch (e) {
       if (opts.signal?.aborted) throw abortError(opts.signal);
       lastError = e instanceof Error ? e.message : String(e);
       // Neither a console that has none nor a refusal of the bridge's credentials or permissions
       // (GetConsoleOutput missing from the IAM policy, say) heals within the wait.
-      if (e instanceof ConsoleUnavailableError || e instanceof CredentialError) return { fingerprint: null, missing: `the serial console cannot be read: ${lastError.slice(0, 300)}` };
+      if (e instanceof ConsoleUnavailableError || e instanceof CredentialError) return { missing: `the serial console cannot be read: ${lastError.slice(0, 300)}` };
     }
     const remaining = deadline - clock.now();
     if (remaining <= 0)
       return {
-        fingerprint: null,
         missing: lastError
           ? `the serial console could not be read: ${lastError.slice(0, 300)}`
-          : `the guest reported no SSH host key on its serial console within ${Math.round(opts.timeoutMs / 1000)} s`,
+          : `the guest reported no ${what.replace(/^an? /, "")} on its serial console within ${Math.round(opts.timeoutMs / 1000)} s`,
       };
     await clock.sleep(Math.min(opts.intervalMs, remaining), opts.signal);
   }
+}
+
+/**
+ * A TDX grant's attestation evidence from the guest's console (src/attestation/guest.ts), read
+ * after its host key report: present, absent with the guest's reason, or absent because the
+ * console did not show it within `timeoutMs` (0: read once, for a guest that already stopped).
+ * Null for a grant that did not ask for TDX. Never fails the grant.
+ */
+export async function guestEvidence(read: () => Promise<string>, platform: EvidencePlatform, grant: ComputeGrant, envelope: Envelope, opts: HostKeyWaitOptions): Promise<CollectedEvidence | null> {
+  if (!grant.tdx_required) return null;
+  const nonce = envelope.attestation_nonce;
+  if (!nonce) return absentEvidence(platform, null, "no attestation nonce reached the backend");
+  const r = await waitForConsole(read, (text) => evidenceFromConsole(platform, grant.request_id, nonce, text), opts, "attestation evidence");
+  return "value" in r ? r.value : absentEvidence(platform, nonce, r.missing);
 }

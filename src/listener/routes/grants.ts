@@ -1,5 +1,7 @@
 import type { FastifyPluginCallback } from "fastify";
 import type { z } from "zod";
+import { grantEvidence } from "../../attestation/record.js";
+import { evidenceJson } from "../../domain/attestation.js";
 import { GrantRequest, isTerminal } from "../../domain/index.js";
 import { ValidationError } from "../../lifecycle/manager.js";
 import type { GrantRecord } from "../../store/store.js";
@@ -28,7 +30,8 @@ export function grantView(
           ssh_port: r.instance.ssh_port,
           ssh_user: r.instance.ssh_user,
           host_key_sha256: r.instance.host_key_sha256,
-          ...(r.instance.attestation ? { attestation: r.instance.attestation } : {}),
+          // The evidence itself (kilobytes of quotes) is served by GET /v1/grants/{id}/attestation.
+          ...(r.instance.attestation ? { attestation: r.instance.attestation.status } : {}),
         }
       : null,
     ...(o.privateKey && r.private_key && r.instance?.host ? { private_key: r.private_key } : {}),
@@ -132,6 +135,25 @@ export const grantRoutes: FastifyPluginCallback<RouteDeps> = (app, o, done) => {
       const log = o.store.computeLog(id);
       if (!log) return refuse(reply, 409, { error: "not_terminal", message: `grant ${id} is ${rec.state}; its ComputeLog exists once it is terminal`, state: rec.state });
       return log;
+    },
+  );
+
+  app.get<Id>(
+    "/v1/grants/:id/attestation",
+    {
+      schema: {
+        summary: "The attestation evidence of a grant",
+        description:
+          "Raw hardware-signed evidence bound to (request_id, nonce, SSH host key), or status absent with the reason; canonical JSON whose SHA-256 is the ComputeLog's attestation_sha256. Check it offline with `compute-bridge verify-evidence` (docs/operations.md).",
+        params: S.IdParams,
+        response: { 200: S.Evidence, 400: S.ValidationErrorBody, 404: S.ErrorBody },
+      } satisfies RouteSchema,
+    },
+    async (req, reply) => {
+      const rec = o.store.get(req.params.id);
+      if (!rec) return refuse(reply, 404, notFound(req.params.id));
+      // The exact bytes the ComputeLog digests (never re-serialized).
+      return reply.type("application/json; charset=utf-8").send(evidenceJson(grantEvidence(rec)));
     },
   );
   done();

@@ -266,31 +266,42 @@ export function virshBinDir(root: string): string {
 
 /**
  * The guest workload for the virsh stand-in ($CB_FAKE_STATE/libvirt/guest-command): like a TDX
- * guest's boot service it reads its credentials (from the domain XML the stand-in keeps), prints
- * `COMPUTE-BRIDGE-TDQUOTE <request_id> <quote>` on its serial console when it is a TD, then runs
- * until $CB_FAKE_STATE/poweroff-<domain> exists and powers off cleanly.
+ * guest's boot unit it reads its credentials (from the domain XML the stand-in keeps) and, when it
+ * is a TD, runs the bridge's compute-bridge.attest credential script for real against a stand-in
+ * configfs-tsm whose outblob is a real TD quote ($CB_FAKE_STATE/libvirt/td-quote.bin), writing to
+ * its serial console log; then runs until $CB_FAKE_STATE/poweroff-<domain> exists and powers off.
  */
 export function installGuestCommand(sshd: FakeSshd): void {
   const script = String.raw`ddir=$(tr '\0' '\n' < /proc/$PPID/cmdline | sed -n 3p)
 xml=$ddir/domain.xml
 dom=$(sed -n 's:.*<name>\(.*\)</name>.*:\1:p' "$xml" | head -n 1)
+rid=@{dom#cb-}
 console=$(sed -n "s:.*<source path='\([^']*console.log\)'.*:\1:p" "$xml" | head -n 1)
-rd=$(sed -n 's/.*compute-bridge.tdx_report_data=\([0-9a-f]*\).*/\1/p' "$xml")
-if [ -n "$rd" ] && [ -n "$console" ]; then
-  q=$(printf 'TDQUOTE:%s:%s' "@{dom#cb-}" "$rd" | base64 -w0)
-  printf '[    1.234] tdx-guest: quote ready\r\nCOMPUTE-BRIDGE-TDQUOTE %s %s\r\n' "@{dom#cb-}" "$q" >> "$console"
+nonce=$(sed -n 's/.*compute-bridge.attestation_nonce=\([0-9a-f]*\).*/\1/p' "$xml")
+att=$(sed -n 's/.*compute-bridge.attest=\([A-Za-z0-9+\/=]*\).*/\1/p' "$xml")
+if [ -n "$nonce" ] && [ -n "$att" ] && [ -n "$console" ]; then
+  g=$ddir/td
+  mkdir -p "$g/creds" "$g/tsm/cb-$rid"
+  printf '%s' "$rid" > "$g/creds/compute-bridge.request_id"
+  printf '%s' "$nonce" > "$g/creds/compute-bridge.attestation_nonce"
+  printf '%s' "$att" | base64 -d > "$g/attest.sh"
+  echo tdx_guest > "$g/tsm/cb-$rid/provider"
+  echo 1 > "$g/tsm/cb-$rid/generation"
+  cp "$CB_FAKE_STATE/libvirt/td-quote.bin" "$g/tsm/cb-$rid/outblob"
+  printf '[    1.234] tdx-guest: attestation unit starting
+' >> "$console"
+  CREDENTIALS_DIRECTORY=$g/creds CB_CONSOLE=$console CB_STATE=$g/state CB_TSM=$g/tsm CB_SSH_HOST_KEY=$g/no-key sh "$g/attest.sh"
 fi
 while [ ! -e "$CB_FAKE_STATE/poweroff-$dom" ]; do sleep 0.05; done
 exit 0
 `.replace(/@\{/g, "${");
   mkdirSync(path.join(sshd.stateDir, "libvirt"), { recursive: true });
   writeFileSync(path.join(sshd.stateDir, "libvirt", "guest-command"), script);
+  writeFileSync(path.join(sshd.stateDir, "libvirt", "td-quote.bin"), TD_QUOTE);
 }
 
-/** What installGuestCommand's guest prints as its quote (base64). */
-export function expectedQuote(requestId: string, reportDataHex: string): string {
-  return Buffer.from(`TDQUOTE:${requestId}:${reportDataHex}`).toString("base64");
-}
+/** The real TD quote (go-tdx-guest's GCE vector) the stand-in configfs-tsm hands out. */
+export const TD_QUOTE = readFileSync(new URL("../../attestation/vectors/go-tdx-guest_cos-113-tdx-quote.dat", import.meta.url)).subarray(0, 4935);
 
 /** Run one command on a fake machine through its real sshd (test-side observation). */
 export async function sshRun(sshd: FakeSshd, command: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
