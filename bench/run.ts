@@ -14,6 +14,7 @@ const SUITE: { file: string; title: string; args?: string[] }[] = [
   { file: "listener.ts", title: "Listener: durable accept path vs a bare fastify route (32 connections)" },
   { file: "listener.ts", title: "Listener at saturation (128 connections)", args: ["8", "128"] },
   { file: "core.ts", title: "Core: routing, memory, cold start, resume" },
+  { file: "burst.ts", title: "Burst: 1,000 grants at once to AWS on the rate-limited EC2 fake" },
   { file: "aws-watch.ts", title: "AWS: batched vs per-instance watch, grant-to-SSH-ready overhead" },
   { file: "gcp-watch.ts", title: "GCP: batched vs per-instance watch" },
   { file: "azure-watch.ts", title: "Azure: batched vs per-VM watch" },
