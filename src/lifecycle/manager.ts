@@ -9,6 +9,7 @@ import { grantRequestDigest, type Almanac, type ComputeGrant, type Decline, type
 import { windowOf } from "../fleet/budget.js";
 import { costOf } from "../fleet/pricing.js";
 import { NoBackendError, reservationOf, type Fleet } from "../fleet/fleet.js";
+import { isStorageFull, isStoreUnavailable } from "../store/errors.js";
 import type { Attempt, GrantRecord, Outcome, Store } from "../store/store.js";
 import { backoffMs, isAbort, type Clock } from "../util/clock.js";
 import type { Identity } from "../util/identity.js";
@@ -341,58 +342,81 @@ export class GrantManager {
    * frame: every frame still waiting stays on the heap for as long as the grant provisions.
    */
   private async drive(initial: GrantRecord, task: Task): Promise<void> {
-    let rec = initial;
-    const id = rec.request_id;
+    const id = initial.request_id;
     const signal = task.shutdown.signal;
+    let rec = initial;
     try {
-      const deadlineMs = this.o.almanac.toWallMs(rec.grant.valid_to);
-      if (rec.state === "terminating") {
-        this.releaseSlot(task);
-        await this.terminateAndFinish(rec, rec.outcome ?? this.failOutcome("backend", "resumed while terminating without a recorded outcome"), signal);
-        return;
-      }
-
-      if (rec.state === "provisioning") {
-        const early = this.preProvisionOutcome(rec, deadlineMs, task);
-        if (early) {
-          this.releaseSlot(task);
-          // A create call may have been in flight: terminate by request_id before finishing.
-          await this.terminateAndFinish(await this.toTerminating(rec, early), early, signal);
-          return;
-        }
-        let instance: ProvisionedInstance;
-        // Cancel and valid_to cut every provisioning wait short (create, boot, image fetch, SSH).
-        const wait = this.provisionWait(task, deadlineMs);
+      for (let failures = 1; ; failures++) {
         try {
-          ({ rec, instance } = await this.provisionWithFailover(rec, task, wait.signal));
-        } catch (e) {
-          if (signal.aborted) throw e;
-          const cut = wait.signal.reason instanceof Interrupted ? wait.signal.reason : null;
-          const outcome = cut ? this.outcome(cut.state, null) : this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
-          if (cut) this.o.log.info({ request_id: id, backend: rec.backend, reason: cut.message }, "provisioning stopped");
-          else this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: outcome.error_kind, message: outcome.error_message } }, "provisioning failed");
-          rec = this.o.store.get(id)!;
-          // Whatever a failed or interrupted create left behind is found by request_id and removed.
-          await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
+          await this.driveFrom(rec, task);
           return;
-        } finally {
-          wait.done();
-          this.releaseSlot(task);
+        } catch (e) {
+          if (isAbort(e, signal)) return;
+          // A state write that did not happen (disk full, I/O error): the grant continues from its
+          // last committed state after a pause, by the same idempotent calls, instead of stalling
+          // until a restart.
+          if (!isStoreUnavailable(e)) throw e;
+          this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: isStorageFull(e) ? "storage_full" : "store_unavailable", message: messageOf(e) }, failures }, "a state database write failed; retrying from the last committed state");
+          await this.o.clock.sleep(backoffMs(failures, this.baseMs, this.capMs) + this.baseMs, signal);
+          rec = this.o.store.get(id) ?? rec;
+          if (TERMINAL.includes(rec.state)) return;
         }
-        rec = await this.transition(rec, "running", { instance, note: `instance ${instance.instance_id}` });
-        this.o.events?.ready?.(instance.backend, (this.o.clock.now() - Date.parse(rec.created_at)) / 1000);
       }
-      this.releaseSlot(task);
-
-      // running: watch until exit, expiry or cancel
-      const outcome = await this.watch(rec, deadlineMs, task);
-      await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
     } catch (e) {
       if (!isAbort(e, signal)) this.o.log.error({ request_id: id, backend: rec.backend, err: e }, "grant task failed unexpectedly; it resumes on the next start");
     } finally {
       this.releaseSlot(task);
       this.tasks.delete(id);
     }
+  }
+
+  /** One pass of drive() from a committed state; a failed store write escapes to drive(). */
+  private async driveFrom(initial: GrantRecord, task: Task): Promise<void> {
+    let rec = initial;
+    const id = rec.request_id;
+    const signal = task.shutdown.signal;
+    const deadlineMs = this.o.almanac.toWallMs(rec.grant.valid_to);
+    if (rec.state === "terminating") {
+      this.releaseSlot(task);
+      await this.terminateAndFinish(rec, rec.outcome ?? this.failOutcome("backend", "resumed while terminating without a recorded outcome"), signal);
+      return;
+    }
+
+    if (rec.state === "provisioning") {
+      const early = this.preProvisionOutcome(rec, deadlineMs, task);
+      if (early) {
+        this.releaseSlot(task);
+        // A create call may have been in flight: terminate by request_id before finishing.
+        await this.terminateAndFinish(await this.toTerminating(rec, early), early, signal);
+        return;
+      }
+      let instance: ProvisionedInstance;
+      // Cancel and valid_to cut every provisioning wait short (create, boot, image fetch, SSH).
+      const wait = this.provisionWait(task, deadlineMs);
+      try {
+        ({ rec, instance } = await this.provisionWithFailover(rec, task, wait.signal));
+      } catch (e) {
+        if (signal.aborted) throw e;
+        const cut = wait.signal.reason instanceof Interrupted ? wait.signal.reason : null;
+        const outcome = cut ? this.outcome(cut.state, null) : this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
+        if (cut) this.o.log.info({ request_id: id, backend: rec.backend, reason: cut.message }, "provisioning stopped");
+        else this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: outcome.error_kind, message: outcome.error_message } }, "provisioning failed");
+        rec = this.o.store.get(id)!;
+        // Whatever a failed or interrupted create left behind is found by request_id and removed.
+        await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
+        return;
+      } finally {
+        wait.done();
+        this.releaseSlot(task);
+      }
+      rec = await this.transition(rec, "running", { instance, note: `instance ${instance.instance_id}` });
+      this.o.events?.ready?.(instance.backend, (this.o.clock.now() - Date.parse(rec.created_at)) / 1000);
+    }
+    this.releaseSlot(task);
+
+    // running: watch until exit, expiry or cancel
+    const outcome = await this.watch(rec, deadlineMs, task);
+    await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
   }
 
   private preProvisionOutcome(rec: GrantRecord, deadlineMs: number, task: Task): Outcome | null {

@@ -33,7 +33,7 @@ import { createLogger, type Logger } from "../../src/util/logger.js";
 import { Reservations } from "../../src/fleet/reservations.js";
 import { Ec2Fake, type Ec2FakeOptions, type FakeInstance } from "../fakes/ec2.js";
 import { until } from "../helpers/http.js";
-import { localBackend, MS_ALMANAC } from "../helpers/local.js";
+import { localBackend, loopbackImages, MS_ALMANAC } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
 import { ManualClock } from "../helpers/manual-clock.js";
 import { testBridge } from "../helpers/lifecycle.js";
@@ -412,7 +412,7 @@ describe("aws backend with the EC2 fake", () => {
     const fake = await startFake(t, { faults: { capacity: new Set(["m6i.large"]) } });
     const unavailable = new OfferingCache(60_000, systemClock);
     const aws = makeBackend(t, awsConfig(t, fake), { unavailable });
-    const local = localBackend(path.join(dir, "local-state"), { region: "us-east-1" });
+    const local = localBackend(path.join(dir, "local-state"), { region: "us-east-1" }, loopbackImages());
     const guest = new GuestSim(fake, dir, { script: true });
     t.after(() => guest.stop());
     const { store, manager, fleet } = bridge(t, path.join(dir, "state"), [aws, local], unavailable);

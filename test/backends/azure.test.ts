@@ -36,7 +36,7 @@ import { makeTestCert, type TestCert } from "../fakes/tls.js";
 import { until } from "../helpers/http.js";
 import { testBridge } from "../helpers/lifecycle.js";
 import { bundleImage } from "../helpers/images.js";
-import { localBackend, MS_ALMANAC } from "../helpers/local.js";
+import { localBackend, loopbackImages, MS_ALMANAC } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
 
 const RG = "rg-test";
@@ -785,7 +785,7 @@ describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
     await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
     t.after(() => new Promise<void>((r) => server.close(() => r())));
     const image = { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/wl.tar.gz`, sha256: img.sha256, format: "bundle" as const };
-    const local = localBackend(path.join(s.dir, "local"), { region: REGION });
+    const local = localBackend(path.join(s.dir, "local"), { region: REGION }, loopbackImages());
     const { manager, store, fleet } = lifecycle(t, s.dir, [s.backend, local], s.ctx.unavailable);
     const id = "failover-1";
     await manager.submit({ grant: grant(id), envelope: { image } });

@@ -4,10 +4,14 @@ import { LocalBackend } from "../../src/backends/local.js";
 import { OfferingCache } from "../../src/backends/offering-cache.js";
 import { Almanac, type ComputeGrant } from "../../src/domain/index.js";
 import { systemClock } from "../../src/util/clock.js";
+import { ImagePolicy } from "../../src/util/image-policy.js";
 import { createLogger } from "../../src/util/logger.js";
 
 /** Genesis at the epoch and 1 ms ticks: valid_to in ticks is simply a wall-clock ms timestamp. */
 export const MS_ALMANAC = new Almanac(new Date(0), 0.001);
+
+/** For tests whose image servers listen on loopback: a backend context that may fetch from there. */
+export const loopbackImages = (): Partial<BackendContext> => ({ imagePolicy: new ImagePolicy({ fileRoots: [os.tmpdir()], allowCidrs: ["127.0.0.0/8"] }) });
 
 export function localBackend(stateDir: string, over: Partial<ConstructorParameters<typeof LocalBackend>[0]> = {}, ctx: Partial<BackendContext> = {}) {
   return new LocalBackend(

@@ -141,6 +141,31 @@ describe("GrantManager on scripted backends", () => {
     assert.equal(second.state("re-1"), "completed");
   });
 
+  it("a failed state write (disk full) does not stall the grant: it continues from its last committed state after a pause", async (t) => {
+    const a = new ScriptedBackend("a");
+    const { manager, store, clock, state } = rig(t, [a]);
+    // The first two writes of a transition fail as a full disk would (SQLite's SQLITE_FULL).
+    const real = store.transition.bind(store);
+    let failing = 2;
+    store.transition = (async (...args: Parameters<typeof real>) => {
+      if (args[1] === "running" && failing > 0) {
+        failing--;
+        throw Object.assign(new Error("database or disk is full"), { name: "SqliteError", code: "SQLITE_FULL" });
+      }
+      return real(...args);
+    }) as typeof store.transition;
+    await manager.submit(request("full-1"));
+    await until(() => {
+      clock.advance(50);
+      return a.watching("full-1");
+    }, "the grant running once the disk has room again");
+    assert.equal(state("full-1"), "running");
+    assert.equal(a.count("provision", "full-1"), 3, "provision called again each time: the backend adopts what it made (idempotent per request_id)");
+    a.exit("full-1", 0);
+    await manager.settled("full-1");
+    assert.equal(state("full-1"), "completed");
+  });
+
   it("the store refuses a transition the table does not allow", async (t) => {
     const a = new ScriptedBackend("a");
     const { manager, store } = rig(t, [a]);
