@@ -35,7 +35,7 @@ import { Reservations } from "../../src/fleet/reservations.js";
 import { GceFake, type GceFakeOptions, type JsonObject } from "../fakes/gce.js";
 import { until } from "../helpers/http.js";
 import { bundleImage } from "../helpers/images.js";
-import { MS_ALMANAC } from "../helpers/local.js";
+import { loopbackImages, MS_ALMANAC } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
 import { testBridge } from "../helpers/lifecycle.js";
 import { installNetworkGuard } from "../helpers/net-guard.js";
@@ -313,7 +313,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     const dir = tempDir(t);
     const local = new LocalBackend(
       { region: "us-central1", cpu_millicores: 8000, ram_mib: 16384, max_concurrent: 10, poll_interval_ms: 20, terminate_grace_seconds: 1, max_image_bytes: 1 << 26 },
-      { ...rigCtx(t), stateDir: path.join(dir, "local") },
+      { ...rigCtx(t), stateDir: path.join(dir, "local"), ...loopbackImages() },
     );
     const fleet = Fleet.of([local, backend], systemClock);
     const { store, manager } = lifecycle(t, fleet, path.join(dir, "state"));
@@ -348,7 +348,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     fake.faults.poolExhausted = true;
     const local = new LocalBackend(
       { region: "us-central1", cpu_millicores: 8000, ram_mib: 16384, max_concurrent: 10, poll_interval_ms: 20, terminate_grace_seconds: 1, max_image_bytes: 1 << 26 },
-      { ...rigCtx(t), stateDir: path.join(dir, "local") },
+      { ...rigCtx(t), stateDir: path.join(dir, "local"), ...loopbackImages() },
     );
     const fleet = new Fleet([backend, local], unavailable);
     const { store, manager } = lifecycle(t, fleet, path.join(dir, "state"));
