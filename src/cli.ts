@@ -5,6 +5,7 @@ import { ConfigError, loadConfig, resolveFromConfig } from "./config/load.js";
 import { Almanac, GrantState } from "./domain/index.js";
 import { buildCard } from "./fleet/card.js";
 import { Fleet } from "./fleet/fleet.js";
+import { pricingRows } from "./fleet/spend.js";
 import { NotBuiltError } from "./backends/registry.js";
 import type { CheckResult } from "./backends/backend.js";
 import { readSecret } from "./config/secrets.js";
@@ -198,6 +199,8 @@ async function checkConfig(argv: string[], io: Io): Promise<number> {
   for (const e of notBuilt) io.err(`warning: ${e.message} (run would refuse this config)\n`);
   if (!existsSync(keyFile)) io.err(`note: no identity yet in ${stateDir}; the card below is signed with a throwaway key (run creates the real one)\n`);
   io.out(`${JSON.stringify(buildCard(cfg, fleet, identity), null, 2)}\n`);
+  // Prices and caps for the operator (stderr: stdout stays the card, for tools).
+  io.err(formatTable([["SCOPE", "PRICING", "VALUE"], ...pricingRows(cfg)]));
   io.err(`config ok: ${path.resolve(file)}\n`);
   return EXIT.ok;
 }
@@ -373,6 +376,7 @@ async function doctor(argv: string[], io: Io): Promise<number> {
       rows.push([b.name, r.check, r.ok ? "ok" : "FAIL", r.detail]);
     }
   }
+  for (const [scope, what, value] of pricingRows(cfg)) rows.push([scope, what, "info", value]);
   await fleet.close();
   io.out(formatTable(rows));
   return failed ? EXIT.failure : EXIT.ok;

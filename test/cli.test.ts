@@ -214,3 +214,17 @@ describe("CLI", () => {
     assert.match(bad.out, /listener\s+token readable\s+FAIL\s+listener.token_file: cannot read/);
   });
 });
+
+describe("CLI: prices and budgets", () => {
+  it("check-config prints the price table and the caps on stderr, the card alone on stdout", async () => {
+    const out: string[] = [];
+    const err: string[] = [];
+    const code = await main(["check-config", "--config", "config/example.toml"], { out: (s: string) => void out.push(s), err: (s: string) => void err.push(s) } as never);
+    assert.equal(code, 0);
+    JSON.parse(out.join(""));
+    const e = err.join("");
+    assert.match(e, /fleet\s+policy\s+ordered/);
+    assert.match(e, /aws\s+price m6i\.large\s+0\.096 USD\/h/);
+    assert.match(e, /baremetal\s+price rack1-a\s+0\.02 USD per 1,000 millicores-hour, 0\.003 USD per GiB-hour/);
+  });
+});

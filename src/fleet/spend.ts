@@ -41,3 +41,28 @@ export class Spend {
     return costOf(pricePerHour, (this.almanac.toWallMs(grant.valid_to) - fromMs) / 1000, this.prices.rule(backend));
   }
 }
+
+/**
+ * The price table and the spend caps of a config, one row each (scope, what, value), for
+ * `check-config` and `doctor`: what an operator who reads a monthly bill wants to see first.
+ */
+export function pricingRows(cfg: BootConfig): [string, string, string][] {
+  const cur = cfg.fleet.currency;
+  const rows: [string, string, string][] = [["fleet", "policy", cfg.fleet.policy], ["fleet", "currency", cur]];
+  const caps = (scope: string, b: BudgetConfig | undefined) => {
+    if (b?.per_day !== undefined) rows.push([scope, "budget per UTC day", `${b.per_day} ${cur}`]);
+    if (b?.per_month !== undefined) rows.push([scope, "budget per UTC month", `${b.per_month} ${cur}`]);
+  };
+  caps("fleet", cfg.fleet.budget);
+  for (const [backend, table] of Object.entries(new PriceBook(cfg).table())) {
+    for (const [shape, p] of Object.entries(table)) {
+      const value =
+        typeof p === "number"
+          ? `${p} ${cur}/h`
+          : `${p.per_cpu_hour ?? "unpriced"} ${cur} per 1,000 millicores-hour, ${p.per_gib_hour ?? "unpriced"} ${cur} per GiB-hour`;
+      rows.push([backend, `price ${shape}`, value]);
+    }
+    caps(backend, cfg.backends[backend as (typeof BACKEND_NAMES)[number]]?.budget);
+  }
+  return rows;
+}
