@@ -11,13 +11,12 @@
  *  - Bridge overhead on grant-to-SSH-ready: provision() wall time minus the fake's boot delay,
  *    for grants launched while the N instances are being watched (real clock; the fake boots
  *    each instance after BOOT_DELAY_MS and a loopback server answers with an SSH banner). This
- *    fake runs in a child process (this file with --ec2-fake-host), so the figure is the bridge's
+ *    fake runs in a child process (bench/lib/ec2-fake-host.ts), so the figure is the bridge's
  *    own cost and not the fake's SigV4/XML work sharing its thread. Measured for grants one after
  *    another (per-grant overhead) and for a burst of BURST grants at once.
  *
  * `run()` returns the figures for a suite runner; executed directly it prints a table.
  */
-import { fork, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
@@ -34,6 +33,7 @@ import { systemClock, type Clock } from "../src/util/clock.js";
 import { createLogger } from "../src/util/logger.js";
 import { Ec2Fake } from "../test/fakes/ec2.js";
 import { ManualClock } from "../test/helpers/manual-clock.js";
+import { remoteEc2Fake } from "./lib/ec2-fake-host.js";
 
 process.env.AWS_EC2_METADATA_DISABLED = "true";
 
@@ -206,56 +206,13 @@ function percentile(xs: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)]!;
 }
 
-/** An Ec2Fake in a child process, on the wall clock (boot delay in real time). */
-async function remoteFake(): Promise<{ endpoint: string; credentials: { accessKeyId: string; secretAccessKey: string }; bootAll: () => Promise<void>; close: () => Promise<void> }> {
-  const child: ChildProcess = fork(fileURLToPath(import.meta.url), ["--ec2-fake-host", String(BOOT_DELAY_MS)], { execArgv: ["--import", "tsx"], stdio: ["ignore", "ignore", "inherit", "ipc"] });
-  const request = (msg: string) =>
-    new Promise<unknown>((resolve, reject) => {
-      const onMsg = (m: { reply: string; data?: unknown }) => {
-        if (m.reply !== msg) return;
-        child.off("message", onMsg);
-        resolve(m.data);
-      };
-      child.on("message", onMsg);
-      child.once("exit", (code) => reject(new Error(`the fake host exited (${code})`)));
-      if (msg !== "ready") child.send(msg);
-    });
-  const info = (await request("ready")) as { endpoint: string; credentials: { accessKeyId: string; secretAccessKey: string } };
-  return {
-    ...info,
-    bootAll: async () => void (await request("bootAll")),
-    close: async () => {
-      await request("close").catch(() => undefined);
-      child.kill();
-    },
-  };
-}
-
-/** The child side of remoteFake(). */
-async function hostFake(bootDelayMs: number): Promise<void> {
-  const fake = await Ec2Fake.start({ seed: 2, now: () => Date.now(), faults: { bootDelayMs } });
-  process.on("message", (m: string) => {
-    if (m === "bootAll") {
-      fake.bootAll();
-      process.send!({ reply: "bootAll" });
-    } else if (m === "close") {
-      void fake.close().then(() => {
-        process.send!({ reply: "close" });
-        process.exit(0);
-      });
-    }
-  });
-  process.on("disconnect", () => process.exit(0));
-  process.send!({ reply: "ready", data: { endpoint: fake.endpoint, credentials: fake.credentials } });
-}
-
 function stats(xs: number[]): { p50: number; p95: number; max: number } {
   return { p50: percentile(xs, 50), p95: percentile(xs, 95), max: Math.max(...xs) };
 }
 
 /** Grant-to-SSH-ready minus the boot delay, for grants launched while N instances are watched. */
 async function measureReady(n: number, sshPort: number, credDir: string): Promise<{ sequential: ReturnType<typeof stats>; burst: ReturnType<typeof stats> }> {
-  const fake = await remoteFake();
+  const fake = await remoteEc2Fake(2, { bootDelayMs: BOOT_DELAY_MS });
   const cfg = config(fake, credDir, sshPort);
   const aws = backend(cfg, systemClock, { pollIntervalMs: POLL_MS, readyPollIntervalMs: READY_POLL_MS, sshProbeIntervalMs: READY_POLL_MS });
   const watches: Promise<unknown>[] = [];
@@ -356,9 +313,7 @@ function table(b: AwsWatchBench): string {
   ].join("\n");
 }
 
-if (process.argv[2] === "--ec2-fake-host") {
-  await hostFake(Number(process.argv[3]));
-} else if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
   const b = await run();
   console.log(table(b));
   const big = b.rows.find((r) => r.n === 1000);

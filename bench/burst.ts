@@ -15,7 +15,6 @@
  * The fake runs in a child process on the wall clock, so its SigV4/XML work does not share the
  * daemon's thread. `run()` returns the figures for the suite runner.
  */
-import { fork, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
@@ -24,7 +23,7 @@ import path from "node:path";
 import { Writable } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { startDaemon } from "../src/daemon.js";
-import { Ec2Fake } from "../test/fakes/ec2.js";
+import { remoteEc2Fake } from "./lib/ec2-fake-host.js";
 
 process.env.AWS_EC2_METADATA_DISABLED = "true";
 
@@ -47,46 +46,6 @@ export interface BurstFigures {
   not_running: number;
 }
 
-/** The fake in a child process: rate limits per (region, API class) on, boots after a delay. */
-async function remoteFake(): Promise<{ endpoint: string; credentials: { accessKeyId: string; secretAccessKey: string }; rateLimited: () => Promise<number>; close: () => Promise<void> }> {
-  const child: ChildProcess = fork(fileURLToPath(import.meta.url), ["--ec2-fake-host"], { execArgv: ["--import", "tsx"], stdio: ["ignore", "ignore", "inherit", "ipc"] });
-  const request = (msg: string) =>
-    new Promise<unknown>((resolve, reject) => {
-      const onMsg = (m: { reply: string; data?: unknown }) => {
-        if (m.reply !== msg) return;
-        child.off("message", onMsg);
-        resolve(m.data);
-      };
-      child.on("message", onMsg);
-      child.once("exit", (code) => reject(new Error(`the fake host exited (${code})`)));
-      if (msg !== "ready") child.send(msg);
-    });
-  const info = (await request("ready")) as { endpoint: string; credentials: { accessKeyId: string; secretAccessKey: string } };
-  return {
-    ...info,
-    rateLimited: async () => (await request("rateLimited")) as number,
-    close: async () => {
-      await request("close").catch(() => undefined);
-      child.kill();
-    },
-  };
-}
-
-async function hostFake(): Promise<void> {
-  const rateLimits = Object.fromEntries(Object.entries(LIMITS).map(([k, v]) => [k, { bucket: v.bucket, refillPerSecond: v.refill_per_second }]));
-  const fake = await Ec2Fake.start({ seed: 3, now: () => Date.now(), faults: { bootDelayMs: BOOT_DELAY_MS, rateLimits: rateLimits as never } });
-  process.on("message", (m: string) => {
-    if (m === "rateLimited") process.send!({ reply: m, data: fake.rateLimited });
-    else if (m === "close")
-      void fake.close().then(() => {
-        process.send!({ reply: "close" });
-        process.exit(0);
-      });
-  });
-  process.on("disconnect", () => process.exit(0));
-  process.send!({ reply: "ready", data: { endpoint: fake.endpoint, credentials: fake.credentials } });
-}
-
 export async function run(n = 1000): Promise<BurstFigures> {
   const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-burst-"));
   const ssh = net.createServer((s) => {
@@ -95,7 +54,8 @@ export async function run(n = 1000): Promise<BurstFigures> {
   });
   await new Promise<void>((r) => ssh.listen(0, "127.0.0.1", r));
   const sshPort = (ssh.address() as net.AddressInfo).port;
-  const fake = await remoteFake();
+  const rateLimits = Object.fromEntries(Object.entries(LIMITS).map(([k, v]) => [k, { bucket: v.bucket, refillPerSecond: v.refill_per_second }]));
+  const fake = await remoteEc2Fake(3, { bootDelayMs: BOOT_DELAY_MS, rateLimits });
   writeFileSync(path.join(dir, "token"), TOKEN);
   writeFileSync(path.join(dir, "akid"), fake.credentials.accessKeyId);
   writeFileSync(path.join(dir, "secret"), fake.credentials.secretAccessKey);
@@ -154,8 +114,7 @@ export async function run(n = 1000): Promise<BurstFigures> {
   }
 }
 
-if (process.argv[2] === "--ec2-fake-host") await hostFake();
-else if (process.argv[1] === fileURLToPath(import.meta.url)) {
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
   const f = await run(Number(process.argv[2] ?? 1000));
   console.log(`| figure | value | baseline | value | ratio |\n|---|---|---|---|---|`);
   console.log(`| ${f.grants} grants posted at once (${f.regions} regions), until all running | ${f.all_running_s.toFixed(1)} s | floor of the rate limits + boot | ${f.floor_s.toFixed(1)} s | ${f.ratio.toFixed(2)} |`);

@@ -1,8 +1,6 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readdirSync, truncateSync, writeFileSync } from "node:fs";
-import http from "node:http";
-import type { AddressInfo, Socket } from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
@@ -12,26 +10,13 @@ import { ImagePolicy } from "../../src/util/image-policy.js";
 import { scriptImage } from "../helpers/images.js";
 import { until } from "../helpers/http.js";
 import { localBackend, localGrant } from "../helpers/local.js";
+import { loopbackServer } from "../helpers/http-server.js";
 import { tempDir } from "../helpers/tmp.js";
 
 const never = new AbortController().signal;
 const SHA = "ab".repeat(32);
 
-/** An HTTP server on 127.0.0.1 driven by `handler`; every socket is destroyed at the end. */
-async function server(t: { after(fn: () => unknown): void }, handler: http.RequestListener) {
-  const sockets = new Set<Socket>();
-  const srv = http.createServer(handler);
-  srv.on("connection", (s) => {
-    sockets.add(s);
-    s.on("close", () => sockets.delete(s));
-  });
-  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    return new Promise((r) => srv.close(r));
-  });
-  return { url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`, sockets };
-}
+const server = loopbackServer;
 
 /** A backend whose policy lets images come from 127.0.0.1 (the test servers) and `roots`. */
 function backend(dir: string, over: Parameters<typeof localBackend>[1] = {}, roots = [os.tmpdir()]) {

@@ -1,8 +1,6 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { writeFileSync } from "node:fs";
-import http from "node:http";
-import type { AddressInfo, Socket } from "node:net";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { describe, it } from "node:test";
@@ -11,25 +9,14 @@ import { tickIn, writeLocalConfig } from "../helpers/config.js";
 import { startTestDaemon } from "../helpers/daemon.js";
 import { call, until } from "../helpers/http.js";
 import { tempDir } from "../helpers/tmp.js";
+import { loopbackServer } from "../helpers/http-server.js";
 
 const SHA = "ab".repeat(32);
 
 /** An HTTP server on 127.0.0.1 that accepts connections and never answers. */
 async function silentServer(t: { after(fn: () => unknown): void }) {
-  const sockets = new Set<Socket>();
-  let connections = 0;
-  const srv = http.createServer(() => {});
-  srv.on("connection", (s) => {
-    connections++;
-    sockets.add(s);
-    s.on("close", () => sockets.delete(s));
-  });
-  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    return new Promise((r) => srv.close(r));
-  });
-  return { url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}/img`, sockets, connections: () => connections };
+  const s = await loopbackServer(t);
+  return { ...s, url: `${s.url}/img` };
 }
 
 function grantBody(id: string, url: string, validInSeconds = 600, sha256 = SHA) {

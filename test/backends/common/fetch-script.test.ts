@@ -5,30 +5,16 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync, statSync, writeFileSync } from "node:fs";
-import http from "node:http";
-import type { AddressInfo, Socket } from "node:net";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { CURL_FETCH } from "../../../src/backends/common/fetch-script.js";
 import { until } from "../../helpers/http.js";
 import { tempDir } from "../../helpers/tmp.js";
+import { loopbackServer } from "../../helpers/http-server.js";
 
 const SHELLS = ["/bin/sh", "/bin/bash"];
 
-async function server(t: { after(fn: () => unknown): void }, handler: http.RequestListener) {
-  const sockets = new Set<Socket>();
-  const srv = http.createServer(handler);
-  srv.on("connection", (s) => {
-    sockets.add(s);
-    s.on("close", () => sockets.delete(s));
-  });
-  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    return new Promise((r) => srv.close(r));
-  });
-  return { url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`, sockets };
-}
+const server = loopbackServer;
 
 interface Result {
   rc: number | null;
