@@ -50,6 +50,7 @@ describe("OpenAPI contract", () => {
       "GET /readyz",
       "GET /v1/grants",
       "GET /v1/grants/{id}",
+      "GET /v1/grants/{id}/attestation",
       "GET /v1/grants/{id}/log",
       "GET /v1/provider-card",
       "POST /v1/grants",
