@@ -64,7 +64,7 @@ export async function run(n = 1000): Promise<BurstFigures> {
     .join("");
   writeFileSync(
     path.join(dir, "bridge.toml"),
-    `[bridge]\nprovider_id = "bench-burst"\nstate_dir = ${JSON.stringify(path.join(dir, "state"))}\n` +
+    `[bridge]\nprovider_id = "bench-burst"\nstate_dir = ${JSON.stringify(path.join(dir, "state"))}\nimage_allow_cidrs = ["127.0.0.0/8"]\n` +
       `[listener]\nbind = "127.0.0.1:0"\ntoken_file = "token"\n[almanac]\ngenesis = 2026-01-01T00:00:00Z\ntick_seconds = 1\n[log]\nlevel = "error"\n` +
       `[fleet]\nprovision_concurrency = ${CONCURRENCY}\n` +
       `[backends.aws]\ninstance_types = ["m6i.large"]\nmax_concurrent_instances = ${n}\naccess_key_id_file = "akid"\nsecret_access_key_file = "secret"\nendpoint = ${JSON.stringify(fake.endpoint)}\n` +
@@ -84,7 +84,7 @@ export async function run(n = 1000): Promise<BurstFigures> {
     const body = (k: number) =>
       JSON.stringify({
         grant: { request_id: `burst-${k}`, region: REGIONS[k % REGIONS.length], tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: validTo },
-        envelope: { image: { url: "https://images.example/w", sha256: createHash("sha256").update(img).digest("hex"), format: "bundle" }, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3 bench@x" },
+        envelope: { image: { url: "http://127.0.0.1:9/w", sha256: createHash("sha256").update(img).digest("hex"), format: "bundle" }, ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx3 bench@x" },
       });
     const t0 = performance.now();
     const posts = await Promise.all(
