@@ -173,25 +173,31 @@ function submit(m: GrantManager, id: string) {
   });
 }
 
-/** Time from spawn to the CLI's "listening" line, median of `runs`. */
+/** Time from spawn to the daemon's "compute-bridge listening" log line (JSON on stdout), median of `runs`. */
 async function timeToListening(args: string[], runs: number): Promise<number> {
   const times: number[] = [];
   for (let i = 0; i < runs; i++) {
     const t0 = performance.now();
-    const child = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
+    const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
     await new Promise<void>((resolve, reject) => {
+      let out = "";
       let err = "";
-      child.stderr.on("data", (d: Buffer) => {
-        err += d.toString();
-        if (err.includes("listening on")) {
+      let listening = false;
+      child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+      child.stdout.on("data", (d: Buffer) => {
+        out += d.toString();
+        if (!listening && out.includes('"msg":"compute-bridge listening"')) {
+          listening = true;
           times.push(performance.now() - t0);
           child.kill("SIGTERM");
           resolve();
         }
       });
-      child.on("exit", (code) => (code !== 0 && code !== null ? reject(new Error(`daemon exited ${code}: ${err}`)) : undefined));
+      child.on("exit", (code) => {
+        if (!listening) reject(new Error(`daemon exited (${code}) before listening: ${err}${out}`));
+      });
     });
-    await new Promise((r) => child.once("exit", r));
+    await new Promise((r) => (child.exitCode !== null ? r(undefined) : child.once("exit", r)));
   }
   times.sort((a, b) => a - b);
   return times[Math.floor(times.length / 2)]!;
