@@ -216,7 +216,19 @@ export class GrantManager {
       throw new ValidationError("grant.valid_to", `tick ${grant.valid_to} (${this.o.almanac.toDate(grant.valid_to).toISOString()}) is already in the past`);
     }
     // A grant still open holds its reservation: answered from the store, never routed again.
-    if (this.o.fleet.reservations.get(grant.request_id)) return known()!;
+    const held = this.o.fleet.reservations.get(grant.request_id);
+    if (held) {
+      const k = known();
+      if (k) return k;
+      // Its accept is being committed right now (a concurrent re-post): the writer answers this one
+      // after it, as a duplicate or a conflict. Only if that accept failed is this one created.
+      const r = await this.o.store.accept({ request_id: grant.request_id, grant, envelope, backend: held.backend, placement: held.placement, private_key: null, public_key: null });
+      if (r.status === "created") {
+        this.o.fleet.reservations.reserve(held);
+        this.start(r.record);
+      }
+      return r;
+    }
     // Routed and its capacity reserved in this same turn of the event loop; the reservation is
     // made durable by the accept commit below (the grant row names its backend and placement).
     const route = this.o.fleet.admit(grant, envelope);

@@ -166,6 +166,19 @@ describe("GrantManager on scripted backends", () => {
     assert.equal(state("full-1"), "completed");
   });
 
+  it("concurrent posts of one request_id: one is created, an identical one is a duplicate, another body a conflict; one reservation", async (t) => {
+    const a = new ScriptedBackend("a");
+    const { manager, fleet } = rig(t, [a]);
+    const other = request("same-1");
+    other.grant.cpu_millicores = 750;
+    // The daemon's listener keeps the process alive while writes commit; here a timer does.
+    const alive = setInterval(() => undefined, 1000);
+    t.after(() => clearInterval(alive));
+    const [x, y, z] = await Promise.all([manager.submit(request("same-1")), manager.submit(request("same-1")), manager.submit(other)]);
+    assert.deepEqual([x.status, y.status, z.status], ["created", "duplicate", "conflict"]);
+    assert.equal(fleet.reservations.held("a").count, 1);
+  });
+
   it("the store refuses a transition the table does not allow", async (t) => {
     const a = new ScriptedBackend("a");
     const { manager, store } = rig(t, [a]);
