@@ -159,7 +159,7 @@ describe("admission keeps its word", () => {
 describe("spend caps over HTTP", () => {
   it("declines budget_exhausted with what is left, records cost in the record and the ComputeLog, and keeps spend across a restart", async (t) => {
     // 100 millicores at 36 per 1,000 millicores-hour: 3.6 an hour, 0.001 a second; valid for 100 s: a worst case of 0.1.
-    const d0 = await startTestDaemon(t, { extra: "price_per_cpu_hour = 36\nprice_per_gib_hour = 0\n\n[fleet.budget]\nper_day = 0.25\n" });
+    const d0 = await startTestDaemon(t, { extra: "price_per_cpu_hour = 36\nprice_per_gib_hour = 0\n\n[fleet.budget]\nper_day = 0.28\n" });
     // s-1 ends only once the test lets it: its worst case must still count when s-3 is posted.
     const gate = path.join(d0.dir, "gate");
     const quick = scriptImage(d0.dir, "quick", `while [ ! -e ${gate} ]; do sleep 0.05; done; exit 0`);
@@ -170,9 +170,9 @@ describe("spend caps over HTTP", () => {
     assert.equal(third.status, 422, third.text);
     assert.equal(third.body.declines[0].code, "budget_exhausted");
     assert.equal(third.body.declines[0].currency, "USD");
-    // Each worst case is 100 to 101 billed seconds (valid_to is a whole tick): 0.25 - 2 x (0.100 to 0.101).
-    assert.ok(third.body.declines[0].remaining >= 0.048 && third.body.declines[0].remaining <= 0.05, `remaining ${third.body.declines[0].remaining}`);
-    assert.match(third.body.declines[0].message, /fleet per_day budget \(0\.25 USD\)/);
+    // Each worst case is 100 to 101 billed seconds (valid_to is a whole tick): 0.28 - 2 x (0.100 to 0.101).
+    assert.ok(third.body.declines[0].remaining >= 0.078 && third.body.declines[0].remaining <= 0.08, `remaining ${third.body.declines[0].remaining}`);
+    assert.match(third.body.declines[0].message, /fleet per_day budget \(0\.28 USD\)/);
 
     writeFileSync(gate, "");
     await finalStates(d0.url, ["s-1"]);
@@ -184,8 +184,11 @@ describe("spend caps over HTTP", () => {
     await until(async () => (await call(d0.url, "GET", "/v1/grants/s-2")).body.state === "running", "s-2 to run");
     const s2 = (await call(d0.url, "GET", "/v1/grants/s-2")).body;
     assert.equal(s2.cost.final, false, "cost so far while it runs");
-    // s-1's worst case was replaced by its actual cost: room for one more.
-    assert.equal((await call(d0.url, "POST", "/v1/grants", body("s-4", long, 100))).status, 202);
+    // s-1's worst case was replaced by its actual cost (a reader can see the commit a moment before
+    // the manager settles the charge: wait for the spend to show it): room for one more.
+    await until(async () => /cb_spend\{scope="fleet",period="day"\} 0\.00[1-9]/.test((await call(d0.url, "GET", "/metrics")).text), "s-1's cost to be settled");
+    const fourth = await call(d0.url, "POST", "/v1/grants", body("s-4", long, 100));
+    assert.equal(fourth.status, 202, fourth.text);
     const metrics = (await call(d0.url, "GET", "/metrics")).text;
     assert.match(metrics, /cb_budget_remaining\{scope="fleet",period="day"\} 0\.0[0-9]+/);
 
