@@ -4,6 +4,7 @@ import { startDaemon, type Daemon, type DaemonOptions } from "../../src/daemon.j
 import { writeLocalConfig, type TestConfigOptions } from "./config.js";
 import { mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
+import { killLocalRuns } from "./proc.js";
 
 /** Captures the daemon's JSON log lines in memory. */
 export class LogSink extends Writable {
@@ -36,11 +37,13 @@ export async function startTestDaemon(
   // The directory goes only after every daemon started on it has closed (hooks run in order).
   const dir = mkdtempSync(path.join(os.tmpdir(), "cb-test-"));
   const daemons: Daemon[] = [];
+  const stateDir = path.join(dir, "state");
   t.after(async () => {
     await Promise.allSettled(daemons.map((d) => d.close()));
-    rmSync(dir, { recursive: true, force: true });
+    killLocalRuns(stateDir);
+    // A supervisor killed a moment ago may still be finishing a write: removal retries on ENOTEMPTY.
+    rmSync(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 50 });
   });
-  const stateDir = path.join(dir, "state");
   const configFile = writeLocalConfig(dir, { stateDir, logLevel: "info", ...opts });
   const launch = async (): Promise<TestDaemon> => {
     const logs = new LogSink();

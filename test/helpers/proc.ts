@@ -1,4 +1,5 @@
-import { readFileSync, readlinkSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
+import path from "node:path";
 
 /** Is `pid` still a process of this run dir (by command line or cwd)? Guards against pid reuse. */
 export function aliveInRun(pid: number, runDir: string): boolean {
@@ -13,5 +14,38 @@ export function aliveInRun(pid: number, runDir: string): boolean {
     return cmdline.includes(runDir) || cwd.startsWith(runDir);
   } catch {
     return false;
+  }
+}
+
+/** Supervisors and workloads of the local backend under `stateDir` that are still alive, as `id/file` → pid. */
+export function liveLocalRuns(stateDir: string): Map<string, number> {
+  const runs = path.join(stateDir, "local", "runs");
+  const out = new Map<string, number>();
+  for (const id of existsSync(runs) ? readdirSync(runs) : []) {
+    for (const f of ["supervisor_pid", "workload_pid"]) {
+      const p = path.join(runs, id, "started", f);
+      let pid: number;
+      try {
+        pid = Number(readFileSync(p, "utf8"));
+      } catch {
+        continue;
+      }
+      if (pid > 0 && aliveInRun(pid, path.join(runs, id))) out.set(`${id}/${f}`, pid);
+    }
+  }
+  return out;
+}
+
+/**
+ * Kills what a test left running under `stateDir` (workloads outlive a daemon's close by design):
+ * the workload's process group, then its supervisor.
+ */
+export function killLocalRuns(stateDir: string): void {
+  for (const [key, pid] of liveLocalRuns(stateDir)) {
+    try {
+      process.kill(key.endsWith("workload_pid") ? -pid : pid, "SIGKILL");
+    } catch {
+      /* gone meanwhile */
+    }
   }
 }

@@ -83,6 +83,7 @@ describe("admission keeps its word", () => {
       // Released at the end (a moment after a reader sees the last commit): the next grant is accepted again.
       const after = body("after-burst", img);
       await until(async () => (await call(d.url, "POST", "/v1/grants", after)).status === 202, "a slot to be free again");
+      assert.equal((await finalStates(d.url, ["after-burst"]))["after-burst"]!.state, "completed");
     });
   }
 

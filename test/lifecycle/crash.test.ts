@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import path from "node:path";
@@ -9,7 +9,7 @@ import { tickIn, writeLocalConfig } from "../helpers/config.js";
 import { call, until } from "../helpers/http.js";
 import { scriptImage } from "../helpers/images.js";
 import { tempDir } from "../helpers/tmp.js";
-import { aliveInRun } from "../helpers/proc.js";
+import { aliveInRun, liveLocalRuns } from "../helpers/proc.js";
 
 const TERMINAL = ["completed", "failed", "expired", "cancelled"];
 
@@ -104,13 +104,7 @@ describe("crash safety", () => {
     for (const id of [...running, ...provisioning]) assert.equal(counts.get(id), 1, `${id} ran exactly once`);
 
     // No supervisor or workload left running.
-    const runs = path.join(stateDir, "local", "runs");
-    for (const id of readdirSync(runs)) {
-      for (const f of ["supervisor_pid", "workload_pid"]) {
-        const p = path.join(runs, id, "started", f);
-        if (existsSync(p)) assert.equal(aliveInRun(Number(readFileSync(p, "utf8")), path.join(runs, id)), false, `${id} ${f} still alive`);
-      }
-    }
+    assert.deepEqual([...liveLocalRuns(stateDir).keys()], [], "no supervisor or workload still alive");
     assert.equal(await daemon.stop(), 0, "graceful stop exits 0");
     daemon = null;
   });

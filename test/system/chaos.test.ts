@@ -26,7 +26,7 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { describe, it, type TestContext } from "node:test";
 import { TAG_REQUEST } from "../../src/backends/azure/naming.js";
@@ -58,7 +58,7 @@ import {
   type InjectedDaemon,
   type InjectSpec,
 } from "./helpers.js";
-import { aliveInRun } from "../helpers/proc.js";
+import { liveLocalRuns } from "../helpers/proc.js";
 
 const SEED = Number(process.env.CB_CHAOS_SEED ?? 20261128);
 const GRANTS = 300;
@@ -523,18 +523,7 @@ describe("chaos", { timeout: 280_000 }, () => {
       const liveEc2 = () => ec2.instances.filter((i) => i.state !== "terminated");
       const liveGce = () => gce.listInstances({ project: GCP_PROJECT });
       const liveArm = () => (["virtualMachines", "networkInterfaces", "publicIPAddresses", "disks"] as const).flatMap((ty) => arm.list(ty, RG).map((r) => `${ty}/${String(r["name"])}`));
-      const runsDir = path.join(stateDir, "local", "runs");
-      const liveLocal = () => {
-        const out: string[] = [];
-        for (const id of existsSync(runsDir) ? readdirSync(runsDir) : []) {
-          for (const f of ["supervisor_pid", "workload_pid"]) {
-            const p = path.join(runsDir, id, "started", f);
-            if (existsSync(p) && aliveInRun(Number(readFileSync(p, "utf8")), path.join(runsDir, id))) out.push(`${id}/${f}`);
-          }
-        }
-        return out;
-      };
-      const leftovers = () => ({ aws: liveEc2().map((i) => i.instanceId), gcp: liveGce().map((i) => String(i["name"])), azure: liveArm(), local: liveLocal(), baremetal: baremetal?.activeUnits() ?? [] });
+      const leftovers = () => ({ aws: liveEc2().map((i) => i.instanceId), gcp: liveGce().map((i) => String(i["name"])), azure: liveArm(), local: [...liveLocalRuns(stateDir).keys()], baremetal: baremetal?.activeUnits() ?? [] });
       await poll(() => Object.values(leftovers()).every((l) => l.length === 0), "the fakes to settle", 15_000, 100).catch(() => undefined);
       const left = leftovers();
 
