@@ -11,6 +11,7 @@ import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import * as ec2Sdk from "@aws-sdk/client-ec2";
 import { ConfiguredRetryStrategy } from "@smithy/core/retry";
+import { ec2ClientToken } from "../../src/backends/aws/adapter.js";
 import { AwsBackend, type AwsBackendOptions } from "../../src/backends/aws.js";
 import { BackendError, CapacityError } from "../../src/backends/backend.js";
 import { OfferingCache } from "../../src/backends/offering-cache.js";
@@ -125,7 +126,7 @@ describe("aws backend: API calls paced to EC2's request-rate buckets (backends.a
     const elapsed = Date.now() - t0;
     assert.equal(new Set(insts.map((i) => i.instance_id)).size, 40);
     assert.equal(fake.createdCount, 40);
-    assert.equal(fake.rateLimited, 0, "no request was over the fake's limit");
+    assert.equal(fake.rateLimited, 0, `no request was over the fake's limit: ${JSON.stringify(fake.calls.filter((c) => c.code !== undefined).map((c) => c.action))}`);
     assert.deepEqual(fake.calls.filter((c) => c.code !== undefined).map((c) => `${c.action} ${c.code}`), []);
     // The floor the bridge's mutate bucket allows: 40 launches = 3 at once + 37 at 20/s.
     assert.ok(elapsed >= ((40 - 3) / 20) * 1000 * 0.95, `paced, not fired at once (${elapsed} ms)`);
@@ -177,7 +178,7 @@ describe("aws backend: shapes within the backend (issue #18 item 7)", () => {
     assert.equal(fake.instances[0]?.instanceType, "m6i.xlarge");
     const inst = await aws.provision(grant("lost-2nd"), ENV, never);
     assert.equal(inst.instance_id, fake.instances[0]?.instanceId);
-    assert.equal(inst.details["client_token"], aws.clientToken("lost-2nd", "m6i.xlarge"));
+    assert.equal(inst.details["client_token"], ec2ClientToken(PROVIDER, "lost-2nd", "m6i.xlarge"));
     assert.equal(fake.createdCount, 1);
     assert.deepEqual([...fake.duplicateTagValues(REQUEST_TAG)], []);
   });
@@ -204,13 +205,15 @@ describe("aws backend: shapes within the backend (issue #18 item 7)", () => {
   it("the token of a terminated instance (IdempotentInstanceTerminated): its end is reported, no second launch; once EC2 forgets it, a clear refusal", async (t) => {
     const fake = await startFake(t);
     const aws = makeBackend(t, awsConfig(t, fake, { instance_types: ["m6i.large"] }));
-    const inst = await aws.provision(grant("gone"), ENV, never);
+    // One grant for every call: its valid_to is part of the user data EC2 binds the token to.
+    const g = grant("gone");
+    const inst = await aws.provision(g, ENV, never);
     fake.reclaim(inst.instance_id);
     fake.settleAll();
-    await assert.rejects(aws.provision(grant("gone"), ENV, never), (e: Error) => e instanceof BackendError && /terminated before it became ready: Server\.InternalError/.test(e.message));
-    assert.ok(fake.calls.some((c) => c.action === "RunInstances" && c.code === "IdempotentInstanceTerminated"));
+    await assert.rejects(aws.provision(g, ENV, never), (e: Error) => e instanceof BackendError && /terminated \(Server\.InternalError.*before it became ready/.test(e.message));
+    assert.ok(fake.calls.some((c) => c.action === "RunInstances" && c.code === "IdempotentInstanceTerminated"), JSON.stringify(fake.calls.map((c) => [c.action, c.code])));
     fake.faults.terminatedVisibleMs = 0;
-    await assert.rejects(aws.provision(grant("gone"), ENV, never), /IdempotentInstanceTerminated\); not launching a second one/);
+    await assert.rejects(aws.provision(g, ENV, never), /IdempotentInstanceTerminated\); not launching a second one/);
     assert.equal(fake.createdCount, 1);
   });
 });

@@ -18,6 +18,7 @@ import { gunzipSync } from "node:zlib";
 import { after, before, describe, it } from "node:test";
 import { EC2Client, RunInstancesCommand, type RunInstancesCommandInput } from "@aws-sdk/client-ec2";
 import { ConfiguredRetryStrategy } from "@smithy/core/retry";
+import { ec2ClientToken } from "../../src/backends/aws/adapter.js";
 import { AwsBackend, type AwsBackendOptions } from "../../src/backends/aws.js";
 import { CapacityError, CredentialError, InvalidRequestError, type BackendMetrics, type ManagedBackend } from "../../src/backends/backend.js";
 import { exitMarker, HOST_KEY_MARKER, hostKeyMarker } from "../../src/backends/common/cloud-init.js";
@@ -363,7 +364,7 @@ describe("aws backend with the EC2 fake", () => {
     assert.equal(inst.keyName, "ops");
     assert.equal(inst.tags[BRIDGE_TAG], PROVIDER);
     assert.equal(inst.tags[REQUEST_TAG], "happy-1");
-    assert.equal(inst.clientToken, aws.clientToken("happy-1", "m6i.large"));
+    assert.equal(inst.clientToken, ec2ClientToken(PROVIDER, "happy-1", "m6i.large"));
     assert.deepEqual(
       Object.keys(inst.launchParams).filter((k) => k.endsWith(".ResourceType")).map((k) => inst.launchParams[k]),
       ["instance"],
@@ -427,7 +428,7 @@ describe("aws backend with the EC2 fake", () => {
     assert.equal(fleet.unavailable.isUnavailable("aws", "us-east-1", "m6i.large"), true);
     const runs = fake.calls.filter((c) => c.action === "RunInstances");
     assert.deepEqual(runs.map((c) => [c.params.InstanceType, c.code]), [["m6i.large", "InsufficientInstanceCapacity"], ["m6i.xlarge", undefined]], "a capacity error is not retried by the SDK");
-    assert.deepEqual(runs.map((c) => c.params.ClientToken), [aws.clientToken("cap-1", "m6i.large"), aws.clientToken("cap-1", "m6i.xlarge")]);
+    assert.deepEqual(runs.map((c) => c.params.ClientToken), [ec2ClientToken(PROVIDER, "cap-1", "m6i.large"), ec2ClientToken(PROVIDER, "cap-1", "m6i.xlarge")]);
     assert.equal(fake.instances[0]?.instanceType, "m6i.xlarge");
 
     // No type has capacity: the cached one is skipped, the other fails, the grant fails over to local.
@@ -481,7 +482,7 @@ describe("aws backend with the EC2 fake", () => {
     assert.equal(life2.store.computeLog("restart-1")?.exit_code, 0);
     assert.equal(rec.instance?.instance_id, first.instanceId);
     assert.equal(fake.createdCount, 1);
-    assert.equal(fake.createsByToken.get(aws2.clientToken("restart-1", "m6i.large")), 1);
+    assert.equal(fake.createsByToken.get(ec2ClientToken(PROVIDER, "restart-1", "m6i.large")), 1);
     assert.equal(fake.countCalls("RunInstances"), 1, "the second life adopted by tag without launching");
     assert.deepEqual([...fake.duplicateTagValues(REQUEST_TAG)], []);
   });
@@ -502,11 +503,11 @@ describe("aws backend with the EC2 fake", () => {
     const inst = await aws.provision(grant("lost-1"), env, never);
     assert.equal(inst.instance_id, fake.instances[0]?.instanceId);
     assert.equal(fake.createdCount, 1);
-    assert.equal(fake.createsByToken.get(aws.clientToken("lost-1", "m6i.large")), 1);
+    assert.equal(fake.createsByToken.get(ec2ClientToken(PROVIDER, "lost-1", "m6i.large")), 1);
 
     // Same token, different parameters and no tags visible (as if the tags had not propagated yet).
     const c = rawClient(t, fake);
-    const prior = await c.send(new RunInstancesCommand(launchInput({ unrelated: "x" }, { ClientToken: aws.clientToken("tok-2", "m6i.large"), InstanceType: "m6i.xlarge" })));
+    const prior = await c.send(new RunInstancesCommand(launchInput({ unrelated: "x" }, { ClientToken: ec2ClientToken(PROVIDER, "tok-2", "m6i.large"), InstanceType: "m6i.xlarge" })));
     const adopted = await aws.provision(grant("tok-2"), env, never);
     assert.equal(adopted.instance_id, prior.Instances?.[0]?.InstanceId);
     assert.equal(adopted.host_key_sha256, null, "no boot script, no report");
@@ -605,8 +606,8 @@ describe("aws backend with the EC2 fake", () => {
     assert.equal(state(orphanYoung), "running", "younger than orphan_grace_seconds");
     assert.equal(state(otherBridge), "running", "another bridge's instance is not ours");
     assert.equal(state(untagged), "running");
-    const swept = lines.filter((l) => l.msg === "terminating orphaned EC2 instance (tagged by this bridge, no live grant)");
-    assert.deepEqual(swept.map((l) => [l.instance_id, l.request_id, l.level]).sort(), [[orphanOld, "gone-1", "warn"], [orphanWest, "gone-3", "warn"]].sort());
+    const swept = lines.filter((l) => l.msg === "deleting an orphaned resource (this bridge's, no live grant owns it)");
+    assert.deepEqual(swept.map((l) => [l.id, l.request_id, l.level]).sort(), [[orphanOld, "gone-1", "warn"], [orphanWest, "gone-3", "warn"]].sort());
     assert.equal(aws.status().active, 1, "the live grant's instance counts toward max_concurrent_instances");
     assert.deepEqual(rec.orphans, ["instance", "instance"]);
 
@@ -737,14 +738,14 @@ describe("aws backend with the EC2 fake", () => {
     fake.faults.rateFaultActions = ["DescribeInstances"];
     fake.faults.throttleRate = 1;
     const watch = aws.watchUntilExit(inst, new Date(Date.now() + 60_000), new AbortController().signal);
-    await until(() => aws.stats().describe_errors >= 3, "several failed polls");
-    assert.deepEqual(aws.status().failing_regions, ["us-east-1"]);
+    await until(() => aws.stats().poll_errors >= 3, "several failed polls");
+    assert.deepEqual(aws.status().failing_scopes, ["us-east-1"]);
     fake.clearFaults();
     fake.guestPowerOff(inst.instance_id, `${exitMarker("flaky-1", 0, 1.25)}\n`);
     const obs = await watch;
     assert.equal(obs.exit_code, 0);
     assert.equal(obs.cpu_seconds, 1.25, "the workload's CPU time from the marker");
-    assert.equal(aws.status().failing_regions, undefined);
+    assert.equal(aws.status().failing_scopes, undefined);
     await aws.terminate(inst);
   });
 
