@@ -60,6 +60,20 @@ export function countDecline(backend: string, held: Held, max: number, setting: 
  * never refuse for capacity they declared: a CapacityError from provision() means the cloud or host
  * had none (failover), never "the bridge is full".
  */
+/*
+ * The same answers from every backend (issue #17); the cloud backends get them from the one
+ * shared VM backend (cloud/vm-backend.ts), bare metal and local follow the same rules:
+ * - canSatisfy declines in this order: region_not_served, tdx_not_supported, too_large,
+ *   at_capacity, backend_unavailable, offering_unavailable.
+ * - An account limit is a QuotaError (fail over at once); no capacity for a shape is a
+ *   CapacityError (the next shape or placement, then fail over).
+ * - watchUntilExit enforces valid_to itself (the manager's own deadline is the backstop) and
+ *   reports an instance that is gone as `kind: "lost"`; it never throws NotFoundError for it.
+ * - A sweep that costs cloud API calls runs at most every reconcile_interval_seconds after a
+ *   success, and again at the next call after a failure (local's is a directory scan, every call).
+ * - Nothing outside the contract and BackendHooks is public API: counters a test or bench reads come
+ *   from one stats() shape (cloud/vm-backend.ts), idempotency tokens from the adapter's functions.
+ */
 export interface Backend {
   readonly name: string;
   /** Declared capacity, from config: no cloud calls. */
