@@ -94,6 +94,16 @@ export interface Backend {
   terminate(instance: ProvisionedInstance): Promise<void>;
 }
 
+/** The workload is gone without a result (deleted, destroyed or vanished outside the bridge). */
+export function lostObservation(message: string, endedAt: string | null = null): ExitObservation {
+  return { kind: "lost", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: endedAt, failure: { kind: "lost", message } };
+}
+
+/** valid_to passed with the workload still running (at `atMs`). */
+export function expiredObservation(atMs: number): ExitObservation {
+  return { kind: "expired", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: new Date(atMs).toISOString(), failure: null };
+}
+
 /** Optional lifecycle hooks a backend may add; the Fleet calls them when present. */
 export interface BackendHooks {
   /**

@@ -14,6 +14,8 @@ import {
   TransientError,
   NOTHING_HELD,
   countDecline,
+  expiredObservation,
+  lostObservation,
   type BackendContext,
   type CheckResult,
   type Held,
@@ -153,10 +155,10 @@ export class LocalBackend implements ManagedBackend {
       if (!this.supervisorAlive(runDir)) {
         const late = readResult(runDir);
         if (late) return this.observation(runDir, late);
-        return { kind: "lost", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: null, failure: { kind: "lost", message: "the workload's supervisor is gone without a result (host rebooted or supervisor killed)" } };
+        return lostObservation("the workload's supervisor is gone without a result (host rebooted or supervisor killed)");
       }
       if (this.clock.now() >= giveUpAt)
-        return { kind: "expired", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: new Date(this.clock.now()).toISOString(), failure: null };
+        return expiredObservation(this.clock.now());
       await this.clock.sleep(this.cfg.poll_interval_ms, signal);
     }
   }

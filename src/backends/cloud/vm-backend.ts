@@ -34,6 +34,8 @@ import {
   QuotaError,
   TransientError,
   countDecline,
+  expiredObservation as expired,
+  lostObservation as lost,
   NOTHING_HELD,
   type BackendContext,
   type BackendMetrics,
@@ -597,12 +599,3 @@ export class CloudVmBackend implements ManagedBackend {
 type Target = ConsoleRef;
 
 const resourceKey = (r: OwnedResource) => `${r.kind}/${r.scope}/${r.id}`;
-
-function lost(message: string, endedAt: string | null = null): ExitObservation {
-  return { kind: "lost", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: endedAt, failure: { kind: "lost", message } };
-}
-
-function expired(now: number): ExitObservation {
-  return { kind: "expired", exit_code: null, cpu_seconds: null, peak_memory_mib: null, ended_at: new Date(now).toISOString(), failure: null };
-}
-
