@@ -13,9 +13,20 @@ export interface ChildDaemon {
   stop(): Promise<number | null>;
 }
 
-/** Start the daemon as a separate process and wait for its "listening" log line (written whatever the log level). */
+/** Every child still running, killed when this test file's process exits (also when a test timed out). */
+const children = new Set<ChildProcess>();
+process.on("exit", () => {
+  for (const c of children) c.kill("SIGKILL");
+});
+
+/**
+ * Start the daemon as a separate process and wait for its "listening" log line (written whatever
+ * the log level). A child that does not start in time is killed, never left behind.
+ */
 export async function spawnDaemon(configFile: string, env: Record<string, string> = {}, runner = RUNNER): Promise<ChildDaemon> {
   const proc = spawn(process.execPath, ["--import", "tsx", runner, configFile], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+  children.add(proc);
+  proc.once("exit", () => children.delete(proc));
   let out = "";
   proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
   proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
@@ -32,7 +43,10 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
     proc.stdout!.on("data", onData);
     void exited.then((code) => reject(new Error(`daemon exited (${code}) before listening:\n${out}`)));
     // Generous: on a loaded 2-core machine loading the modules alone has taken over 30 s.
-    setTimeout(() => reject(new Error(`daemon did not start listening within 90 s:\n${out}`)), 90_000).unref();
+    setTimeout(() => {
+      proc.kill("SIGKILL");
+      reject(new Error(`daemon did not start listening within 90 s (killed):\n${out}`));
+    }, 90_000).unref();
   });
   return {
     proc,

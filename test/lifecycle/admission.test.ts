@@ -171,7 +171,8 @@ describe("spend caps over HTTP", () => {
     assert.equal((await call(d0.url, "POST", "/v1/grants", body("s-1", quick, 100))).status, 202);
     assert.equal((await call(d0.url, "POST", "/v1/grants", body("s-2", long, 100))).status, 202);
     const third = await call(d0.url, "POST", "/v1/grants", body("s-3", long, 100));
-    assert.equal(third.status, 422, third.text);
+    const earlier = async () => JSON.stringify(await Promise.all(["s-1", "s-2"].map(async (id) => (await call(d0.url, "GET", `/v1/grants/${id}`)).body)));
+    assert.equal(third.status, 422, `${third.text}; the grants before it: ${third.status === 422 ? "" : await earlier()}`);
     assert.equal(third.body.declines[0].code, "budget_exhausted");
     assert.equal(third.body.declines[0].currency, "USD");
     // Each worst case is 100 to 101 billed seconds (valid_to is a whole tick): 0.28 - 2 x (0.100 to 0.101).

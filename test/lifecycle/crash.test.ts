@@ -62,8 +62,13 @@ describe("crash safety", () => {
     const expiring = Array.from({ length: 3 }, (_, i) => `exp-${i}`);
     for (const id of running) assert.equal((await post(daemon.url, id, img)).status, 202);
     for (const id of provisioning) assert.equal((await post(daemon.url, id, { url: slow.url, sha256: heldImg.sha256 })).status, 202);
-    for (const id of expiring) assert.equal((await post(daemon.url, id, img, 3)).status, 202);
-    await until(() => existsSync(starts) && readFileSync(starts, "utf8").trim().split("\n").length >= 23, "23 workloads to start");
+    // Valid for 15 s: long enough to be accepted and started on a loaded machine, short enough to pass while the daemon is down.
+    const expiringValidIn = 15;
+    const expiresAtMs = Date.now() + expiringValidIn * 1000;
+    for (const id of expiring) assert.equal((await post(daemon.url, id, img, expiringValidIn)).status, 202);
+    // Every running grant started (the expiring ones may or may not have: either way they end expired).
+    const startedIds = () => (existsSync(starts) ? readFileSync(starts, "utf8").trim().split("\n") : []);
+    await until(() => running.every((id) => startedIds().includes(id)), "the 20 running grants' workloads to start", 120_000);
     const states = await call(daemon.url, "GET", "/v1/grants?limit=1000");
     assert.ok(states.body.grants.some((g: { state: string }) => g.state === "provisioning"), `some grants are mid-provision at the kill: ${JSON.stringify(states.body.grants.map((g: { request_id: string; state: string }) => [g.request_id, g.state]))}`);
 
@@ -71,6 +76,7 @@ describe("crash safety", () => {
     daemon = null;
     // The daemon is gone; workloads keep running under their supervisors. Let the expiring ones pass valid_to.
     slow.release();
+    await until(() => Date.now() >= expiresAtMs + 1000, "the expiring grants' valid_to to pass while the daemon is down", 30_000, 100);
 
     daemon = await spawnDaemon(config);
     // Let the gate open only after the restart re-attached; then kill again while grants are finishing.
@@ -87,7 +93,7 @@ describe("crash safety", () => {
     await until(async () => {
       const r = await call(daemon!.url, "GET", "/v1/grants?limit=1000");
       return r.body.grants.length === all.length && r.body.grants.every((g: { state: string }) => TERMINAL.includes(g.state));
-    }, "every grant to reach a terminal state", 60_000, 100);
+    }, "every grant to reach a terminal state", 120_000, 100);
 
     for (const id of all) {
       const log = await call(daemon.url, "GET", `/v1/grants/${id}/log`);
@@ -96,6 +102,7 @@ describe("crash safety", () => {
     const final = (await call(daemon.url, "GET", "/v1/grants?limit=1000")).body.grants as { request_id: string; state: string }[];
     for (const g of final.filter((x) => running.includes(x.request_id) || provisioning.includes(x.request_id))) assert.equal(g.state, "completed", `${g.request_id} completed`);
     for (const id of running) assert.equal((await call(daemon.url, "GET", `/v1/grants/${id}/log`)).body.exit_code, 5);
+    for (const g of final.filter((x) => expiring.includes(x.request_id))) assert.equal(g.state, "expired", `${g.request_id} expired while the daemon was down`);
 
     const started = readFileSync(starts, "utf8").trim().split("\n");
     const counts = new Map<string, number>();
