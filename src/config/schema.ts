@@ -191,17 +191,23 @@ const RateBucket = z.strictObject({ bucket: PositiveInt, refill_per_second: z.nu
  * Client-side pacing of EC2 API calls per region and API class, at EC2's documented account
  * buckets by default (https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html):
  * non-mutating Describe* 100 / 20 per s; mutating (RunInstances, TerminateInstances) 50 / 5 per s;
- * GetConsoleOutput, in the lowest class, 50 / 5 per s. Lower them when other tools share the account.
+ * GetConsoleOutput, in the lowest class, 50 / 5 per s. On top of those, EC2's resource buckets take
+ * one token per instance: launched (RunInstances) 1000 / 2 per s, terminated (TerminateInstances)
+ * 1000 / 20 per s. Lower them when other tools share the account.
  */
 export const AWS_RATE_LIMIT_DEFAULTS = {
   describe: { bucket: 100, refill_per_second: 20 },
   mutate: { bucket: 50, refill_per_second: 5 },
   console: { bucket: 50, refill_per_second: 5 },
+  launched_instances: { bucket: 1000, refill_per_second: 2 },
+  terminated_instances: { bucket: 1000, refill_per_second: 20 },
 };
 const AwsRateLimits = z.strictObject({
   describe: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.describe),
   mutate: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.mutate),
   console: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.console),
+  launched_instances: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.launched_instances),
+  terminated_instances: RateBucket.default(AWS_RATE_LIMIT_DEFAULTS.terminated_instances),
 });
 
 const awsAccessKey = secretRef("access_key_id", false);

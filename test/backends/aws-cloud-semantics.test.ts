@@ -144,6 +144,32 @@ describe("aws backend: API calls paced to EC2's request-rate buckets (backends.a
     assert.ok(results.some((r) => r.status === "rejected" && (r.reason as Error).name === "RequestLimitExceeded"));
   });
 
+  it("EC2's resource buckets: launches are paced one token per instance, under the request-rate buckets", { timeout: 60_000 }, async (t) => {
+    // Request buckets that never bind; a launch bucket of 4 refilled at 10 per s (EC2: 1000 / 2 per s).
+    const fake = await startFake(t, { now: () => Date.now(), faults: { resourceLimits: { RunInstances: { bucket: 4, refillPerSecond: 10 } } } });
+    const aws = makeBackend(t, awsConfig(t, fake, { rate_limits: { launched_instances: { bucket: 3, refill_per_second: 8 } } }));
+    const t0 = Date.now();
+    const insts = await Promise.all(Array.from({ length: 12 }, (_, i) => aws.provision(grant(`res-${i}`), ENV, never)));
+    const elapsed = Date.now() - t0;
+    assert.equal(new Set(insts.map((i) => i.instance_id)).size, 12);
+    assert.equal(fake.resourceLimited, 0, "no launch was over the fake's resource bucket");
+    assert.ok(elapsed >= ((12 - 3) / 8) * 1000 * 0.95, `paced by the launch bucket (${elapsed} ms)`);
+  });
+
+  it("control: launches fired at once outrun a resource bucket the request buckets allow (its limit is real)", async (t) => {
+    const t0 = Date.now();
+    const fake = await startFake(t, { now: () => t0, faults: { resourceLimits: { RunInstances: { bucket: 4, refillPerSecond: 10 }, TerminateInstances: { bucket: 2, refillPerSecond: 10 } } } });
+    const c = new ec2Sdk.EC2Client({ region: "us-east-1", endpoint: fake.endpoint, credentials: fake.credentials, maxAttempts: 1 });
+    t.after(() => c.destroy());
+    const results = await Promise.allSettled(Array.from({ length: 10 }, () => c.send(new ec2Sdk.RunInstancesCommand({ ImageId: AMI, InstanceType: "m6i.large", MinCount: 1, MaxCount: 1 }))));
+    assert.equal(results.filter((r) => r.status === "fulfilled").length, 4);
+    assert.equal(fake.resourceLimited, 6);
+    // One call for three instances takes three tokens: more than the termination bucket holds.
+    const ids = fake.instances.map((i) => i.instanceId).slice(0, 3);
+    await assert.rejects(c.send(new ec2Sdk.TerminateInstancesCommand({ InstanceIds: ids })), (e: Error) => e.name === "RequestLimitExceeded");
+    await c.send(new ec2Sdk.TerminateInstancesCommand({ InstanceIds: ids.slice(0, 2) }));
+  });
+
   it("a throttling answer empties the client's bucket: the next call waits a refill interval instead of hammering", async (t) => {
     const clock = new ManualClock(Date.now());
     const fake = await startFake(t, { now: () => clock.now() });

@@ -37,6 +37,9 @@
  * Real-EC2 semantics modelled (each with its source in test/fakes/FIDELITY.md):
  *  - Request rate limits per action category and Region (faults.rateLimits, off by default): a token bucket per
  *    (region, API class) refilled every second on the fake's clock; an empty bucket answers RequestLimitExceeded/503.
+ *  - Resource rate limits (faults.resourceLimits, off by default): RunInstances and TerminateInstances also take one
+ *    token per instance from a resource bucket per Region (launches: 1000 / 2 per s; terminations: 1000 / 20 per s
+ *    on EC2); a call its bucket cannot cover answers RequestLimitExceeded/503 and takes nothing.
  *  - Eventual consistency (faults.consistencyDelayMs, default 0): for that long after RunInstances the instance is
  *    invisible to DescribeInstances (filters omit it; InstanceId.N answers InvalidInstanceID.NotFound),
  *    TerminateInstances and GetConsoleOutput (InvalidInstanceID.NotFound) although it exists and boots.
@@ -239,6 +242,8 @@ export interface Ec2Faults {
   nonNitroTypes: ReadonlySet<string> | readonly string[] | undefined;
   /** Request-rate token buckets per API class (per region); a class without one is never rate limited. */
   rateLimits: Partial<Record<Ec2ApiClass, RateLimit>> | undefined;
+  /** Resource-rate token buckets (per region): one token per instance launched or terminated. */
+  resourceLimits: Partial<Record<"RunInstances" | "TerminateInstances", RateLimit>> | undefined;
   /** For this many (virtual) ms after launch an instance is invisible to Describe/Terminate/GetConsoleOutput. */
   consistencyDelayMs: number;
   /** How long a terminated instance stays visible (virtual ms); then every call answers as if it never existed. */
@@ -429,6 +434,8 @@ export class Ec2Fake {
   private readonly buckets = new Map<string, { tokens: number; at: number }>();
   /** Requests answered RequestLimitExceeded by the request-rate buckets (not by throttleRate or failNext). */
   rateLimited = 0;
+  /** Requests answered RequestLimitExceeded by the resource-rate buckets. */
+  resourceLimited = 0;
   private readonly callLog: CallRecord[] = [];
   private readonly failures: PendingFailure[] = [];
   private seq = 0;
@@ -458,6 +465,7 @@ export class Ec2Fake {
       hostKeyReport: "key",
       nonNitroTypes: undefined,
       rateLimits: undefined,
+      resourceLimits: undefined,
       consistencyDelayMs: 0,
       terminatedVisibleMs: 3_600_000,
       ...opts.faults,
@@ -640,6 +648,7 @@ export class Ec2Fake {
     this.faults.hostKeyReport = "key";
     this.faults.nonNitroTypes = undefined;
     this.faults.rateLimits = undefined;
+    this.faults.resourceLimits = undefined;
     this.faults.consistencyDelayMs = 0;
   }
 
@@ -706,16 +715,25 @@ export class Ec2Fake {
   /** Request-rate limiting: one token from the (region, class) bucket, refilled every second; false when empty. */
   private takeRateToken(action: Ec2Action, region: string): boolean {
     const cls = EC2_API_CLASS[action];
-    const spec = this.faults.rateLimits?.[cls];
+    return this.takeTokens(`${region}\n${cls}`, this.faults.rateLimits?.[cls], 1);
+  }
+
+  /** Resource-rate limiting: one token per instance the call launches or terminates; false (nothing taken) when short. */
+  private takeResourceTokens(action: Ec2Action, region: string, params: Record<string, string>): boolean {
+    if (action !== "RunInstances" && action !== "TerminateInstances") return true;
+    const n = action === "RunInstances" ? (parseIntParam(params, "MaxCount") ?? 1) : Math.max(1, list(params, "InstanceId").length);
+    return this.takeTokens(`${region}\nresource:${action}`, this.faults.resourceLimits?.[action], n);
+  }
+
+  private takeTokens(key: string, spec: RateLimit | undefined, n: number): boolean {
     if (!spec) return true;
-    const key = `${region}\n${cls}`;
     const now = this.now();
     const b = this.buckets.get(key) ?? { tokens: spec.bucket, at: now };
     b.tokens = Math.min(spec.bucket, b.tokens + ((now - b.at) / 1000) * spec.refillPerSecond);
     b.at = now;
     this.buckets.set(key, b);
-    if (b.tokens < 1) return false;
-    b.tokens -= 1;
+    if (b.tokens < n) return false;
+    b.tokens -= n;
     return true;
   }
 
@@ -897,6 +915,10 @@ export class Ec2Fake {
     if (rate) throw rate;
     if (!this.takeRateToken(action as Ec2Action, ctx.region)) {
       this.rateLimited++;
+      throw new Ec2Error("RequestLimitExceeded", "Request limit exceeded.");
+    }
+    if (!this.takeResourceTokens(action as Ec2Action, ctx.region, params)) {
+      this.resourceLimited++;
       throw new Ec2Error("RequestLimitExceeded", "Request limit exceeded.");
     }
 

@@ -59,7 +59,8 @@ interface Ec2Status {
   requestId: string | undefined;
 }
 
-type ApiClass = "describe" | "mutate" | "console";
+/** EC2's request-rate classes, and its resource buckets (one token per instance launched or terminated). */
+type ApiClass = "describe" | "mutate" | "console" | "launched_instances" | "terminated_instances";
 const API_CLASS: Readonly<Record<string, ApiClass>> = { DescribeInstancesCommand: "describe", RunInstancesCommand: "mutate", TerminateInstancesCommand: "mutate", GetConsoleOutputCommand: "console" };
 const apiClass = (commandName: string | undefined): ApiClass => API_CLASS[commandName ?? ""] ?? "mutate";
 
@@ -226,6 +227,7 @@ export class Ec2Adapter implements CloudAdapter {
     };
     const { ec2: sdk } = await this.loadSdk();
     try {
+      await this.pacer.take(region, "launched_instances", signal);
       const out = await this.send(region, "mutate", signal, (c, o) => c.send(new sdk.RunInstancesCommand(input), o));
       const inst = out.Instances?.[0];
       if (!inst?.InstanceId) throw new BackendError(`RunInstances in ${region} returned no instance`, this.name);
@@ -366,6 +368,7 @@ export class Ec2Adapter implements CloudAdapter {
     let unconfirmed: string[] = ids;
     for (let tries = 1; ; tries++) {
       try {
+        for (const _ of ids) await this.pacer.take(region, "terminated_instances");
         const out = await this.send(region, "mutate", undefined, (c) => c.send(new sdk.TerminateInstancesCommand({ InstanceIds: ids })));
         const ok = new Set((out.TerminatingInstances ?? []).filter((t) => t.CurrentState?.Name === "shutting-down" || t.CurrentState?.Name === "terminated").map((t) => t.InstanceId));
         unconfirmed = ids.filter((id) => !ok.has(id));
