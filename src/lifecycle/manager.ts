@@ -609,9 +609,12 @@ export class GrantManager {
     const spend = this.o.fleet.spend;
     const billing = spend ? { rule: spend.prices.rule(rec.backend ?? ""), currency: spend.currency } : undefined;
     const log = buildComputeLog(this.o.providerId, rec, outcome, this.o.clock.now(), this.o.identity, billing);
-    const done = await this.o.store.finish(rec.request_id, outcome.state, log, { error_kind: outcome.error_kind, error_message: outcome.error_message }, this.o.publishLogs ?? false);
-    // Ended in the store, so ended in the ledgers: its capacity is free, its cost is what it cost.
+    // Out of the ledgers before the final commit is visible: whoever sees the grant ended (the market
+    // polling it) finds its capacity free and its cost settled. Safe: everything billable is gone by
+    // now (terminated, or never created); a failed commit is retried and settles again (idempotent),
+    // and a restart rebuilds the ledgers from the store.
     this.o.fleet.settle(rec.request_id, log.usage.cost);
+    const done = await this.o.store.finish(rec.request_id, outcome.state, log, { error_kind: outcome.error_kind, error_message: outcome.error_message }, this.o.publishLogs ?? false);
     this.o.events?.transition?.(rec.backend, rec.state, outcome.state);
     this.o.log.info(
       { request_id: rec.request_id, backend: rec.backend, instance_id: rec.instance?.instance_id, state: done.state, exit_code: log.exit_code, partial: log.partial, ...(outcome.error_kind ? { err: { kind: outcome.error_kind } } : {}) },
