@@ -196,7 +196,8 @@ function logged(logs: LogCapture, level: string): Record<string, unknown>[] {
     .filter((o) => o["level"] === level);
 }
 
-const HOST_KEY_WARNING = "no SSH host key from the GCE guest; the grant runs with host_key_sha256 null";
+/** The core's warning (cloud/vm-backend.ts), the same on every cloud. */
+const HOST_KEY_WARNING = "no SSH host key fingerprint from the guest; host_key_sha256 stays null";
 
 // ------------------------------------------------------------------ tests
 
@@ -359,7 +360,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     assert.equal(done.state, "completed");
     assert.equal(done.outcome?.exit_code, 4, "the bundle ran on the local backend");
     assert.deepEqual(done.attempts.map((a) => [a.backend, a.error_kind]), [["gcp", "capacity"]]);
-    assert.match(done.attempts[0]!.message, /n2-standard-2 in us-central1-a: ZONE_RESOURCE_POOL_EXHAUSTED.*n2-standard-4 in us-central1-a/);
+    assert.match(done.attempts[0]!.message, /n2-standard-2: us-central1-a: .*ZONE_RESOURCE_POOL_EXHAUSTED.*n2-standard-4: us-central1-a: /);
     assert.deepEqual(fake.creates.map((c) => [c.zone, c.machineType, c.outcome]), [
       ["us-central1-a", "n2-standard-2", "ZONE_RESOURCE_POOL_EXHAUSTED"],
       ["us-central1-b", "n2-standard-2", "ZONE_RESOURCE_POOL_EXHAUSTED"],
@@ -530,7 +531,7 @@ describe("gcp backend: direct", () => {
     const [oa, ob] = await Promise.all([backend.watchUntilExit(a!, deadline, never), backend.watchUntilExit(b!, deadline, never)]);
     assert.deepEqual(oa.failure, { kind: "image_verification", message: "image sha256 mismatch: nothing was run" });
     assert.equal(ob.kind, "lost");
-    assert.match(ob.failure?.message ?? "", /without reporting an exit code/);
+    assert.match(ob.failure?.message ?? "", /TERMINATED and reported no exit code/);
     // Deleted behind the bridge's back: lost once it is missing from consecutive polls.
     await backend.terminate({ ...c!, instance_id: c!.instance_id });
     const oc = await backend.watchUntilExit(c!, deadline, never);
@@ -715,8 +716,8 @@ describe("gcp backend: the guest's SSH host key (host_key_sha256) from serial po
     const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
     assert.equal(warn.length, 1);
     assert.equal(warn[0]!["request_id"], rid);
-    assert.equal(warn[0]!["instance"], nameOf(rid));
-    assert.match(String(warn[0]!["missing"]), /no ed25519 SSH host key/);
+    assert.equal(warn[0]!["instance_id"], nameOf(rid));
+    assert.match(String(warn[0]!["reason"]), /no ed25519 SSH host key/);
     await backend.terminate(inst);
   });
 
@@ -735,7 +736,7 @@ describe("gcp backend: the guest's SSH host key (host_key_sha256) from serial po
     const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
     assert.equal(warn.length, 1);
     assert.equal(warn[0]!["request_id"], rid);
-    assert.match(String(warn[0]!["missing"]), /reported no SSH host key on its serial console within \d+ s/);
+    assert.match(String(warn[0]!["reason"]), /reported no SSH host key on its serial console within \d+ s/);
     await backend.terminate(inst);
   });
 
@@ -765,7 +766,7 @@ describe("gcp backend: the guest's SSH host key (host_key_sha256) from serial po
     const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
     assert.equal(warn.length, 1);
     assert.equal(warn[0]!["request_id"], "Denied.1");
-    assert.match(String(warn[0]!["missing"]), /serial console cannot be read: .*Required 'compute\.instances\.getSerialPortOutput' permission/);
+    assert.match(String(warn[0]!["reason"]), /serial console cannot be read: .*Required 'compute\.instances\.getSerialPortOutput' permission/);
     assert.deepEqual(logged(logs, "error"), [], "not reported as refused credentials");
     fake.faults.serialPortDenied = false;
 
