@@ -882,4 +882,21 @@ describe("gcp backend: TDX attestation evidence from serial port 1", () => {
     await backend.terminate(inst);
     await backend.terminate(plain);
   });
+
+  it("a TDX guest that powers off before SSH answers: its evidence report is read once from the console", async (t) => {
+    const closed = net.createServer();
+    await new Promise<void>((r) => closed.listen(0, "127.0.0.1", r));
+    const deadPort = (closed.address() as AddressInfo).port;
+    await new Promise<void>((r) => closed.close(() => r()));
+    const { fake, backend } = await rig(t, { cfg: { ready_timeout_seconds: 30, ssh_port: deadPort, poll_interval_seconds: 0.05 } });
+    const rid = "tdx-ev-off";
+    const p = backend.provision(grant(rid, { tdx_required: true }), tdxEnvelope("7c".repeat(16)), never);
+    await until(() => fake.countCalls({ method: "get", status: 200 }) >= 1, "the instance to be RUNNING", 60_000, 5);
+    fake.guestPowerOff(PROJECT, "us-central1-a", nameOf(rid));
+    const inst = await p;
+    assert.equal(inst.host, null);
+    assert.equal(inst.host_key_sha256, null);
+    assert.deepEqual(inst.attestation, { status: "absent", platform: "gcp", nonce: "7c".repeat(16), reason: "the guest produced no evidence: this guest kernel has no configfs-tsm" });
+    await backend.terminate(inst);
+  });
 });
