@@ -459,7 +459,11 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     const { fake, backend } = await rig(t);
     const { store, manager } = lifecycle(t, Fleet.of([backend], systemClock), tempDir(t));
     const rid = "expire-1";
-    await manager.submit({ grant: grant(rid, { valid_to: Date.now() + 1500 }), envelope });
+    // Long enough to be provisioned on a loaded machine (1.5 s was not: valid_to then aborted the
+    // provisioning, and no instance was ever created), so that the watch is what meets valid_to.
+    await manager.submit({ grant: grant(rid, { valid_to: Date.now() + 8000 }), envelope });
+    const running = await until(() => (store.get(rid)?.state === "running" || TERMINAL.has(store.get(rid)?.state ?? "")) && store.get(rid), "running");
+    assert.equal(running.state, "running", `provisioned before valid_to: ${JSON.stringify(running)}`);
     const done = await settledRecord(store, rid);
     assert.equal(done.state, "expired", JSON.stringify(done));
     assert.equal(fake.createdCount, 1, JSON.stringify(done));
