@@ -671,6 +671,10 @@ describe("gcp backend: direct", () => {
     assert.match(err.message, /compute\.instances\.list.*Compute Instance Admin/);
     const bad = await backend.provision(grant("file-1"), { ...envelope, image: { ...envelope.image, url: "file:///etc/passwd" } }, never).catch((e: unknown) => e);
     assert.ok(bad instanceof InvalidRequestError, String(bad));
+    // A startup-script over GCE's 256 KB metadata value limit is refused before any insert.
+    const big = await backend.provision(grant("big-1"), { ...envelope, env: Object.fromEntries(Array.from({ length: 9 }, (_, i) => [`BIG_${i}`, "x".repeat(32768)])) }, never).catch((e: unknown) => e);
+    assert.ok(big instanceof InvalidRequestError, String(big));
+    assert.match(big.message, /startup-script; GCE accepts at most 262144 bytes/);
     assert.equal(fake.createdCount, 0);
   });
 

@@ -30,7 +30,7 @@ import type { GcpConfig } from "../../config/schema.js";
 import type { ComputeGrant, Envelope, ProvisionedInstance } from "../../domain/index.js";
 import type { Clock } from "../../util/clock.js";
 import type { Logger } from "../../util/logger.js";
-import { BackendError, CapacityError, NotFoundError, QuotaError, TransientError, type BackendContext, type CheckResult } from "../backend.js";
+import { BackendError, CapacityError, InvalidRequestError, NotFoundError, QuotaError, TransientError, type BackendContext, type CheckResult } from "../backend.js";
 import type { CloudAdapter, CloudSettings, ConsoleRef, CreateRequest, OwnedResource, Shape, VmPhase, VmStatus } from "../cloud/adapter.js";
 import { GceApi, type GceApiOptions, type IInstance, type IOperation, type InstanceView } from "./api.js";
 import { AlreadyExistsError, classifyInsertRefusal, ImageUnfitError, mapGcpError, operationError, PlacementError, redact } from "./errors.js";
@@ -42,6 +42,8 @@ const DELETE_TIMEOUT_MS = 10 * 60_000;
 const SERIAL_TAIL_BYTES = 256 * 1024;
 const SERIAL_MAX_READS = 8;
 const SERIAL_PAGE_BYTES = 1024 * 1024;
+/** GCE's limit on one metadata value (the startup-script). */
+const METADATA_VALUE_LIMIT = 256 * 1024;
 
 export interface GceAdapterOptions extends GceApiOptions {
   /** Poll interval while an Operation is pending and answered at once; default poll_interval_seconds. */
@@ -89,7 +91,8 @@ export class GceAdapter implements CloudAdapter {
     this.plainShapes = cfg.machine_types;
     this.tdxShapes = cfg.tdx_machine_types;
     this.pollMs = opts.pollIntervalMs ?? cfg.poll_interval_seconds * 1000;
-    this.api = new GceApi(this.name, cfg.project, path.resolve(ctx.configDir, cfg.credentials_file), cfg.api_endpoint, this.log, this.clock, ctx.metrics, opts);
+    const credentialsPath = path.resolve(ctx.configDir, cfg.credentials_file);
+    this.api = new GceApi({ name: this.name, project: cfg.project, credentialsPath, apiEndpoint: cfg.api_endpoint, log: this.log, clock: this.clock, metrics: ctx.metrics }, opts);
   }
 
   regions(): string[] {
@@ -103,7 +106,12 @@ export class GceAdapter implements CloudAdapter {
   placements(region: string): string[] {
     return this.zonesByRegion.get(region) ?? [];
   }
-  checkBootScript(): void {}
+  /** GCE refuses a metadata value (the startup-script) over 256 KB: said before anything is inserted. */
+  checkBootScript(script: string): void {
+    const bytes = Buffer.byteLength(script, "utf8");
+    if (bytes > METADATA_VALUE_LIMIT)
+      throw new InvalidRequestError(`the envelope's command and env make a ${bytes}-byte startup-script; GCE accepts at most ${METADATA_VALUE_LIMIT} bytes per metadata value`, this.name);
+  }
   credentialProblem(): string | null {
     return this.api.refused;
   }

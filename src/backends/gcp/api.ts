@@ -64,16 +64,19 @@ export class GceApi {
   private clientsResolved: Clients | null = null;
   private closed = false;
 
+  private readonly name: string;
+  private readonly project: string;
+  private readonly credentialsPath: string;
+  private readonly apiEndpoint: string | undefined;
+  private readonly log: Logger;
+  private readonly clock: Clock;
+  private readonly metrics: BackendMetrics | undefined;
+
   constructor(
-    private readonly name: string,
-    private readonly project: string,
-    private readonly credentialsPath: string,
-    private readonly apiEndpoint: string | undefined,
-    private readonly log: Logger,
-    private readonly clock: Clock,
-    private readonly metrics: BackendMetrics | undefined,
+    where: { name: string; project: string; credentialsPath: string; apiEndpoint: string | undefined; log: Logger; clock: Clock; metrics: BackendMetrics | undefined },
     private readonly opts: GceApiOptions,
   ) {
+    ({ name: this.name, project: this.project, credentialsPath: this.credentialsPath, apiEndpoint: this.apiEndpoint, log: this.log, clock: this.clock, metrics: this.metrics } = where);
     this.retry = { attempts: opts.retry?.attempts ?? 5, baseMs: opts.retry?.baseMs ?? 500, capMs: opts.retry?.capMs ?? 20_000 };
   }
 
