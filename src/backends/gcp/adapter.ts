@@ -45,10 +45,6 @@ const SERIAL_PAGE_BYTES = 1024 * 1024;
 /** GCE's limit on one metadata value (the startup-script). */
 const METADATA_VALUE_LIMIT = 256 * 1024;
 
-export interface GceAdapterOptions extends GceApiOptions {
-  /** Poll interval while an Operation is pending and answered at once; default poll_interval_seconds. */
-  pollIntervalMs?: number;
-}
 
 const PHASES: Readonly<Record<string, VmPhase>> = { STOPPING: "stopping", TERMINATED: "stopped", SUSPENDING: "gone", SUSPENDED: "gone" };
 /** Stopping, being deleted, or suspended: not something to adopt or wait on. */
@@ -75,7 +71,7 @@ export class GceAdapter implements CloudAdapter {
   constructor(
     private readonly cfg: GcpConfig,
     ctx: BackendContext,
-    opts: GceAdapterOptions = {},
+    opts: GceApiOptions = {},
   ) {
     this.log = ctx.log.child({ backend: this.name });
     this.clock = ctx.clock;
@@ -90,7 +86,7 @@ export class GceAdapter implements CloudAdapter {
     this.sshUser = cfg.ssh_user;
     this.plainShapes = cfg.machine_types;
     this.tdxShapes = cfg.tdx_machine_types;
-    this.pollMs = opts.pollIntervalMs ?? cfg.poll_interval_seconds * 1000;
+    this.pollMs = cfg.poll_interval_seconds * 1000;
     const credentialsPath = path.resolve(ctx.configDir, cfg.credentials_file);
     this.api = new GceApi({ name: this.name, project: cfg.project, credentialsPath, apiEndpoint: cfg.api_endpoint, log: this.log, clock: this.clock, metrics: ctx.metrics }, opts);
   }
