@@ -196,7 +196,8 @@ function logged(logs: LogCapture, level: string): Record<string, unknown>[] {
     .filter((o) => o["level"] === level);
 }
 
-const HOST_KEY_WARNING = "no SSH host key from the GCE guest; the grant runs with host_key_sha256 null";
+/** The core's warning (cloud/vm-backend.ts), the same on every cloud. */
+const HOST_KEY_WARNING = "no SSH host key fingerprint from the guest; host_key_sha256 stays null";
 
 // ------------------------------------------------------------------ tests
 
@@ -359,7 +360,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     assert.equal(done.state, "completed");
     assert.equal(done.outcome?.exit_code, 4, "the bundle ran on the local backend");
     assert.deepEqual(done.attempts.map((a) => [a.backend, a.error_kind]), [["gcp", "capacity"]]);
-    assert.match(done.attempts[0]!.message, /n2-standard-2 in us-central1-a: ZONE_RESOURCE_POOL_EXHAUSTED.*n2-standard-4 in us-central1-a/);
+    assert.match(done.attempts[0]!.message, /n2-standard-2: us-central1-a: .*ZONE_RESOURCE_POOL_EXHAUSTED.*n2-standard-4: us-central1-a: /);
     assert.deepEqual(fake.creates.map((c) => [c.zone, c.machineType, c.outcome]), [
       ["us-central1-a", "n2-standard-2", "ZONE_RESOURCE_POOL_EXHAUSTED"],
       ["us-central1-b", "n2-standard-2", "ZONE_RESOURCE_POOL_EXHAUSTED"],
@@ -458,7 +459,11 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     const { fake, backend } = await rig(t);
     const { store, manager } = lifecycle(t, Fleet.of([backend], systemClock), tempDir(t));
     const rid = "expire-1";
-    await manager.submit({ grant: grant(rid, { valid_to: Date.now() + 1500 }), envelope });
+    // Long enough to be provisioned on a loaded machine (1.5 s was not: valid_to then aborted the
+    // provisioning, and no instance was ever created), so that the watch is what meets valid_to.
+    await manager.submit({ grant: grant(rid, { valid_to: Date.now() + 8000 }), envelope });
+    const running = await until(() => (store.get(rid)?.state === "running" || TERMINAL.has(store.get(rid)?.state ?? "")) && store.get(rid), "running");
+    assert.equal(running.state, "running", `provisioned before valid_to: ${JSON.stringify(running)}`);
     const done = await settledRecord(store, rid);
     assert.equal(done.state, "expired", JSON.stringify(done));
     assert.equal(fake.createdCount, 1, JSON.stringify(done));
@@ -530,7 +535,7 @@ describe("gcp backend: direct", () => {
     const [oa, ob] = await Promise.all([backend.watchUntilExit(a!, deadline, never), backend.watchUntilExit(b!, deadline, never)]);
     assert.deepEqual(oa.failure, { kind: "image_verification", message: "image sha256 mismatch: nothing was run" });
     assert.equal(ob.kind, "lost");
-    assert.match(ob.failure?.message ?? "", /without reporting an exit code/);
+    assert.match(ob.failure?.message ?? "", /TERMINATED and reported no exit code/);
     // Deleted behind the bridge's back: lost once it is missing from consecutive polls.
     await backend.terminate({ ...c!, instance_id: c!.instance_id });
     const oc = await backend.watchUntilExit(c!, deadline, never);
@@ -666,6 +671,10 @@ describe("gcp backend: direct", () => {
     assert.match(err.message, /compute\.instances\.list.*Compute Instance Admin/);
     const bad = await backend.provision(grant("file-1"), { ...envelope, image: { ...envelope.image, url: "file:///etc/passwd" } }, never).catch((e: unknown) => e);
     assert.ok(bad instanceof InvalidRequestError, String(bad));
+    // A startup-script over GCE's 256 KB metadata value limit is refused before any insert.
+    const big = await backend.provision(grant("big-1"), { ...envelope, env: Object.fromEntries(Array.from({ length: 9 }, (_, i) => [`BIG_${i}`, "x".repeat(32768)])) }, never).catch((e: unknown) => e);
+    assert.ok(big instanceof InvalidRequestError, String(big));
+    assert.match(big.message, /startup-script; GCE accepts at most 262144 bytes/);
     assert.equal(fake.createdCount, 0);
   });
 
@@ -715,8 +724,8 @@ describe("gcp backend: the guest's SSH host key (host_key_sha256) from serial po
     const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
     assert.equal(warn.length, 1);
     assert.equal(warn[0]!["request_id"], rid);
-    assert.equal(warn[0]!["instance"], nameOf(rid));
-    assert.match(String(warn[0]!["missing"]), /no ed25519 SSH host key/);
+    assert.equal(warn[0]!["instance_id"], nameOf(rid));
+    assert.match(String(warn[0]!["reason"]), /no ed25519 SSH host key/);
     await backend.terminate(inst);
   });
 
@@ -735,7 +744,7 @@ describe("gcp backend: the guest's SSH host key (host_key_sha256) from serial po
     const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
     assert.equal(warn.length, 1);
     assert.equal(warn[0]!["request_id"], rid);
-    assert.match(String(warn[0]!["missing"]), /reported no SSH host key on its serial console within \d+ s/);
+    assert.match(String(warn[0]!["reason"]), /reported no SSH host key on its serial console within \d+ s/);
     await backend.terminate(inst);
   });
 
@@ -765,7 +774,7 @@ describe("gcp backend: the guest's SSH host key (host_key_sha256) from serial po
     const warn = logged(logs, "warn").filter((o) => o["msg"] === HOST_KEY_WARNING);
     assert.equal(warn.length, 1);
     assert.equal(warn[0]!["request_id"], "Denied.1");
-    assert.match(String(warn[0]!["missing"]), /serial console cannot be read: .*Required 'compute\.instances\.getSerialPortOutput' permission/);
+    assert.match(String(warn[0]!["reason"]), /serial console cannot be read: .*Required 'compute\.instances\.getSerialPortOutput' permission/);
     assert.deepEqual(logged(logs, "error"), [], "not reported as refused credentials");
     fake.faults.serialPortDenied = false;
 
@@ -880,5 +889,22 @@ describe("gcp backend: TDX attestation evidence from serial port 1", () => {
     assert.equal(plain.attestation, undefined);
     await backend.terminate(inst);
     await backend.terminate(plain);
+  });
+
+  it("a TDX guest that powers off before SSH answers: its evidence report is read once from the console", async (t) => {
+    const closed = net.createServer();
+    await new Promise<void>((r) => closed.listen(0, "127.0.0.1", r));
+    const deadPort = (closed.address() as AddressInfo).port;
+    await new Promise<void>((r) => closed.close(() => r()));
+    const { fake, backend } = await rig(t, { cfg: { ready_timeout_seconds: 30, ssh_port: deadPort, poll_interval_seconds: 0.05 } });
+    const rid = "tdx-ev-off";
+    const p = backend.provision(grant(rid, { tdx_required: true }), tdxEnvelope("7c".repeat(16)), never);
+    await until(() => fake.countCalls({ method: "get", status: 200 }) >= 1, "the instance to be RUNNING", 60_000, 5);
+    fake.guestPowerOff(PROJECT, "us-central1-a", nameOf(rid));
+    const inst = await p;
+    assert.equal(inst.host, null);
+    assert.equal(inst.host_key_sha256, null);
+    assert.deepEqual(inst.attestation, { status: "absent", platform: "gcp", nonce: "7c".repeat(16), reason: "the guest produced no evidence: this guest kernel has no configfs-tsm" });
+    await backend.terminate(inst);
   });
 });

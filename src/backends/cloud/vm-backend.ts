@@ -182,11 +182,11 @@ export class CloudVmBackend implements ManagedBackend {
       st = await this.createFitting(grant, envelope, script, deadlineMs, signal, log);
     }
     st = await this.waitStarted(st, deadlineMs, signal);
-    if (isEnded(st) || st.phase === "stopping") return this.endedBeforeReady(grant, st, log);
+    if (isEnded(st) || st.phase === "stopping") return this.endedBeforeReady(grant, envelope, st, log);
     const host = st.host;
     if (!host) throw new BackendError(`${this.name} VM ${st.id} in ${grant.region} is running without an address`, this.name);
     const ready = await this.waitSsh(grant, st, host, signal);
-    if (ready !== "ssh") return this.endedBeforeReady(grant, ready, log);
+    if (ready !== "ssh") return this.endedBeforeReady(grant, envelope, ready, log);
     log.info({ instance_id: st.id, host }, "VM ready (SSH answers)");
     const reader = this.consoleReader(grant, st, signal, true);
     const found2 = await waitForHostKey(reader, rid, { timeoutMs: this.cloud.settings.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
@@ -410,11 +410,11 @@ export class CloudVmBackend implements ManagedBackend {
    * The VM stopped before SSH was ready: a guest that ran and powered off is handed on to the watch
    * (its console tells the outcome), without a host key: nobody can connect to it any more.
    */
-  private async endedBeforeReady(grant: ComputeGrant, st: VmStatus, log: Logger): Promise<ProvisionedInstance> {
+  private async endedBeforeReady(grant: ComputeGrant, envelope: Envelope, st: VmStatus, log: Logger): Promise<ProvisionedInstance> {
     if (st.launchCapacity && st.shape) throw new CapacityError(`${this.name} VM ${st.id} in ${grant.region} ended at launch: ${st.detail}`, this.name).withOffering(grant.region, st.shape);
     if (st.phase === "gone" || st.selfStopped === false) throw new BackendError(`${this.name} VM ${st.id} in ${grant.region} is ${st.detail} before it became ready`, this.name);
     log.info({ instance_id: st.id, state: st.detail }, "the VM stopped before SSH was ready; its console tells the outcome");
-    const attestation = await this.evidence(grant, null, st, new AbortController().signal, false);
+    const attestation = await this.evidence(grant, envelope, st, new AbortController().signal, false);
     return { ...this.provisioned(grant, st, st.host, null), ...(attestation ? { attestation } : {}) };
   }
 

@@ -6,6 +6,7 @@ import {
   QuotaError,
   TransientError,
 } from "../backend.js";
+import { UnfitError } from "../cloud/adapter.js";
 import { redactCredentials } from "../../util/redact.js";
 
 /**
@@ -19,7 +20,7 @@ export class PlacementError extends CapacityError {}
  * The image cannot run the grant anywhere (a TDX grant on an image without the TDX_CAPABLE guest
  * OS feature): no zone or machine type helps; the grant fails over with the reason.
  */
-export class ImageUnfitError extends CapacityError {}
+export class ImageUnfitError extends UnfitError {}
 
 const ZONE_PLACEMENT = /does not exist in zone|(?:is )?not (?:available|supported|offered) in (?:the )?zone|zone [^ ]+ does not (?:support|offer)/i;
 const IMAGE_UNFIT = /TDX_CAPABLE|guest ?os ?features?/i;
