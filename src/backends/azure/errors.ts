@@ -7,6 +7,7 @@ import {
   TransientError,
 } from "../backend.js";
 import { redactCredentials } from "../../util/redact.js";
+import { UnfitError } from "../cloud/adapter.js";
 
 /**
  * Azure errors -> the backend's typed errors. What the SDKs throw (measured against the ARM fake
@@ -173,4 +174,23 @@ export function isBootDiagnosticsDisabled(e: unknown): boolean {
 export function isNotFound(e: unknown): boolean {
   const f = describeArmError(e);
   return f.status === 404 || (f.code ?? "").toLowerCase() === "resourcenotfound";
+}
+
+/**
+ * ARM refused a confidential VM because its image is not a confidential-VM image: no size of
+ * this backend runs the grant until the config names one, so the grant fails over at once.
+ */
+export class ConfidentialImageError extends UnfitError {}
+
+/**
+ * True when ARM refuses a ConfidentialVM create for its image: 400 InvalidParameter "SecurityType
+ * 'ConfidentialVM_...' is not supported by given image." on securityProfile.securityType
+ * (Azure/azure-cli#22200; the HTTP status is unverified, see test/fakes/FIDELITY.md), or a
+ * message that names the image as not supporting confidential VMs.
+ */
+export function isConfidentialImageRefusal(e: unknown): boolean {
+  const f = describeArmError(e);
+  const code = (f.code ?? "").toLowerCase();
+  if (code !== "invalidparameter" && code !== "badrequest" && code !== "invalidrequestformat") return false;
+  return /not supported by (the )?given image/i.test(f.message) || (/image/i.test(f.message) && /confidential/i.test(f.message) && /not supported|does not support|doesn't support/i.test(f.message));
 }
