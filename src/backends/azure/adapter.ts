@@ -17,28 +17,20 @@
  *   (a VM's implicit OS disk carries no tags); owner = the request hash in the names.
  * The SDKs are loaded on first use: capabilities() and canSatisfy() need no SDK and no I/O.
  */
-import type { NetworkInterface, PublicIPAddress } from "@azure/arm-network";
 import type { VirtualMachine } from "@azure/arm-compute";
 import { AZURE_TDX_SIZE, type AzureConfig } from "../../config/schema.js";
 import type { ComputeGrant, ProvisionedInstance } from "../../domain/index.js";
-import { abortError, type Clock } from "../../util/clock.js";
+import type { Clock } from "../../util/clock.js";
 import type { Logger } from "../../util/logger.js";
-import { BackendError, CredentialError, InvalidRequestError, TransientError, type BackendContext, type BackendMetrics, type CheckResult } from "../backend.js";
+import { BackendError, InvalidRequestError, TransientError, type BackendContext, type BackendMetrics, type CheckResult } from "../backend.js";
 import type { CloudAdapter, CloudSettings, ConsoleRef, CreateRequest, OwnedResource, Shape, VmPhase, VmStatus } from "../cloud/adapter.js";
 import { ArmClients, type ArmClientOptions, type Clients } from "./clients.js";
-import { ConfidentialImageError, isAzureAuthError, isConfidentialImageRefusal, isNotFound, mapArmError, redact } from "./errors.js";
-import { azureNaming, parseResourceId, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST, type AzureNames, type AzureNaming } from "./naming.js";
+import { ConfidentialImageError, isConfidentialImageRefusal, mapArmError, redact } from "./errors.js";
+import { azureNaming, parseResourceId, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST, type AzureNaming } from "./naming.js";
+import { ArmResources, isBusy, lc, type CallOptions } from "./resources.js";
 import { readSerialLog } from "./serial-log.js";
 
 export type AzureAdapterOptions = ArmClientOptions;
-
-interface CallOptions {
-  offering?: { region: string; size: string };
-  /** The caller's signal: an abort of it is passed through as an AbortError. */
-  signal?: AbortSignal;
-  /** The time limit behind any other abort, for the message (e.g. "launch_timeout_seconds (900 s)"). */
-  limit?: string;
-}
 
 /** Azure custom data holds at most 65535 bytes before base64. */
 const MAX_CUSTOM_DATA_BYTES = 65_535;
@@ -71,7 +63,7 @@ export class AzureAdapter implements CloudAdapter {
   private readonly rg: string;
   private readonly pollMs: number;
   private readonly arm: ArmClients;
-  private refused: string | null = null;
+  private readonly res: ArmResources;
 
   constructor(
     private readonly cfg: AzureConfig,
@@ -91,6 +83,7 @@ export class AzureAdapter implements CloudAdapter {
     // The schema rejects non-TDX names here; filter again so the card can never claim TDX wrongly.
     this.tdxShapes = cfg.tdx_vm_sizes.filter((s) => AZURE_TDX_SIZE.test(s.name));
     this.arm = new ArmClients(cfg, ctx.configDir, opts, this.name, BLOB_SOCKETS);
+    this.res = new ArmResources(cfg, this.providerId, this.name, this.pollMs, this.clock, this.log, this.metrics);
   }
 
   regions(): string[] {
@@ -103,7 +96,7 @@ export class AzureAdapter implements CloudAdapter {
     return [region];
   }
   credentialProblem(): string | null {
-    return this.refused;
+    return this.res.refused;
   }
   sdkLoaded(): boolean {
     return this.arm.sdkLoaded;
@@ -136,9 +129,9 @@ export class AzureAdapter implements CloudAdapter {
     const c = await this.clients();
     const out = new Map<string, VmStatus>();
     await mapLimit(requestIds, LOOKUP_CONCURRENCY, async (rid) => {
-      const vm = await this.getVm(c, this.naming.names(rid).vm, { limit: `${READ_TIMEOUT_MS / 1000} s` }, AbortSignal.timeout(READ_TIMEOUT_MS));
+      const vm = await this.res.getVm(c, this.naming.names(rid).vm, { limit: `${READ_TIMEOUT_MS / 1000} s` }, AbortSignal.timeout(READ_TIMEOUT_MS));
       // A VM tagged for someone else is refused by create(), with the owner in the message.
-      if (!vm || !this.isOwn(vm.tags, rid) || lc(vm.provisioningState) === "failed") return;
+      if (!vm || !this.res.isOwn(vm.tags, rid) || lc(vm.provisioningState) === "failed") return;
       out.set(rid, this.status(vm, null));
     });
     return out;
@@ -150,14 +143,14 @@ export class AzureAdapter implements CloudAdapter {
     const names = this.naming.names(grant.request_id);
     const c = await this.clients();
     const { launch, o } = this.launchBound(req.deadlineMs, signal);
-    let vm = await this.getVm(c, names.vm, o, launch);
+    let vm = await this.res.getVm(c, names.vm, o, launch);
     while (vm && isBusy(vm.provisioningState)) {
       if (this.clock.now() > req.deadlineMs) throw new BackendError(`azure: VM ${names.vm} is still ${vm.provisioningState} after launch_timeout_seconds (${this.cfg.launch_timeout_seconds} s)`, this.name);
       await this.clock.sleep(this.pollMs, signal);
-      vm = await this.getVm(c, names.vm, o, launch);
+      vm = await this.res.getVm(c, names.vm, o, launch);
     }
     if (!vm) throw new TransientError(`azure: VM ${names.vm} vanished while being adopted; retrying`, this.name);
-    this.checkOwner(vm.tags, grant.request_id, `VM ${names.vm}`);
+    this.res.checkOwner(vm.tags, grant.request_id, `VM ${names.vm}`);
     const size = vm.hardwareProfile?.vmSize ?? found.shape ?? "";
     if (grant.tdx_required && !this.isTdx(size)) throw new BackendError(`azure: VM ${names.vm} exists with non-TDX size ${size} but the grant requires TDX`, this.name);
     const state = lc(vm.provisioningState);
@@ -165,8 +158,8 @@ export class AzureAdapter implements CloudAdapter {
     if (state !== "succeeded") throw new TransientError(`azure: VM ${names.vm} is ${vm.provisioningState ?? "in an unknown state"}; retrying later`, this.name);
     this.log.info({ request_id: grant.request_id, vm: names.vm }, "azure VM adopted (created by an earlier call)");
     const tags = this.tags(grant.request_id, vm);
-    const pip = await this.ensurePublicIp(c, names, grant.region, tags, launch, o);
-    return this.status(vm, await this.address(c, names, pip, req.deadlineMs, signal, launch, o));
+    const pip = await this.res.ensurePublicIp(c, names, grant.region, tags, launch, o);
+    return this.status(vm, await this.res.address(c, names, pip, req.deadlineMs, signal, launch, o));
   }
 
   async create(req: CreateRequest, signal: AbortSignal): Promise<VmStatus> {
@@ -177,24 +170,24 @@ export class AzureAdapter implements CloudAdapter {
     const confidential = this.isTdx(shape.name);
     const c = await this.clients();
     const { launch, o } = this.launchBound(req.deadlineMs, signal);
-    const existing = await this.getVm(c, names.vm, o, launch);
+    const existing = await this.res.getVm(c, names.vm, o, launch);
     if (existing) {
-      this.checkOwner(existing.tags, id, `VM ${names.vm}`);
+      this.res.checkOwner(existing.tags, id, `VM ${names.vm}`);
       if (lc(existing.provisioningState) !== "failed") return this.adopt(this.status(existing, null), req, signal);
       // One VM name per request: a Failed VM of another size (an earlier attempt) goes first.
       if (lc(existing.hardwareProfile?.vmSize) !== lc(shape.name)) {
-        await this.deleteVm(c, names.vm);
-        await this.deleteDisk(c, existing.storageProfile?.osDisk?.name ?? names.osDisk);
+        await this.res.deleteVm(c, names.vm);
+        await this.res.deleteDisk(c, existing.storageProfile?.osDisk?.name ?? names.osDisk);
       }
     }
     const tags = this.tags(id, existing);
     const offering = { region: grant.region, size: shape.name };
-    const pip = await this.ensurePublicIp(c, names, grant.region, tags, launch, o);
-    const nic = await this.ensureNic(c, names, grant.region, pip.id!, tags, launch, o);
-    const body = this.vmBody(names, grant.region, shape.name, confidential, nic.id!, tags, Buffer.from(req.script).toString("base64"), envelope.ssh_public_key);
+    const pip = await this.res.ensurePublicIp(c, names, grant.region, tags, launch, o);
+    const nic = await this.res.ensureNic(c, names, grant.region, pip.id!, tags, launch, o);
+    const body = this.res.vmBody(names, grant.region, shape.name, confidential, nic.id!, tags, Buffer.from(req.script).toString("base64"), envelope.ssh_public_key);
     let vm: VirtualMachine;
     try {
-      vm = await this.call(`creating VM ${names.vm} (${shape.name}${confidential ? ", confidential TDX" : ""} in ${grant.region})`, () => c.compute.virtualMachines.beginCreateOrUpdateAndWait(this.rg, names.vm, body, this.lro(launch)), { ...o, offering });
+      vm = await this.res.call(`creating VM ${names.vm} (${shape.name}${confidential ? ", confidential TDX" : ""} in ${grant.region})`, () => c.compute.virtualMachines.beginCreateOrUpdateAndWait(this.rg, names.vm, body, this.res.lro(launch)), { ...o, offering });
     } catch (e) {
       if (!confidential || !isConfidentialImageRefusal(e)) throw e;
       const img = this.cfg.confidential_image!;
@@ -205,7 +198,7 @@ export class AzureAdapter implements CloudAdapter {
     }
     this.log.info({ request_id: id, vm: names.vm, vm_size: shape.name, region: grant.region, confidential }, "azure VM created");
     // The create LRO ends with the VM provisioned: it counts as running, the core probes SSH.
-    return { ...this.status(vm, await this.address(c, names, pip, req.deadlineMs, signal, launch, o)), phase: "running" };
+    return { ...this.status(vm, await this.res.address(c, names, pip, req.deadlineMs, signal, launch, o)), phase: "running" };
   }
 
   details(grant: ComputeGrant, st: VmStatus): Record<string, string> {
@@ -238,7 +231,7 @@ export class AzureAdapter implements CloudAdapter {
       const n = vm.name?.toLowerCase();
       if (n && want.has(n) && lc(parseResourceId(vm.id)?.resourceGroup) === lc(rg)) out.set(n, this.status(vm, null));
     }
-    this.refused = null;
+    this.res.refused = null;
     return out;
   }
 
@@ -253,23 +246,23 @@ export class AzureAdapter implements CloudAdapter {
     const id = instance.request_id;
     const names = this.naming.names(id);
     const c = await this.clients();
-    const vm = await this.getVm(c, names.vm, { limit: `${READ_TIMEOUT_MS / 1000} s` }, AbortSignal.timeout(READ_TIMEOUT_MS));
+    const vm = await this.res.getVm(c, names.vm, { limit: `${READ_TIMEOUT_MS / 1000} s` }, AbortSignal.timeout(READ_TIMEOUT_MS));
     const disks = new Set([names.osDisk]);
     const nics = new Set([names.nic]);
     if (vm) {
       // A VM by our deterministic name that another owner tagged is never deleted.
-      this.checkOwner(vm.tags, id, `VM ${names.vm}`);
+      this.res.checkOwner(vm.tags, id, `VM ${names.vm}`);
       const osDisk = vm.storageProfile?.osDisk?.name;
       if (osDisk) disks.add(osDisk);
       for (const ref of vm.networkProfile?.networkInterfaces ?? []) {
         const p = parseResourceId(ref.id);
         if (p && lc(p.resourceGroup) === lc(this.rg) && this.naming.parse(p.name)?.hash === names.hash) nics.add(p.name);
       }
-      await this.deleteVm(c, names.vm);
+      await this.res.deleteVm(c, names.vm);
     }
-    for (const n of nics) await this.deleteNic(c, n);
-    await this.deletePublicIp(c, names.pip);
-    for (const d of disks) await this.deleteDisk(c, d);
+    for (const n of nics) await this.res.deleteNic(c, n);
+    await this.res.deletePublicIp(c, names.pip);
+    for (const d of disks) await this.res.deleteDisk(c, d);
   }
 
   async listOwned(): Promise<OwnedResource[]> {
@@ -299,7 +292,8 @@ export class AzureAdapter implements CloudAdapter {
     const c = await this.clients();
     const deleted: OwnedResource[] = [];
     const failures: string[] = [];
-    const del = { vm: this.deleteVm, nic: this.deleteNic, public_ip: this.deletePublicIp, disk: this.deleteDisk } as const;
+    const r = this.res;
+    const del = { vm: r.deleteVm, nic: r.deleteNic, public_ip: r.deletePublicIp, disk: r.deleteDisk } as const;
     // VMs first (their deletion frees NICs, IPs and disks), then the leftovers.
     for (const kind of KINDS)
       await mapLimit(
@@ -307,7 +301,7 @@ export class AzureAdapter implements CloudAdapter {
         SWEEP_CONCURRENCY,
         async (o) => {
           try {
-            await del[kind].call(this, c, o.id);
+            await del[kind].call(r, c, o.id);
             deleted.push(o);
           } catch (e) {
             failures.push(`${kind} ${o.id}: ${(e as Error).message}`);
@@ -390,162 +384,6 @@ export class AzureAdapter implements CloudAdapter {
       attrs: { ...(vm.vmId ? { vm_id: vm.vmId } : {}), ...(osDisk ? { os_disk_name: osDisk } : {}) },
     };
   }
-
-  private vmBody(names: AzureNames, location: string, vmSize: string, confidential: boolean, nicId: string, tags: Record<string, string>, customData: string, sshKey: string): VirtualMachine {
-    const image = confidential ? this.cfg.confidential_image : this.cfg.image;
-    if (!image) throw new BackendError("azure: backends.azure.confidential_image is required for tdx_vm_sizes", this.name);
-    const user = this.cfg.admin_username;
-    return {
-      location,
-      tags,
-      hardwareProfile: { vmSize },
-      storageProfile: {
-        imageReference: { publisher: image.publisher, offer: image.offer, sku: image.sku, version: image.version },
-        osDisk: {
-          name: names.osDisk,
-          createOption: "FromImage",
-          deleteOption: "Delete",
-          managedDisk: {
-            storageAccountType: "StandardSSD_LRS",
-            // Confidential OS disk encryption bound to the vTPM: the image the boot script fetches
-            // lands on this disk, so the host must not be able to read it (needs secure boot: on).
-            ...(confidential ? { securityProfile: { securityEncryptionType: "DiskWithVMGuestState" } } : {}),
-          },
-        },
-      },
-      osProfile: {
-        computerName: names.base,
-        adminUsername: user,
-        customData,
-        linuxConfiguration: { disablePasswordAuthentication: true, ssh: { publicKeys: [{ path: `/home/${user}/.ssh/authorized_keys`, keyData: sshKey }] } },
-      },
-      networkProfile: { networkInterfaces: [{ id: nicId, primary: true, deleteOption: "Delete" }] },
-      diagnosticsProfile: { bootDiagnostics: { enabled: true } },
-      ...(confidential ? { securityProfile: { securityType: "ConfidentialVM", uefiSettings: { secureBootEnabled: true, vTpmEnabled: true } } } : {}),
-    };
-  }
-
-  private async ensurePublicIp(c: Clients, names: AzureNames, location: string, tags: Record<string, string>, signal: AbortSignal, o: CallOptions): Promise<PublicIPAddress> {
-    const existing = await this.call(`reading public IP ${names.pip}`, () => c.network.publicIPAddresses.get(this.rg, names.pip, { abortSignal: signal }), { ...o, notFoundIsNull: true });
-    if (existing) {
-      this.checkOwner(existing.tags, tags[TAG_REQUEST]!, `public IP ${names.pip}`);
-      if (!isBusy(existing.provisioningState)) return existing;
-    }
-    const body = { location, tags, sku: { name: "Standard", tier: "Regional" }, publicIPAllocationMethod: "Static", publicIPAddressVersion: "IPv4" } as const;
-    return this.call(`creating public IP ${names.pip} in ${location}`, () => c.network.publicIPAddresses.beginCreateOrUpdateAndWait(this.rg, names.pip, body, this.lro(signal)), o);
-  }
-
-  private async ensureNic(c: Clients, names: AzureNames, location: string, pipId: string, tags: Record<string, string>, signal: AbortSignal, o: CallOptions): Promise<NetworkInterface> {
-    const existing = await this.call(`reading NIC ${names.nic}`, () => c.network.networkInterfaces.get(this.rg, names.nic, { abortSignal: signal }), { ...o, notFoundIsNull: true });
-    if (existing) {
-      this.checkOwner(existing.tags, tags[TAG_REQUEST]!, `NIC ${names.nic}`);
-      if (!isBusy(existing.provisioningState)) return existing;
-    }
-    const s = this.cfg.subnet_id;
-    const subnet = typeof s === "string" ? s : s[location];
-    if (!subnet) throw new InvalidRequestError(`backends.azure.subnet_id has no subnet for region ${location}`, this.name);
-    const ipConfigurations = [{ name: "ipconfig1", subnet: { id: subnet }, privateIPAllocationMethod: "Dynamic", publicIPAddress: { id: pipId, deleteOption: "Delete" } }] as const;
-    return this.call(`creating NIC ${names.nic} in ${location} (subnet ${subnet})`, () => c.network.networkInterfaces.beginCreateOrUpdateAndWait(this.rg, names.nic, { location, tags, ipConfigurations: [...ipConfigurations] }, this.lro(signal)), o);
-  }
-
-  /** The public IP's address, read until ARM has assigned one (within the launch deadline). */
-  private async address(c: Clients, names: AzureNames, pip: PublicIPAddress, deadlineMs: number, signal: AbortSignal, launch: AbortSignal, o: CallOptions): Promise<string> {
-    while (!pip.ipAddress) {
-      if (this.clock.now() > deadlineMs) throw new BackendError(`azure: public IP ${names.pip} has no address after launch_timeout_seconds (${this.cfg.launch_timeout_seconds} s)`, this.name);
-      await this.clock.sleep(this.pollMs, signal);
-      pip = await this.call(`reading public IP ${names.pip}`, () => c.network.publicIPAddresses.get(this.rg, names.pip, { abortSignal: launch }), o);
-    }
-    return pip.ipAddress;
-  }
-
-  private getVm(c: Clients, name: string, o: CallOptions, signal: AbortSignal): Promise<VirtualMachine | null> {
-    return this.call(`reading VM ${name}`, () => c.compute.virtualMachines.get(this.rg, name, { expand: "instanceView", abortSignal: signal }), { ...o, notFoundIsNull: true });
-  }
-
-  /** Deletes wait for ARM to confirm; each is bounded so a stuck operation is retried, not waited on forever. */
-  private async deleteOne(what: string, fn: (o: { updateIntervalInMs: number; abortSignal: AbortSignal }) => Promise<void>): Promise<void> {
-    const limitS = this.cfg.launch_timeout_seconds;
-    await this.call(`deleting ${what}`, () => fn({ updateIntervalInMs: this.pollMs, abortSignal: AbortSignal.timeout(limitS * 1000) }), { notFoundIsNull: true, limit: `launch_timeout_seconds (${limitS} s)` });
-  }
-  private deleteVm(c: Clients, name: string): Promise<void> {
-    return this.deleteOne(`VM ${name}`, (o) => c.compute.virtualMachines.beginDeleteAndWait(this.rg, name, o));
-  }
-  private deleteNic(c: Clients, name: string): Promise<void> {
-    return this.deleteOne(`NIC ${name}`, (o) => c.network.networkInterfaces.beginDeleteAndWait(this.rg, name, o));
-  }
-  private deletePublicIp(c: Clients, name: string): Promise<void> {
-    return this.deleteOne(`public IP ${name}`, (o) => c.network.publicIPAddresses.beginDeleteAndWait(this.rg, name, o));
-  }
-  private deleteDisk(c: Clients, name: string): Promise<void> {
-    return this.deleteOne(`disk ${name}`, (o) => c.compute.disks.beginDeleteAndWait(this.rg, name, o));
-  }
-
-  private lro(signal?: AbortSignal): { updateIntervalInMs: number; abortSignal?: AbortSignal } {
-    return { updateIntervalInMs: this.pollMs, ...(signal ? { abortSignal: signal } : {}) };
-  }
-
-  /**
-   * One SDK call, its failure mapped to a typed error. `notFoundIsNull` turns a 404 into null. An
-   * abort is passed through only when `signal` (the caller's) was aborted; any other abort is one
-   * of our own time limits and becomes a BackendError naming it. A refused token or a 401 is
-   * remembered (canSatisfy declines) until a call succeeds.
-   */
-  private async call<T>(what: string, fn: () => Promise<T>, o: CallOptions & { notFoundIsNull: true }): Promise<T | null>;
-  private async call<T>(what: string, fn: () => Promise<T>, o?: CallOptions & { notFoundIsNull?: false }): Promise<T>;
-  private async call<T>(what: string, fn: () => Promise<T>, o: CallOptions & { notFoundIsNull?: boolean } = {}): Promise<T | null> {
-    const op = what.split(" ").slice(0, 2).join(" "); // e.g. "creating NIC": bounded label values
-    try {
-      const r = await fn();
-      this.metrics?.apiCall(this.name, op, "ok");
-      this.refused = null;
-      return r;
-    } catch (e) {
-      const rest = e as { code?: unknown; statusCode?: unknown };
-      this.metrics?.apiCall(this.name, op, typeof rest.code === "string" ? rest.code : typeof rest.statusCode === "number" ? String(rest.statusCode) : "error");
-      if (rest.statusCode === 429) this.metrics?.throttled(this.name, op);
-      const name = (e as Error | null)?.name;
-      if (name === "AbortError" || name === "TimeoutError") {
-        if (o.signal?.aborted) throw abortError(o.signal);
-        if (o.limit) throw new BackendError(`azure: ${what} did not finish within ${o.limit}`, this.name);
-        throw e;
-      }
-      if (o.notFoundIsNull && isNotFound(e)) return null;
-      const err = mapArmError(e, { what, backend: this.name, ...(o.offering ? { offering: o.offering } : {}) });
-      if (err instanceof CredentialError && (isAzureAuthError(e) || rest.statusCode === 401)) {
-        if (this.refused === null) this.log.error({ err: { kind: err.kind, message: err.message } }, "ARM refused the bridge's credentials; new grants are declined until a call succeeds");
-        this.refused = err.message;
-      }
-      throw err;
-    }
-  }
-
-  /** Tagged for this provider and request, or untagged (a policy may strip tags): ours. */
-  private isOwn(tags: Record<string, string> | undefined, requestId: string): boolean {
-    const provider = tags?.[TAG_PROVIDER];
-    const request = tags?.[TAG_REQUEST];
-    return (provider === this.providerId && request === requestId) || (provider === undefined && request === undefined);
-  }
-
-  /**
-   * A resource with our deterministic name is ours by construction; its tags confirm it. One
-   * tagged for another provider or request is never adopted or deleted. Missing tags (removed
-   * by hand or by a policy) only warn: refusing would leave a billed VM behind.
-   */
-  private checkOwner(tags: Record<string, string> | undefined, requestId: string, what: string): void {
-    if (!this.isOwn(tags, requestId))
-      throw new BackendError(
-        `azure: ${what} in resource group ${this.rg} is tagged for provider ${tags?.[TAG_PROVIDER] ?? "(none)"} / request ${tags?.[TAG_REQUEST] ?? "(none)"}, not ${this.providerId} / ${requestId}; refusing to adopt or delete it`,
-        this.name,
-      );
-    if (tags?.[TAG_PROVIDER] === undefined) this.log.warn({ request_id: requestId, resource: what }, "azure: resource has this request's deterministic name but no compute-bridge tags; treating it as this request's");
-  }
-}
-
-const lc = (s: string | undefined | null) => (s ?? "").toLowerCase();
-
-function isBusy(state: string | undefined): boolean {
-  const s = lc(state);
-  return s === "creating" || s === "updating" || s === "migrating";
 }
 
 async function mapLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
