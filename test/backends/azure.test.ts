@@ -20,7 +20,9 @@ import { pathToFileURL } from "node:url";
 import { ComputeManagementClient } from "@azure/arm-compute";
 import { NetworkManagementClient } from "@azure/arm-network";
 import { AzureBackend, type AzureBackendOptions } from "../../src/backends/azure.js";
+import { ConfidentialImageError } from "../../src/backends/azure/errors.js";
 import { azureNaming, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST } from "../../src/backends/azure/naming.js";
+import { UnfitError } from "../../src/backends/cloud/adapter.js";
 import { CapacityError, CredentialError, InvalidRequestError, QuotaError, TransientError, type BackendContext } from "../../src/backends/backend.js";
 import { exitMarker, failMarker } from "../../src/backends/common/cloud-init.js";
 import { OfferingCache } from "../../src/backends/offering-cache.js";
@@ -832,6 +834,38 @@ describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
     assert.deepEqual(leftovers(s.fake), [], "the failed VM, its NIC and IP were removed");
     // D2s_v5 was skipped (no capacity reported recently); D4s_v5, then DC4es_v5 were tried.
     assert.equal(s.fake.createsByName[naming.names(id).vm], 2);
+  });
+
+  it("a confidential_image that is not a confidential-VM image: ARM's refusal fails over at once with the reason (issue #18 item 6)", async (t) => {
+    const s = await setup(t, {
+      cfg: {
+        tdx_vm_sizes: [
+          { name: "Standard_DC4es_v5", vcpus: 4, memory_mib: 16384 },
+          { name: "Standard_DC8es_v5", vcpus: 8, memory_mib: 32768 },
+        ],
+        confidential_image: { publisher: "Canonical", offer: "ubuntu-24_04-lts", sku: "server" },
+      },
+    });
+    const e = await rejection(s.backend.provision(grant("cvm-img-1", { tdx_required: true }), envelope, never));
+    assert.ok(e instanceof ConfidentialImageError && e instanceof UnfitError && e instanceof CapacityError, String(e));
+    assert.deepEqual(e.offering, { region: REGION, shape: "Standard_DC4es_v5" });
+    assert.match(e.message, /backends\.azure\.confidential_image Canonical:ubuntu-24_04-lts:server:latest/);
+    assert.match(e.message, /InvalidParameter.*is not supported by given image/);
+    assert.match(e.message, /must be a confidential-VM image/);
+    assert.equal(s.fake.countCalls({ method: "PUT", path: /virtualMachines\// }), 1, "no other TDX size is tried: none can run the image");
+    await s.backend.terminate(placeholder(grant("cvm-img-1"), "azure"));
+    assert.deepEqual(leftovers(s.fake), []);
+
+    // Through the manager: a failover (no other TDX backend here, so the grant fails), the reason in its attempts.
+    const { manager, store } = lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
+    const id = "cvm-img-2";
+    await manager.submit({ grant: grant(id, { tdx_required: true }), envelope: { image: IMAGE } });
+    await manager.settled(id);
+    const rec = store.get(id)!;
+    assert.equal(rec.state, "failed");
+    assert.deepEqual(rec.attempts.map((a) => [a.backend, a.error_kind]), [["azure", "capacity"]]);
+    assert.match(rec.attempts[0]!.message, /not supported by given image.*must be a confidential-VM image/);
+    assert.deepEqual(leftovers(s.fake), []);
   });
 
   it("a restart mid-create adopts the VM, NIC and IP (deterministic names): nothing is duplicated", async (t) => {

@@ -25,7 +25,7 @@ import type { Logger } from "../../util/logger.js";
 import { BackendError, InvalidRequestError, TransientError, type BackendContext, type BackendMetrics, type CheckResult } from "../backend.js";
 import type { CloudAdapter, CloudSettings, ConsoleRef, CreateRequest, OwnedResource, Shape, VmPhase, VmStatus } from "../cloud/adapter.js";
 import { ArmClients, type ArmClientOptions, type Clients } from "./clients.js";
-import { ConfidentialImageError, isConfidentialImageRefusal, mapArmError, redact } from "./errors.js";
+import { mapArmError, redact } from "./errors.js";
 import { azureNaming, parseResourceId, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST, type AzureNaming } from "./naming.js";
 import { ArmResources, isBusy, lc, type CallOptions } from "./resources.js";
 import { readSerialLog } from "./serial-log.js";
@@ -185,17 +185,10 @@ export class AzureAdapter implements CloudAdapter {
     const pip = await this.res.ensurePublicIp(c, names, grant.region, tags, launch, o);
     const nic = await this.res.ensureNic(c, names, grant.region, pip.id!, tags, launch, o);
     const body = this.res.vmBody(names, grant.region, shape.name, confidential, nic.id!, tags, Buffer.from(req.script).toString("base64"), envelope.ssh_public_key);
-    let vm: VirtualMachine;
-    try {
-      vm = await this.res.call(`creating VM ${names.vm} (${shape.name}${confidential ? ", confidential TDX" : ""} in ${grant.region})`, () => c.compute.virtualMachines.beginCreateOrUpdateAndWait(this.rg, names.vm, body, this.res.lro(launch)), { ...o, offering });
-    } catch (e) {
-      if (!confidential || !isConfidentialImageRefusal(e)) throw e;
-      const img = this.cfg.confidential_image!;
-      throw new ConfidentialImageError(
-        `azure cannot create a confidential (TDX) VM from backends.azure.confidential_image ${img.publisher}:${img.offer}:${img.sku}:${img.version}: ${(e as Error).message}; it must be a confidential-VM image (one with the ConfidentialVM security type, e.g. Canonical 0001-com-ubuntu-confidential-vm-jammy 22_04-lts-cvm): fix the image in the config`,
-        this.name,
-      ).withOffering(grant.region, shape.name);
-    }
+    const img = this.cfg.confidential_image;
+    // A refused image is a ConfidentialImageError (an UnfitError): no other size runs it either.
+    const cvm = confidential && img ? { confidentialImage: `${img.publisher}:${img.offer}:${img.sku}:${img.version}` } : {};
+    const vm = await this.res.call(`creating VM ${names.vm} (${shape.name}${confidential ? ", confidential TDX" : ""} in ${grant.region})`, () => c.compute.virtualMachines.beginCreateOrUpdateAndWait(this.rg, names.vm, body, this.res.lro(launch)), { ...o, offering, ...cvm });
     this.log.info({ request_id: id, vm: names.vm, vm_size: shape.name, region: grant.region, confidential }, "azure VM created");
     // The create LRO ends with the VM provisioned: it counts as running, the core probes SSH.
     return { ...this.status(vm, await this.res.address(c, names, pip, req.deadlineMs, signal, launch, o)), phase: "running" };

@@ -111,6 +111,8 @@ export interface MapContext {
   backend: string;
   /** The offering (region, VM size) to attach to capacity and quota errors. */
   offering?: { region: string; size: string };
+  /** Creating a confidential VM from this configured image ("publisher:offer:sku:version"). */
+  confidentialImage?: string;
 }
 
 /** Map anything an Azure SDK call threw to a typed BackendError with a message an operator can act on. */
@@ -134,6 +136,13 @@ export function mapArmError(e: unknown, ctx: MapContext): BackendError {
   if (lc === "invalidresourcereference" && /subnet|same region|location/i.test(f.message))
     return new BackendError(`${text}; a NIC must be in the region of its subnet: check backends.azure subnet_id against the grant's region`, backend);
   if (CAPACITY_CODES.has(lc)) return withOffering(new CapacityError(text, backend));
+  if (ctx.confidentialImage && isConfidentialImageRefusal(e))
+    return withOffering(
+      new ConfidentialImageError(
+        `${text}; backends.azure.confidential_image ${ctx.confidentialImage} must be a confidential-VM image (one that supports the ConfidentialVM security type, e.g. Canonical 0001-com-ubuntu-confidential-vm-jammy 22_04-lts-cvm): fix the image in the config`,
+        backend,
+      ),
+    );
   if (isQuota(lc, f.message)) return withOffering(new QuotaError(text, backend));
   if (f.status === 401)
     return new CredentialError(`azure: ARM refused the credentials while ${what} (HTTP 401 ${f.code ?? "Unauthorized"}); check backends.azure tenant_id / client_id / client_secret_file (or the managed identity)`, backend);

@@ -19,6 +19,8 @@ export interface CallOptions {
   signal?: AbortSignal;
   /** The time limit behind any other abort, for the message (e.g. "launch_timeout_seconds (900 s)"). */
   limit?: string;
+  /** A confidential VM's create: the configured image, named when ARM refuses it (errors.ts). */
+  confidentialImage?: string;
 }
 
 export const lc = (s: string | undefined | null) => (s ?? "").toLowerCase();
@@ -165,7 +167,7 @@ export class ArmResources {
         throw e;
       }
       if (o.notFoundIsNull && isNotFound(e)) return null;
-      const err = mapArmError(e, { what, backend: this.name, ...(o.offering ? { offering: o.offering } : {}) });
+      const err = mapArmError(e, { what, backend: this.name, ...(o.offering ? { offering: o.offering } : {}), ...(o.confidentialImage ? { confidentialImage: o.confidentialImage } : {}) });
       if (err instanceof CredentialError && (isAzureAuthError(e) || rest.statusCode === 401)) {
         if (this.refused === null) this.log.error({ err: { kind: err.kind, message: err.message } }, "ARM refused the bridge's credentials; new grants are declined until a call succeeds");
         this.refused = err.message;
