@@ -1,7 +1,7 @@
 /**
  * bench/azure-watch: ARM requests per poll interval while the Azure backend watches N VMs, against
- * the ARM fake over https with the real SDK clients. Batched watching lists the resource group
- * once per interval (one request per page), where per-VM polling would send N GETs.
+ * the ARM fake over https with the real SDK clients. Batched watching lists the VMs' power states
+ * once per interval (listAll statusOnly, one request per page), where per-VM polling would send N GETs.
  *   node --import tsx bench/azure-watch.ts [vms] [page_size]
  */
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -72,7 +72,8 @@ export async function run(vms = 200, pageSize = 100): Promise<AzureWatchResult> 
       insts.push(...(await Promise.all(ids.slice(i, i + 20).map((id) => backend.provision({ request_id: id, region: "westeurope", tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: Date.now() + 600_000 }, envelope, new AbortController().signal)))));
     const provisionSeconds = (performance.now() - t0) / 1000;
 
-    const listPath = /\/resourceGroups\/rg-bench\/providers\/Microsoft\.Compute\/virtualMachines$/;
+    // The watch's status call: listAll(statusOnly), subscription-wide (one per interval for every VM).
+    const listPath = /^\/subscriptions\/[^/]+\/providers\/Microsoft\.Compute\/virtualMachines$/;
     const start = fake.calls.length;
     const firstPages = () => fake.findCalls((c) => c.seq > start && c.method === "GET" && listPath.test(c.path) && c.query["$skiptoken"] === undefined).length;
     // One signal per watch, as the GrantManager gives each grant its own.

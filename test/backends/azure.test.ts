@@ -20,7 +20,9 @@ import { pathToFileURL } from "node:url";
 import { ComputeManagementClient } from "@azure/arm-compute";
 import { NetworkManagementClient } from "@azure/arm-network";
 import { AzureBackend, type AzureBackendOptions } from "../../src/backends/azure.js";
+import { ConfidentialImageError } from "../../src/backends/azure/errors.js";
 import { azureNaming, TAG_CREATED, TAG_PROVIDER, TAG_REQUEST } from "../../src/backends/azure/naming.js";
+import { UnfitError } from "../../src/backends/cloud/adapter.js";
 import { CapacityError, CredentialError, InvalidRequestError, QuotaError, TransientError, type BackendContext } from "../../src/backends/backend.js";
 import { exitMarker, failMarker } from "../../src/backends/common/cloud-init.js";
 import { OfferingCache } from "../../src/backends/offering-cache.js";
@@ -44,6 +46,12 @@ const REGION = "westeurope";
 const PROVIDER = "test-provider";
 const naming = azureNaming(PROVIDER);
 const never = new AbortController().signal;
+/**
+ * Ceiling per suite: each suite takes seconds on an idle machine; the ceiling only ends a hung one,
+ * and must hold on a machine shared with other heavy work (issue #17: 6 tests were cancelled at
+ * 45 s suite ceilings at a load average of 30 on 2 cores).
+ */
+const SUITE_TIMEOUT_MS = 300_000;
 const TYPES: ResourceType[] = ["virtualMachines", "networkInterfaces", "publicIPAddresses", "disks"];
 const IMAGE = { url: "https://127.0.0.1:9/image.tar.gz", sha256: "ab".repeat(32), format: "bundle" as const };
 const SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq3cmOuAVBuSBXcXwmzR3eB7pKxGiM9NeBKf0PrTZ9o test";
@@ -180,7 +188,7 @@ function lifecycle(t: TestContext, dir: string, backends: Parameters<typeof Flee
 
 // =================================================================================================
 
-describe("azure backend: card and routing (no SDK, no I/O)", { timeout: 45_000 }, () => {
+describe("azure backend: card and routing (no SDK, no I/O)", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("declares its capabilities; TDX only with real TDX sizes; decline codes", async (t) => {
     const { backend, fake, ctx, cfg } = await setup(t);
     assert.deepEqual(backend.capabilities(), { regions: [REGION], tdx_capable: true, max_cpu_millicores: cfg.max_concurrent_instances * 4000, max_ram_mib: cfg.max_concurrent_instances * 16384 });
@@ -237,7 +245,7 @@ const g = { request_id: "x", region: "westeurope", tdx_required: true, cpu_milli
 console.log(JSON.stringify({ caps: b.capabilities(), sat: b.canSatisfy(g) }));
 `,
     );
-    const r = spawnSync(process.execPath, ["--import", "tsx", "--import", pathToFileURL(register).href, script], { encoding: "utf8", timeout: 30_000 });
+    const r = spawnSync(process.execPath, ["--import", "tsx", "--import", pathToFileURL(register).href, script], { encoding: "utf8", timeout: 120_000 });
     assert.equal(r.status, 0, r.stderr);
     const out = JSON.parse(r.stdout.trim().split("\n").at(-1)!);
     assert.equal(out.caps.tdx_capable, true);
@@ -246,7 +254,7 @@ console.log(JSON.stringify({ caps: b.capabilities(), sat: b.canSatisfy(g) }));
   });
 });
 
-describe("azure backend: provisioning", { timeout: 45_000 }, () => {
+describe("azure backend: provisioning", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("plain VM: deterministic names, tags, base64 boot script, delete options, no security profile", async (t) => {
     const { fake, backend } = await setup(t);
     const id = "job.1_A"; // `.` and `_` are fine in request ids, not in Azure names
@@ -298,7 +306,7 @@ describe("azure backend: provisioning", { timeout: 45_000 }, () => {
     assert.deepEqual(leftovers(fake), []);
   });
 
-  it("confidential TDX VM: securityProfile and disk encryption in the PUT body; exit code unknown without a marker", async (t) => {
+  it("confidential TDX VM: securityProfile and disk encryption in the PUT body; a power-off without a marker is lost", async (t) => {
     const { fake, backend } = await setup(t);
     const id = "tdx-1";
     const n = naming.names(id);
@@ -311,46 +319,58 @@ describe("azure backend: provisioning", { timeout: 45_000 }, () => {
     assert.equal(p["storageProfile"]["imageReference"]["sku"], "22_04-lts-cvm");
     assert.match(fake.serialLog(RG, n.vm) ?? "", /Memory Encryption Features active: Intel TDX/);
 
-    // The guest powers off without printing a marker: exited, exit code unknown.
+    // The guest powers off without printing a marker. Azure does not tell a guest's own power-off
+    // from a stop by someone else, so without a marker the workload is lost (the same rule as on
+    // every cloud that cannot tell: cloud/vm-backend.ts).
     const watch = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
     fake.guestPowerOff(RG, n.vm);
     const obs = await watch;
-    assert.equal(obs.kind, "exited");
+    assert.equal(obs.kind, "lost");
     assert.equal(obs.exit_code, null);
-    assert.equal(obs.failure, null);
+    assert.equal(obs.failure?.kind, "lost");
+    assert.match(obs.failure?.message ?? "", /reported no exit code/);
     await backend.terminate(inst);
     assert.deepEqual(leftovers(fake), []);
   });
 
-  it("quota (OperationNotAllowed) -> QuotaError with the offering; SkuNotAvailable -> CapacityError; nothing left after terminate", async (t) => {
-    const { fake, backend } = await setup(t);
+  it("quota (OperationNotAllowed) -> QuotaError with the offering, no other size tried; SkuNotAvailable -> every fitting size, then CapacityError; nothing left after terminate", async (t) => {
+    const { fake, backend, ctx } = await setup(t);
     fake.faults.allocationFailure = () => "QuotaExceeded";
     const q = await rejection(backend.provision(grant("q-1"), envelope, never));
     assert.ok(q instanceof QuotaError, String(q));
     assert.deepEqual(q.offering, { region: REGION, shape: "Standard_D2s_v5" });
     assert.match(q.message, /OperationNotAllowed/);
     assert.match(q.message, /quota/);
+    assert.deepEqual(fake.countCalls({ method: "PUT", path: /virtualMachines\// }), 1, "a quota refusal fails over at once");
     await backend.terminate(placeholder(grant("q-1"), "azure"));
     assert.deepEqual(leftovers(fake), []);
 
+    // No capacity: every fitting size is tried (plain ones first, smallest first), then the
+    // CapacityError names each attempt and carries the last offering.
     fake.faults.allocationFailure = () => "SkuNotAvailable";
     const s = await rejection(backend.provision(grant("s-1"), envelope, never));
     assert.ok(s instanceof CapacityError, String(s));
-    assert.deepEqual(s.offering, { region: REGION, shape: "Standard_D2s_v5" });
+    assert.deepEqual(s.offering, { region: REGION, shape: "Standard_DC4es_v5" });
+    assert.match(s.message, /Standard_D2s_v5: .*SkuNotAvailable.*Standard_D4s_v5: .*SkuNotAvailable.*Standard_DC4es_v5: .*SkuNotAvailable/);
+    for (const size of ["Standard_D2s_v5", "Standard_D4s_v5", "Standard_DC4es_v5"]) assert.ok(ctx.unavailable.isUnavailable("azure", REGION, size), size);
     await backend.terminate(placeholder(grant("s-1"), "azure"));
     assert.deepEqual(leftovers(fake), []);
   });
 
   for (const style of ["azure-async-operation", "location"] as const) {
     it(`AllocationFailed / ZonalAllocationFailed / Overconstrained in the create LRO (${style}) -> CapacityError`, async (t) => {
-      const { fake, backend } = await setup(t, { fakeOpts: { createLroStyle: style } });
+      const fake = await startFake({ createLroStyle: style });
       for (const code of ["AllocationFailed", "ZonalAllocationFailed", "OverconstrainedAllocationRequest"] as const) {
+        // A fresh offering cache each time: every size is tried again.
+        const { backend } = await setup(t, { fake });
         fake.faults.allocationFailure = () => code;
         const id = `alloc-${code}`;
         const e = await rejection(backend.provision(grant(id), envelope, never));
         assert.ok(e instanceof CapacityError, `${code}: ${String(e)}`);
-        assert.match(e.message, new RegExp(code));
-        assert.deepEqual(e.offering, { region: REGION, shape: "Standard_D2s_v5" });
+        assert.match(e.message, new RegExp(`Standard_D2s_v5: .*${code}.*Standard_D4s_v5: .*${code}.*Standard_DC4es_v5: .*${code}`));
+        assert.deepEqual(e.offering, { region: REGION, shape: "Standard_DC4es_v5" }, "the last size tried");
+        // One VM name per request: the VM left Failed by one size is deleted before the next size is PUT.
+        assert.deepEqual(fake.createsByName, { ...fake.createsByName, [naming.names(id).vm]: 3 });
         await backend.terminate(placeholder(grant(id), "azure"));
       }
       assert.deepEqual(leftovers(fake), []);
@@ -429,7 +449,7 @@ describe("azure backend: provisioning", { timeout: 45_000 }, () => {
   });
 });
 
-describe("azure backend: real ARM pacing (issue #18 item 5)", { timeout: 90_000 }, () => {
+describe("azure backend: real ARM pacing (issue #18 item 5)", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("real ARM Retry-After seconds are waited out by the SDK, inside launch_timeout_seconds", async (t) => {
     const { fake, backend } = await setup(t);
     fake.faults.retryAfterSeconds = 1;
@@ -453,7 +473,7 @@ describe("azure backend: real ARM pacing (issue #18 item 5)", { timeout: 90_000 
   });
 });
 
-describe("azure backend: the guest's SSH host key", { timeout: 45_000 }, () => {
+describe("azure backend: the guest's SSH host key", { timeout: SUITE_TIMEOUT_MS }, () => {
   const bootDiagReads = (fake: ArmFake) => fake.countCalls({ method: "POST", path: /retrieveBootDiagnosticsData$/i });
   const serialGets = (fake: ArmFake) => fake.countCalls({ method: "GET", kind: "blob", path: /serialconsole\.log$/i });
   const hostKeyWarnings = (logs: LogSink) => logs.find("warn", /no SSH host key fingerprint/);
@@ -494,8 +514,8 @@ describe("azure backend: the guest's SSH host key", { timeout: 45_000 }, () => {
     const warned = hostKeyWarnings(logs);
     assert.equal(warned.length, 1, logs.text);
     assert.equal(warned[0]!["request_id"], id);
-    assert.equal(warned[0]!["vm"], n.vm);
-    assert.match(String(warned[0]!["missing"]), /no ed25519 SSH host key/);
+    assert.equal(warned[0]!["instance_id"], n.vm);
+    assert.match(String(warned[0]!["reason"]), /no ed25519 SSH host key/);
 
     // The grant runs on: through the manager it reaches running with no host key.
     const s2 = await setup(t, { fake, cfg: { host_key_timeout_seconds: 20 } });
@@ -526,9 +546,9 @@ describe("azure backend: the guest's SSH host key", { timeout: 45_000 }, () => {
     assert.ok(bootDiagReads(fake) >= 2, `the console was read ${bootDiagReads(fake)} time(s)`);
     const warned = hostKeyWarnings(logs);
     assert.equal(warned.length, 1, logs.text);
-    assert.equal(warned[0]!["vm"], n.vm);
+    assert.equal(warned[0]!["instance_id"], n.vm);
     // An empty console (not a failing read) is what timed out.
-    assert.match(String(warned[0]!["missing"]), /reported no SSH host key on its serial console within/);
+    assert.match(String(warned[0]!["reason"]), /reported no SSH host key on its serial console within/);
     fake.clearFailNext();
     await backend.terminate(inst);
   });
@@ -550,7 +570,7 @@ describe("azure backend: the guest's SSH host key", { timeout: 45_000 }, () => {
     await backend.terminate(inst);
   });
 
-  it("boot diagnostics turned off on an adopted VM: no waiting (ConsoleUnavailable), null host key; its exit code is unknown", async (t) => {
+  it("boot diagnostics turned off on an adopted VM: no waiting (ConsoleUnavailable), null host key; its exit is lost (no marker can be read)", async (t) => {
     const { fake, backend, logs } = await setup(t, { cfg: { host_key_timeout_seconds: 20 } });
     const id = "hk-nodiag";
     const n = naming.names(id);
@@ -570,22 +590,25 @@ describe("azure backend: the guest's SSH host key", { timeout: 45_000 }, () => {
     assert.equal(fake.findCalls({ method: "POST", path: /retrieveBootDiagnosticsData$/i }).at(-1)?.errorCode, "OperationNotAllowed");
     const warned = hostKeyWarnings(logs);
     assert.equal(warned.length, 1, logs.text);
-    assert.match(String(warned[0]!["missing"]), /cannot be read: boot diagnostics are not enabled on VM/);
+    assert.match(String(warned[0]!["reason"]), /cannot be read: boot diagnostics are not enabled on VM/);
 
-    // The exit-marker read stops at once too: exited, code unknown.
+    // The exit-marker read stops at once too. Azure does not tell who powered the VM off, so
+    // without a readable marker the workload is lost (cloud/vm-backend.ts, the same on every cloud).
     const watch = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
     fake.guestPowerOff(RG, n.vm, `${exitMarker(id, 5)}\n`);
     const obs = await watch;
-    assert.deepEqual([obs.kind, obs.exit_code], ["exited", null]);
+    assert.deepEqual([obs.kind, obs.exit_code, obs.failure?.kind], ["lost", null, "lost"]);
     assert.equal(bootDiagReads(fake) - reads, 2);
-    assert.equal(logs.find("warn", /serial console log cannot be read; its exit code is unknown/).length, 1, logs.text);
+    assert.equal(logs.find("warn", /console cannot be read; its exit code is unknown/).length, 1, logs.text);
     await backend.terminate(inst);
   });
 });
 
-describe("azure backend: watching", { timeout: 45_000 }, () => {
+describe("azure backend: watching", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("one batched list per poll for many VMs (no per-VM calls); exit codes and failures from the serial log", async (t) => {
-    const { fake, backend } = await setup(t);
+    // A 200 ms poll interval: the lag allowance for a stopped VM's log (two intervals) is then
+    // longer than a boot-diagnostics read, also on a loaded machine.
+    const { fake, backend } = await setup(t, { cfg: { poll_interval_seconds: 0.2 } });
     const ids = ["w-0", "w-1", "w-2", "w-3"];
     const insts = await Promise.all(ids.map((id) => backend.provision(grant(id), envelope, never)));
     const before = fake.calls.length;
@@ -598,11 +621,12 @@ describe("azure backend: watching", { timeout: 45_000 }, () => {
     fake.guestPowerOff(RG, naming.names("w-2").vm, `${failMarker("w-2", "image_verification", "image sha256 mismatch: nothing was run")}\n`);
     fake.guestPowerOff(RG, naming.names("w-3").vm, `${exitMarker("someone-else", 9)}\n`);
     const obs = await Promise.all(watches);
+    // w-3's console shows another request's marker only: stopped without its own, it is lost.
     assert.deepEqual(obs.map((o) => [o.kind, o.exit_code, o.failure?.kind ?? null]), [
       ["exited", 0, null],
       ["exited", 7, null],
       ["exited", null, "image_verification"],
-      ["exited", null, null],
+      ["lost", null, "lost"],
     ]);
     const during = fake.findCalls((c) => c.seq > before);
     const perVm = during.filter((c) => c.method === "GET" && /\/virtualMachines\/[^/]+$/.test(c.path));
@@ -611,7 +635,10 @@ describe("azure backend: watching", { timeout: 45_000 }, () => {
     // At most one list per poll interval for all four VMs (plus the boot-diagnostics lookups).
     const polls = during.filter((c) => c.kind === "arm" && c.method === "GET").length;
     assert.equal(polls, lists);
-    assert.equal(during.filter((c) => /retrieveBootDiagnosticsData$/i.test(c.path)).length, 4 + 2 /* w-3 retried: no marker */);
+    // w-3's log is read again while the blob may lag: up to three reads within two poll intervals
+    // (the lag allowance is wall time: a slow read may leave room for two).
+    const diag = during.filter((c) => /retrieveBootDiagnosticsData$/i.test(c.path)).length;
+    assert.ok(diag >= 4 + 1 && diag <= 4 + 2, `${diag} boot-diagnostics reads`);
     for (const i of insts) await backend.terminate(i);
   });
 
@@ -651,7 +678,7 @@ describe("azure backend: watching", { timeout: 45_000 }, () => {
   });
 });
 
-describe("azure backend: terminate and the orphan sweep", { timeout: 45_000 }, () => {
+describe("azure backend: terminate and the orphan sweep", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("terminate deletes VM, then NIC, IP and disk, even when Azure would detach them; idempotent; by request_id alone", async (t) => {
     const { fake, backend } = await setup(t, { fakeOpts: { deleteInProgressPolls: 2 } });
     const id = "term-1";
@@ -733,11 +760,14 @@ describe("azure backend: terminate and the orphan sweep", { timeout: 45_000 }, (
     ].sort());
     // The sweep re-learned the live VM for the concurrency cap.
     assert.equal(eager.backend.status()["active"], 1);
-    assert.match(eager.logs.text, /deleting orphaned resources/);
+    // One line per orphan, the same fields on every cloud.
+    const lines = eager.logs.find("warn", /^deleting an orphaned resource \(this bridge's, no live grant owns it\)$/);
+    assert.ok(lines.some((l) => l["kind"] === "vm" && l["id"] === dead.instance_id && l["request_id"] === "dead-1" && l["scope"] === RG), eager.logs.text);
+    assert.ok(lines.some((l) => l["kind"] === "public_ip" && l["id"] === young.pip && l["request_id"] === "young-1"), eager.logs.text);
   });
 });
 
-describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
+describe("azure backend through the GrantManager", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("runs a grant end to end: exit code in the ComputeLog, nothing billable left", async (t) => {
     const s = await setup(t);
     const { manager, store } = lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
@@ -757,13 +787,14 @@ describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
     assert.equal(store.computeLog(id)?.instance_id, naming.names(id).vm);
     assert.deepEqual(leftovers(s.fake), []);
 
-    // No marker on the serial console: the exit code is unknown (null) in the ComputeLog.
+    // No marker on the serial console: Azure does not tell a guest's own power-off from a stop by
+    // someone else, so the workload is lost: the grant fails, its exit code null in the ComputeLog.
     const quiet = "life.2";
     await manager.submit({ grant: grant(quiet), envelope: { image: IMAGE } });
     await until(() => store.get(quiet)?.state === "running", "the second grant to run");
     s.fake.guestPowerOff(RG, naming.names(quiet).vm);
     await manager.settled(quiet);
-    assert.equal(store.get(quiet)?.state, "completed");
+    assert.equal(store.get(quiet)?.state, "failed");
     assert.equal(store.computeLog(quiet)?.exit_code, null);
 
     // Cancelled while running: terminated, nothing left.
@@ -776,9 +807,19 @@ describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
     assert.deepEqual(leftovers(s.fake), []);
   });
 
-  it("AllocationFailed in the LRO fails over to the next backend and marks the offering unavailable", async (t) => {
+  it("AllocationFailed in the LRO: the next fitting size first, then the next backend; the offerings are marked unavailable", async (t) => {
     const s = await setup(t);
+    // One size without capacity: the next fitting size of the same backend takes the grant.
     s.fake.faults.allocationFailure = (r) => (r.operation === "create" && r.vmSize === "Standard_D2s_v5" ? "AllocationFailed" : false);
+    const bigger = await s.backend.provision(grant("next-size"), envelope, never);
+    assert.equal(bigger.details["vm_size"], "Standard_D4s_v5");
+    assert.ok(s.ctx.unavailable.isUnavailable("azure", REGION, "Standard_D2s_v5"));
+    // One VM name per request: the Failed D2s_v5 VM was deleted before the D4s_v5 one was created.
+    assert.equal(s.fake.createsByName[bigger.instance_id], 2);
+    await s.backend.terminate(bigger);
+
+    // No size has capacity: the grant fails over to the next backend.
+    s.fake.faults.allocationFailure = (r) => (r.operation === "create" ? "AllocationFailed" : false);
     // The next backend is a real local one: it needs an image it can fetch (over http here).
     const img = bundleImage(s.dir, "wl", "exit 0");
     const server = http.createServer((_q, res) => res.end(readFileSync(img.file)));
@@ -795,14 +836,42 @@ describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
     assert.equal(rec.backend, "local");
     assert.deepEqual(rec.attempts.map((a) => [a.backend, a.error_kind]), [["azure", "capacity"]]);
     assert.match(rec.attempts[0]!.message, /AllocationFailed/);
-    assert.ok(fleet.unavailable.isUnavailable("azure", REGION, "Standard_D2s_v5"));
+    for (const size of ["Standard_D2s_v5", "Standard_D4s_v5", "Standard_DC4es_v5"]) assert.ok(fleet.unavailable.isUnavailable("azure", REGION, size), size);
     assert.deepEqual(leftovers(s.fake), [], "the failed VM, its NIC and IP were removed");
-    assert.deepEqual(s.fake.createsByName, { [naming.names(id).vm]: 1 });
+    // D2s_v5 was skipped (no capacity reported recently); D4s_v5, then DC4es_v5 were tried.
+    assert.equal(s.fake.createsByName[naming.names(id).vm], 2);
+  });
 
-    // The next grant skips the unavailable size and takes the next one that fits.
-    const next = await s.backend.provision(grant("after-failover"), envelope, never);
-    assert.equal(next.details["vm_size"], "Standard_D4s_v5");
-    await s.backend.terminate(next);
+  it("a confidential_image that is not a confidential-VM image: ARM's refusal fails over at once with the reason (issue #18 item 6)", async (t) => {
+    const s = await setup(t, {
+      cfg: {
+        tdx_vm_sizes: [
+          { name: "Standard_DC4es_v5", vcpus: 4, memory_mib: 16384 },
+          { name: "Standard_DC8es_v5", vcpus: 8, memory_mib: 32768 },
+        ],
+        confidential_image: { publisher: "Canonical", offer: "ubuntu-24_04-lts", sku: "server" },
+      },
+    });
+    const e = await rejection(s.backend.provision(grant("cvm-img-1", { tdx_required: true }), envelope, never));
+    assert.ok(e instanceof ConfidentialImageError && e instanceof UnfitError && e instanceof CapacityError, String(e));
+    assert.deepEqual(e.offering, { region: REGION, shape: "Standard_DC4es_v5" });
+    assert.match(e.message, /backends\.azure\.confidential_image Canonical:ubuntu-24_04-lts:server:latest/);
+    assert.match(e.message, /InvalidParameter.*is not supported by given image/);
+    assert.match(e.message, /must be a confidential-VM image/);
+    assert.equal(s.fake.countCalls({ method: "PUT", path: /virtualMachines\// }), 1, "no other TDX size is tried: none can run the image");
+    await s.backend.terminate(placeholder(grant("cvm-img-1"), "azure"));
+    assert.deepEqual(leftovers(s.fake), []);
+
+    // Through the manager: a failover (no other TDX backend here, so the grant fails), the reason in its attempts.
+    const { manager, store } = lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
+    const id = "cvm-img-2";
+    await manager.submit({ grant: grant(id, { tdx_required: true }), envelope: { image: IMAGE } });
+    await manager.settled(id);
+    const rec = store.get(id)!;
+    assert.equal(rec.state, "failed");
+    assert.deepEqual(rec.attempts.map((a) => [a.backend, a.error_kind]), [["azure", "capacity"]]);
+    assert.match(rec.attempts[0]!.message, /not supported by given image.*must be a confidential-VM image/);
+    assert.deepEqual(leftovers(s.fake), []);
   });
 
   it("a restart mid-create adopts the VM, NIC and IP (deterministic names): nothing is duplicated", async (t) => {
@@ -853,7 +922,7 @@ function loggedContext(t: TestContext): { dir: string; logs: LogSink; ctx: Backe
   return { dir, logs, ctx };
 }
 
-describe("azure backend: production credentials", { timeout: 45_000 }, () => {
+describe("azure backend: production credentials", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("ClientSecretCredential from client_secret_file against a local authority with ca_file; the secret is never logged", async (t) => {
     const fake = await startFake();
     const tenant = "11111111-2222-3333-4444-555555555555";
@@ -930,7 +999,7 @@ describe("azure backend: production credentials", { timeout: 45_000 }, () => {
   });
 });
 
-describe("azure backend: managed identity", { timeout: 45_000 }, () => {
+describe("azure backend: managed identity", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("takes its token from the VM's identity endpoint: the system-assigned identity, or a user-assigned one by client id; an unknown identity is a CredentialError", async (t) => {
     const fake = await startFake();
     const userAssigned = "33333333-4444-5555-6666-777777777777";
@@ -986,7 +1055,7 @@ describe("azure backend: managed identity", { timeout: 45_000 }, () => {
   });
 });
 
-describe("azure backend: TDX attestation evidence from the boot diagnostics serial log", { timeout: 45_000 }, () => {
+describe("azure backend: TDX attestation evidence from the boot diagnostics serial log", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("the guest's vTPM chain (HCL report, TD quote, TPM2 quote over the binding), collected at provision", async (t) => {
     const { fake, backend } = await setup(t);
     const dir = tempDir(t);

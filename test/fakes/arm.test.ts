@@ -250,6 +250,16 @@ describe("ArmFake with the real Azure SDK clients", () => {
     assert.equal(err.statusCode, 400);
     assert.match(err.message, /'<NULL>' security type/);
 
+    // A ConfidentialVM needs a confidential-VM image (Azure/azure-cli#22200).
+    const plainImage = vmParams(nic.id!, { hardwareProfile: { vmSize: "Standard_DC4es_v5" } });
+    plainImage.storageProfile!.imageReference = { publisher: "Canonical", offer: "ubuntu-24_04-lts", sku: "server", version: "latest" };
+    err = await rejection(compute.virtualMachines.beginCreateOrUpdateAndWait(RG, "w3", plainImage, FAST));
+    assert.equal(err.name, "RestError");
+    assert.equal(err.statusCode, 400);
+    assert.equal(err.code, "InvalidParameter");
+    assert.equal(err.message, "SecurityType 'ConfidentialVM_VMGuestStateOnlyEncryptedWithPlatformKey' is not supported by given image.");
+    assert.equal(fake.createdCount, 0);
+
     // TDX size is accepted.
     await compute.virtualMachines.beginCreateOrUpdateAndWait(RG, "w3", vmParams(nic.id!, { hardwareProfile: { vmSize: "Standard_DC4es_v5" } }), FAST);
     assert.equal(fake.createdCount, 1);

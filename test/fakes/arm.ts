@@ -61,6 +61,9 @@
  *    ("The VM size 'Standard_D2as_v5' is not supported for creation of VMs and Virtual
  *    Machine Scale Set with 'ConfidentialVM' security type ..." and "Required parameter for
  *    Confidential VMs 'managedDisk.securityProfile.securityEncryptionType' is missing (null)."),
+ *    400 InvalidParameter "SecurityType 'ConfidentialVM_...' is not supported by given image."
+ *    for a ConfidentialVM from an image that is not a confidential-VM image (Azure/azure-cli#22200;
+ *    the status is unverified),
  *    409 SkuNotAvailable, 409 OperationNotAllowed (quota), LRO AllocationFailed /
  *    ZonalAllocationFailed / OverconstrainedAllocationRequest, 400 NicInUse,
  *    400 PublicIPAddressCannotBeDeleted, 409 OperationNotAllowed for deleting an attached disk,
@@ -209,6 +212,13 @@ export interface ArmFakeOptions {
   resourceGroups?: string[];
   /** If set, list responses are paged with `nextLink` after this many items. */
   pageSize?: number;
+  /**
+   * Which marketplace images are confidential-VM images (ARM refuses a ConfidentialVM from any
+   * other). Default: offer or SKU naming them so (`confidential`, `cvm`, as Canonical's
+   * `0001-com-ubuntu-confidential-vm-jammy` / `22_04-lts-cvm` and Windows' `*-cvm` do); images by
+   * id (galleries) are taken as confidential.
+   */
+  confidentialImage?: (ref: { publisher?: string; offer?: string; sku?: string; id?: string }) => boolean;
 }
 
 export interface CallRecord {
@@ -349,9 +359,20 @@ class HttpError extends Error {
     readonly code: string,
     message: string,
     readonly details?: WireDoc[],
+    /** ARM's `target`: the parameter refused. */
+    readonly target?: string,
   ) {
     super(message);
   }
+}
+
+/** The managed disk's security type for a confidential VM's OS disk encryption type. */
+function diskSecurityType(enc: string): string {
+  return enc === "DiskWithVMGuestState"
+    ? "ConfidentialVM_DiskEncryptedWithPlatformKey"
+    : enc === "NonPersistedTPM"
+      ? "ConfidentialVM_NonPersistedTPM"
+      : "ConfidentialVM_VMGuestStateOnlyEncryptedWithPlatformKey";
 }
 
 /** mulberry32 */
@@ -780,7 +801,7 @@ export class ArmFake {
     const replyError = (e: HttpError, extraHeaders: Record<string, string> = {}) =>
       reply(
         e.status,
-        { error: { code: e.code, message: e.message, ...(e.details ? { details: e.details } : {}) } },
+        { error: { code: e.code, message: e.message, ...(e.target ? { target: e.target } : {}), ...(e.details ? { details: e.details } : {}) } },
         extraHeaders,
       );
 
@@ -1415,6 +1436,14 @@ export class ArmFake {
           "Virtual machines with securityEncryptionType 'DiskWithVMGuestState' require 'securityProfile.uefiSettings.secureBootEnabled' to be true.",
         );
       }
+      // Only confidential-VM images boot as ConfidentialVM. The reply is the one quoted in
+      // Azure/azure-cli#22200 (InvalidParameter, target securityProfile.securityType) with this
+      // encryption type's security type; its HTTP status is unverified (400 like every other
+      // parameter refusal here).
+      const img: WireDoc = props["storageProfile"]?.["imageReference"] ?? current?.doc["properties"]?.["storageProfile"]?.["imageReference"] ?? {};
+      if (!this.isConfidentialImage(img)) {
+        throw new HttpError(400, "InvalidParameter", `SecurityType '${diskSecurityType(encType)}' is not supported by given image.`, undefined, "securityProfile.securityType");
+      }
     } else {
       if (encType) {
         throw new HttpError(
@@ -1454,6 +1483,13 @@ export class ArmFake {
         }
       }
     }
+  }
+
+  private isConfidentialImage(img: WireDoc): boolean {
+    const ref = { publisher: img["publisher"], offer: img["offer"], sku: img["sku"], id: img["id"] };
+    if (this.opts.confidentialImage) return this.opts.confidentialImage(ref);
+    if (ref.id && !ref.offer) return true;
+    return /confidential|cvm/i.test(`${String(ref.offer ?? "")} ${String(ref.sku ?? "")}`);
   }
 
   /** Returns an LRO failure to apply, or throws the synchronous error. */
@@ -1688,14 +1724,7 @@ export class ArmFake {
       tier: "P4",
     };
     if (secType === "ConfidentialVM" && enc) {
-      diskProps["securityProfile"] = {
-        securityType:
-          enc === "DiskWithVMGuestState"
-            ? "ConfidentialVM_DiskEncryptedWithPlatformKey"
-            : enc === "NonPersistedTPM"
-              ? "ConfidentialVM_NonPersistedTPM"
-              : "ConfidentialVM_VMGuestStateOnlyEncryptedWithPlatformKey",
-      };
+      diskProps["securityProfile"] = { securityType: diskSecurityType(enc) };
     } else if (secType === "TrustedLaunch") {
       diskProps["securityProfile"] = { securityType: "TrustedLaunch" };
     }

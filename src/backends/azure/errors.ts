@@ -7,6 +7,7 @@ import {
   TransientError,
 } from "../backend.js";
 import { redactCredentials } from "../../util/redact.js";
+import { UnfitError } from "../cloud/adapter.js";
 
 /**
  * Azure errors -> the backend's typed errors. What the SDKs throw (measured against the ARM fake
@@ -110,6 +111,8 @@ export interface MapContext {
   backend: string;
   /** The offering (region, VM size) to attach to capacity and quota errors. */
   offering?: { region: string; size: string };
+  /** Creating a confidential VM from this configured image ("publisher:offer:sku:version"). */
+  confidentialImage?: string;
 }
 
 /** Map anything an Azure SDK call threw to a typed BackendError with a message an operator can act on. */
@@ -133,6 +136,13 @@ export function mapArmError(e: unknown, ctx: MapContext): BackendError {
   if (lc === "invalidresourcereference" && /subnet|same region|location/i.test(f.message))
     return new BackendError(`${text}; a NIC must be in the region of its subnet: check backends.azure subnet_id against the grant's region`, backend);
   if (CAPACITY_CODES.has(lc)) return withOffering(new CapacityError(text, backend));
+  if (ctx.confidentialImage && isConfidentialImageRefusal(e))
+    return withOffering(
+      new ConfidentialImageError(
+        `${text}; backends.azure.confidential_image ${ctx.confidentialImage} must be a confidential-VM image (one that supports the ConfidentialVM security type, e.g. Canonical 0001-com-ubuntu-confidential-vm-jammy 22_04-lts-cvm): fix the image in the config`,
+        backend,
+      ),
+    );
   if (isQuota(lc, f.message)) return withOffering(new QuotaError(text, backend));
   if (f.status === 401)
     return new CredentialError(`azure: ARM refused the credentials while ${what} (HTTP 401 ${f.code ?? "Unauthorized"}); check backends.azure tenant_id / client_id / client_secret_file (or the managed identity)`, backend);
@@ -173,4 +183,23 @@ export function isBootDiagnosticsDisabled(e: unknown): boolean {
 export function isNotFound(e: unknown): boolean {
   const f = describeArmError(e);
   return f.status === 404 || (f.code ?? "").toLowerCase() === "resourcenotfound";
+}
+
+/**
+ * ARM refused a confidential VM because its image is not a confidential-VM image: no size of
+ * this backend runs the grant until the config names one, so the grant fails over at once.
+ */
+export class ConfidentialImageError extends UnfitError {}
+
+/**
+ * True when ARM refuses a ConfidentialVM create for its image: 400 InvalidParameter "SecurityType
+ * 'ConfidentialVM_...' is not supported by given image." on securityProfile.securityType
+ * (Azure/azure-cli#22200; the HTTP status is unverified, see test/fakes/FIDELITY.md), or a
+ * message that names the image as not supporting confidential VMs.
+ */
+export function isConfidentialImageRefusal(e: unknown): boolean {
+  const f = describeArmError(e);
+  const code = (f.code ?? "").toLowerCase();
+  if (code !== "invalidparameter" && code !== "badrequest" && code !== "invalidrequestformat") return false;
+  return /not supported by (the )?given image/i.test(f.message) || (/image/i.test(f.message) && /confidential/i.test(f.message) && /not supported|does not support|doesn't support/i.test(f.message));
 }
