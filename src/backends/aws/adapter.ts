@@ -10,40 +10,29 @@
  * - status: DescribeInstances by instance id while booting, by the bridge tag (paged 1000 at a
  *   time) while running; the console is GetConsoleOutput (Latest=true for a running guest, Nitro
  *   types only; EC2 keeps the last 64 KB).
- * - terminate: TerminateInstances, resolved once EC2 reports shutting-down or terminated. EC2 is
- *   eventually consistent: InvalidInstanceID.NotFound for an instance launched minutes ago does not
- *   mean it is gone, so it is asked again (with backoff) before it counts as terminated.
- * - pacing: every call (and every SDK retry) takes a token from a bucket per region and API class
- *   (common/token-bucket.ts; backends.aws.rate_limits); a throttling answer empties the bucket.
- * - The SDK (~0.4 s to import) is loaded on first use.
+ * - terminate: by instance id, or the request's instances found by tag (aws/api.ts waits out EC2's
+ *   eventual consistency before an instance counts as terminated).
+ * - SDK, credentials, pacing to EC2's request and resource buckets, metrics: aws/api.ts.
  */
 import { createHash } from "node:crypto";
 import { gzipSync } from "node:zlib";
-import type { EC2Client, Instance, RunInstancesCommandInput } from "@aws-sdk/client-ec2";
-import type { RetryStrategyV2 } from "@smithy/types";
+import type { Instance, RunInstancesCommandInput } from "@aws-sdk/client-ec2";
 import type { AwsConfig } from "../../config/schema.js";
-import { readSecret } from "../../config/secrets.js";
 import type { ComputeGrant, ProvisionedInstance } from "../../domain/index.js";
 import { isAbort, type Clock } from "../../util/clock.js";
 import type { Logger } from "../../util/logger.js";
-import { BackendError, CredentialError, InvalidRequestError, TransientError, type BackendContext, type BackendMetrics, type CheckResult } from "../backend.js";
+import { BackendError, InvalidRequestError, type BackendContext, type CheckResult } from "../backend.js";
 import { parseHostKey } from "../common/cloud-init.js";
 import { ConsoleUnavailableError } from "../common/ssh-ready.js";
-import { RateLimiter } from "../common/token-bucket.js";
 import { SkipShapeError, type CloudAdapter, type CloudSettings, type ConsoleRef, type CreateRequest, type OwnedResource, type Shape, type VmStatus } from "../cloud/adapter.js";
 import { AWS_FAMILIES, AWS_INSTANCE_TYPES } from "./instance-types.js";
-import { clean, errorCode, errorMessage, FailFastRetry, isCredentialCode, LATEST_UNSUPPORTED_CODES, mapEc2Error, THROTTLE_CODES } from "./errors.js";
+import { Ec2Api, type Ec2ApiOptions } from "./api.js";
+import { clean, errorCode, errorMessage, LATEST_UNSUPPORTED_CODES } from "./errors.js";
 
 /** Overrides for tests and benchmarks; production takes everything from the config. */
-export interface Ec2AdapterOptions {
+export interface Ec2AdapterOptions extends Ec2ApiOptions {
   /** How long to keep reading the console of a self-powered-off instance for its marker. Default 120 s. */
   consoleGraceMs?: number;
-  /** SDK attempts per call (1 + retries). Default 5. */
-  maxAttempts?: number;
-  /** SDK retry strategy per regional client; default the SDK's adaptive strategy. */
-  retryStrategy?: () => RetryStrategyV2;
-  /** Pause between the checks that a termination took (default 1 s). */
-  confirmPollMs?: number;
 }
 
 interface Ec2Status {
@@ -59,27 +48,16 @@ interface Ec2Status {
   requestId: string | undefined;
 }
 
-/** EC2's request-rate classes, and its resource buckets (one token per instance launched or terminated). */
-type ApiClass = "describe" | "mutate" | "console" | "launched_instances" | "terminated_instances";
-const API_CLASS: Readonly<Record<string, ApiClass>> = { DescribeInstancesCommand: "describe", RunInstancesCommand: "mutate", TerminateInstancesCommand: "mutate", GetConsoleOutputCommand: "console" };
-const apiClass = (commandName: string | undefined): ApiClass => API_CLASS[commandName ?? ""] ?? "mutate";
 
 const ENDED = new Set(["shutting-down", "terminated", "stopping", "stopped"]);
 const SELF_SHUTDOWN = "Client.InstanceInitiatedShutdown";
-/** How long after launch an InvalidInstanceID.NotFound may only mean "not visible yet" (EC2 API reference, "Eventual consistency"). */
-const CONSISTENCY_WINDOW_MS = 5 * 60_000;
-/** TerminateInstances tries on NotFound within that window (1, 2, 4, 8, 10 s apart). */
-const NOT_FOUND_TRIES = 6;
 /** GetConsoleOutput returns only the most recent 64 KB of console output. */
 const CONSOLE_WINDOW_BYTES = 64 * 1024;
 /** EC2 takes at most 16 KiB of user data (before base64). */
 const USER_DATA_LIMIT = 16 * 1024;
 const FILTER_VALUES_MAX = 200;
 const TERMINATE_BATCH = 100;
-const MAX_PAGES = 1000;
 
-type Ec2Sdk = typeof import("@aws-sdk/client-ec2");
-type RetrySdk = typeof import("@smithy/core/retry");
 
 /**
  * ClientToken: at most 64 ASCII characters, stable per (provider id, request_id, instance type).
@@ -99,19 +77,10 @@ export class Ec2Adapter implements CloudAdapter {
   readonly tdxShapes: readonly Shape[] = [];
   private readonly log: Logger;
   private readonly clock: Clock;
-  private readonly metrics: BackendMetrics | undefined;
   private readonly providerId: string;
   private readonly bridgeTag: string;
   private readonly requestTag: string;
-  private readonly usesKeys: boolean;
-  private readonly configDir: string;
-  private keys: { accessKeyId: string; secretAccessKey: string } | null = null;
-  private readonly clients = new Map<string, Promise<EC2Client>>();
-  private readonly pacer: RateLimiter<ApiClass>;
-  private sdk: Promise<{ ec2: Ec2Sdk; retry: RetrySdk }> | null = null;
-  private loaded = false;
-  private refused: string | null = null;
-  private closed = false;
+  private readonly api: Ec2Api;
 
   constructor(
     private readonly cfg: AwsConfig,
@@ -120,7 +89,6 @@ export class Ec2Adapter implements CloudAdapter {
   ) {
     this.log = ctx.log.child({ backend: this.name });
     this.clock = ctx.clock;
-    this.metrics = ctx.metrics;
     this.providerId = ctx.providerId;
     if (/^aws($|:)/i.test(cfg.tag_prefix)) throw new BackendError(`backends.aws.tag_prefix: "${cfg.tag_prefix}" is reserved by AWS (tag keys may not start with "aws:")`, this.name);
     this.bridgeTag = `${cfg.tag_prefix}:bridge-id`;
@@ -134,11 +102,7 @@ export class Ec2Adapter implements CloudAdapter {
     this.plainShapes = [...new Set(cfg.instance_types)].map((name) => ({ name, ...AWS_INSTANCE_TYPES[name]! }));
     this.settings = { ...cfg, ...(opts.pollIntervalMs !== undefined ? { poll_interval_seconds: opts.pollIntervalMs / 1000 } : {}) };
     this.sshUser = cfg.ssh_user;
-    // Credentials are read on first use: check-config and card build backends offline. Default
-    // credential discovery (env, IMDS, ...) is never used: static keys, or the named profile only.
-    this.usesKeys = cfg.access_key_id_file !== undefined || cfg.access_key_id_env !== undefined;
-    this.configDir = ctx.configDir;
-    this.pacer = new RateLimiter<ApiClass>(cfg.rate_limits, this.clock);
+    this.api = new Ec2Api(cfg, ctx, opts);
   }
 
   regions(): string[] {
@@ -151,10 +115,10 @@ export class Ec2Adapter implements CloudAdapter {
     return [region];
   }
   credentialProblem(): string | null {
-    return this.refused;
+    return this.api.refused;
   }
   sdkLoaded(): boolean {
-    return this.loaded;
+    return this.api.loaded;
   }
   ownerKey(requestId: string): string {
     return requestId;
@@ -193,7 +157,7 @@ export class Ec2Adapter implements CloudAdapter {
         // The ClientToken makes a second live instance impossible; one launched by hand with copied tags is terminated at once.
         const extra = live.slice(1).map((s) => s.id);
         this.log.error({ request_id: rid, region, adopted: live[0]!.id, instance_ids: extra }, "several live instances carry this request's tag; adopting the oldest and terminating the others");
-        await this.terminateIds(region, extra);
+        await this.api.terminate(region, extra);
       }
       const pick = live[0] ?? all.filter((s) => s.reasonCode === SELF_SHUTDOWN).sort(byAge).pop();
       if (pick) out.set(rid, this.view(region, pick));
@@ -225,10 +189,10 @@ export class Ec2Adapter implements CloudAdapter {
       // Instance tags only: the documented least-privilege policy allows CreateTags on instances at launch.
       TagSpecifications: [{ ResourceType: "instance", Tags: [{ Key: this.bridgeTag, Value: this.providerId }, { Key: this.requestTag, Value: grant.request_id }, { Key: "Name", Value: `compute-bridge ${grant.request_id}` }] }],
     };
-    const { ec2: sdk } = await this.loadSdk();
+    const { ec2: sdk } = await this.api.load();
     try {
-      await this.pacer.take(region, "launched_instances", signal);
-      const out = await this.send(region, "mutate", signal, (c, o) => c.send(new sdk.RunInstancesCommand(input), o));
+      await this.api.pacer.take(region, "launched_instances", signal);
+      const out = await this.api.send(region, "mutate", signal, (c, o) => c.send(new sdk.RunInstancesCommand(input), o));
       const inst = out.Instances?.[0];
       if (!inst?.InstanceId) throw new BackendError(`RunInstances in ${region} returned no instance`, this.name);
       this.log.info({ request_id: grant.request_id, instance_id: inst.InstanceId, region, instance_type: shape.name, attempts: out.$metadata.attempts ?? 1 }, "EC2 instance launched");
@@ -290,10 +254,10 @@ export class Ec2Adapter implements CloudAdapter {
   /** GetConsoleOutput, base64-decoded; `live`: the current output (Nitro types only). */
   async readConsole(ref: ConsoleRef, signal: AbortSignal, live: boolean): Promise<string> {
     const region = ref.scope;
-    const { ec2: sdk } = await this.loadSdk();
+    const { ec2: sdk } = await this.api.load();
     let text: string;
     try {
-      const out = await this.send(region, "console", signal, (c, o) => c.send(new sdk.GetConsoleOutputCommand({ InstanceId: ref.id, ...(live ? { Latest: true } : {}) }), o));
+      const out = await this.api.send(region, "console", signal, (c, o) => c.send(new sdk.GetConsoleOutputCommand({ InstanceId: ref.id, ...(live ? { Latest: true } : {}) }), o));
       text = out.Output ? Buffer.from(out.Output, "base64").toString("utf8") : "";
     } catch (e) {
       if (isAbort(e, signal)) throw e;
@@ -324,7 +288,7 @@ export class Ec2Adapter implements CloudAdapter {
     }
     if (ids.length === 0) return;
     const launched = Date.parse(instance.started_at);
-    await this.terminateIds(region, ids, instance.instance_id && Number.isFinite(launched) ? launched : undefined);
+    await this.api.terminate(region, ids, instance.instance_id && Number.isFinite(launched) ? launched : undefined);
   }
 
   async listOwned(): Promise<OwnedResource[]> {
@@ -348,54 +312,13 @@ export class Ec2Adapter implements CloudAdapter {
       for (let i = 0; i < list.length; i += TERMINATE_BATCH) {
         const batch = list.slice(i, i + TERMINATE_BATCH);
         try {
-          await this.terminateIds(region, batch.map((o) => o.id));
+          await this.api.terminate(region, batch.map((o) => o.id));
           deleted.push(...batch);
         } catch (e) {
           failures.push(`${region}: ${this.mapError(e, `EC2 TerminateInstances in ${region}`).message}`);
         }
       }
     return { deleted, failures };
-  }
-
-  /**
-   * TerminateInstances, then make sure EC2 reports every id shutting-down or terminated.
-   * `launchedAtMs` (one id): NotFound within CONSISTENCY_WINDOW_MS of it may be eventual
-   * consistency (the instance exists and bills), so it is asked again with backoff and, if still
-   * not listed, reported as a retryable error rather than as terminated.
-   */
-  private async terminateIds(region: string, ids: string[], launchedAtMs?: number): Promise<void> {
-    const { ec2: sdk } = await this.loadSdk();
-    let unconfirmed: string[] = ids;
-    for (let tries = 1; ; tries++) {
-      try {
-        for (const _ of ids) await this.pacer.take(region, "terminated_instances");
-        const out = await this.send(region, "mutate", undefined, (c) => c.send(new sdk.TerminateInstancesCommand({ InstanceIds: ids })));
-        const ok = new Set((out.TerminatingInstances ?? []).filter((t) => t.CurrentState?.Name === "shutting-down" || t.CurrentState?.Name === "terminated").map((t) => t.InstanceId));
-        unconfirmed = ids.filter((id) => !ok.has(id));
-        break;
-      } catch (e) {
-        const code = errorCode(e);
-        if (code === "InvalidInstanceID.Malformed" && ids.length === 1) return; // never existed
-        if (code !== "InvalidInstanceID.NotFound") throw this.mapError(e, `EC2 TerminateInstances in ${region}`);
-        if (ids.length > 1) {
-          for (const id of ids) await this.terminateIds(region, [id], launchedAtMs);
-          return;
-        }
-        const age = launchedAtMs === undefined ? Number.POSITIVE_INFINITY : this.clock.now() - launchedAtMs;
-        if (age >= CONSISTENCY_WINDOW_MS) return; // gone: terminated over an hour ago, or never existed
-        if (tries >= NOT_FOUND_TRIES)
-          throw new TransientError(`EC2 does not list instance ${ids[0]} in ${region} yet (launched ${Math.round(age / 1000)} s ago; eventual consistency): its termination is retried`, this.name);
-        this.log.info({ region, instance_id: ids[0], tries, age_s: Math.round(age / 1000) }, "TerminateInstances: instance not visible yet (eventual consistency); asking again");
-        await this.clock.sleep(Math.min(1000 * 2 ** (tries - 1), 10_000));
-      }
-    }
-    // Not confirmed in the reply: look again a few times before reporting failure (the manager retries).
-    for (let i = 0; unconfirmed.length > 0 && i < 5; i++) {
-      await this.clock.sleep(this.opts.confirmPollMs ?? 1000);
-      const seen = new Map((await this.describeFiltered(region, [{ Name: "instance-id", Values: unconfirmed }])).map((s) => [s.id, s.state]));
-      unconfirmed = unconfirmed.filter((id) => seen.has(id) && !["shutting-down", "terminated"].includes(seen.get(id)!));
-    }
-    if (unconfirmed.length > 0) throw new TransientError(`EC2 has not confirmed termination of ${unconfirmed.join(", ")} in ${region} yet`, this.name);
   }
 
   /** doctor: credentials and reachability per region, read-only (one DescribeInstances each). */
@@ -413,37 +336,18 @@ export class Ec2Adapter implements CloudAdapter {
     return out;
   }
 
-  async close(): Promise<void> {
-    this.closed = true;
-    const clients = [...this.clients.values()];
-    this.clients.clear();
-    for (const c of await Promise.allSettled(clients)) if (c.status === "fulfilled") c.value.destroy();
+  close(): Promise<void> {
+    return this.api.close();
   }
 
   mapError(e: unknown, where: string, offering?: { region: string; type: string }): BackendError {
-    return mapEc2Error(e, where.startsWith("EC2") ? where : `EC2 ${where}`, this.name, this.usesKeys ? "backends.aws access_key_id_file/secret_access_key_file" : `backends.aws profile "${this.cfg.profile}"`, offering);
+    return this.api.mapError(e, where, offering);
   }
 
   // ---- describe -----------------------------------------------------------------------------------
 
-  /** DescribeInstances with filters, paged (AWS advises against unpaginated calls). */
   private async describeFiltered(region: string, filters: { Name: string; Values: string[] }[], signal?: AbortSignal): Promise<Ec2Status[]> {
-    const { ec2: sdk } = await this.loadSdk();
-    const out: Ec2Status[] = [];
-    let token: string | undefined;
-    for (let page = 0; page < MAX_PAGES; page++) {
-      let res;
-      try {
-        res = await this.send(region, "describe", signal, (c, o) => c.send(new sdk.DescribeInstancesCommand({ Filters: filters, MaxResults: 1000, ...(token ? { NextToken: token } : {}) }), o));
-      } catch (e) {
-        if (isAbort(e, signal)) throw e;
-        throw this.mapError(e, `EC2 DescribeInstances in ${region}`);
-      }
-      for (const r of res.Reservations ?? []) for (const i of r.Instances ?? []) if (i.InstanceId) out.push(this.toStatus(i));
-      token = res.NextToken || undefined;
-      if (!token) break;
-    }
-    return out;
+    return (await this.api.describe(region, filters, signal)).map((i) => this.toStatus(i));
   }
 
   private toStatus(i: Instance): Ec2Status {
@@ -476,109 +380,6 @@ export class Ec2Adapter implements CloudAdapter {
       launchCapacity: s.reasonCode?.includes("InsufficientInstanceCapacity") === true,
       ...(s.availabilityZone ? { attrs: { availability_zone: s.availabilityZone } } : {}),
     };
-  }
-
-  // ---- SDK --------------------------------------------------------------------------------------
-
-  /**
-   * One SDK call, paced: a token of the (region, API class) bucket first (waiting in order, or
-   * until `signal` aborts). SDK retries take theirs in the client's pacing middleware. A refusal of
-   * the credentials is remembered (canSatisfy declines) until a call succeeds.
-   */
-  private async send<T>(region: string, cls: ApiClass, signal: AbortSignal | undefined, call: (c: EC2Client, opts: { abortSignal?: AbortSignal }) => Promise<T>): Promise<T> {
-    const client = await this.client(region);
-    await this.pacer.take(region, cls, signal);
-    try {
-      const r = await call(client, signal ? { abortSignal: signal } : {});
-      this.refused = null;
-      return r;
-    } catch (e) {
-      if (isCredentialCode(errorCode(e))) {
-        if (this.refused === null) this.log.error({ region, code: errorCode(e) }, "EC2 refused the bridge's credentials; new grants are declined until a call succeeds");
-        this.refused = errorMessage(e);
-      }
-      throw e;
-    }
-  }
-
-  private loadSdk(): Promise<{ ec2: Ec2Sdk; retry: RetrySdk }> {
-    this.sdk ??= Promise.all([import("@aws-sdk/client-ec2"), import("@smithy/core/retry")]).then(([ec2, retry]) => {
-      this.loaded = true;
-      return { ec2, retry };
-    });
-    return this.sdk;
-  }
-
-  private client(region: string): Promise<EC2Client> {
-    if (this.closed) return Promise.reject(new BackendError("the aws backend is closed", this.name));
-    let c = this.clients.get(region);
-    if (!c) {
-      c = this.createClient(region);
-      this.clients.set(region, c);
-      c.catch(() => this.clients.delete(region));
-    }
-    return c;
-  }
-
-  private async createClient(region: string): Promise<EC2Client> {
-    const { ec2: sdk, retry } = await this.loadSdk();
-    let credentials;
-    if (this.usesKeys) credentials = this.readKeys();
-    else credentials = (await import("@aws-sdk/credential-provider-ini")).fromIni({ profile: this.cfg.profile! });
-    const maxAttempts = this.opts.maxAttempts ?? 5;
-    const client = new sdk.EC2Client({
-      region,
-      ...(this.cfg.endpoint !== undefined ? { endpoint: this.cfg.endpoint } : {}),
-      credentials,
-      maxAttempts,
-      retryStrategy: new FailFastRetry(this.opts.retryStrategy?.() ?? new retry.AdaptiveRetryStrategy(maxAttempts)),
-      requestHandler: { connectionTimeout: 10_000, requestTimeout: 60_000 },
-    });
-    // Every attempt (inside the retry loop): pacing of the SDK's own retries (the first attempt took
-    // its token in send()), the cloud's word that we went too fast (that bucket is emptied for a
-    // refill interval), and the metrics (API calls, retries, throttles) with the parsed error code.
-    const metrics = this.metrics;
-    client.middlewareStack.add(
-      (next, context) => async (args) => {
-        const cls = apiClass(context.commandName);
-        const op = (context.commandName ?? "unknown").replace(/Command$/, "");
-        const header = (args.request as { headers?: Record<string, string> } | undefined)?.headers?.["amz-sdk-request"] ?? "";
-        const attempt = Number(/attempt=(\d+)/.exec(header)?.[1] ?? "1");
-        if (attempt > 1) {
-          metrics?.retry(this.name, op);
-          await this.pacer.take(region, cls);
-        }
-        try {
-          const r = await next(args);
-          metrics?.apiCall(this.name, op, "ok");
-          return r;
-        } catch (e) {
-          const code = errorCode(e);
-          metrics?.apiCall(this.name, op, code);
-          if (THROTTLE_CODES.has(code)) {
-            metrics?.throttled(this.name, op);
-            this.pacer.throttled(region, cls);
-          }
-          throw e;
-        }
-      },
-      { step: "deserialize", priority: "high", name: "computeBridgePacing" },
-    );
-    return client;
-  }
-
-  /** The static keys, read once (readSecret registers them for log redaction). */
-  private readKeys(): { accessKeyId: string; secretAccessKey: string } {
-    if (this.keys) return this.keys;
-    try {
-      this.keys = {
-        accessKeyId: readSecret(this.configDir, "backends.aws.access_key_id", { file: this.cfg.access_key_id_file, env: this.cfg.access_key_id_env }),
-        secretAccessKey: readSecret(this.configDir, "backends.aws.secret_access_key", { file: this.cfg.secret_access_key_file, env: this.cfg.secret_access_key_env }),
-      };
-    } catch (e) {
-      throw new CredentialError(e instanceof Error ? e.message : String(e), this.name, { cause: e });
-    }
-    return this.keys;
   }
 }
 
