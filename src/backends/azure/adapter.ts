@@ -52,7 +52,7 @@ export class AzureAdapter implements CloudAdapter {
   readonly name = "azure";
   readonly settings: CloudSettings;
   readonly sshUser: string;
-  readonly evidence = "azure" as const;
+  readonly evidence = { platform: "azure", guest: "azure" } as const;
   readonly plainShapes: readonly Shape[];
   readonly tdxShapes: readonly Shape[];
   private readonly log: Logger;

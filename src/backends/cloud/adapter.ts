@@ -10,6 +10,7 @@
  */
 import type { ComputeGrant, Envelope, ProvisionedInstance } from "../../domain/index.js";
 import type { EvidencePlatform } from "../../domain/attestation.js";
+import type { GuestAttestation } from "../../attestation/guest.js";
 import { BackendError, CapacityError, type CheckResult } from "../backend.js";
 
 /** A VM shape as configured: the instance type / machine type / VM size and its size. */
@@ -126,8 +127,11 @@ export interface CloudAdapter {
   pool(grant: ComputeGrant): Shape[][];
   /** Where in the region to try a shape, in order (GCE zones); usually just [region]. */
   placements(region: string, shape: Shape): string[];
-  /** How the guest produces attestation evidence, for TDX grants; null: the cloud has no TDX. */
-  readonly evidence: EvidencePlatform | null;
+  /**
+   * For TDX grants: the platform the evidence is recorded under, and how the guest produces it
+   * (a configfs-tsm TD quote, or a vTPM chain); null: the cloud has no TDX.
+   */
+  readonly evidence: { platform: EvidencePlatform; guest: GuestAttestation } | null;
   /**
    * The cloud's own limits on the boot script (size, encoding), checked before anything billable
    * exists: throws InvalidRequestError when the script cannot be handed over.

@@ -182,11 +182,11 @@ export class CloudVmBackend implements ManagedBackend {
       st = await this.createFitting(grant, envelope, script, deadlineMs, signal, log);
     }
     st = await this.waitStarted(st, deadlineMs, signal);
-    if (isEnded(st) || st.phase === "stopping") return this.endedBeforeReady(grant, envelope, st, log);
+    if (isEnded(st) || st.phase === "stopping") return this.endedBeforeReady(grant, envelope, st, log, signal);
     const host = st.host;
     if (!host) throw new BackendError(`${this.name} VM ${st.id} in ${grant.region} is running without an address`, this.name);
     const ready = await this.waitSsh(grant, st, host, signal);
-    if (ready !== "ssh") return this.endedBeforeReady(grant, envelope, ready, log);
+    if (ready !== "ssh") return this.endedBeforeReady(grant, envelope, ready, log, signal);
     log.info({ instance_id: st.id, host }, "VM ready (SSH answers)");
     const reader = this.consoleReader(grant, st, signal, true);
     const found2 = await waitForHostKey(reader, rid, { timeoutMs: this.cloud.settings.host_key_timeout_seconds * 1000, intervalMs: this.pollMs, signal, clock: this.clock });
@@ -318,7 +318,7 @@ export class CloudVmBackend implements ManagedBackend {
         envelope,
         sshUser: this.cloud.sshUser,
         deadlineEpochSeconds: Math.floor(this.almanac.toWallMs(grant.valid_to) / 1000),
-        ...(this.cloud.evidence ? { attestation: bootAttestation(grant.tdx_required, envelope.attestation_nonce, this.cloud.evidence === "azure" ? "azure" : "tdx") } : {}),
+        ...(this.cloud.evidence ? { attestation: bootAttestation(grant.tdx_required, envelope.attestation_nonce, this.cloud.evidence.guest) } : {}),
         ...(this.opts.maxImageBytes !== undefined ? { maxImageBytes: this.opts.maxImageBytes } : {}),
       });
     } catch (e) {
@@ -410,18 +410,18 @@ export class CloudVmBackend implements ManagedBackend {
    * The VM stopped before SSH was ready: a guest that ran and powered off is handed on to the watch
    * (its console tells the outcome), without a host key: nobody can connect to it any more.
    */
-  private async endedBeforeReady(grant: ComputeGrant, envelope: Envelope, st: VmStatus, log: Logger): Promise<ProvisionedInstance> {
+  private async endedBeforeReady(grant: ComputeGrant, envelope: Envelope, st: VmStatus, log: Logger, signal: AbortSignal): Promise<ProvisionedInstance> {
     if (st.launchCapacity && st.shape) throw new CapacityError(`${this.name} VM ${st.id} in ${grant.region} ended at launch: ${st.detail}`, this.name).withOffering(grant.region, st.shape);
     if (st.phase === "gone" || st.selfStopped === false) throw new BackendError(`${this.name} VM ${st.id} in ${grant.region} is ${st.detail} before it became ready`, this.name);
     log.info({ instance_id: st.id, state: st.detail }, "the VM stopped before SSH was ready; its console tells the outcome");
-    const attestation = await this.evidence(grant, envelope, st, new AbortController().signal, false);
+    const attestation = await this.evidence(grant, envelope, st, signal, false);
     return { ...this.provisioned(grant, st, st.host, null), ...(attestation ? { attestation } : {}) };
   }
 
   /** TDX evidence after the host key report: waited for while the guest runs, read once after it stopped. */
-  private async evidence(grant: ComputeGrant, envelope: Envelope | null, st: VmStatus, signal: AbortSignal, running: boolean) {
-    if (!this.cloud.evidence || !grant.tdx_required || !envelope) return null;
-    return guestEvidence(this.consoleReader(grant, st, signal, true), this.cloud.evidence, grant, envelope, {
+  private async evidence(grant: ComputeGrant, envelope: Envelope, st: VmStatus, signal: AbortSignal, running: boolean) {
+    if (!this.cloud.evidence || !grant.tdx_required) return null;
+    return guestEvidence(this.consoleReader(grant, st, signal, true), this.cloud.evidence.platform, grant, envelope, {
       timeoutMs: running ? this.cloud.settings.host_key_timeout_seconds * 1000 : 0,
       intervalMs: this.pollMs,
       signal,
@@ -597,5 +597,4 @@ export class CloudVmBackend implements ManagedBackend {
 }
 
 type Target = ConsoleRef;
-
 const resourceKey = (r: OwnedResource) => `${r.kind}/${r.scope}/${r.id}`;

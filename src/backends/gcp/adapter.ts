@@ -55,7 +55,7 @@ export class GceAdapter implements CloudAdapter {
   readonly name = "gcp";
   readonly settings: CloudSettings;
   readonly sshUser: string;
-  readonly evidence = "gcp" as const;
+  readonly evidence = { platform: "gcp", guest: "tdx" } as const;
   readonly plainShapes: readonly Shape[];
   readonly tdxShapes: readonly Shape[];
   private readonly log: Logger;
