@@ -954,7 +954,7 @@ describe("gcp backend: doctor's read-only placement checks (zones, machine types
     assert.equal(line("zone us-central1-b").ok, false);
     assert.match(line("zone us-central1-b").detail, /status DOWN.*backends\.gcp\.zones/);
     assert.equal(line("zone us-east1-b").ok, false);
-    assert.match(line("zone us-east1-b").detail, /no such zone in project bridge-test-1; fix backends\.gcp\.zones/);
+    assert.match(line("zone us-east1-b").detail, /GCE has no such zone \(404\); fix backends\.gcp\.zones/);
     assert.equal(line("machine type n2-standard-4").detail, "offered in us-central1-a, us-central1-b");
     assert.equal(fake.countCalls({ method: "machineTypes.get", path: /us-east1-b/ }), 0);
     assert.equal(results.filter((r) => !r.ok).length, 2, JSON.stringify(results));

@@ -60,7 +60,7 @@ export async function placementChecks(api: GceApi, cfg: GcpConfig): Promise<Chec
         const dep = z.deprecated?.state ? `; deprecated (${z.deprecated.state})` : "";
         return { check, ok: true, detail: `UP (region ${lastSegment(z.region ?? "") || "?"})${dep}` };
       } catch (e) {
-        if (e instanceof NotFoundError) return { check, ok: false, detail: `no such zone in project ${project}; fix ${zoneKey}` };
+        if (e instanceof NotFoundError) return { check, ok: false, detail: `GCE has no such zone (404); fix ${zoneKey}` };
         existing.push(zone); // unknown: still look for machine types there
         return { check, ok: false, detail: `could not read it: ${why(e)}` };
       }
@@ -88,13 +88,13 @@ async function machineTypeCheck(api: GceApi, project: string, shape: { name: str
   const offered: string[] = [];
   const lacking: string[] = [];
   const unknown: string[] = [];
-  let size: { cpus: number; memoryMb: number } | null = null;
+  const sizes: { cpus: number; memoryMb: number }[] = [];
   await Promise.all(
     zones.map(async (zone) => {
       try {
         const [mt] = await api.catalogueCall(`machineTypes.get ${zone}/${shape.name}`, (c) => c.machineTypes.get({ project, zone, machineType: shape.name }));
         offered.push(zone);
-        if (typeof mt.guestCpus === "number" && typeof mt.memoryMb === "number") size = { cpus: mt.guestCpus, memoryMb: mt.memoryMb };
+        if (typeof mt.guestCpus === "number" && typeof mt.memoryMb === "number") sizes.push({ cpus: mt.guestCpus, memoryMb: mt.memoryMb });
       } catch (e) {
         if (e instanceof NotFoundError) lacking.push(zone);
         else unknown.push(`${zone}: ${why(e)}`);
@@ -110,7 +110,7 @@ async function machineTypeCheck(api: GceApi, project: string, shape: { name: str
   }
   const lackingNote = lacking.length > 0 ? `not offered in ${inOrder(lacking).join(", ")} (an insert there moves on to the next zone)` : null;
   // GCE's own size: the config's vcpus / memory_mib decide which grants fit the type.
-  const s = size as { cpus: number; memoryMb: number } | null;
+  const s = sizes[0];
   if (s && (shape.vcpus > s.cpus || shape.memory_mib > s.memoryMb))
     return { check, ok: false, detail: `the config says ${shape.vcpus} vCPUs / ${shape.memory_mib} MiB, GCE's ${shape.name} has ${s.cpus} vCPUs / ${s.memoryMb} MiB: grants larger than the VM would be placed on it; fix vcpus / memory_mib in ${key}` };
   return { check, ok: true, detail: [`offered in ${inOrder(offered).join(", ")}`, lackingNote, unchecked].filter(Boolean).join("; ") };
