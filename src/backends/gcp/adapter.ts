@@ -21,6 +21,8 @@
  *   where the guest's reports are; after a stop: up to its last 256 KiB).
  * - terminate: `instances.delete` (404 = done) of the known instance and of everything labelled
  *   with the request, waiting for the delete Operation. Orphans are found by the bridge label.
+ * - check (doctor): one label-filtered list for credentials, then read-only placement checks of
+ *   zones, machine types and images (gcp/doctor.ts), whose clients are created only then.
  *
  * The SDK (~1.7 s to import) and google-auth-library are loaded on first use (gcp/api.ts).
  */
