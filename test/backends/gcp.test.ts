@@ -908,3 +908,122 @@ describe("gcp backend: TDX attestation evidence from serial port 1", () => {
     await backend.terminate(inst);
   });
 });
+
+describe("gcp backend: doctor's read-only placement checks (zones, machine types, images)", () => {
+  /** check() as doctor runs it; nothing may be created or changed: every call a GET, no insert. */
+  async function doctor(backend: GcpBackend, fake: GceFake) {
+    const results = await backend.check();
+    assert.equal(fake.countCalls("insert"), 0, "doctor inserts nothing");
+    assert.equal(fake.createdCount, 0);
+    assert.deepEqual(fake.calls.filter((c) => c.httpMethod !== "GET").map((c) => `${c.httpMethod} ${c.path}`), [], "read-only calls only");
+    return { results, line: (check: string) => results.find((r) => r.check === check) ?? assert.fail(`no line ${check}: ${JSON.stringify(results)}`) };
+  }
+
+  it("a good config: every line ok, one GET per zone, per (type, zone) and per image", async (t) => {
+    const { backend, fake } = await rig(t);
+    const { results } = await doctor(backend, fake);
+    assert.deepEqual(
+      results.map((r) => [r.check, r.ok]),
+      [
+        ["credentials and Compute API reachable", true],
+        ["zone us-central1-a", true],
+        ["zone us-central1-b", true],
+        ["zone europe-west4-a", true],
+        ["machine type n2-standard-4", true],
+        ["machine type n2-standard-2", true],
+        ["tdx machine type c3-standard-4", true],
+        ["image", true],
+        ["tdx_image", true],
+      ],
+      JSON.stringify(results),
+    );
+    assert.match(results[1]!.detail, /^UP \(region us-central1\)$/);
+    assert.equal(results[4]!.detail, "offered in us-central1-a, us-central1-b, europe-west4-a");
+    assert.equal(results[7]!.detail, "projects/debian-cloud/global/images/family/debian-12 -> debian-12-v20250101 READY");
+    assert.match(results[8]!.detail, /ubuntu-2404-lts-amd64 -> .* READY, TDX_CAPABLE$/);
+    assert.equal(fake.countCalls("zones.get"), 3);
+    assert.equal(fake.countCalls("machineTypes.get"), 9);
+    assert.equal(fake.countCalls("images.getFromFamily"), 2);
+  });
+
+  it("a DOWN zone and a zone that does not exist fail, naming backends.gcp.zones; types are not looked for in the missing zone", async (t) => {
+    const { backend, fake } = await rig(t, { cfg: { zones: ["us-central1-a", "us-central1-b", "us-east1-b"] } });
+    fake.faults.downZones = ["us-central1-b"];
+    const { results, line } = await doctor(backend, fake);
+    assert.equal(line("zone us-central1-a").ok, true);
+    assert.equal(line("zone us-central1-b").ok, false);
+    assert.match(line("zone us-central1-b").detail, /status DOWN.*backends\.gcp\.zones/);
+    assert.equal(line("zone us-east1-b").ok, false);
+    assert.match(line("zone us-east1-b").detail, /GCE has no such zone \(404\); fix backends\.gcp\.zones/);
+    assert.equal(line("machine type n2-standard-4").detail, "offered in us-central1-a, us-central1-b");
+    assert.equal(fake.countCalls({ method: "machineTypes.get", path: /us-east1-b/ }), 0);
+    assert.equal(results.filter((r) => !r.ok).length, 2, JSON.stringify(results));
+  });
+
+  it("a machine type offered in no zone fails naming its key; one offered in some zones is usable, the others named", async (t) => {
+    const { backend, fake } = await rig(t);
+    fake.faults.machineTypesByZone = {
+      "us-central1-a": ["n2-standard-4"],
+      "us-central1-b": ["c3-standard-4"],
+      "europe-west4-a": ["c3-standard-4"],
+    };
+    const { line } = await doctor(backend, fake);
+    assert.deepEqual(line("machine type n2-standard-4"), {
+      check: "machine type n2-standard-4",
+      ok: true,
+      detail: "offered in us-central1-a; not offered in us-central1-b, europe-west4-a (an insert there moves on to the next zone)",
+    });
+    const none = line("machine type n2-standard-2");
+    assert.equal(none.ok, false);
+    assert.match(none.detail, /offered in none of the configured zones \(not in us-central1-a, us-central1-b, europe-west4-a\); fix backends\.gcp\.machine_types or backends\.gcp\.zones/);
+    const tdx = line("tdx machine type c3-standard-4");
+    assert.equal(tdx.ok, true);
+    assert.match(tdx.detail, /^offered in us-central1-b, europe-west4-a; not offered in us-central1-a/);
+
+    fake.faults.machineTypesByZone = { "us-central1-a": ["n2-standard-4", "n2-standard-2"] };
+    const again = await doctor(backend, fake);
+    assert.equal(again.line("tdx machine type c3-standard-4").ok, false);
+    assert.match(again.line("tdx machine type c3-standard-4").detail, /fix backends\.gcp\.tdx_machine_types or backends\.gcp\.zones/);
+  });
+
+  it("a configured size larger than GCE's machine type fails naming the key (grants would not fit the VM)", async (t) => {
+    const { backend, fake } = await rig(t, { cfg: { machine_types: [{ name: "n2-standard-2", vcpus: 2, memory_mib: 16384 }] } });
+    const { line } = await doctor(backend, fake);
+    assert.equal(line("machine type n2-standard-2").ok, false);
+    assert.match(line("machine type n2-standard-2").detail, /2 vCPUs \/ 16384 MiB, GCE's n2-standard-2 has 2 vCPUs \/ 8192 MiB.*backends\.gcp\.machine_types/);
+  });
+
+  it("a missing image fails naming backends.gcp.image; images.get for a named image, getFromFamily for a family", async (t) => {
+    const { backend, fake } = await rig(t, { cfg: { image: "projects/debian-cloud/global/images/debian-12-bookworm-v20250101" } });
+    fake.faults.images = ["projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64"];
+    const { line } = await doctor(backend, fake);
+    assert.equal(line("image").ok, false);
+    assert.match(line("image").detail, /debian-12-bookworm-v20250101: no such image .*; fix backends\.gcp\.image$/);
+    assert.equal(line("tdx_image").ok, true);
+    assert.equal(fake.countCalls("images.get"), 1);
+    assert.equal(fake.countCalls("images.getFromFamily"), 1);
+
+    fake.faults.images = undefined;
+    assert.equal((await doctor(backend, fake)).line("image").ok, true);
+  });
+
+  it("a tdx_image without the TDX_CAPABLE guest OS feature fails naming backends.gcp.tdx_image; an unparseable image is named too", async (t) => {
+    const { backend, fake } = await rig(t, { cfg: { image: "debian-12" } });
+    fake.faults.tdxCapableImages = [];
+    const { line } = await doctor(backend, fake);
+    assert.equal(line("tdx_image").ok, false);
+    assert.match(line("tdx_image").detail, /ubuntu-2404-lts-amd64 -> \S+ lacks the TDX_CAPABLE guest OS feature.*fix backends\.gcp\.tdx_image/);
+    assert.equal(line("image").ok, false);
+    assert.match(line("image").detail, /"debian-12" is not an image GCE can boot from .*fix backends\.gcp\.image$/);
+  });
+
+  it("a 403 on a catalogue read fails that line only and does not make the backend decline grants", async (t) => {
+    const { backend, fake } = await rig(t);
+    fake.failNext("zones.get", 403, "forbidden", { message: "Required 'compute.zones.get' permission for 'projects/bridge-test-1/zones/us-central1-a'" });
+    const { results } = await doctor(backend, fake);
+    const bad = results.filter((r) => !r.ok);
+    assert.equal(bad.length, 1, JSON.stringify(results));
+    assert.match(bad[0]!.detail, /could not read it: .*compute\.zones\.get/);
+    assert.equal(backend.canSatisfy(grant("after-403")).ok, true, "credentials not flagged as refused");
+  });
+});

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { installNetworkGuard } from '../helpers/net-guard.js';
 import { after, describe, test } from 'node:test';
 
-import { InstancesClient, ZoneOperationsClient, type protos } from '@google-cloud/compute';
+import { ImagesClient, InstancesClient, MachineTypesClient, ZoneOperationsClient, ZonesClient, type protos } from '@google-cloud/compute';
 import { OAuth2Client } from 'google-auth-library';
 
 import { GceFake, matchesFilter, parseFilter, type GceFakeOptions, type JsonObject } from './gce.js';
@@ -637,6 +637,69 @@ describe('GceFake with the real @google-cloud/compute 6.x REST clients', () => {
       await bad.instances.close();
       await bad.operations.close();
       await fake.close();
+    }
+  });
+});
+
+describe('read-only catalogue: zones.get, machineTypes.get, images.get / getFromFamily', () => {
+  test('UP / DOWN zones, machine types per zone, images with guestOsFeatures, 404s; the insert agrees', async () => {
+    const h = await harness({ zones: [ZONE, ZONE2] });
+    const authClient = new OAuth2Client();
+    authClient.setCredentials({ access_token: h.fake.accessToken, expiry_date: Date.now() + 3600e3 });
+    const opts = { ...h.fake.clientOptions(), authClient: authClient as unknown as GaxAuthClient };
+    const zones = new ZonesClient(opts);
+    const machineTypes = new MachineTypesClient(opts);
+    const images = new ImagesClient(opts);
+    try {
+      const project = h.project;
+      const [z] = await zones.get({ project, zone: ZONE });
+      assert.equal(z.status, 'UP');
+      assert.equal(z.name, ZONE);
+      assert.equal(z.region, `https://www.googleapis.com/compute/v1/projects/${project}/regions/us-central1`);
+      h.fake.faults.downZones = [ZONE2];
+      assert.equal((await zones.get({ project, zone: ZONE2 }))[0].status, 'DOWN');
+      const noZone = await httpError(zones.get({ project, zone: 'us-east1-b' }));
+      assert.equal(noZone.status, 404);
+      assert.equal(noZone.body.error.errors[0]?.reason, 'notFound');
+
+      const [mt] = await machineTypes.get({ project, zone: ZONE, machineType: 'c3-standard-4' });
+      assert.equal(mt.guestCpus, 4);
+      assert.equal(mt.memoryMb, 16384);
+      assert.equal(mt.zone, ZONE);
+      h.fake.faults.machineTypesByZone = { [ZONE2]: ['c3-standard-4'] };
+      assert.equal((await httpError(machineTypes.get({ project, zone: ZONE, machineType: 'c3-standard-4' }))).status, 404);
+      assert.equal((await machineTypes.get({ project, zone: ZONE2, machineType: 'c3-standard-4' }))[0].name, 'c3-standard-4');
+
+      const [fam] = await images.getFromFamily({ project: 'debian-cloud', family: 'debian-12' });
+      assert.equal(fam.family, 'debian-12');
+      assert.equal(fam.status, 'READY');
+      assert.ok(fam.guestOsFeatures?.some((f) => f.type === 'TDX_CAPABLE'), 'undefined tdxCapableImages: every image is TDX_CAPABLE');
+      const [byName] = await images.get({ project: 'debian-cloud', image: fam.name! });
+      assert.equal(byName.selfLink, fam.selfLink);
+
+      h.fake.faults.images = ['projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64'];
+      h.fake.faults.tdxCapableImages = ['https://www.googleapis.com/compute/v1/projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64'];
+      const [ubuntu] = await images.getFromFamily({ project: 'ubuntu-os-cloud', family: 'ubuntu-2404-lts-amd64' });
+      assert.ok(ubuntu.guestOsFeatures?.some((f) => f.type === 'TDX_CAPABLE'));
+      const missing = await httpError(images.getFromFamily({ project: 'debian-cloud', family: 'debian-12' }));
+      assert.equal(missing.status, 404);
+      assert.match(missing.body.error.message, /projects\/debian-cloud\/global\/images\/family\/debian-12/);
+      h.fake.faults.images = undefined;
+      const [plain] = await images.getFromFamily({ project: 'debian-cloud', family: 'debian-12' });
+      assert.ok(!plain.guestOsFeatures?.some((f) => f.type === 'TDX_CAPABLE'), 'not in tdxCapableImages: no TDX_CAPABLE');
+
+      // The insert agrees with the catalogue: a missing image is refused, nothing created.
+      h.fake.faults.images = [];
+      h.fake.faults.machineTypesByZone = undefined;
+      const refused = await httpError(h.instances.insert({ project, zone: ZONE, requestId: uuid(), instanceResource: vm('vm-noimage') }));
+      assert.equal(refused.status, 400);
+      assert.match(refused.body.error.message, /sourceImage.*cannot be found/);
+      assert.equal(h.fake.createdCount, 0);
+    } finally {
+      await zones.close();
+      await machineTypes.close();
+      await images.close();
+      await h.close();
     }
   });
 });

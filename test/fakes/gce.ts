@@ -90,6 +90,12 @@
  *    `now: Date.now` for real time (wait then really sleeps, capped).
  *  - requestId: per project, the same requestId returns the same Operation (no
  *    second instance); invalid or all-zero UUIDs are rejected with 400.
+ *  - read-only catalogue (what doctor reads): zones.get (UP, or DOWN per
+ *    `faults.downZones`; unknown zone 404), machineTypes.get (per
+ *    `faults.machineTypesByZone`, as the insert; sizes from the name),
+ *    images.get / images.getFromFamily (per `faults.images`, guestOsFeatures with
+ *    TDX_CAPABLE per `faults.tdxCapableImages`; a family resolves to
+ *    `<family>-v20250101`). Never part of `creates`.
  */
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -110,6 +116,10 @@ export type GceMethod =
   | 'instances.getSerialPortOutput'
   | 'zoneOperations.get'
   | 'zoneOperations.wait'
+  | 'zones.get'
+  | 'machineTypes.get'
+  | 'images.get'
+  | 'images.getFromFamily'
   | 'unknown';
 
 /** Short aliases accepted wherever a method name is taken. */
@@ -186,8 +196,21 @@ export interface GceFaults {
   machineTypesByZone: Readonly<Record<string, readonly string[]>> | undefined;
   /** Zones that offer Intel TDX; undefined = all. A TDX insert elsewhere answers 400 (wording unverified). */
   tdxZones: readonly string[] | undefined;
-  /** Images with the TDX_CAPABLE guest OS feature; undefined = all. A TDX insert from another answers 400 (wording unverified). */
+  /**
+   * Images with the TDX_CAPABLE guest OS feature in `guestOsFeatures` (images.get/getFromFamily);
+   * undefined = all. A TDX insert from another answers 400 (wording unverified). Entries are image
+   * references as a config holds them (`projects/P/global/images/NAME`, `.../images/family/F`,
+   * `global/images/...` in the caller's project, or a full URL); a family entry covers its image.
+   */
   tdxCapableImages: readonly string[] | undefined;
+  /**
+   * Images that exist, as references like `tdxCapableImages`; undefined = every well-formed
+   * reference exists. images.get/getFromFamily of another answers 404 notFound; an insert from it
+   * 400 "The referenced image resource cannot be found." (wording unverified).
+   */
+  images: readonly string[] | undefined;
+  /** Zones whose `status` is DOWN in zones.get (default none: every known zone is UP). */
+  downZones: readonly string[];
 }
 
 export interface GceFakeOptions {
@@ -331,6 +354,10 @@ const RPC_NAME: Record<GceMethod, string> = {
   'instances.getSerialPortOutput': 'compute.v1.InstancesService.GetSerialPortOutput',
   'zoneOperations.get': 'compute.v1.ZoneOperationsService.Get',
   'zoneOperations.wait': 'compute.v1.ZoneOperationsService.Wait',
+  'zones.get': 'compute.v1.ZonesService.Get',
+  'machineTypes.get': 'compute.v1.MachineTypesService.Get',
+  'images.get': 'compute.v1.ImagesService.Get',
+  'images.getFromFamily': 'compute.v1.ImagesService.GetFromFamily',
   unknown: 'compute.v1.Unknown',
 };
 
@@ -752,6 +779,8 @@ export class GceFake {
       machineTypesByZone: undefined,
       tdxZones: undefined,
       tdxCapableImages: undefined,
+      images: undefined,
+      downZones: [],
       bootDelayMs: opts.bootDelayMs ?? 20_000,
       deleteDelayMs: opts.deleteDelayMs ?? 10_000,
       ...opts.faults,
@@ -1178,6 +1207,14 @@ export class GceFake {
         return this.renderOp(this.findOp404(project, route.zone!, route.op!));
       case 'zoneOperations.wait':
         return this.apiWait(project, route.zone!, route.op!);
+      case 'zones.get':
+        return this.apiZone(project, route.zone!);
+      case 'machineTypes.get':
+        return this.apiMachineType(project, route.zone!, route.name!);
+      case 'images.get':
+        return this.apiImage(project, { kind: 'image', name: route.name! });
+      case 'images.getFromFamily':
+        return this.apiImage(project, { kind: 'family', name: route.name! });
       case 'unknown':
         throw new HttpError(404, 'notFound', 'Not found');
     }
@@ -1311,6 +1348,12 @@ export class GceFake {
       if (dm[1] !== zone) throw invalidField('resource.disks[0].initializeParams.diskType', dtRaw, `Cross-zone references are not allowed; the instance is in zone '${zone}'.`);
       diskType = dm[2]!;
     }
+    const sourceImage = typeof init['sourceImage'] === 'string' ? init['sourceImage'] : '';
+    const imageRef = parseImageRef(sourceImage, project);
+    if (imageRef && !this.imageExists(imageRef)) {
+      // Status documented as an error of the insert; the 400 and its wording are unverified.
+      throw invalidField('resource.disks[0].initializeParams.sourceImage', sourceImage, 'The referenced image resource cannot be found.');
+    }
     const bootOk = bootDisksFor(machineType);
     if (bootOk !== undefined && !(bootOk as readonly string[]).includes(diskType)) {
       // Status documented as 400; the wording is the fake's own.
@@ -1322,8 +1365,9 @@ export class GceFake {
       if (this.faults.tdxZones !== undefined && !this.faults.tdxZones.includes(zone)) {
         throw new HttpError(400, 'invalid', `Confidential Instance Type 'TDX' is not supported in zone '${zone}'.`);
       }
-      const image = typeof init['sourceImage'] === 'string' ? init['sourceImage'] : '';
-      if (this.faults.tdxCapableImages !== undefined && !this.faults.tdxCapableImages.includes(image)) {
+      const image = sourceImage;
+      const capable = imageRef ? this.imageTdxCapable(imageRef) : this.faults.tdxCapableImages === undefined || this.faults.tdxCapableImages.includes(image);
+      if (!capable) {
         throw invalidField('resource.disks[0].initializeParams.sourceImage', image, "Confidential Instance Type 'TDX' requires an image with the guest OS feature TDX_CAPABLE.");
       }
       const series = machineType.split('-')[0];
@@ -1638,6 +1682,91 @@ export class GceFake {
     return this.renderOp(op);
   }
 
+  // -------------------------------------------------------------------- read-only catalogue (zones, machine types, images)
+
+  /** zones.get: every zone the fake knows, UP unless listed in `faults.downZones`; others 404. */
+  private apiZone(project: string, zone: string): JsonObject {
+    if (!this.zones.includes(zone)) throw notFound(`projects/${project}/zones/${zone}`);
+    return {
+      kind: 'compute#zone',
+      id: stableId(`zone/${zone}`),
+      creationTimestamp: rfc3339(0),
+      name: zone,
+      description: zone,
+      status: this.faults.downZones.includes(zone) ? 'DOWN' : 'UP',
+      region: `${API_BASE}/projects/${project}/regions/${regionOf(zone)}`,
+      selfLink: `${API_BASE}/projects/${project}/zones/${zone}`,
+      availableCpuPlatforms: ['Intel Sapphire Rapids', 'Intel Ice Lake', 'Intel Cascade Lake', 'AMD Milan'],
+      supportsPzs: false,
+    };
+  }
+
+  /**
+   * machineTypes.get: offered per `faults.machineTypesByZone` (undefined = every type in every
+   * known zone), as the insert decides; others 404. Sizes are derived from the name.
+   */
+  private apiMachineType(project: string, zone: string, machineType: string): JsonObject {
+    const offered = this.faults.machineTypesByZone;
+    const path = `projects/${project}/zones/${zone}/machineTypes/${machineType}`;
+    if (!this.zones.includes(zone) || !/^[a-z][a-z0-9-]*$/.test(machineType) || (offered !== undefined && !(offered[zone] ?? []).includes(machineType))) throw notFound(path);
+    const { cpus, memoryMb } = machineSize(machineType);
+    return {
+      kind: 'compute#machineType',
+      id: stableId(`machineType/${machineType}`),
+      creationTimestamp: rfc3339(0),
+      name: machineType,
+      description: `${cpus} vCPUs ${Math.round(memoryMb / 1024)} GB RAM`,
+      guestCpus: cpus,
+      memoryMb,
+      imageSpaceGb: 0,
+      maximumPersistentDisks: 128,
+      maximumPersistentDisksSizeGb: '263168',
+      zone,
+      selfLink: `${API_BASE}/${path}`,
+      isSharedCpu: false,
+      architecture: 'X86_64',
+    };
+  }
+
+  /**
+   * images.get / images.getFromFamily: per `faults.images` (undefined = every well-formed
+   * reference exists); a family resolves to its image `<family>-v20250101`. `guestOsFeatures`
+   * carries TDX_CAPABLE per `faults.tdxCapableImages`.
+   */
+  private apiImage(project: string, ref: ImageRef): JsonObject {
+    const path = ref.kind === 'family' ? `projects/${project}/global/images/family/${ref.name}` : `projects/${project}/global/images/${ref.name}`;
+    if (!NAME_RE.test(ref.name) || !this.imageExists({ project, ...ref })) throw notFound(path);
+    const family = ref.kind === 'family' ? ref.name : familyOfImage(ref.name);
+    const name = ref.kind === 'family' ? imageOfFamily(ref.name) : ref.name;
+    const features = ['UEFI_COMPATIBLE', 'VIRTIO_SCSI_MULTIQUEUE', 'GVNIC', 'SEV_CAPABLE'];
+    if (this.imageTdxCapable({ project, ...ref })) features.push('TDX_CAPABLE');
+    return {
+      kind: 'compute#image',
+      id: stableId(`image/${project}/${name}`),
+      creationTimestamp: rfc3339(VIRTUAL_EPOCH),
+      name,
+      description: `${name}, built on 20250101`,
+      sourceType: 'RAW',
+      status: 'READY',
+      archiveSizeBytes: '1073741824',
+      diskSizeGb: '10',
+      ...(family ? { family } : {}),
+      selfLink: `${API_BASE}/projects/${project}/global/images/${name}`,
+      labelFingerprint: EMPTY_LABEL_FINGERPRINT,
+      guestOsFeatures: features.map((type) => ({ type })),
+      storageLocations: ['us', 'eu', 'asia'],
+      architecture: 'X86_64',
+    };
+  }
+
+  private imageExists(ref: ResolvedImageRef): boolean {
+    return this.faults.images === undefined || this.faults.images.some((e) => imageRefCovers(e, ref));
+  }
+
+  private imageTdxCapable(ref: ResolvedImageRef): boolean {
+    return this.faults.tdxCapableImages === undefined || this.faults.tdxCapableImages.some((e) => imageRefCovers(e, ref));
+  }
+
   // -------------------------------------------------------------------- lookups & rendering
 
   private mustFind(project: string, zone: string, name: string): InstanceRec {
@@ -1889,6 +2018,60 @@ function bootScriptRequestId(body: JsonObject): string | undefined {
   return m ? m[1]!.replace(/'\\''/g, "'") : undefined;
 }
 
+interface ImageRef {
+  kind: 'image' | 'family';
+  name: string;
+}
+interface ResolvedImageRef extends ImageRef {
+  project: string;
+}
+
+/**
+ * An image reference as GCE takes it in `initializeParams.sourceImage`: optionally a full
+ * `https://.../compute/v1/` URL, optionally `projects/P/`, then `global/images/NAME` or
+ * `global/images/family/FAMILY` (without a project: the caller's).
+ */
+function parseImageRef(value: string, project: string): ResolvedImageRef | undefined {
+  const m = /^(?:https:\/\/[a-z.]+\/compute\/v1\/)?(?:projects\/([^/]+)\/)?global\/images\/(?:(family)\/)?([^/]+)$/.exec(value);
+  if (!m) return undefined;
+  return { project: m[1] ?? project, kind: m[2] ? 'family' : 'image', name: m[3]! };
+}
+
+/** The image a family resolves to in this fake. */
+function imageOfFamily(family: string): string {
+  return `${family}-v20250101`;
+}
+function familyOfImage(name: string): string | undefined {
+  return /^(.+)-v20250101$/.exec(name)?.[1];
+}
+
+/** Does the configured reference `entry` name the image `ref` (a family entry also names its image)? */
+function imageRefCovers(entry: string, ref: ResolvedImageRef): boolean {
+  const e = parseImageRef(entry, ref.project);
+  if (!e || e.project !== ref.project) return false;
+  if (e.kind === ref.kind) return e.name === ref.name;
+  return e.kind === 'family' && ref.kind === 'image' && imageOfFamily(e.name) === ref.name;
+}
+
+/**
+ * vCPUs and memory from a predefined machine type name: standard 4 GB per vCPU, highmem 8,
+ * highcpu 1 (2 on C3/C3D/C4), N1 3.75 / 6.5 / 0.9 (GCE's machine family pages); others 4 GB per vCPU.
+ */
+function machineSize(machineType: string): { cpus: number; memoryMb: number } {
+  const m = /^([a-z0-9]+)-([a-z]+)-(\d+)/.exec(machineType);
+  const cpus = m ? Number(m[3]) : 2;
+  const series = m?.[1] ?? '';
+  const kind = m?.[2] ?? 'standard';
+  const n1 = series === 'n1';
+  const perCpuGb = kind === 'highmem' ? (n1 ? 6.5 : 8) : kind === 'highcpu' ? (n1 ? 0.9 : /^c(3|3d|4)$/.test(series) ? 2 : 1) : n1 ? 3.75 : 4;
+  return { cpus, memoryMb: Math.round(cpus * perCpuGb * 1024) };
+}
+
+/** A stable uint64-looking id (decimal string, as GCE renders ids) for a catalogue resource. */
+function stableId(what: string): string {
+  return BigInt('0x' + createHash('sha256').update(what).digest('hex').slice(0, 15)).toString();
+}
+
 function key(project: string, zone: string, name: string): string {
   return `${project}/${zone}/${name}`;
 }
@@ -1926,8 +2109,16 @@ function matchRoute(httpMethod: string, pathname: string): Route | undefined {
   if (a === 'aggregated' && b === 'instances' && c === undefined && httpMethod === 'GET') {
     return { method: 'instances.aggregatedList', project };
   }
+  // GET /global/images/{image} and /global/images/family/{family} (ImagesService Get, GetFromFamily)
+  if (a === 'global' && b === 'images' && c && httpMethod === 'GET') {
+    if (c === 'family' && d && e === undefined) return { method: 'images.getFromFamily', project, name: d };
+    if (d === undefined) return { method: 'images.get', project, name: c };
+    return undefined;
+  }
   if (a !== 'zones' || !b) return undefined;
   const zone = b;
+  if (c === undefined) return httpMethod === 'GET' ? { method: 'zones.get', project, zone } : undefined;
+  if (c === 'machineTypes' && d && e === undefined && httpMethod === 'GET') return { method: 'machineTypes.get', project, zone, name: d };
   if (c === 'instances') {
     if (d === undefined) {
       if (httpMethod === 'GET') return { method: 'instances.list', project, zone };

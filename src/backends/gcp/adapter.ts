@@ -21,6 +21,8 @@
  *   where the guest's reports are; after a stop: up to its last 256 KiB).
  * - terminate: `instances.delete` (404 = done) of the known instance and of everything labelled
  *   with the request, waiting for the delete Operation. Orphans are found by the bridge label.
+ * - check (doctor): one label-filtered list for credentials, then read-only placement checks of
+ *   zones, machine types and images (gcp/doctor.ts), whose clients are created only then.
  *
  * The SDK (~1.7 s to import) and google-auth-library are loaded on first use (gcp/api.ts).
  */
@@ -33,6 +35,7 @@ import type { Logger } from "../../util/logger.js";
 import { BackendError, CapacityError, InvalidRequestError, NotFoundError, QuotaError, TransientError, type BackendContext, type CheckResult } from "../backend.js";
 import type { CloudAdapter, CloudSettings, ConsoleRef, CreateRequest, OwnedResource, Shape, VmPhase, VmStatus } from "../cloud/adapter.js";
 import { GceApi, type GceApiOptions, type IInstance, type IOperation, type InstanceView } from "./api.js";
+import { placementChecks } from "./doctor.js";
 import { AlreadyExistsError, classifyInsertRefusal, ImageUnfitError, mapGcpError, operationError, PlacementError, redact } from "./errors.js";
 import { deterministicUuid, gceNaming, META_PROVIDER_ID, META_REQUEST_ID, regionOfZone, type GceNaming } from "./naming.js";
 
@@ -362,15 +365,22 @@ export class GceAdapter implements CloudAdapter {
     return { deleted, failures };
   }
 
-  /** doctor: credentials and reachability with one read-only, label-filtered list. */
+  /**
+   * doctor: credentials and reachability with one read-only, label-filtered list, then the
+   * read-only placement checks of zones, machine types and images (gcp/doctor.ts). Nothing is
+   * created; the catalogue clients are loaded only here.
+   */
   async check(): Promise<CheckResult[]> {
     const what = "credentials and Compute API reachable";
+    let first: CheckResult;
     try {
       const mine = await this.api.listInstances(this.naming.filter());
-      return [{ check: what, ok: true, detail: `project ${this.cfg.project}: ${mine.length} instance(s) of this bridge` }];
+      first = { check: what, ok: true, detail: `project ${this.cfg.project}: ${mine.length} instance(s) of this bridge` };
     } catch (e) {
+      // Without working credentials every other check would fail the same way.
       return [{ check: what, ok: false, detail: e instanceof BackendError ? e.message : redact((e as Error).message) }];
     }
+    return [first, ...(await placementChecks(this.api, this.cfg))];
   }
 
   close(): Promise<void> {

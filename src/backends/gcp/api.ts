@@ -9,7 +9,7 @@
  * carries no credential.
  */
 import { readFileSync } from "node:fs";
-import type { InstancesClient, ZoneOperationsClient, protos } from "@google-cloud/compute";
+import type { ImagesClient, InstancesClient, MachineTypesClient, ZoneOperationsClient, ZonesClient, protos } from "@google-cloud/compute";
 import { registerSecret } from "../../config/secrets.js";
 import { abortError, backoffMs, type Clock } from "../../util/clock.js";
 import type { Logger } from "../../util/logger.js";
@@ -30,6 +30,19 @@ export interface Clients {
   instances: InstancesClient;
   operations: ZoneOperationsClient;
 }
+
+/** The read-only catalogue clients doctor uses (gcp/doctor.ts), loaded only when it runs. */
+export interface CatalogueClients {
+  zones: ZonesClient;
+  machineTypes: MachineTypesClient;
+  images: ImagesClient;
+}
+
+/**
+ * Read-only calls whose 403 means one missing permission of a doctor check, not refused
+ * credentials (like the serial console): they never make the backend decline grants.
+ */
+const PERMISSION_LOCAL_OPS = new Set(["instances.getSerialPortOutput", "zones.get", "machineTypes.get", "images.get", "images.getFromFamily"]);
 
 /** What the backend needs from an Instance resource (list, get and the pollers). */
 export interface InstanceView {
@@ -62,6 +75,9 @@ export class GceApi {
   private readonly retry: { attempts: number; baseMs: number; capMs: number };
   private clientsP: Promise<Clients> | null = null;
   private clientsResolved: Clients | null = null;
+  private clientOptions: ConstructorParameters<typeof InstancesClient>[0] | null = null;
+  private catalogueP: Promise<CatalogueClients> | null = null;
+  private catalogueResolved: CatalogueClients | null = null;
   private closed = false;
 
   private readonly name: string;
@@ -107,7 +123,7 @@ export class GceApi {
         // A 403 on the serial console alone means one missing permission, not refused credentials:
         // the host key read during provisioning must not make canSatisfy decline every grant (the
         // watch's own serial read still fails with this CredentialError and names the permission).
-        if (err instanceof CredentialError && !(err instanceof PermissionDeniedError && op === "instances.getSerialPortOutput")) {
+        if (err instanceof CredentialError && !(err instanceof PermissionDeniedError && PERMISSION_LOCAL_OPS.has(op))) {
           if (this.refused === null) this.log.error({ err: { kind: err.kind, message: err.message } }, "GCP refused the bridge's credentials; new grants are declined until a call succeeds");
           this.refused = err.message;
         }
@@ -118,6 +134,15 @@ export class GceApi {
         await this.clock.sleep(delay, signal);
       }
     }
+  }
+
+  /**
+   * `call()` with the catalogue clients (zones, machine types, images), created on first use with
+   * the same endpoint and auth client as the others: only doctor needs them.
+   */
+  async catalogueCall<T>(what: string, fn: (c: CatalogueClients) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    const c = await this.catalogue();
+    return this.call(what, () => fn(c), signal);
   }
 
   /** Every instance matching `filter` (any zone), via one aggregatedList, paged at 500. */
@@ -169,9 +194,28 @@ export class GceApi {
   async close(): Promise<void> {
     this.closed = true;
     const c = this.clientsResolved;
+    const k = this.catalogueResolved;
     this.clientsResolved = null;
     this.clientsP = null;
-    if (c) await Promise.allSettled([c.instances.close(), c.operations.close()]);
+    this.catalogueResolved = null;
+    this.catalogueP = null;
+    await Promise.allSettled([...(c ? [c.instances.close(), c.operations.close()] : []), ...(k ? [k.zones.close(), k.machineTypes.close(), k.images.close()] : [])]);
+  }
+
+  private catalogue(): Promise<CatalogueClients> {
+    this.catalogueP ??= this.clients().then(
+      async () => {
+        const { ZonesClient, MachineTypesClient, ImagesClient } = await import("@google-cloud/compute");
+        const options = this.clientOptions!;
+        if (this.closed) throw new BackendError(`the ${this.name} backend is closed`, this.name);
+        return (this.catalogueResolved = { zones: new ZonesClient(options), machineTypes: new MachineTypesClient(options), images: new ImagesClient(options) });
+      },
+      (e: unknown) => {
+        this.catalogueP = null;
+        throw e;
+      },
+    );
+    return this.catalogueP;
   }
 
   private clients(): Promise<Clients> {
@@ -197,6 +241,7 @@ export class GceApi {
       authClient: authClient as GaxAuthClient,
       ...endpointOptions(this.apiEndpoint),
     };
+    this.clientOptions = options;
     return { instances: new InstancesClient(options), operations: new ZoneOperationsClient(options) };
   }
 
