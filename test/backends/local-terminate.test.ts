@@ -7,18 +7,10 @@ import { until } from "../helpers/http.js";
 import { localBackend, localGrant } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
 import { fillDisk, mountTmpfs } from "../helpers/tmpfs.js";
+import { alive } from "../helpers/proc.js";
 
 const never = new AbortController().signal;
 
-/** Running (a zombie waiting to be reaped does not count). */
-function alive(pid: number): boolean {
-  try {
-    const st = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return st.slice(st.lastIndexOf(")") + 2, st.lastIndexOf(")") + 3) !== "Z";
-  } catch {
-    return false;
-  }
-}
 
 describe("local backend: terminate never depends on files the run may not have written", { timeout: 60_000 }, () => {
   it("without workload_pid and supervisor_pid (writes that failed), terminate still stops the workload and its children", async (t) => {

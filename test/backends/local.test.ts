@@ -9,17 +9,9 @@ import { bundleImage, scriptImage } from "../helpers/images.js";
 import { until } from "../helpers/http.js";
 import { localBackend, localGrant } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
+import { alive } from "../helpers/proc.js";
 
 const never = new AbortController().signal;
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 describe("local backend", () => {
   it("runs a verified bundle to completion with exit code and CPU time", async (t) => {

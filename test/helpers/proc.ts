@@ -1,6 +1,16 @@
 import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import path from "node:path";
 
+/** Running (a zombie waiting to be reaped does not count). */
+export function alive(pid: number): boolean {
+  try {
+    const st = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return st.slice(st.lastIndexOf(")") + 2, st.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    return false;
+  }
+}
+
 /** Is `pid` still a process of this run dir (by command line or cwd)? Guards against pid reuse. */
 export function aliveInRun(pid: number, runDir: string): boolean {
   try {

@@ -8,15 +8,8 @@ import { tickIn } from "../helpers/config.js";
 import { LogSink, startTestDaemon } from "../helpers/daemon.js";
 import { call, until } from "../helpers/http.js";
 import { scriptImage } from "../helpers/images.js";
+import { alive } from "../helpers/proc.js";
 
-function alive(pid: number): boolean {
-  try {
-    const st = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return st.slice(st.lastIndexOf(")") + 2, st.lastIndexOf(")") + 3) !== "Z";
-  } catch {
-    return false;
-  }
-}
 
 describe("lost database", { timeout: 60_000 }, () => {
   it("an empty bridge.db in a used state dir refuses to start; started over deliberately, the orphan is stopped only with a record", async (t) => {
