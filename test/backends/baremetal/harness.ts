@@ -330,3 +330,14 @@ export async function sshRun(sshd: FakeSshd, command: string): Promise<{ code: n
     c.end();
   }
 }
+
+/** A unit's state as `systemctl show` reports it on the machine (test-side observation). */
+export async function unitState(sshd: FakeSshd, unit: string): Promise<Record<string, string>> {
+  const r = await sshRun(sshd, `systemctl show ${unit} -p LoadState,ActiveState,SubState,Result`);
+  const out: Record<string, string> = {};
+  for (const line of r.stdout.split("\n")) {
+    const i = line.indexOf("=");
+    if (i > 0) out[line.slice(0, i)] = line.slice(i + 1);
+  }
+  return out;
+}
