@@ -618,6 +618,16 @@ describe("bare-metal backend over SSH", () => {
     after(async () => {
       await Promise.allSettled([T?.stop(), V?.stop()]);
     });
+    // As above: a failed test's guests and deadline units do not reach the next test.
+    afterEach(async () => {
+      for (const s of [T, V]) {
+        const doms = domainsOn(s).filter((d) => /^[A-Za-z0-9._-]+$/.test(d));
+        const units = unitsOn(s).filter((u) => /^[A-Za-z0-9._-]+\.service$/.test(u));
+        if (doms.length + units.length === 0) continue;
+        const script = 'n=$1; shift; i=0; for x; do i=$((i+1)); if [ $i -le "$n" ]; then virsh destroy "$x"; virsh undefine --nvram "$x"; else systemctl stop "$x"; systemctl reset-failed "$x"; fi; done >/dev/null 2>&1; exit 0';
+        await sshRun(s, shJoin(["/bin/sh", "-c", script, "cb-cleanup", String(doms.length), ...doms, ...units]));
+      }
+    });
     const tdxMachine = (name: string, s: FakeSshd, over: Record<string, unknown> = {}) =>
       machine(name, s, work, { mode: "virsh", tdx_capable: true, ovmf_path: "/usr/share/ovmf/OVMF.inteltdx.fd", ...over });
 
@@ -702,8 +712,9 @@ describe("bare-metal backend over SSH", () => {
       const b = track(backend([plain()], { log: lineLogger(logs) }));
       const g = grant("dl-1", 2500);
       const inst = await b.provision(g, { image: disk }, never);
-      assert.ok(unitsOn(V).includes("cb-deadline-dl-1.service"), JSON.stringify(unitsOn(V)));
-      assert.match(unitConf(V, "cb-deadline-dl-1.service"), /destroy/);
+      // systemd-run created the deadline unit (its journal file stays; on a slow machine the unit
+      // may have run and been collected by now, so it is not looked for in the unit list here).
+      assert.ok(existsSync(path.join(V.stateDir, "systemd", "logs", "cb-deadline-dl-1.service.log")), JSON.stringify(unitsOn(V)));
       assert.ok(!logs.some((l) => /no host-side deadline/.test(l)), "the deadline was set");
       assert.match((await b.check!()).find((c) => c.check === "v1: systemd-run")?.detail ?? "", /host-side deadline/);
       // Nobody watches (the bridge is away): the host ends the guest at valid_to by itself.
@@ -722,6 +733,7 @@ describe("bare-metal backend over SSH", () => {
       // Terminated before valid_to: its deadline is stopped with it.
       const early = await b2.provision(grant("dl-2", 60_000), { image: disk }, never);
       assert.ok(unitsOn(V).includes("cb-deadline-dl-2.service"));
+      assert.match(unitConf(V, "cb-deadline-dl-2.service"), /destroy/);
       await b2.terminate(early);
       assert.deepEqual(domainsOn(V), []);
       assert.ok(!unitsOn(V).some((u) => u.startsWith("cb-deadline-dl-2")), JSON.stringify(unitsOn(V)));
@@ -745,6 +757,46 @@ describe("bare-metal backend over SSH", () => {
       assert.equal(obs.kind, "expired");
       await b.terminate(inst);
       assert.deepEqual(domainsOn(N), []);
+    });
+
+    it("warm provision: an image already inspected there takes one round trip (adopt or start, first address); a cache miss fetches and inspects again; a failed step names itself and its file", async () => {
+      const disk = { ...srv.put("warm.qcow2", qcow2(1024 ** 3)), format: "disk" as const };
+      const rec = recorder();
+      const b = track(backend([tdxMachine("v1", V, { tdx_capable: false, ovmf_path: undefined })], { rec }));
+      const execs = () => [...rec.calls.values()].reduce((a, x) => a + x, 0);
+      const first = await b.provision(grant("warm-1"), { image: disk }, never);
+      let n = execs();
+      const second = await b.provision(grant("warm-2"), { image: disk }, never);
+      assert.equal(execs() - n, 1, "one SSH round trip");
+      assert.equal(second.host, "127.0.0.1");
+      assert.ok(domainsOn(V).includes("cb-warm-1") && domainsOn(V).includes("cb-warm-2"), JSON.stringify(domainsOn(V)));
+      assert.ok(unitsOn(V).includes("cb-deadline-warm-2.service"), "the host-side deadline is set on the warm path too");
+      n = execs();
+      const again = await b.provision(grant("warm-2"), { image: disk }, never);
+      assert.equal(execs() - n, 1, "adopting is one round trip as well");
+      assert.equal(again.started_at, second.started_at);
+
+      // The cached image went away (image GC): nothing is done on the warm path, the image is fetched and inspected again.
+      const cached = path.join(work, "v1", "images", disk.sha256);
+      rmSync(cached);
+      const fetched = srv.requests.length;
+      const third = await b.provision(grant("warm-3"), { image: disk }, never);
+      assert.equal(srv.requests.length, fetched + 1, "fetched again");
+      assert.ok(existsSync(cached));
+
+      // A step that fails on the warm path says which step and which file.
+      writeFileSync(cached, "not a qcow2 image");
+      await assert.rejects(b.provision(grant("warm-4"), { image: disk }, never), (e: Error) => {
+        assert.match(e.message, /^machine v1: creating the overlay failed: .*Could not open '[^']*\/images\/[0-9a-f]{64}'/);
+        return true;
+      });
+      assert.ok(!domainsOn(V).includes("cb-warm-4"), "nothing defined");
+      assert.equal((b.status().machines as Record<string, { grants: number }>).v1!.grants, 3, "its capacity is given back");
+      rmSync(cached);
+      for (const i of [first, second, third]) await b.terminate(i);
+      await b.terminate(placeholder(grant("warm-4")));
+      assert.ok(!domainsOn(V).some((d) => d.startsWith("cb-warm-")), JSON.stringify(domainsOn(V)));
+      assert.ok(!unitsOn(V).some((u) => u.startsWith("cb-deadline-warm")), JSON.stringify(unitsOn(V)));
     });
 
     it("refuses a qcow2 with a backing file (nothing defined) and reports a crashed guest as a failure", async () => {

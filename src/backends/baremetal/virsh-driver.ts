@@ -1,8 +1,10 @@
 /**
- * virsh mode (virsh.ts describes the domain): provision in two steps, VIRSH_PREPARE (adopt, or
- * fetch + verify + qemu-img info) and VIRSH_START (overlay, define, start, host-side deadline,
- * the domain XML on stdin), then wait for the guest's address and a TD's evidence; watch with one
- * `virsh domstats` per machine per interval; terminate with VIRSH_TERMINATE.
+ * virsh mode (virsh.ts describes the domain): provision an image seen for the first time in two
+ * steps, VIRSH_PREPARE (adopt, or fetch + verify + qemu-img info, judged by the bridge) and
+ * VIRSH_START (overlay, define, start, host-side deadline, the domain XML on stdin); an image
+ * already inspected on the machine in one, VIRSH_PROVISION_WARM. Then wait for the guest's address
+ * and a TD's evidence; watch with one `virsh domstats` per machine per interval; terminate with
+ * VIRSH_TERMINATE.
  */
 import { absentEvidence, evidenceFromConsole } from "../../attestation/guest.js";
 import type { CollectedEvidence } from "../../domain/attestation.js";
@@ -29,7 +31,7 @@ import {
   type Machine,
   type ProvisionRequest,
 } from "./driver.js";
-import { remote, VIRSH_ADDRESS, VIRSH_LIST, VIRSH_PREPARE, VIRSH_START, VIRSH_TERMINATE } from "./scripts.js";
+import { remote, VIRSH_ADDRESS, VIRSH_LIST, VIRSH_PREPARE, VIRSH_PROVISION_WARM, VIRSH_START, VIRSH_TERMINATE } from "./scripts.js";
 import { clip, type ExecResult } from "./ssh-pool.js";
 import { num, type Usage } from "./systemd.js";
 import { domainName, domainXml, NO_NETWORK, parseDomifaddr, parseDomstats, qcow2Problem, requestIdOfDomain, SHUTOFF_REASON } from "./virsh.js";
@@ -38,6 +40,8 @@ import { domainName, domainXml, NO_NETWORK, parseDomifaddr, parseDomstats, qcow2
 const MAX_DISK_BYTES = 256 * 1024 ** 3;
 
 type DomStatus = Record<string, string>;
+
+const inspectedKey = (m: Machine, sha: string) => `${m.cfg.name}\0${sha}`;
 
 function domainEnded(s: DomStatus): boolean {
   if (s.absent) return true;
@@ -52,6 +56,8 @@ export class VirshDriver implements BaremetalDriver {
   readonly workloadKind = "domain";
   private readonly domains: BatchWatcher<DomStatus>;
   private readonly samples = new Map<string, Usage>();
+  /** Images (machine, sha256) whose qemu-img report this process accepted: provisioned warm. */
+  private readonly inspected = new Set<string>();
 
   constructor(private readonly ctx: DriverContext) {
     this.domains = new BatchWatcher({
@@ -77,31 +83,9 @@ export class VirshDriver implements BaremetalDriver {
     // The host's own deadline for the guest, counted when each command is sent (the download in
     // between may take minutes).
     const left = () => String(secondsLeft(this.ctx, grant));
-    let r: ExecResult;
-    try {
-      r = await m.conn.exec(remote(VIRSH_PREPARE, "cb-prepare", [uri, dom, m.runs, id, m.images, sha, url, String(MAX_DISK_BYTES), left()]), { op: "prepare", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
-    } catch (e) {
-      throw execError(e, m, "prepare");
-    }
-    if (r.code !== 0) throw provisionError(m, r, envelope);
-    let startedAt: string | undefined;
-    const adopt = /^CB-ADOPT ?(\d*)$/m.exec(r.stdout);
-    if (adopt) {
-      this.noDeadline(m, id, r.stdout);
-      alloc.started = true;
-      startedAt = adopt[1];
-      this.ctx.log.info({ request_id: id, machine: m.cfg.name, domain: dom }, "adopted the grant's existing domain (idempotent provision)");
-    } else {
-      let image = `${m.images}/${sha}`;
-      if (!/^CB-DEFINED$/m.test(r.stdout)) {
-        const img = /^CB-IMAGE (\S+)$/m.exec(r.stdout);
-        const info = r.stdout.split("\n@@INFO\n")[1];
-        if (!img || info === undefined) throw new BackendError(`machine ${m.cfg.name}: unexpected output from the prepare step`, BACKEND);
-        const problem = qcow2Problem(info);
-        if (problem) throw new InvalidRequestError(`refusing the disk image: ${problem}`, BACKEND);
-        image = img[1]!;
-      }
-      const xml = domainXml({
+    const nonce = tdx ? (envelope.attestation_nonce ?? null) : null;
+    const xml = () =>
+      domainXml({
         name: dom,
         grant,
         providerId: this.ctx.providerId,
@@ -113,27 +97,101 @@ export class VirshDriver implements BaremetalDriver {
         ...(envelope.ssh_public_key ? { sshPublicKey: envelope.ssh_public_key } : {}),
         ...(envelope.attestation_nonce ? { attestationNonce: envelope.attestation_nonce } : {}),
       });
+    const alloced = `${grant.cpu_millicores} ${grant.ram_mib}`;
+    const seen = inspectedKey(m, sha);
+    let r: ExecResult;
+    let startedAt: string | undefined;
+    // The first readiness poll, when the provision script already answered it.
+    let firstPoll: ExecResult | undefined;
+    if (this.inspected.has(seen)) {
+      // Warm: qemu-img accepted this image here already; one round trip adopts or starts the
+      // guest and reads its first address (a cache miss changes nothing on the machine).
       alloc.started = true;
       try {
-        r = await m.conn.exec(remote(VIRSH_START, "cb-start", [uri, dom, m.runs, id, image, `${grant.cpu_millicores} ${grant.ram_mib}`, sha, left()]), { op: "start", timeoutMs: 5 * 60_000, stdin: xml, signal, idempotent: true });
+        r = await m.conn.exec(remote(VIRSH_PROVISION_WARM, "cb-provision", [uri, dom, m.runs, id, m.images, sha, alloced, left(), tdx && nonce !== null ? "1" : "0"]), { op: "provision", timeoutMs: 5 * 60_000, stdin: xml(), signal, idempotent: true });
       } catch (e) {
-        throw execError(e, m, "start");
+        throw execError(e, m, "provision");
       }
-      const started = marker(r.stdout, /^CB-(STARTED|ADOPT) ?(\d*)$/);
-      if (r.code !== 0 || !started) {
-        if (definitive(r)) alloc.started = false;
-        throw provisionError(m, r, envelope);
+      const head = r.stdout.split(/^@@STATE /m)[0] ?? "";
+      if (r.code === 0 && /^CB-COLD$/m.test(head)) {
+        alloc.started = false;
+        this.inspected.delete(seen);
+      } else {
+        const started = marker(head, /^CB-(STARTED|ADOPT) ?(\d*)$/);
+        if (r.code !== 0 || !started) {
+          if (definitive(r)) alloc.started = false;
+          throw provisionError(m, r, envelope);
+        }
+        startedAt = started[2];
+        if (started[1] === "ADOPT") {
+          this.noDeadline(m, id, head);
+          this.ctx.log.info({ request_id: id, machine: m.cfg.name, domain: dom }, "adopted the grant's existing domain (idempotent provision)");
+        } else {
+          this.ctx.log.info({ request_id: id, machine: m.cfg.name, domain: dom, tdx }, "domain defined and started");
+          this.noDeadline(m, id, head);
+        }
+        firstPoll = r;
       }
-      startedAt = started[2];
-      this.ctx.log.info({ request_id: id, machine: m.cfg.name, domain: dom, tdx }, started[1] === "ADOPT" ? "adopted the grant's existing domain" : "domain defined and started");
-      this.noDeadline(m, id, r.stdout);
     }
-    const nonce = tdx ? (envelope.attestation_nonce ?? null) : null;
-    const guest = await this.waitGuest(m, id, dom, runDir, nonce, tdx, signal);
+    if (!firstPoll) startedAt = await this.prepareAndStart(m, { grant, envelope, sha, url, alloc, signal }, { dom, uri, tdx, xml, alloced, left });
+    const guest = await this.waitGuest(m, id, dom, runDir, nonce, tdx, signal, firstPoll);
     const inst = instanceOf(this.ctx, m, grant, startedAt, { mode: "virsh", domain: dom, run_dir: runDir, tdx: tdx ? "yes" : "no" });
     // The host key the TD bound into its quote is the one to pin.
     const hostKey = guest.evidence?.status === "present" ? guest.evidence.binding.host_key_sha256 : null;
     return { ...inst, host: guest.host, ssh_port: guest.host ? 22 : null, ssh_user: guest.host ? "root" : null, host_key_sha256: hostKey, attestation: guest.evidence };
+  }
+
+  /**
+   * Cold: two round trips. VIRSH_PREPARE adopts, or fetches, verifies and inspects the image
+   * (the bridge judges qemu-img's report); VIRSH_START then defines and starts the guest.
+   * Returns the guest's start time (epoch seconds, as text) if the machine knows it.
+   */
+  private async prepareAndStart(
+    m: Machine,
+    { grant, envelope, sha, url, alloc, signal }: ProvisionRequest,
+    o: { dom: string; uri: string; tdx: boolean; xml: () => string; alloced: string; left: () => string },
+  ): Promise<string | undefined> {
+    const id = grant.request_id;
+    const { dom, uri, tdx } = o;
+    let r: ExecResult;
+    try {
+      r = await m.conn.exec(remote(VIRSH_PREPARE, "cb-prepare", [uri, dom, m.runs, id, m.images, sha, url, String(MAX_DISK_BYTES), o.left()]), { op: "prepare", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
+    } catch (e) {
+      throw execError(e, m, "prepare");
+    }
+    if (r.code !== 0) throw provisionError(m, r, envelope);
+    const adopt = /^CB-ADOPT ?(\d*)$/m.exec(r.stdout);
+    if (adopt) {
+      this.noDeadline(m, id, r.stdout);
+      alloc.started = true;
+      this.ctx.log.info({ request_id: id, machine: m.cfg.name, domain: dom }, "adopted the grant's existing domain (idempotent provision)");
+      return adopt[1];
+    }
+    let image = `${m.images}/${sha}`;
+    if (!/^CB-DEFINED$/m.test(r.stdout)) {
+      const img = /^CB-IMAGE (\S+)$/m.exec(r.stdout);
+      const info = r.stdout.split("\n@@INFO\n")[1];
+      if (!img || info === undefined) throw new BackendError(`machine ${m.cfg.name}: unexpected output from the prepare step`, BACKEND);
+      const problem = qcow2Problem(info);
+      if (problem) throw new InvalidRequestError(`refusing the disk image: ${problem}`, BACKEND);
+      image = img[1]!;
+      this.inspected.add(inspectedKey(m, sha));
+    }
+    const xml = o.xml();
+    alloc.started = true;
+    try {
+      r = await m.conn.exec(remote(VIRSH_START, "cb-start", [uri, dom, m.runs, id, image, o.alloced, sha, o.left()]), { op: "start", timeoutMs: 5 * 60_000, stdin: xml, signal, idempotent: true });
+    } catch (e) {
+      throw execError(e, m, "start");
+    }
+    const started = marker(r.stdout, /^CB-(STARTED|ADOPT) ?(\d*)$/);
+    if (r.code !== 0 || !started) {
+      if (definitive(r)) alloc.started = false;
+      throw provisionError(m, r, envelope);
+    }
+    this.ctx.log.info({ request_id: id, machine: m.cfg.name, domain: dom, tdx }, started[1] === "ADOPT" ? "adopted the grant's existing domain" : "domain defined and started");
+    this.noDeadline(m, id, r.stdout);
+    return started[2];
   }
 
   /** The host could not set its own deadline for a guest: the bridge's watch alone enforces valid_to. */
@@ -143,7 +201,7 @@ export class VirshDriver implements BaremetalDriver {
   }
 
   /** Poll until the guest has an address (DHCP lease, else the guest agent), and a TD its evidence. */
-  private async waitGuest(m: Machine, id: string, dom: string, runDir: string, nonce: string | null, isTd: boolean, signal: AbortSignal): Promise<{ host: string | null; evidence: CollectedEvidence | null }> {
+  private async waitGuest(m: Machine, id: string, dom: string, runDir: string, nonce: string | null, isTd: boolean, signal: AbortSignal, firstPoll?: ExecResult): Promise<{ host: string | null; evidence: CollectedEvidence | null }> {
     // Without a nonce the TD was given no attest credential: nothing to wait for.
     const tdx = isTd && nonce !== null;
     const none = (why: string) => (isTd ? absentEvidence("baremetal", nonce, why) : null);
@@ -152,13 +210,17 @@ export class VirshDriver implements BaremetalDriver {
     const deadline = clock.now() + cfg.ready_timeout_seconds * 1000;
     let host: string | null = null;
     let quoteDeadline = 0;
+    let pending = firstPoll ?? null;
     for (;;) {
-      let r: ExecResult | null = null;
-      try {
-        r = await m.conn.exec(remote(VIRSH_ADDRESS, "cb-address", [m.cfg.libvirt_uri, dom, runDir, id, tdx ? "1" : "0"]), { op: "domifaddr", timeoutMs: COMMAND_TIMEOUT_MS, signal, idempotent: true });
-      } catch (e) {
-        if (signal.aborted) throw abortError(signal);
-        log.warn({ request_id: id, machine: m.cfg.name, err: { message: (e as Error).message } }, "waiting for the guest: query failed; retrying");
+      let r: ExecResult | null = pending;
+      pending = null;
+      if (!r) {
+        try {
+          r = await m.conn.exec(remote(VIRSH_ADDRESS, "cb-address", [m.cfg.libvirt_uri, dom, runDir, id, tdx ? "1" : "0"]), { op: "domifaddr", timeoutMs: COMMAND_TIMEOUT_MS, signal, idempotent: true });
+        } catch (e) {
+          if (signal.aborted) throw abortError(signal);
+          log.warn({ request_id: id, machine: m.cfg.name, err: { message: (e as Error).message } }, "waiting for the guest: query failed; retrying");
+        }
       }
       if (r && r.code === 0) {
         const state = /^@@STATE (.*)$/m.exec(r.stdout)?.[1]?.trim() ?? "";
