@@ -134,7 +134,9 @@ export function lineLogger(lines: string[]): Logger {
 }
 
 export function backend(machines: Record<string, unknown>[], o: { rec?: Recorder; opts?: BareMetalBackendOptions; cfg?: Record<string, unknown>; dir?: string; log?: Logger } = {}): BareMetalBackend {
-  const cfg = BareMetalConfig.parse({ machines, poll_interval_ms: 40, connect_timeout_ms: 3000, ...(o.cfg ?? {}) });
+  // A generous handshake bound: on a loaded machine sshd can take seconds to answer (a refused or
+  // unreachable port still fails at once).
+  const cfg = BareMetalConfig.parse({ machines, poll_interval_ms: 40, connect_timeout_ms: 30_000, ...(o.cfg ?? {}) });
   // Its own state dir (orphans.jsonl lands there), removed when the test process exits.
   const dir = o.dir ?? tempDir(undefined, "cb-bm-state-");
   return new BareMetalBackend(
@@ -310,7 +312,7 @@ export async function sshRun(sshd: FakeSshd, command: string): Promise<{ code: n
   await new Promise<void>((resolve, reject) => {
     c.once("ready", () => resolve());
     c.once("error", reject);
-    c.connect({ host: sshd.host, port: sshd.port, username: sshd.user, privateKey: sshd.privateKey, hostVerifier: () => true });
+    c.connect({ host: sshd.host, port: sshd.port, username: sshd.user, privateKey: sshd.privateKey, hostVerifier: () => true, readyTimeout: 60_000 });
   });
   try {
     return await new Promise((resolve, reject) => {
