@@ -29,6 +29,7 @@ import {
   installGuestCommand,
   lineLogger,
   machine,
+  precache,
   qcow2,
   recorder,
   sshRun,
@@ -182,6 +183,7 @@ describe("bare-metal backend over SSH: virsh machines (TDX)", () => {
     const logs: string[] = [];
     const b = track(backend([plain()], { log: lineLogger(logs) }));
     const g = grant("dl-1", 2500);
+    await precache(path.join(work, "v1"), disk); // valid_to would bound a download too
     const inst = await b.provision(g, { image: disk }, never);
     // systemd-run created the deadline unit (its journal file stays; on a slow machine the unit
     // may have run and been collected by now, so it is not looked for in the unit list here).
@@ -222,6 +224,7 @@ describe("bare-metal backend over SSH: virsh machines (TDX)", () => {
     const logs: string[] = [];
     const b = track(backend([tdxMachine("n1", N, { tdx_capable: false, ovmf_path: undefined })], { log: lineLogger(logs) }));
     const g = grant("nd-1", 1500);
+    await precache(path.join(work, "n1"), disk); // valid_to would bound a download too
     const inst = await b.provision(g, { image: disk }, never);
     assert.ok(logs.some((l) => /no host-side deadline/.test(l) && /Failed to connect to bus/.test(l)), logs.join("\n"));
     const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);

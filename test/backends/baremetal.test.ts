@@ -24,6 +24,7 @@ import {
   grant,
   imageServer,
   machine,
+  precache,
   recorder,
   sshRun,
   unitState,
@@ -198,6 +199,7 @@ describe("bare-metal backend over SSH", () => {
     const image = executable("sleeper", `echo $$ > ${pidFile}; exec sleep 600`);
     const b = track(backend([machine("m1", A, work)]));
     const g = grant("exp-1", 1500);
+    await precache(path.join(work, "m1"), image); // valid_to would bound a download too
     const inst = await b.provision(g, { image, command: ["./workload"] }, never);
     await until(() => existsSync(pidFile), "the workload to start");
     const pid = readPid(pidFile);
@@ -215,7 +217,11 @@ describe("bare-metal backend over SSH", () => {
 
   it("a watch resumed after valid_to still reports how the workload ended before it", async () => {
     const image = executable("quick", "exit 4");
+    const sleeper = executable("late-sleeper", "exec sleep 600");
     const b = track(backend([machine("m1", A, work)]));
+    // Cached: with valid_to 0.8 s away a download would not finish on a loaded machine (it is bounded by valid_to).
+    await precache(path.join(work, "m1"), image);
+    await precache(path.join(work, "m1"), sleeper);
     const g = grant("late-1", 800);
     const inst = await b.provision(g, { image }, never);
     // The workload has ended (on a loaded machine `exit 4` can take longer than valid_to) and
@@ -228,7 +234,7 @@ describe("bare-metal backend over SSH", () => {
     await b.terminate(inst);
     // And one still running past valid_to is expired at once.
     const g2 = grant("late-2", 800);
-    const i2 = await b.provision(g2, { image: executable("late-sleeper", "exec sleep 600") }, never);
+    const i2 = await b.provision(g2, { image: sleeper }, never);
     await until(() => Date.now() > g2.valid_to + 50, "valid_to to pass");
     assert.equal((await b.watchUntilExit(i2, new Date(g2.valid_to), never)).kind, "expired");
     await b.terminate(i2);

@@ -87,7 +87,7 @@ const FETCH = String.raw`${CURL_FETCH}cb_fetch() { # images_dir sha256 url max_b
   cb_curl "$3" "$cb_part" "$4" $(( $(date +%s) + $5 )) 60 heartbeat; cb_rc=$?
   [ "$cb_rc" -eq 141 ] && exit 141
   if [ "$cb_rc" -ne 0 ]; then
-    if [ "$cb_rc" -eq 63 ] || [ "$cb_rc" -eq 153 ] || [ "$(wc -c <"$cb_part" 2>/dev/null || echo 0)" -gt "$4" ]; then cb_die 12 "the image is larger than $4 bytes"; fi
+    if [ "$cb_rc" -eq 63 ] || [ "$cb_rc" -eq 153 ] || [ "$(wc -c 2>/dev/null <"$cb_part" || echo 0)" -gt "$4" ]; then cb_die 12 "the image is larger than $4 bytes"; fi
     cb_die 11 "downloading the image failed: $(cb_curl_why "$cb_rc")"
   fi
   if [ "$(wc -c <"$cb_part")" -gt "$4" ]; then cb_die 12 "the image is larger than $4 bytes"; fi

@@ -343,3 +343,14 @@ export async function unitState(sshd: FakeSshd, unit: string): Promise<Record<st
   }
   return out;
 }
+
+/**
+ * Put an image into a machine's cache the way a finished download leaves it (`<work_dir>/images/
+ * <sha256>`): a warm machine. For tests whose valid_to is a second or two away, which would
+ * otherwise (rightly) also bound the image download.
+ */
+export async function precache(machineWorkDir: string, image: { url: string; sha256: string }): Promise<void> {
+  const body = Buffer.from(await (await fetch(image.url)).arrayBuffer());
+  mkdirSync(path.join(machineWorkDir, "images"), { recursive: true });
+  writeFileSync(path.join(machineWorkDir, "images", image.sha256), body, { mode: 0o644 });
+}
