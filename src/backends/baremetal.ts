@@ -1,7 +1,8 @@
 /**
  * Bare metal over SSH: operator-owned machines run grants as systemd transient services
  * (mode = "systemd", bundle images) or as libvirt guests, Intel TDX trust domains included
- * (mode = "virsh", qcow2 disk images).
+ * (mode = "virsh", qcow2 disk images). Each mode is a driver (baremetal/driver.ts); this class
+ * holds what both share and never looks at the mode itself.
  *
  * - One persistent, host-key-pinned SSH connection per machine (baremetal/ssh-pool.ts), opened at
  *   reconcile (daemon start) or on first use; never in the constructor.
@@ -15,16 +16,14 @@
  * - Remote commands are constant scripts whose every argument is quoted with shq (baremetal/scripts.ts).
  */
 import path from "node:path";
-import type { BareMetalConfig, BareMetalMachine } from "../config/schema.js";
-import type { Almanac, Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
-import { RequestId, SshPublicKey } from "../domain/grant.js";
+import type { BareMetalConfig } from "../config/schema.js";
+import type { Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
+import { SshPublicKey } from "../domain/grant.js";
 import { abortError, type Clock } from "../util/clock.js";
 import type { Logger } from "../util/logger.js";
-import { shJoin } from "../util/shell.js";
 import {
   BackendError,
   CapacityError,
-  ImageVerificationError,
   InvalidRequestError,
   NotFoundError,
   TransientError,
@@ -36,55 +35,25 @@ import {
   type Satisfaction,
   NOTHING_HELD,
 } from "./backend.js";
-import { BatchWatcher } from "./common/batch-watcher.js";
 import { tryRecordOrphan } from "./common/orphan-log.js";
 import {
-  DOCTOR,
-  EXIT,
-  IMAGE_GC,
-  remote,
-  SYSTEMD_FINALIZE,
-  SYSTEMD_LIST,
-  SYSTEMD_PROVISION,
-  SYSTEMD_TERMINATE,
-  VIRSH_ADDRESS,
-  VIRSH_LIST,
-  VIRSH_PREPARE,
-  VIRSH_START,
-  VIRSH_TERMINATE,
-} from "./baremetal/scripts.js";
+  BACKEND,
+  COMMAND_TIMEOUT_MS,
+  execError,
+  isRequestId,
+  marker,
+  TERMINATE_TIMEOUT_MS,
+  usageFigures,
+  type Allocation,
+  type BaremetalDriver,
+  type DriverContext,
+  type Machine,
+} from "./baremetal/driver.js";
+import { DOCTOR, EXIT, IMAGE_GC, remote } from "./baremetal/scripts.js";
 import { clip, SshConnection, type ExecResult, type PoolOptions } from "./baremetal/ssh-pool.js";
-import {
-  ArgumentError,
-  MAX_COMMAND_BYTES,
-  num,
-  parseKv,
-  parseShowBlocks,
-  recordUsage,
-  requestIdOfUnit,
-  SHOW_PROPS,
-  systemdObservation,
-  systemdRunArgs,
-  unitEnded,
-  unitName,
-  type Usage,
-} from "./baremetal/systemd.js";
-import { domainName, domainXml, NO_NETWORK, parseDomifaddr, parseDomstats, qcow2Problem, requestIdOfDomain, SHUTOFF_REASON } from "./baremetal/virsh.js";
-import { absentEvidence, evidenceFromConsole } from "../attestation/guest.js";
-import type { CollectedEvidence } from "../domain/attestation.js";
-
-const BACKEND = "baremetal";
-/** Largest image fetched onto a machine. */
-const MAX_BUNDLE_BYTES = 16 * 1024 ** 3;
-const MAX_DISK_BYTES = 256 * 1024 ** 3;
-/** Bounds on remote commands. */
-const FETCH_TIMEOUT_MS = 30 * 60_000;
-const COMMAND_TIMEOUT_MS = 60_000;
-const TERMINATE_TIMEOUT_MS = 3 * 60_000;
-/** SIGTERM-to-SIGKILL grace when a unit is stopped. */
-const STOP_TIMEOUT_SEC = 10;
-/** Units per `systemctl show` call. */
-const SHOW_BATCH = 200;
+import { num } from "./baremetal/systemd.js";
+import { SystemdDriver } from "./baremetal/systemd-driver.js";
+import { VirshDriver } from "./baremetal/virsh-driver.js";
 
 export interface BareMetalBackendOptions {
   /** First reconnect delay after a drop, and the backoff cap (defaults 500 ms and 30 s). */
@@ -95,38 +64,16 @@ export interface BareMetalBackendOptions {
   random?: () => number;
 }
 
-interface Machine {
-  cfg: BareMetalMachine;
-  conn: SshConnection;
-  runs: string;
-  images: string;
-}
-
-interface Allocation {
-  machine: string;
-  cpu: number;
-  ram: number;
-  /** The start command may have reached the machine: only terminate releases it. */
-  started: boolean;
-}
-
-type DomStatus = Record<string, string>;
-
-const isRequestId = (s: string) => RequestId.safeParse(s).success;
-
 export class BareMetalBackend implements ManagedBackend {
   readonly name = BACKEND;
   private readonly machines: Machine[] = [];
   private readonly byName = new Map<string, Machine>();
   private readonly allocs = new Map<string, Allocation>();
-  private readonly usage = new Map<string, Usage>();
-  private readonly units: BatchWatcher<Record<string, string>>;
-  private readonly domains: BatchWatcher<DomStatus>;
+  /** One driver per mode; each machine uses the one its `mode` names. */
+  private readonly drivers: readonly BaremetalDriver[];
   private readonly log: Logger;
   private readonly clock: Clock;
-  private readonly almanac: Almanac;
   private readonly metrics: BackendMetrics | undefined;
-  private readonly providerId: string;
   private readonly stateDir: string;
   private closed = false;
 
@@ -137,9 +84,7 @@ export class BareMetalBackend implements ManagedBackend {
   ) {
     this.log = ctx.log.child({ backend: BACKEND });
     this.clock = ctx.clock;
-    this.almanac = ctx.almanac;
     this.metrics = ctx.metrics;
-    this.providerId = ctx.providerId;
     this.stateDir = ctx.stateDir;
     const pool: PoolOptions = {
       backend: BACKEND,
@@ -155,19 +100,33 @@ export class BareMetalBackend implements ManagedBackend {
       ...(this.metrics ? { metrics: this.metrics } : {}),
       ...(opts.random ? { random: opts.random } : {}),
     };
+    const driverCtx: DriverContext = {
+      cfg,
+      providerId: ctx.providerId,
+      clock: this.clock,
+      almanac: ctx.almanac,
+      log: this.log,
+      machine: (name) => this.byName.get(name)!,
+    };
+    const drivers = { systemd: new SystemdDriver(driverCtx), virsh: new VirshDriver(driverCtx) };
+    this.drivers = Object.values(drivers);
     for (const m of cfg.machines) {
       const work = m.work_dir.replace(/\/+$/, "") || "/";
       const conn = new SshConnection(
         { name: m.name, host: m.host, port: m.port, user: m.user, privateKeyPath: path.resolve(ctx.configDir, m.private_key_file), hostKeySha256: m.host_key_sha256 },
         pool,
       );
-      const machine: Machine = { cfg: m, conn, runs: `${work === "/" ? "" : work}/runs`, images: `${work === "/" ? "" : work}/images` };
+      const machine: Machine = { cfg: m, conn, runs: `${work === "/" ? "" : work}/runs`, images: `${work === "/" ? "" : work}/images`, driver: drivers[m.mode] };
       this.machines.push(machine);
       this.byName.set(m.name, machine);
     }
-    const watch = { intervalMs: cfg.poll_interval_ms, clock: this.clock, missingAfter: 3 };
-    this.units = new BatchWatcher({ ...watch, describe: (machine, ids, signal) => this.describeUnits(machine, ids, signal) });
-    this.domains = new BatchWatcher({ ...watch, describe: (machine, ids, signal) => this.describeDomains(machine, ids, signal) });
+  }
+
+  /** The driver that runs images of this format (the schema allows only formats some driver runs). */
+  private driverFor(format: Envelope["image"]["format"]): BaremetalDriver {
+    const d = this.drivers.find((x) => x.imageFormat === format);
+    if (!d) throw new InvalidRequestError(`bare-metal machines cannot run "${format}" images`, BACKEND);
+    return d;
   }
 
   // ---- declared capacity and placement --------------------------------------------------------
@@ -184,13 +143,13 @@ export class BareMetalBackend implements ManagedBackend {
   canSatisfy(grant: ComputeGrant, held: Held = NOTHING_HELD, envelope?: Envelope): Satisfaction {
     const inRegion = this.machines.filter((m) => m.cfg.region === grant.region);
     if (inRegion.length === 0) return { ok: false, code: "region_not_served", message: `no bare-metal machine in region ${grant.region}` };
-    const kind = grant.tdx_required ? inRegion.filter((m) => m.cfg.tdx_capable && m.cfg.mode === "virsh") : inRegion;
+    const kind = grant.tdx_required ? inRegion.filter((m) => m.cfg.tdx_capable && m.driver.runsTdx) : inRegion;
     if (kind.length === 0) return { ok: false, code: "tdx_not_supported", message: `no TDX-capable bare-metal machine in region ${grant.region}` };
-    // The image format decides the mode (disk: virsh guests; bundle: systemd units).
-    const mode = envelope ? (envelope.image.format === "disk" ? "virsh" : "systemd") : null;
-    const able = mode ? kind.filter((m) => m.cfg.mode === mode) : kind;
+    // The image format decides the driver (disk: virsh guests; bundle: systemd units).
+    const wanted = envelope ? this.driverFor(envelope.image.format) : null;
+    const able = wanted ? kind.filter((m) => m.driver === wanted) : kind;
     if (able.length === 0)
-      return { ok: false, code: "image_format_not_supported", message: `no ${mode}-mode machine in region ${grant.region} can run a ${envelope!.image.format} image${grant.tdx_required ? " for a TDX grant" : ""}` };
+      return { ok: false, code: "image_format_not_supported", message: `no ${wanted!.mode}-mode machine in region ${grant.region} can run a ${envelope!.image.format} image${grant.tdx_required ? " for a TDX grant" : ""}` };
     const big = able.filter((m) => grant.cpu_millicores <= m.cfg.cpu_millicores && grant.ram_mib <= m.cfg.ram_mib);
     if (big.length === 0) {
       const max = able.reduce((a, m) => (m.cfg.cpu_millicores > a.cfg.cpu_millicores ? m : a));
@@ -241,12 +200,12 @@ export class BareMetalBackend implements ManagedBackend {
       }
       this.allocs.delete(id);
     }
-    const mode = envelope.image.format === "disk" ? "virsh" : "systemd";
+    const wanted = this.driverFor(envelope.image.format);
     const what = `${grant.tdx_required ? "a TDX grant" : "a grant"} with a ${envelope.image.format} image in region ${grant.region}`;
-    const kind = this.machines.filter((m) => m.cfg.region === grant.region && m.cfg.mode === mode && (!grant.tdx_required || m.cfg.tdx_capable));
+    const kind = this.machines.filter((m) => m.cfg.region === grant.region && m.driver === wanted && (!grant.tdx_required || m.cfg.tdx_capable));
     const capacity = (msg: string) => new CapacityError(msg, BACKEND).withOffering(grant.region, BACKEND);
     if (kind.length === 0)
-      throw capacity(`no ${mode}-mode machine can run ${what}${grant.tdx_required && mode === "systemd" ? " (TDX grants need a disk image and a virsh machine)" : ""}`);
+      throw capacity(`no ${wanted.mode}-mode machine can run ${what}${grant.tdx_required && !wanted.runsTdx ? " (TDX grants need a disk image and a virsh machine)" : ""}`);
     const up = kind.filter((m) => m.conn.usable);
     if (up.length === 0) throw capacity(`every machine that could run ${what} is down: ${kind.map((m) => m.cfg.name).join(", ")}`);
     if (placement !== undefined) {
@@ -279,188 +238,12 @@ export class BareMetalBackend implements ManagedBackend {
     const m = this.reserve(grant, envelope, placement);
     const alloc = this.allocs.get(id)!;
     try {
-      return m.cfg.mode === "systemd" ? await this.provisionSystemd(m, grant, envelope, sha, url, alloc, signal) : await this.provisionVirsh(m, grant, envelope, sha, url, alloc, signal);
+      return await m.driver.provision(m, { grant, envelope, sha, url, alloc, signal });
     } catch (e) {
       // Nothing can be running: give the capacity back (terminate would as well).
       if (!alloc.started && !(e instanceof TransientError) && this.allocs.get(id) === alloc) this.release(id);
       throw e;
     }
-  }
-
-  private async provisionSystemd(m: Machine, grant: ComputeGrant, envelope: Envelope, sha: string, url: string, alloc: Allocation, signal: AbortSignal): Promise<ProvisionedInstance> {
-    if (envelope.image.format !== "bundle") throw new InvalidRequestError(`systemd-mode machines run "bundle" images; got "${envelope.image.format}"`, BACKEND);
-    const id = grant.request_id;
-    const unit = unitName(id);
-    const runDir = `${m.runs}/${id}`;
-    let built: { args: string[]; defaultCommand: boolean };
-    try {
-      built = systemdRunArgs({ unit, runDir, grant, envelope, runtimeMaxSec: this.secondsLeft(grant), stopTimeoutSec: STOP_TIMEOUT_SEC, runAs: m.cfg.run_as });
-    } catch (e) {
-      if (e instanceof ArgumentError) throw new InvalidRequestError(e.message, BACKEND);
-      throw e;
-    }
-    const cmd = remote(SYSTEMD_PROVISION, "cb-provision", [m.runs, id, unit, m.images, sha, url, String(MAX_BUNDLE_BYTES), built.defaultCommand ? "1" : "0", `${grant.cpu_millicores} ${grant.ram_mib}`, m.cfg.run_as ?? "", String(this.secondsLeft(grant)), ...built.args]);
-    if (Buffer.byteLength(cmd) > MAX_COMMAND_BYTES) throw new InvalidRequestError(`the command line and environment are too large for one SSH command (${Buffer.byteLength(cmd)} bytes; at most ${MAX_COMMAND_BYTES})`, BACKEND);
-    alloc.started = true;
-    let r: ExecResult;
-    try {
-      r = await m.conn.exec(cmd, { op: "provision", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
-    } catch (e) {
-      throw this.execError(e, m, "provision");
-    }
-    const started = marker(r.stdout, /^CB-(STARTED|ADOPT) ?(\d*)$/);
-    if (r.code !== 0 || !started) {
-      // Our scripts' own failure codes mean systemd-run did not create the unit.
-      if (definitive(r)) alloc.started = false;
-      throw this.provisionError(m, r, envelope);
-    }
-    if (started[1] === "ADOPT") this.log.info({ request_id: id, machine: m.cfg.name, unit }, "adopted the grant's existing unit (idempotent provision)");
-    else this.log.info({ request_id: id, machine: m.cfg.name, unit }, "unit started");
-    return this.instance(m, grant, started[2], { mode: "systemd", unit, run_dir: runDir });
-  }
-
-  private async provisionVirsh(m: Machine, grant: ComputeGrant, envelope: Envelope, sha: string, url: string, alloc: Allocation, signal: AbortSignal): Promise<ProvisionedInstance> {
-    if (envelope.image.format !== "disk") throw new InvalidRequestError(`virsh-mode machines boot "disk" images (qcow2); got "${envelope.image.format}"`, BACKEND);
-    const id = grant.request_id;
-    const dom = domainName(id);
-    const runDir = `${m.runs}/${id}`;
-    const tdx = grant.tdx_required;
-    if (tdx && !m.cfg.ovmf_path) throw new InvalidRequestError(`machine ${m.cfg.name} has no ovmf_path for TDX guests`, BACKEND);
-    const uri = m.cfg.libvirt_uri;
-    // The host's own deadline for the guest, counted when each command is sent (the download in
-    // between may take minutes).
-    const secondsLeft = () => String(this.secondsLeft(grant));
-    let r: ExecResult;
-    try {
-      r = await m.conn.exec(remote(VIRSH_PREPARE, "cb-prepare", [uri, dom, m.runs, id, m.images, sha, url, String(MAX_DISK_BYTES), secondsLeft()]), { op: "prepare", timeoutMs: FETCH_TIMEOUT_MS, signal, idempotent: true, long: true });
-    } catch (e) {
-      throw this.execError(e, m, "prepare");
-    }
-    if (r.code !== 0) throw this.provisionError(m, r, envelope);
-    let startedAt: string | undefined;
-    const adopt = /^CB-ADOPT ?(\d*)$/m.exec(r.stdout);
-    if (adopt) {
-      this.noDeadline(m, id, r.stdout);
-      alloc.started = true;
-      startedAt = adopt[1];
-      this.log.info({ request_id: id, machine: m.cfg.name, domain: dom }, "adopted the grant's existing domain (idempotent provision)");
-    } else {
-      let image = `${m.images}/${sha}`;
-      if (!/^CB-DEFINED$/m.test(r.stdout)) {
-        const img = /^CB-IMAGE (\S+)$/m.exec(r.stdout);
-        const info = r.stdout.split("\n@@INFO\n")[1];
-        if (!img || info === undefined) throw new BackendError(`machine ${m.cfg.name}: unexpected output from the prepare step`, BACKEND);
-        const problem = qcow2Problem(info);
-        if (problem) throw new InvalidRequestError(`refusing the disk image: ${problem}`, BACKEND);
-        image = img[1]!;
-      }
-      const xml = domainXml({
-        name: dom,
-        grant,
-        providerId: this.providerId,
-        runDir,
-        network: m.cfg.network,
-        virtType: m.cfg.virt_type,
-        tdx,
-        ...(m.cfg.ovmf_path ? { ovmfPath: m.cfg.ovmf_path } : {}),
-        ...(envelope.ssh_public_key ? { sshPublicKey: envelope.ssh_public_key } : {}),
-        ...(envelope.attestation_nonce ? { attestationNonce: envelope.attestation_nonce } : {}),
-      });
-      alloc.started = true;
-      try {
-        r = await m.conn.exec(remote(VIRSH_START, "cb-start", [uri, dom, m.runs, id, image, `${grant.cpu_millicores} ${grant.ram_mib}`, sha, secondsLeft()]), { op: "start", timeoutMs: 5 * 60_000, stdin: xml, signal, idempotent: true });
-      } catch (e) {
-        throw this.execError(e, m, "start");
-      }
-      const started = marker(r.stdout, /^CB-(STARTED|ADOPT) ?(\d*)$/);
-      if (r.code !== 0 || !started) {
-        if (definitive(r)) alloc.started = false;
-        throw this.provisionError(m, r, envelope);
-      }
-      startedAt = started[2];
-      this.log.info({ request_id: id, machine: m.cfg.name, domain: dom, tdx }, started[1] === "ADOPT" ? "adopted the grant's existing domain" : "domain defined and started");
-      this.noDeadline(m, id, r.stdout);
-    }
-    const nonce = tdx ? (envelope.attestation_nonce ?? null) : null;
-    const guest = await this.waitGuest(m, id, dom, runDir, nonce, tdx, signal);
-    const inst = this.instance(m, grant, startedAt, { mode: "virsh", domain: dom, run_dir: runDir, tdx: tdx ? "yes" : "no" });
-    // The host key the TD bound into its quote is the one to pin.
-    const hostKey = guest.evidence?.status === "present" ? guest.evidence.binding.host_key_sha256 : null;
-    return { ...inst, host: guest.host, ssh_port: guest.host ? 22 : null, ssh_user: guest.host ? "root" : null, host_key_sha256: hostKey, attestation: guest.evidence };
-  }
-
-  /**
-   * Whole seconds until valid_to by the bridge's clock, never early and at least 1: the host's own
-   * deadline for a workload (RuntimeMaxSec= in systemd mode, the cb-deadline unit in virsh mode).
-   */
-  private secondsLeft(grant: ComputeGrant): number {
-    return Math.max(1, Math.ceil((this.almanac.toWallMs(grant.valid_to) - this.clock.now()) / 1000));
-  }
-
-  /** The host could not set its own deadline for a guest: the bridge's watch alone enforces valid_to. */
-  private noDeadline(m: Machine, id: string, stdout: string): void {
-    const why = /^CB-NO-DEADLINE (.*)$/m.exec(stdout)?.[1];
-    if (why !== undefined) this.log.warn({ request_id: id, machine: m.cfg.name, err: { message: why } }, "no host-side deadline for the guest (systemd-run failed); valid_to is enforced by the bridge alone");
-  }
-
-  /** Poll until the guest has an address (DHCP lease, else the guest agent), and a TD its evidence. */
-  private async waitGuest(m: Machine, id: string, dom: string, runDir: string, nonce: string | null, isTd: boolean, signal: AbortSignal): Promise<{ host: string | null; evidence: CollectedEvidence | null }> {
-    // Without a nonce the TD was given no attest credential: nothing to wait for.
-    const tdx = isTd && nonce !== null;
-    const none = (why: string) => (isTd ? absentEvidence("baremetal", nonce, why) : null);
-    const poll = this.cfg.poll_interval_ms;
-    const deadline = this.clock.now() + this.cfg.ready_timeout_seconds * 1000;
-    let host: string | null = null;
-    let quoteDeadline = 0;
-    for (;;) {
-      let r: ExecResult | null = null;
-      try {
-        r = await m.conn.exec(remote(VIRSH_ADDRESS, "cb-address", [m.cfg.libvirt_uri, dom, runDir, id, tdx ? "1" : "0"]), { op: "domifaddr", timeoutMs: COMMAND_TIMEOUT_MS, signal, idempotent: true });
-      } catch (e) {
-        if (signal.aborted) throw abortError(signal);
-        this.log.warn({ request_id: id, machine: m.cfg.name, err: { message: (e as Error).message } }, "waiting for the guest: query failed; retrying");
-      }
-      if (r && r.code === 0) {
-        const state = /^@@STATE (.*)$/m.exec(r.stdout)?.[1]?.trim() ?? "";
-        const addr = r.stdout.split("\n@@ADDR\n")[1]?.split("\n@@QUOTE\n")[0] ?? "";
-        const evidence = tdx ? evidenceFromConsole("baremetal", id, nonce!, r.stdout.split("\n@@QUOTE\n")[1] ?? "") : null;
-        host = host ?? parseDomifaddr(addr);
-        if (evidence) return { host, evidence };
-        // Ended already (very short workload, or it failed to boot): the watch reports it.
-        if (state === "gone" || /^shut off|^crashed/.test(state)) return { host, evidence: none("the TD stopped before it printed evidence on its serial console") };
-        // A guest without a NIC never gets an address: running is as ready as it gets.
-        if (host || (m.cfg.network === NO_NETWORK && state.startsWith("running"))) {
-          if (!tdx) return { host, evidence: none("no attestation nonce reached the backend") };
-          if (quoteDeadline === 0) quoteDeadline = this.clock.now() + Math.min(20_000, 40 * poll);
-          if (this.clock.now() >= quoteDeadline) {
-            this.log.info({ request_id: id, machine: m.cfg.name }, "the TD printed no evidence on its console; continuing without attestation evidence");
-            return { host, evidence: none("the TD printed no evidence on its serial console (does its image run the compute-bridge.attest credential at boot?)") };
-          }
-        }
-      }
-      if (this.clock.now() >= deadline) throw new BackendError(`machine ${m.cfg.name}: guest ${dom} got no address within ${this.cfg.ready_timeout_seconds} s`, BACKEND);
-      await this.clock.sleep(poll, signal);
-    }
-  }
-
-  private instance(m: Machine, grant: ComputeGrant, startedSec: string | undefined, details: Record<string, string>): ProvisionedInstance {
-    const sec = num(startedSec);
-    const name = m.cfg.mode === "systemd" ? unitName(grant.request_id) : domainName(grant.request_id);
-    return {
-      request_id: grant.request_id,
-      backend: BACKEND,
-      instance_id: `${m.cfg.name}/${name}`,
-      region: m.cfg.region,
-      host: null,
-      ssh_port: null,
-      ssh_user: null,
-      host_key_sha256: null,
-      started_at: new Date(sec !== null && sec > 0 ? sec * 1000 : this.clock.now()).toISOString(),
-      cpu_millicores: grant.cpu_millicores,
-      ram_mib: grant.ram_mib,
-      details: { machine: m.cfg.name, ...details },
-      attestation: null,
-    };
   }
 
   // ---- watch ----------------------------------------------------------------------------------
@@ -477,7 +260,7 @@ export class BareMetalBackend implements ManagedBackend {
     const late = validToMs <= this.clock.now();
     if (late) {
       // Resumed after valid_to: report a recorded end if there is one rather than "expired".
-      const ended = await this.endedNow(m, id, signal).catch((e: unknown) => {
+      const ended = await m.driver.endedNow(m, id, signal).catch((e: unknown) => {
         if (signal.aborted) throw abortError(signal);
         this.log.warn({ request_id: id, machine: m.cfg.name, err: { message: (e as Error).message } }, "could not read the final state after valid_to");
         return false;
@@ -493,7 +276,7 @@ export class BareMetalBackend implements ManagedBackend {
       );
     const both = AbortSignal.any([signal, expired.signal]);
     try {
-      return m.cfg.mode === "systemd" ? await this.watchUnit(m, id, validToMs, both, signal) : await this.watchDomain(m, id, validToMs, both, signal);
+      return await m.driver.watch(m, id, validToMs, both, signal);
     } catch (e) {
       if (signal.aborted) throw abortError(signal);
       if (expired.signal.aborted) return this.expiredObservation(m, id);
@@ -504,135 +287,15 @@ export class BareMetalBackend implements ManagedBackend {
   }
 
   private expiredObservation(m: Machine, id: string): ExitObservation {
-    const u = this.usage.get(usageKey(m, m.cfg.mode === "systemd" ? unitName(id) : domainName(id)));
     return {
       kind: "expired",
       exit_code: null,
-      cpu_seconds: u?.cpuNs != null ? Math.round(u.cpuNs / 1e6) / 1000 : null,
-      peak_memory_mib: u?.memBytes != null ? Math.round((u.memBytes / 1048576) * 100) / 100 : null,
+      ...usageFigures(m.driver.usage(m, id)),
       ended_at: new Date(this.clock.now()).toISOString(),
       failure: null,
     };
   }
 
-  /** One direct status read (not batched): has the workload already ended? */
-  private async endedNow(m: Machine, id: string, signal: AbortSignal): Promise<boolean> {
-    if (m.cfg.mode === "systemd") {
-      const unit = unitName(id);
-      const s = (await this.describeUnits(m.cfg.name, [unit], signal)).get(unit);
-      return s !== undefined && unitEnded(s) && (s.LoadState === "loaded" || s.LoadState === "not-found");
-    }
-    const dom = domainName(id);
-    const s = (await this.describeDomains(m.cfg.name, [dom], signal)).get(dom);
-    return s !== undefined && domainEnded(s) && !s.absent;
-  }
-
-  private async watchUnit(m: Machine, id: string, validToMs: number, signal: AbortSignal, callerSignal: AbortSignal): Promise<ExitObservation> {
-    const unit = unitName(id);
-    const key = usageKey(m, unit);
-    if (!this.usage.has(key)) this.usage.set(key, { cpuNs: null, memBytes: null });
-    const res = await this.units.waitFor(m.cfg.name, unit, { until: unitEnded, signal });
-    const status = res.kind === "match" ? res.status : { LoadState: "not-found" };
-    // A unit whose command exited 0 stays active (RemainAfterExit=yes): stopping it runs the
-    // ExecStopPost recorder (final usage, in the unit's cgroup) and ends any leftover process.
-    const stop = status.LoadState === "loaded" && status.ActiveState === "active" && status.SubState === "exited";
-    let r: ExecResult;
-    try {
-      r = await m.conn.exec(remote(SYSTEMD_FINALIZE, "cb-finalize", [unit, `${m.runs}/${id}`, stop ? "1" : "0"]), { op: "finalize", timeoutMs: TERMINATE_TIMEOUT_MS, signal: callerSignal, idempotent: true });
-    } catch (e) {
-      throw this.execError(e, m, "finalize");
-    }
-    const obs = systemdObservation({ status, final: parseKv(r.stdout), usage: this.usage.get(key)!, nowMs: this.clock.now(), validToMs, unit, machine: m.cfg.name });
-    this.usage.delete(key);
-    return obs;
-  }
-
-  private async watchDomain(m: Machine, id: string, validToMs: number, signal: AbortSignal, callerSignal: AbortSignal): Promise<ExitObservation> {
-    const dom = domainName(id);
-    const key = usageKey(m, dom);
-    if (!this.usage.has(key)) this.usage.set(key, { cpuNs: null, memBytes: null });
-    const res = await this.domains.waitFor(m.cfg.name, dom, { until: domainEnded, signal });
-    const s = res.kind === "match" ? res.status : { absent: "1" };
-    const u = this.usage.get(key)!;
-    let text = "";
-    if (!s.absent) {
-      try {
-        const r = await m.conn.exec(shJoin(["virsh", "-c", m.cfg.libvirt_uri, "domstate", "--reason", dom]), { op: "domstate", timeoutMs: COMMAND_TIMEOUT_MS, signal: callerSignal, idempotent: true });
-        text = r.code === 0 ? clip(r.stdout, 80) : "";
-      } catch (e) {
-        if (callerSignal.aborted) throw abortError(callerSignal);
-      }
-    }
-    this.usage.delete(key);
-    const base = {
-      cpu_seconds: u.cpuNs !== null ? Math.round(u.cpuNs / 1e6) / 1000 : null,
-      peak_memory_mib: u.memBytes !== null ? Math.round((u.memBytes / 1048576) * 100) / 100 : null,
-      ended_at: new Date(this.clock.now()).toISOString(),
-    };
-    if (s.absent) return { kind: "lost", exit_code: null, ...base, ended_at: null, failure: { kind: "lost", message: `domain ${dom} on machine ${m.cfg.name} disappeared (undefined outside compute-bridge)` } };
-    const state = num(s["state.state"]);
-    const reason = num(s["state.reason"]) ?? 0;
-    const shown = text || (state === 5 ? `shut off (${SHUTOFF_REASON[reason] ?? reason})` : `state ${state}`);
-    if (state === 5 && reason === 1) return { kind: "exited", exit_code: 0, ...base, failure: null };
-    // Destroyed at valid_to: the host's deadline unit (VIRSH_START), while the bridge was away or
-    // just before its own watch noticed the time.
-    if (state === 5 && reason === 2 && this.clock.now() >= validToMs - 2000) return { kind: "expired", exit_code: null, ...base, failure: null };
-    if (state === 5 && reason === 2) return { kind: "lost", exit_code: null, ...base, failure: { kind: "lost", message: `domain ${dom} was destroyed outside compute-bridge (${shown})` } };
-    if (state === 6 || (state === 5 && reason === 3)) return { kind: "exited", exit_code: null, ...base, failure: { kind: "guest_crashed", message: `domain ${dom} crashed (${shown})` } };
-    return { kind: "exited", exit_code: null, ...base, failure: { kind: "lost", message: `domain ${dom} stopped unexpectedly (${shown})` } };
-  }
-
-  /** One `systemctl show` per machine per interval for every unit watched there. */
-  private async describeUnits(machine: string, units: readonly string[], signal: AbortSignal): Promise<ReadonlyMap<string, Record<string, string>>> {
-    const m = this.byName.get(machine)!;
-    const out = new Map<string, Record<string, string>>();
-    for (let i = 0; i < units.length; i += SHOW_BATCH) {
-      const chunk = units.slice(i, i + SHOW_BATCH);
-      const r = await m.conn.exec(shJoin(["systemctl", "show", "-p", SHOW_PROPS, ...chunk]), { op: "systemctl show", timeoutMs: COMMAND_TIMEOUT_MS, signal });
-      if (r.code !== 0) throw new TransientError(`machine ${machine}: systemctl show failed: ${clip(r.stderr)}`, BACKEND);
-      let parsed = parseShowBlocks(r.stdout, chunk);
-      if (!parsed) {
-        parsed = new Map();
-        for (const u of chunk) {
-          const one = await m.conn.exec(shJoin(["systemctl", "show", "-p", SHOW_PROPS, u]), { op: "systemctl show", timeoutMs: COMMAND_TIMEOUT_MS, signal });
-          if (one.code !== 0) throw new TransientError(`machine ${machine}: systemctl show failed: ${clip(one.stderr)}`, BACKEND);
-          parsed.set(u, parseKv(one.stdout));
-        }
-      }
-      for (const [u, s] of parsed) {
-        out.set(u, s);
-        const key = `${machine}\0${u}`;
-        const usage = this.usage.get(key);
-        if (usage) recordUsage(usage, s);
-      }
-    }
-    return out;
-  }
-
-  /** One `virsh domstats` per machine per interval; a watched domain missing from it is gone. */
-  private async describeDomains(machine: string, names: readonly string[], signal: AbortSignal): Promise<ReadonlyMap<string, DomStatus>> {
-    const m = this.byName.get(machine)!;
-    const r = await m.conn.exec(shJoin(["virsh", "-c", m.cfg.libvirt_uri, "domstats", "--state", "--cpu-total", "--balloon"]), { op: "virsh domstats", timeoutMs: COMMAND_TIMEOUT_MS, signal });
-    if (r.code !== 0) throw new TransientError(`machine ${machine}: virsh domstats failed: ${clip(r.stderr)}`, BACKEND);
-    const all = parseDomstats(r.stdout);
-    const out = new Map<string, DomStatus>();
-    for (const n of names) {
-      const s = all.get(n);
-      if (!s) {
-        out.set(n, { absent: "1" });
-        continue;
-      }
-      out.set(n, s);
-      const usage = this.usage.get(`${machine}\0${n}`);
-      if (usage) {
-        const cpu = num(s["cpu.time"]);
-        const rssKiB = num(s["balloon.rss"]);
-        if (cpu !== null && (usage.cpuNs === null || cpu > usage.cpuNs)) usage.cpuNs = cpu;
-        if (rssKiB !== null && (usage.memBytes === null || rssKiB * 1024 > usage.memBytes)) usage.memBytes = rssKiB * 1024;
-      }
-    }
-    return out;
-  }
 
   // ---- terminate ------------------------------------------------------------------------------
 
@@ -658,23 +321,18 @@ export class BareMetalBackend implements ManagedBackend {
   }
 
   private async terminateOn(m: Machine, id: string): Promise<void> {
-    const cmd =
-      m.cfg.mode === "systemd"
-        ? remote(SYSTEMD_TERMINATE, "cb-terminate", [m.runs, id, unitName(id)])
-        : remote(VIRSH_TERMINATE, "cb-terminate", [m.cfg.libvirt_uri, domainName(id), m.runs, id]);
     let r: ExecResult;
     try {
-      r = await m.conn.exec(cmd, { op: "terminate", timeoutMs: TERMINATE_TIMEOUT_MS, idempotent: true });
+      r = await m.conn.exec(m.driver.terminateCommand(m, id), { op: "terminate", timeoutMs: TERMINATE_TIMEOUT_MS, idempotent: true });
     } catch (e) {
-      throw this.execError(e, m, "terminate");
+      throw execError(e, m, "terminate");
     }
     if (r.code !== 0 || !marker(r.stdout, /^CB-TERMINATED$/)) {
       const msg = clip(r.stderr) || `exit ${r.code ?? r.signal}`;
       if (r.code === EXIT.locked || r.code === EXIT.tool) throw new TransientError(`machine ${m.cfg.name}: terminate of ${id}: ${msg}`, BACKEND);
       throw new BackendError(`machine ${m.cfg.name}: terminate of ${id} failed: ${msg}`, BACKEND);
     }
-    this.usage.delete(usageKey(m, unitName(id)));
-    this.usage.delete(usageKey(m, domainName(id)));
+    m.driver.forget(m, id);
   }
 
   // ---- reconcile ------------------------------------------------------------------------------
@@ -704,8 +362,7 @@ export class BareMetalBackend implements ManagedBackend {
 
   private async reconcileMachine(m: Machine, live: ReadonlySet<string>): Promise<void> {
     const work = m.runs.replace(/\/runs$/, "") || "/";
-    const cmd = m.cfg.mode === "systemd" ? remote(SYSTEMD_LIST, "cb-list", [work]) : remote(VIRSH_LIST, "cb-list", [m.cfg.libvirt_uri, work]);
-    const r = await m.conn.exec(cmd, { op: "list", timeoutMs: COMMAND_TIMEOUT_MS, idempotent: true });
+    const r = await m.conn.exec(m.driver.listCommand(m, work), { op: "list", timeoutMs: COMMAND_TIMEOUT_MS, idempotent: true });
     if (r.code !== 0) throw new TransientError(`listing failed: ${clip(r.stderr)}`, BACKEND);
     const found = new Map<string, { workload: boolean; run: boolean; cpu: number; ram: number }>();
     const entry = (id: string) => {
@@ -714,14 +371,12 @@ export class BareMetalBackend implements ManagedBackend {
       return e;
     };
     for (const line of r.stdout.split("\n")) {
-      const [kind, name, a, b] = line.trim().split(/\s+/);
+      const fields = line.trim().split(/\s+/);
+      const [kind, name, a, b] = fields;
       if (!kind || !name) continue;
-      if (kind === "unit") {
-        const id = requestIdOfUnit(name, isRequestId);
-        if (id && a === "loaded") entry(id).workload = true;
-      } else if (kind === "dom") {
-        const id = requestIdOfDomain(name, isRequestId);
-        if (id) entry(id).workload = true;
+      const workload = m.driver.listedWorkload(fields);
+      if (workload) {
+        entry(workload).workload = true;
       } else if ((kind === "run" || kind === "lock") && isRequestId(name)) {
         const e = entry(name);
         if (kind === "run") {
@@ -750,8 +405,8 @@ export class BareMetalBackend implements ManagedBackend {
         continue;
       }
       if (a) continue; // provisioning or terminating in this process right now
-      const kind = m.cfg.mode === "systemd" ? "unit" : "domain";
-      if (e.workload && !tryRecordOrphan(this.stateDir, this.clock.now(), { backend: BACKEND, request_id: id, reason: `a ${kind} is running for a request_id the bridge has no live grant for`, stopped: { machine: m.cfg.name, [kind]: kind === "unit" ? unitName(id) : domainName(id) } }, this.log)) continue;
+      const kind = m.driver.workloadKind;
+      if (e.workload && !tryRecordOrphan(this.stateDir, this.clock.now(), { backend: BACKEND, request_id: id, reason: `a ${kind} is running for a request_id the bridge has no live grant for`, stopped: { machine: m.cfg.name, [kind]: m.driver.workloadName(id) } }, this.log)) continue;
       this.log.warn({ request_id: id, machine: m.cfg.name }, e.workload ? "stopping an orphaned workload (no live grant)" : "removing leftovers of a finished grant");
       await this.sweep(m, id, e.workload ? kind : "run_dir");
     }
@@ -779,7 +434,7 @@ export class BareMetalBackend implements ManagedBackend {
     for (const m of this.machines) {
       const a = this.allocated(m);
       machines[m.cfg.name] = {
-        mode: m.cfg.mode,
+        mode: m.driver.mode,
         region: m.cfg.region,
         tdx_capable: m.cfg.tdx_capable,
         state: m.conn.publicState,
@@ -825,7 +480,7 @@ export class BareMetalBackend implements ManagedBackend {
             return out;
           }
           out.push({ check: `${m.cfg.name}: ssh`, ok: true, detail: `${target}, host key ${m.cfg.host_key_sha256} matches` });
-          const r = await conn.exec(remote(DOCTOR, "cb-doctor", [m.cfg.mode, m.cfg.libvirt_uri, m.runs.replace(/\/runs$/, "") || "/", m.cfg.tdx_capable ? (m.cfg.ovmf_path ?? "") : "", m.cfg.run_as ?? "", m.cfg.tdx_capable ? "1" : ""]), { op: "doctor", timeoutMs: COMMAND_TIMEOUT_MS });
+          const r = await conn.exec(remote(DOCTOR, "cb-doctor", [m.driver.mode, m.cfg.libvirt_uri, m.runs.replace(/\/runs$/, "") || "/", m.cfg.tdx_capable ? (m.cfg.ovmf_path ?? "") : "", m.cfg.run_as ?? "", m.cfg.tdx_capable ? "1" : ""]), { op: "doctor", timeoutMs: COMMAND_TIMEOUT_MS });
           for (const line of r.stdout.split("\n")) {
             const [res, check, detail] = line.split("\t");
             if ((res === "ok" || res === "fail") && check) out.push({ check: `${m.cfg.name}: ${check}`, ok: res === "ok", detail: detail ?? "" });
@@ -844,8 +499,7 @@ export class BareMetalBackend implements ManagedBackend {
 
   async close(): Promise<void> {
     this.closed = true;
-    this.units.close();
-    this.domains.close();
+    for (const d of this.drivers) d.close();
     await Promise.allSettled(this.machines.map((m) => m.conn.close()));
   }
 
@@ -861,67 +515,8 @@ export class BareMetalBackend implements ManagedBackend {
     const a = this.allocs.get(instance.request_id);
     return a ? this.byName.get(a.machine) : undefined;
   }
-
-  private execError(e: unknown, m: Machine, op: string): unknown {
-    if (e instanceof BackendError || (e instanceof Error && e.name === "AbortError")) return e;
-    return new BackendError(`machine ${m.cfg.name}: ${op} failed: ${(e as Error).message}`, BACKEND, { cause: e });
-  }
-
-  /**
-   * A typed error for a failed provision step. Remote output is clipped and scrubbed of the
-   * envelope's env values and command words (a tool may echo them; they can be tenant secrets).
-   */
-  private provisionError(m: Machine, r: ExecResult, envelope: Envelope): BackendError {
-    const msg = clip(scrub(r.stderr, envelope)) || clip(scrub(r.stdout, envelope)) || `exit ${r.code ?? r.signal}`;
-    const on = `machine ${m.cfg.name}: `;
-    switch (r.code) {
-      case EXIT.mismatch:
-        return new ImageVerificationError(msg, BACKEND);
-      case EXIT.fetch:
-      case EXIT.tool:
-      case EXIT.locked:
-        return new TransientError(on + msg, BACKEND);
-      case EXIT.tooLarge:
-      case EXIT.stopOrUnpack:
-      case EXIT.notFoundOrUndefine:
-      case EXIT.qemuImg:
-        return new InvalidRequestError(msg, BACKEND);
-      default:
-        return new BackendError(on + msg, BACKEND);
-    }
-  }
 }
 
-function scrub(msg: string, envelope: Envelope): string {
-  const secrets = [...Object.values(envelope.env ?? {}), ...(envelope.command ?? []).slice(1)]
-    .filter((v) => v.length >= 4)
-    .sort((a, b) => b.length - a.length);
-  let out = msg;
-  for (const v of secrets) if (out.includes(v)) out = out.split(v).join("[REDACTED]");
-  return out;
-}
-
-function domainEnded(s: DomStatus): boolean {
-  if (s.absent) return true;
-  const st = num(s["state.state"]);
-  return st === 5 || st === 6;
-}
-
-function usageKey(m: Machine, name: string): string {
-  return `${m.cfg.name}\0${name}`;
-}
-
-/** The last line of `s` matching `re` (the scripts print their result marker last). */
-function marker(s: string, re: RegExp): RegExpExecArray | null {
-  let found: RegExpExecArray | null = null;
-  for (const line of s.split("\n")) found = re.exec(line.trim()) ?? found;
-  return found;
-}
-
-/** A failure our script reported itself (before or instead of creating the workload). */
-function definitive(r: ExecResult): boolean {
-  return r.code !== null && r.code !== 0 && (Object.values(EXIT) as number[]).includes(r.code);
-}
 
 /** The schema validates request ids; this backend re-checks before a name reaches a machine. */
 function checkRequestId(id: string): string {

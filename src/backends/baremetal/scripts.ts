@@ -87,7 +87,7 @@ const FETCH = String.raw`${CURL_FETCH}cb_fetch() { # images_dir sha256 url max_b
   cb_curl "$3" "$cb_part" "$4" $(( $(date +%s) + $5 )) 60 heartbeat; cb_rc=$?
   [ "$cb_rc" -eq 141 ] && exit 141
   if [ "$cb_rc" -ne 0 ]; then
-    if [ "$cb_rc" -eq 63 ] || [ "$cb_rc" -eq 153 ] || [ "$(wc -c <"$cb_part" 2>/dev/null || echo 0)" -gt "$4" ]; then cb_die 12 "the image is larger than $4 bytes"; fi
+    if [ "$cb_rc" -eq 63 ] || [ "$cb_rc" -eq 153 ] || [ "$(wc -c 2>/dev/null <"$cb_part" || echo 0)" -gt "$4" ]; then cb_die 12 "the image is larger than $4 bytes"; fi
     cb_die 11 "downloading the image failed: $(cb_curl_why "$cb_rc")"
   fi
   if [ "$(wc -c <"$cb_part")" -gt "$4" ]; then cb_die 12 "the image is larger than $4 bytes"; fi
@@ -304,6 +304,65 @@ if ! out=$(virsh -c "$uri" start "$dom" 2>&1 9>&-); then
 fi
 cb_deadline
 printf 'CB-STARTED %s\\n' "$(cat "$run/started_at")"
+`;
+
+/**
+ * virsh mode, warm path: VIRSH_PREPARE and VIRSH_START in one round trip, for an image the bridge
+ * has already inspected (qemu-img info) on this machine, followed by VIRSH_ADDRESS's output so the
+ * first readiness poll needs no round trip either. Args: uri domain runs_dir id images_dir sha256
+ * alloc seconds_left want_evidence(0|1); stdin: the domain XML. Each step fails with the
+ * code and message of its own script (13 run directory, 14 virsh, 15 lock, 30 overlay, 31 define,
+ * 32 start). Prints CB-ADOPT / CB-STARTED (after CB-NO-DEADLINE <why> when the deadline could not
+ * be set) then "@@STATE ...", or CB-COLD alone when the image is not in the cache (nothing done:
+ * the bridge uses the two-step path, which fetches and inspects it).
+ */
+export const VIRSH_PROVISION_WARM = `${PRELUDE}${DEADLINE}umask 022
+uri=$1 dom=$2 runs=$3 id=$4 images=$5 sha=$6 alloc=$7 left=$8 want=$9
+run=$runs/$id
+img=$images/$sha
+cb_lock "$runs" "$id" 900
+cb_address() {
+  if ! st=$(virsh -c "$uri" domstate "$dom" 2>/dev/null); then echo "@@STATE gone"; exit 0; fi
+  printf '@@STATE %s\\n' "$st"
+  a=$(virsh -c "$uri" domifaddr "$dom" --source lease 2>/dev/null)
+  case $a in *ipv4*|*ipv6*) ;; *) a=$(virsh -c "$uri" domifaddr "$dom" --source agent 2>/dev/null) ;; esac
+  printf '@@ADDR\\n%s\\n' "$a"
+  if [ "$want" = 1 ]; then
+    printf '@@QUOTE\\n'
+    awk -v id="$id" 'index($0, "COMPUTE-BRIDGE-EVIDENCE-BEGIN " id " ") { on = 1 } on || index($0, "COMPUTE-BRIDGE-EVIDENCE-") { print } index($0, "COMPUTE-BRIDGE-EVIDENCE-END " id " ") { on = 0 }' "$run/console.log" 2>/dev/null | head -c 524288
+    echo
+  fi
+  exit 0
+}
+cb_adopt() { cb_deadline; printf 'CB-ADOPT %s\\n' "$(cat "$run/started_at" 2>/dev/null)"; cb_address; }
+if out=$(virsh -c "$uri" domstate --reason "$dom" 2>&1); then
+  [ -e "$run/started" ] && cb_adopt
+else
+  case $out in *"failed to get domain"*|*"omain not found"*) ;; *) cb_die 14 "virsh domstate failed: $out" ;; esac
+  [ -e "$run/started" ] && cb_adopt
+  if [ ! -f "$img" ]; then echo CB-COLD; exit 0; fi
+  touch "$img" 2>/dev/null
+fi
+chmod 0711 "$runs" 2>/dev/null
+mkdir -p "$run" && chmod 0711 "$run" || cb_die 13 "cannot create the run directory"
+cat > "$run/domain.xml.tmp" && mv -f "$run/domain.xml.tmp" "$run/domain.xml" || cb_die 13 "cannot write the domain XML"
+printf '%s\\n' "$alloc" > "$run/grant" && printf '%s\\n' "$sha" > "$run/image" || cb_die 13 "cannot write the run directory"
+if ! virsh -c "$uri" domstate "$dom" >/dev/null 2>&1; then
+  rm -f "$run/disk.qcow2"
+  qemu-img create -q -f qcow2 -F qcow2 -b "$img" "$run/disk.qcow2" >"$run/.err" 2>&1 || cb_die 30 "creating the overlay failed: $(head -c 300 "$run/.err" | tr '\\n' ' ')"
+  virsh -c "$uri" define "$run/domain.xml" >"$run/.err" 2>&1 9>&- || cb_die 31 "virsh define failed: $(head -c 300 "$run/.err" | tr '\\n' ' ')"
+  rm -f "$run/.err"
+fi
+date +%s > "$run/started_at" && : > "$run/started" || cb_die 13 "cannot write the run directory"
+if ! out=$(virsh -c "$uri" start "$dom" 2>&1 9>&-); then
+  case $out in
+    *"already active"*|*"already running"*) ;;
+    *) rm -f "$run/started"; cb_die 32 "virsh start failed: $(printf '%s' "$out" | tr '\\n' ' ')" ;;
+  esac
+fi
+cb_deadline
+printf 'CB-STARTED %s\\n' "$(cat "$run/started_at")"
+cb_address
 `;
 
 /**

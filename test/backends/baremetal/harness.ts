@@ -134,7 +134,9 @@ export function lineLogger(lines: string[]): Logger {
 }
 
 export function backend(machines: Record<string, unknown>[], o: { rec?: Recorder; opts?: BareMetalBackendOptions; cfg?: Record<string, unknown>; dir?: string; log?: Logger } = {}): BareMetalBackend {
-  const cfg = BareMetalConfig.parse({ machines, poll_interval_ms: 40, connect_timeout_ms: 3000, ...(o.cfg ?? {}) });
+  // A generous handshake bound: on a loaded machine sshd can take seconds to answer (a refused or
+  // unreachable port still fails at once).
+  const cfg = BareMetalConfig.parse({ machines, poll_interval_ms: 40, connect_timeout_ms: 30_000, ...(o.cfg ?? {}) });
   // Its own state dir (orphans.jsonl lands there), removed when the test process exits.
   const dir = o.dir ?? tempDir(undefined, "cb-bm-state-");
   return new BareMetalBackend(
@@ -310,7 +312,7 @@ export async function sshRun(sshd: FakeSshd, command: string): Promise<{ code: n
   await new Promise<void>((resolve, reject) => {
     c.once("ready", () => resolve());
     c.once("error", reject);
-    c.connect({ host: sshd.host, port: sshd.port, username: sshd.user, privateKey: sshd.privateKey, hostVerifier: () => true });
+    c.connect({ host: sshd.host, port: sshd.port, username: sshd.user, privateKey: sshd.privateKey, hostVerifier: () => true, readyTimeout: 60_000 });
   });
   try {
     return await new Promise((resolve, reject) => {
@@ -329,4 +331,26 @@ export async function sshRun(sshd: FakeSshd, command: string): Promise<{ code: n
   } finally {
     c.end();
   }
+}
+
+/** A unit's state as `systemctl show` reports it on the machine (test-side observation). */
+export async function unitState(sshd: FakeSshd, unit: string): Promise<Record<string, string>> {
+  const r = await sshRun(sshd, `systemctl show ${unit} -p LoadState,ActiveState,SubState,Result`);
+  const out: Record<string, string> = {};
+  for (const line of r.stdout.split("\n")) {
+    const i = line.indexOf("=");
+    if (i > 0) out[line.slice(0, i)] = line.slice(i + 1);
+  }
+  return out;
+}
+
+/**
+ * Put an image into a machine's cache the way a finished download leaves it (`<work_dir>/images/
+ * <sha256>`): a warm machine. For tests whose valid_to is a second or two away, which would
+ * otherwise (rightly) also bound the image download.
+ */
+export async function precache(machineWorkDir: string, image: { url: string; sha256: string }): Promise<void> {
+  const body = Buffer.from(await (await fetch(image.url)).arrayBuffer());
+  mkdirSync(path.join(machineWorkDir, "images"), { recursive: true });
+  writeFileSync(path.join(machineWorkDir, "images", image.sha256), body, { mode: 0o644 });
 }
