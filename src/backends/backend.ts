@@ -63,8 +63,9 @@ export function countDecline(backend: string, held: Held, max: number, setting: 
 /*
  * The same answers from every backend (issue #17); the cloud backends get them from the one
  * shared VM backend (cloud/vm-backend.ts), bare metal and local follow the same rules:
- * - canSatisfy declines in this order: region_not_served, tdx_not_supported, too_large,
- *   at_capacity, backend_unavailable, offering_unavailable.
+ * - canSatisfy declines in this order: region_not_served, tdx_not_supported (then a backend's own
+ *   kind of refusal, e.g. bare metal's image_format_not_supported), too_large, at_capacity,
+ *   backend_unavailable, offering_unavailable.
  * - An account limit is a QuotaError (fail over at once); no capacity for a shape is a
  *   CapacityError (the next shape or placement, then fail over).
  * - watchUntilExit enforces valid_to itself (the manager's own deadline is the backstop) and
@@ -72,7 +73,7 @@ export function countDecline(backend: string, held: Held, max: number, setting: 
  * - A sweep that costs cloud API calls runs at most every reconcile_interval_seconds after a
  *   success, and again at the next call after a failure (local's is a directory scan, every call).
  * - Nothing outside the contract and BackendHooks is public API: counters a test or bench reads come
- *   from one stats() shape (cloud/vm-backend.ts), idempotency tokens from the adapter's functions.
+ *   from stats() (BackendHooks), idempotency tokens from the adapters' functions.
  */
 export interface Backend {
   readonly name: string;
@@ -114,6 +115,8 @@ export interface BackendHooks {
   reconcile?(live: ReadonlySet<string>): Promise<void>;
   /** Extra per-backend status for the card (e.g. machines that are down). */
   status?(): Record<string, unknown>;
+  /** Counters for metrics, tests and benchmarks (not on the card: they change with every poll). */
+  stats?(): Record<string, unknown>;
   /**
    * `compute-bridge doctor`: check credentials and reachability with read-only calls; never
    * provisions anything. One entry per thing checked.

@@ -155,14 +155,15 @@ export class BareMetalBackend implements ManagedBackend {
       const max = able.reduce((a, m) => (m.cfg.cpu_millicores > a.cfg.cpu_millicores ? m : a));
       return { ok: false, code: "too_large", message: `grant needs ${grant.cpu_millicores}m CPU / ${grant.ram_mib} MiB; the largest machine offers ${max.cfg.cpu_millicores}m / ${max.cfg.ram_mib} MiB` };
     }
-    const up = big.filter((m) => m.conn.usable);
-    if (up.length === 0) return { ok: false, code: "backend_unavailable", message: `every machine that could take it is down: ${big.map((m) => `${m.cfg.name} (${m.conn.reason || m.conn.state})`).join(", ")}` };
     // Exact placement against what every machine already holds: the first in config order that fits.
-    const m = up.find((x) => {
+    const fits = (x: Machine) => {
       const h = held.at(x.cfg.name);
       return h.cpu_millicores + grant.cpu_millicores <= x.cfg.cpu_millicores && h.ram_mib + grant.ram_mib <= x.cfg.ram_mib;
-    });
-    if (!m) return { ok: false, code: "at_capacity", message: `every reachable machine that could take it is fully reserved (${up.map((x) => x.cfg.name).join(", ")})` };
+    };
+    const roomy = big.filter(fits);
+    if (roomy.length === 0) return { ok: false, code: "at_capacity", message: `every machine that could take it is fully reserved (${big.map((x) => x.cfg.name).join(", ")})` };
+    const m = roomy.find((x) => x.conn.usable);
+    if (!m) return { ok: false, code: "backend_unavailable", message: `every machine with room for it is down: ${roomy.map((x) => `${x.cfg.name} (${x.conn.reason || x.conn.state})`).join(", ")}` };
     return { ok: true, placement: m.cfg.name };
   }
 
@@ -447,9 +448,9 @@ export class BareMetalBackend implements ManagedBackend {
     return { machines, machines_down: this.machines.filter((m) => m.conn.publicState === "down" || m.conn.publicState === "refused").map((m) => m.cfg.name) };
   }
 
-  /** Operator diagnostics (not on the card): connection details per machine. */
-  diagnostics(): Record<string, { state: string; last_error: string | null; channels_in_use: number; channels_peak: number; channel_limit: number; queued: number }> {
-    const out: ReturnType<BareMetalBackend["diagnostics"]> = {};
+  /** Counters for tests and benchmarks (not on the card): connection details per machine. */
+  stats(): Record<string, { state: string; last_error: string | null; channels_in_use: number; channels_peak: number; channel_limit: number; queued: number }> {
+    const out: ReturnType<BareMetalBackend["stats"]> = {};
     for (const m of this.machines)
       out[m.cfg.name] = { state: m.conn.state, last_error: m.conn.lastError, channels_in_use: m.conn.channelsInUse, channels_peak: m.conn.peakChannels, channel_limit: m.conn.channelLimit, queued: m.conn.queued };
     return out;

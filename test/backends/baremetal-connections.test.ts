@@ -15,6 +15,7 @@ import path from "node:path";
 import { after, afterEach, before, describe, it } from "node:test";
 import { CapacityError, type ManagedBackend } from "../../src/backends/backend.js";
 import type { ComputeGrant } from "../../src/domain/index.js";
+import { Reservations } from "../../src/fleet/reservations.js";
 import { shJoin } from "../../src/util/shell.js";
 import { ensureSshdInstalled, startSshd, type FakeSshd } from "../fakes/sshd.js";
 import { until as untilWithin } from "../helpers/http.js";
@@ -112,7 +113,7 @@ describe("bare-metal backend over SSH: connections, restart, doctor", () => {
     assert.equal(st.machines.m1!.reason, "host_key_mismatch");
     assert.deepEqual(st.machines_down, ["m1"]);
     assert.equal(st.machines.m2!.state, "up");
-    assert.match(b.diagnostics().m1!.last_error ?? "", /host key mismatch: the server offered SHA256:\S+, the pinned host_key_sha256 is SHA256:A{43}/);
+    assert.match(b.stats().m1!.last_error ?? "", /host key mismatch: the server offered SHA256:\S+, the pinned host_key_sha256 is SHA256:A{43}/);
     const d = b.canSatisfy(grant("hk-1", 60_000, { region: "r9" }));
     assert.equal(d.ok === false && d.code, "backend_unavailable");
     await assert.rejects(b.provision(grant("hk-1", 60_000, { region: "r9" }), { image: executable("hk", "true") }, never), CapacityError);
@@ -149,6 +150,11 @@ describe("bare-metal backend over SSH: connections, restart, doctor", () => {
     await alone.reconcile(new Set());
     const d = alone.canSatisfy(grant("down-2"));
     assert.equal(d.ok === false && d.code, "backend_unavailable");
+    // Full and down: at_capacity comes first (backend.ts: the same order on every backend).
+    const ledger = new Reservations();
+    ledger.reserve({ request_id: "holds-all", backend: alone.name, placement: "dead", cpu_millicores: 4000, ram_mib: 4096 });
+    const full = alone.canSatisfy(grant("down-3"), ledger.held(alone.name));
+    assert.equal(full.ok === false && full.code, "at_capacity");
     const checks = await b.check!();
     assert.equal(checks.find((c) => c.check === "dead: ssh")!.ok, false);
     assert.match(checks.find((c) => c.check === "dead: ssh")!.detail, /ECONNREFUSED/);
@@ -224,7 +230,7 @@ describe("bare-metal backend over SSH: connections, restart, doctor", () => {
       const grants = Array.from({ length: 5 }, (_, i) => grant(`sess-${i}`, 60_000, { cpu_millicores: 100, ram_mib: 64 }));
       const insts = await Promise.all(grants.map((g) => b.provision(g, { image }, never)));
       assert.equal(unitsOn(S).length, 5);
-      assert.ok(b.diagnostics().s!.channel_limit <= 2, `limit adapted: ${b.diagnostics().s!.channel_limit}`);
+      assert.ok(b.stats().s!.channel_limit <= 2, `limit adapted: ${b.stats().s!.channel_limit}`);
       await Promise.all(insts.map((i) => b.terminate(i)));
       assert.deepEqual(unitsOn(S), []);
     } finally {
@@ -249,6 +255,6 @@ describe("bare-metal backend over SSH: connections, restart, doctor", () => {
     assert.equal(code(grant("d3", 1000, { cpu_millicores: 4000 })), "too_large");
     assert.equal(code(grant("d4", 1000, { region: "r2", tdx_required: true })), "ok");
     assert.equal(code(grant("d5", 1000)), "ok");
-    assert.deepEqual(b.diagnostics().m1!.state, "idle", "nothing connected");
+    assert.deepEqual(b.stats().m1!.state, "idle", "nothing connected");
   });
 });

@@ -254,7 +254,7 @@ describe("bare-metal backend over SSH", () => {
     const pending = Array.from({ length: 8 }, (_, i) => b.provision(grant(`slow-${i}`, 60_000, { cpu_millicores: 100, ram_mib: 64 }), { image: slow }, never));
     try {
       await until(() => srv.held() >= 6, "six downloads in flight");
-      const diag = b.diagnostics().m1!;
+      const diag = b.stats().m1!;
       assert.equal(diag.channels_in_use, 6, "long commands stop at limit - 2");
       assert.equal(diag.queued, 2);
       const watch = b.watchUntilExit(inst, new Date(g.valid_to), never);
@@ -266,7 +266,7 @@ describe("bare-metal backend over SSH", () => {
       const done = await Promise.allSettled(pending);
       await Promise.all([inst, ...done.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []))].map((i) => b.terminate(i)));
     }
-    assert.ok(b.diagnostics().m1!.channels_peak <= 8);
+    assert.ok(b.stats().m1!.channels_peak <= 8);
     assert.deepEqual(unitsOn(A), []);
   });
 
@@ -365,7 +365,7 @@ describe("bare-metal backend over SSH", () => {
     assert.equal(d.ok === false && d.code, "at_capacity");
     ledger.release(ok.find((i) => i.details.machine === "m2")!.request_id);
     assert.deepEqual(b.canSatisfy(grant("conc-extra", 60_000, { cpu_millicores: 500, ram_mib: 256 }), ledger.held(b.name)), { ok: true, placement: "m2" }, "placed where a reservation was released");
-    for (const m of Object.values(b.diagnostics())) assert.ok(m.channels_peak <= 8, `at most 8 channels per connection (peak ${m.channels_peak})`);
+    for (const m of Object.values(b.stats())) assert.ok(m.channels_peak <= 8, `at most 8 channels per connection (peak ${m.channels_peak})`);
     // Free two slots on m1: the next grants go there, and still never beyond.
     const onM1 = ok.filter((i) => i.details.machine === "m1");
     await Promise.all(onM1.slice(0, 2).map((i) => b.terminate(i)));
