@@ -54,7 +54,7 @@ export async function checkStore(cfg: StoreConfig, configDir: string, stateDir: 
   const where = `database ${decodeURIComponent(u.pathname.slice(1)) || "(default)"} on ${u.hostname}:${u.port || "5432"}`;
   const pool = newPool(url, 1, connectTimeoutMs);
   try {
-    const server = (await pool.query<{ v: string }>("SHOW server_version")).rows[0]?.v ?? "?";
+    const server = (await pool.query<{ v: string }>("SELECT current_setting('server_version') AS v")).rows[0]?.v ?? "?";
     const version = await pgSchemaVersion(pool);
     return [{ check: "connection", ok: true, detail: `${where}, PostgreSQL ${server}` }, versionCheck(version, where)];
   } catch (e) {

@@ -472,7 +472,7 @@ describe("aws backend with the EC2 fake", () => {
     const aws2 = makeBackend(t, awsConfig(t, fake), { unavailable: u2 });
     const life2 = await bridge(t, stateDir, [aws2], u2);
     assert.equal((await life2.store.get("restart-1"))?.state, "provisioning");
-    assert.equal(life2.manager.resumeAll(), 1);
+    assert.equal(await life2.manager.resumeAll(), 1);
     await until(() => aws2.stats().booting === 1, "the resumed provision to wait for boot");
     fake.bootAll();
     await life2.manager.settled("restart-1");

@@ -826,7 +826,7 @@ describe("azure backend through the GrantManager", { timeout: 45_000 }, () => {
     t.after(() => b2.close());
     const second = await lifecycle(t, s.dir, [b2], s.ctx.unavailable);
     const getsBefore = s.fake.countCalls({ method: "GET", path: new RegExp(`virtualMachines/${n.vm}$`) });
-    assert.equal(second.manager.resumeAll(), 1);
+    assert.equal(await second.manager.resumeAll(), 1);
     // It finds the VM still creating and polls it; ARM then finishes the create.
     await until(() => s.fake.countCalls({ method: "GET", path: new RegExp(`virtualMachines/${n.vm}$`) }) > getsBefore + 1, "the adopted VM to be polled");
     s.fake.settleOperations();

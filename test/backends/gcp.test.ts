@@ -412,7 +412,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     fake.waitTimeoutMs = 120_000;
     const second = await lifecycle(t, Fleet.of([again], systemClock), stateDir);
     await again.reconcile(new Set([rid]));
-    assert.equal(second.manager.resumeAll(), 1);
+    assert.equal(await second.manager.resumeAll(), 1);
     const rec = await until(async () => (await second.store.get(rid))?.state === "running" && (await second.store.get(rid)), "running after restart");
     assert.equal(rec.instance?.instance_id, nameOf(rid));
     const inserts = fake.callsMatching("insert");

@@ -27,6 +27,10 @@ token_file = "t"
 genesis = "2026-01-01T00:00:00Z"
 tick_seconds = 1
 [backends.local]
+region = "local"
+cpu_millicores = 1000
+ram_mib = 1024
+max_concurrent = 1
 `;
 
 function problems(toml: string): string[] {
