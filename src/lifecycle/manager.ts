@@ -130,6 +130,8 @@ export class GrantManager {
   private readonly tasks = new Map<string, Task>();
   private readonly queue: ProvisionQueue<Waiter>;
   private stopping = false;
+  /** resumeAll() ran: from then on an open grant without a task here is driven by no one. */
+  private resumed = false;
   private readonly graceMs: number;
   private readonly baseMs: number;
   private readonly capMs: number;
@@ -168,17 +170,35 @@ export class GrantManager {
     for (const rec of await o.store.nonTerminal()) if (rec.backend) o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
     // Spend caps: every grant accepted this month is charged again, an open one its worst case
     // from its accept, an ended one what it cost.
-    const spend = o.fleet.spend;
-    if (spend?.budgets.active) {
+    if (o.fleet.spend?.budgets.active) {
       const monthStart = `${windowOf("month", o.clock.now())}-01T00:00:00.000Z`;
-      for (const rec of await o.store.acceptedSince(monthStart)) {
-        if (!rec.backend) continue;
-        const at = Date.parse(rec.created_at);
-        const open = !TERMINAL.includes(rec.state);
-        const amount = open ? spend.worstCase(rec.backend, rec.grant, rec.price_per_hour, at) : (rec.cost ?? 0);
-        spend.budgets.charge({ request_id: rec.request_id, backend: rec.backend, amount, at_ms: at, settled: !open });
-      }
+      for (const rec of await o.store.acceptedSince(monthStart)) this.charge(rec);
     }
+  }
+
+  /** Charge a stored grant to the spend caps (restore, adopt). */
+  private charge(rec: GrantRecord): void {
+    const spend = this.o.fleet.spend;
+    if (!spend?.budgets.active || !rec.backend) return;
+    const at = Date.parse(rec.created_at);
+    const open = !TERMINAL.includes(rec.state);
+    const amount = open ? spend.worstCase(rec.backend, rec.grant, rec.price_per_hour, at) : (rec.cost ?? 0);
+    spend.budgets.charge({ request_id: rec.request_id, backend: rec.backend, amount, at_ms: at, settled: !open });
+  }
+
+  /**
+   * A re-post answered as a duplicate of an open grant nothing here drives: its accept committed
+   * although the answer to it failed (PostgreSQL: a connection lost during the commit; the first
+   * post got 503). Once open grants have resumed, it is driven from its record here, with its
+   * reservation and charge as a restart would rebuild them.
+   */
+  private adoptIfUndriven(rec: GrantRecord): void {
+    if (!this.resumed || this.stopping || TERMINAL.includes(rec.state) || !rec.backend) return;
+    if (this.tasks.has(rec.request_id) || this.queue.info(rec.request_id) || this.o.fleet.reservations.get(rec.request_id)) return;
+    this.o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
+    this.charge(rec);
+    this.o.log.warn({ request_id: rec.request_id, backend: rec.backend, state: rec.state }, "a re-posted grant was accepted earlier without being driven (its accept's answer failed); driving it now");
+    this.start(rec);
   }
 
   /** Grants the bridge is responsible for right now: driven by a task or waiting for a slot. */
@@ -278,8 +298,10 @@ export class GrantManager {
       throw e;
     }
     // A grant that had ended already (a re-post or a conflict) holds nothing.
-    if (r.status !== "created") this.o.fleet.release(grant.request_id);
-    else {
+    if (r.status !== "created") {
+      this.o.fleet.release(grant.request_id);
+      if (r.status === "duplicate") this.adoptIfUndriven(r.record);
+    } else {
       this.o.events?.transition?.(route.backend.name, "none", "provisioning");
       this.o.log.info(
         { request_id: grant.request_id, backend: route.backend.name, state: "provisioning", region: grant.region, ...(route.price_per_hour !== null ? { price_per_hour: route.price_per_hour, worst_case: route.worst_case } : {}) },
@@ -298,6 +320,7 @@ export class GrantManager {
       this.o.log.info({ request_id: rec.request_id, backend: rec.backend, state: rec.state }, "resuming grant after restart");
       this.start(rec);
     }
+    this.resumed = true;
     return open.length;
   }
 

@@ -141,6 +141,30 @@ describe("GrantManager on scripted backends", () => {
     assert.equal(await second.state("re-1"), "completed");
   });
 
+  it("a grant whose accept committed but whose answer failed (a lost connection) is driven, once, when the market posts it again", async (t) => {
+    const a = new ScriptedBackend("a");
+    const { manager, store, fleet } = await rig(t, [a]);
+    assert.equal(await manager.resumeAll(), 0);
+    const real = store.accept.bind(store);
+    let lose = true;
+    store.accept = (async (g: Parameters<typeof real>[0]) => {
+      const r = await real(g);
+      if (lose) {
+        lose = false;
+        throw new Error("Connection terminated unexpectedly");
+      }
+      return r;
+    }) as typeof store.accept;
+    await assert.rejects(manager.submit(request("amb-1")), /Connection terminated/);
+    assert.equal(fleet.reservations.held("a").count, 0, "the failed submit released what it reserved");
+    assert.equal((await store.get("amb-1"))?.state, "provisioning", "but the accept had committed");
+    assert.equal((await manager.submit(request("amb-1"))).status, "duplicate");
+    await until(() => a.watching("amb-1"), "the adopted grant running");
+    assert.equal(fleet.reservations.held("a").count, 1);
+    assert.equal((await manager.submit(request("amb-1"))).status, "duplicate");
+    assert.equal(a.count("provision", "amb-1"), 1, "driven once");
+  });
+
   it("a failed state write (disk full) does not stall the grant: it continues from its last committed state after a pause", async (t) => {
     const a = new ScriptedBackend("a");
     const { manager, store, clock, state } = await rig(t, [a]);
