@@ -10,7 +10,7 @@ import { Fleet } from "./fleet/fleet.js";
 import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
 import { buildListener, readTls, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
-import { openCheckedStore, storeSpec, type Store } from "./store/store.js";
+import { isStoreUnavailable, openCheckedStore, storeSpec, type Store } from "./store/store.js";
 import type { BackendOptions } from "./backends/registry.js";
 import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
@@ -187,7 +187,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   let resumed = false;
   let storeFailure: Error | null = null;
   void store.failed.then((e) => (storeFailure = e));
-  const notReadyReason = () => (storeFailure ? "the state database cannot be written" : resumed ? null : "resuming open grants");
+  const notReadyReason = () => (storeFailure ? "the state database cannot be written" : (store.unavailable() ?? (resumed ? null : "resuming open grants")));
   const promText = { contentType: metrics.registry.contentType, text: () => metrics.registry.metrics() };
   const listener = buildListener({
     manager,
@@ -246,7 +246,20 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const ready = (async () => {
     await reconcileAll();
     if (stopping) return 0;
-    const n = await manager.resumeAll();
+    // A database that cannot be read right now (PostgreSQL restarting) is waited for: resuming
+    // is what readiness waits on.
+    let n = 0;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        n = await manager.resumeAll();
+        break;
+      } catch (e) {
+        if (!isStoreUnavailable(e)) throw e;
+        log.warn({ err: { message: (e as Error).message }, attempt }, "cannot read the open grants to resume them; retrying");
+        await clock.sleep(Math.min(30_000, 500 * 2 ** Math.min(attempt, 6)));
+        if (stopping) return 0;
+      }
+    }
     resumed = true;
     log.info({ resumed: n }, n > 0 ? "resumed open grants" : "no open grants to resume");
     reconcileTimer = setInterval(() => void reconcileAll(), o.reconcileIntervalMs ?? 60_000);

@@ -91,14 +91,17 @@ export async function pgMigrate(pool: pg.Pool, onNewDatabase?: () => void): Prom
   try {
     await c.query("BEGIN");
     await c.query("SELECT pg_advisory_xact_lock($1)", [MIGRATION_LOCK]);
-    await c.query("CREATE TABLE IF NOT EXISTS cb_schema (one INTEGER PRIMARY KEY DEFAULT 1 CHECK (one = 1), version INTEGER NOT NULL)");
-    await c.query("INSERT INTO cb_schema (one, version) VALUES (1, 0) ON CONFLICT (one) DO NOTHING");
     const current = await pgSchemaVersion(c);
     if (current > SCHEMA_VERSION) throw new Error(`state database schema version ${current} is newer than this build understands (${SCHEMA_VERSION}); refusing to downgrade`);
-    // A database without the schema: the caller may refuse it (it throws, and nothing is created).
-    if (current === 0) onNewDatabase?.();
-    for (let v = current; v < SCHEMA_VERSION; v++) await c.query(PG_MIGRATIONS[v]!);
-    if (current < SCHEMA_VERSION) await c.query("UPDATE cb_schema SET version = $1", [SCHEMA_VERSION]);
+    // Up to date: no DDL at all (the bridge's role then needs no CREATE privilege).
+    if (current < SCHEMA_VERSION) {
+      // A database without the schema: the caller may refuse it (it throws, and nothing is created).
+      if (current === 0) onNewDatabase?.();
+      await c.query("CREATE TABLE IF NOT EXISTS cb_schema (one INTEGER PRIMARY KEY DEFAULT 1 CHECK (one = 1), version INTEGER NOT NULL)");
+      await c.query("INSERT INTO cb_schema (one, version) VALUES (1, 0) ON CONFLICT (one) DO NOTHING");
+      for (let v = current; v < SCHEMA_VERSION; v++) await c.query(PG_MIGRATIONS[v]!);
+      await c.query("UPDATE cb_schema SET version = $1", [SCHEMA_VERSION]);
+    }
     await c.query("COMMIT");
   } catch (e) {
     await c.query("ROLLBACK").catch(() => undefined);

@@ -103,13 +103,32 @@ export class PostgresStore implements Store {
 
   // ---- plumbing -------------------------------------------------------------------------------
 
+  private fault: string | null = null;
+
+  unavailable(): string | null {
+    return this.fault;
+  }
+
+  /** Remember whether the database answered (see unavailable()). */
+  private async observed<T>(p: Promise<T>): Promise<T> {
+    try {
+      const v = await p;
+      this.fault = null;
+      return v;
+    } catch (e) {
+      const f = pgStoreFault(e);
+      if (f) this.fault = f === "full" ? "the state database's disk is full" : "the state database cannot be reached";
+      throw e;
+    }
+  }
+
   /** Run one write, counted for close() and timed for metrics. */
   private async write<T>(op: string, fn: () => Promise<T>): Promise<T> {
     if (this.closing) throw new Error("state database is closed");
     this.inFlight++;
     const t0 = performance.now();
     try {
-      return await fn();
+      return await this.observed(fn());
     } finally {
       this.onWrite?.(op, performance.now() - t0);
       if (--this.inFlight === 0) for (const w of this.idleWaiters.splice(0)) w();
@@ -297,13 +316,17 @@ export class PostgresStore implements Store {
    * whose connection broke may have committed, so it fails to its caller instead.
    */
   private async read<R extends pg.QueryResultRow>(sql: string, params: unknown[] = []): Promise<R[]> {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return (await this.pool.query<R>(sql, params)).rows;
-      } catch (e) {
-        if (attempt > this.pool.options.max || pgStoreFault(e) !== "unavailable") throw e;
-      }
-    }
+    return this.observed(
+      (async () => {
+        for (let attempt = 1; ; attempt++) {
+          try {
+            return (await this.pool.query<R>(sql, params)).rows;
+          } catch (e) {
+            if (attempt > this.pool.options.max || pgStoreFault(e) !== "unavailable") throw e;
+          }
+        }
+      })(),
+    );
   }
 
   private rows(sql: string, params: unknown[] = []): Promise<Row[]> {

@@ -268,6 +268,11 @@ export class SqliteStore implements Store {
     return (this.stmts.nonTerminal.all() as Row[]).map(toRecord);
   }
 
+  /** A failed SQLite write is the writer's failure (`failed`), which the daemon does not outlive. */
+  unavailable(): string | null {
+    return null;
+  }
+
   countByState(): Record<string, number> {
     return Object.fromEntries(this.counts);
   }

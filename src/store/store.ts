@@ -59,6 +59,11 @@ export interface Store {
   readonly failed: Promise<Error>;
   /** Observed write latencies (ms), for metrics. */
   onWrite?: (op: string, ms: number) => void;
+  /**
+   * Why the database cannot be used right now (the last operation failed for a storage reason and
+   * none has succeeded since), else null: /readyz reports it while the store may recover by itself.
+   */
+  unavailable(): string | null;
 
   // ---- writes (resolve once durable) ----
   /**
