@@ -116,8 +116,8 @@ export class PostgresStore implements Store {
       this.fault = null;
       return v;
     } catch (e) {
-      const f = pgStoreFault(e);
-      if (f) this.fault = f === "full" ? "the state database's disk is full" : "the state database cannot be reached";
+      // A full disk is answered per write (507), as with SQLite; the bridge stays ready for reads.
+      if (pgStoreFault(e) === "unavailable") this.fault = "the state database cannot be reached";
       throw e;
     }
   }
