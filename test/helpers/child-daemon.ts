@@ -32,7 +32,11 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
     proc.stdout!.on("data", onData);
     void exited.then((code) => reject(new Error(`daemon exited (${code}) before listening:\n${out}`)));
     // Generous: on a loaded 2-core machine loading the modules alone has taken over 30 s.
-    setTimeout(() => reject(new Error(`daemon did not start listening within 90 s:\n${out}`)), 90_000).unref();
+    // Killed then: a daemon that starts after the test gave up would otherwise outlive it.
+    setTimeout(() => {
+      proc.kill("SIGKILL");
+      reject(new Error(`daemon did not start listening within 90 s:\n${out}`));
+    }, 90_000).unref();
   });
   return {
     proc,
