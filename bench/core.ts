@@ -23,7 +23,7 @@ import { Almanac, type ComputeGrant } from "../src/domain/index.js";
 import { Fleet } from "../src/fleet/fleet.js";
 import { GrantManager } from "../src/lifecycle/manager.js";
 import { startDaemon } from "../src/daemon.js";
-import { Store } from "../src/store/store.js";
+import { SqliteStore as Store } from "../src/store/sqlite.js";
 import { systemClock } from "../src/util/clock.js";
 import { Identity } from "../src/util/identity.js";
 import { createLogger } from "../src/util/logger.js";
@@ -147,7 +147,7 @@ export async function rssChild(): Promise<{ idle_mib: number; active_mib: number
     terminate: async () => undefined,
   };
   const store = new Store(dir, systemClock);
-  const manager = new GrantManager({ store, fleet: Fleet.of([parked], systemClock), almanac: new Almanac(new Date(0), 1), identity: Identity.ephemeral(), log: createLogger("silent"), clock: systemClock, providerId: "bench", maxAttempts: 1 });
+  const manager = await GrantManager.open({ store, fleet: Fleet.of([parked], systemClock), almanac: new Almanac(new Date(0), 1), identity: Identity.ephemeral(), log: createLogger("silent"), clock: systemClock, providerId: "bench", maxAttempts: 1 });
   const gc = (globalThis as { gc?: () => void }).gc!;
   const rss = () => {
     gc();
@@ -161,7 +161,7 @@ export async function rssChild(): Promise<{ idle_mib: number; active_mib: number
   for (let i = 0; i < N; i += 500) await Promise.all(Array.from({ length: 500 }, (_, j) => submit(manager, `g-${i + j}`)));
   const active = rss();
   await manager.shutdown(2000);
-  store.close();
+  await store.close();
   rmSync(dir, { recursive: true, force: true });
   return { idle_mib: idle, active_mib: active, grants: manager.activeCount === 0 ? N : N };
 }
@@ -254,7 +254,7 @@ export async function resume(n = 1000): Promise<{ n: number; resume_ms: number; 
         await store.transition(rid, "running", { instance: { request_id: rid, backend: "aws", instance_id: id, region: "us-east-1", host: "127.0.0.1", ssh_port: 22, ssh_user: "ec2-user", host_key_sha256: null, started_at: new Date().toISOString(), cpu_millicores: 1000, ram_mib: 1024, details: {} } });
       }),
     );
-    store.close();
+    await store.close();
     fake.resetCalls();
     const t0 = performance.now();
     const d = await startDaemon({ configFile: cfgFile, logDestination: { write: () => true } as never });

@@ -22,7 +22,7 @@ const { buildCard } = await fromDist<typeof import("../src/fleet/card.js")>("fle
 const { Fleet } = await fromDist<typeof import("../src/fleet/fleet.js")>("fleet/fleet.js");
 const { GrantManager } = await fromDist<typeof import("../src/lifecycle/manager.js")>("lifecycle/manager.js");
 const { buildListener } = await fromDist<typeof import("../src/listener/server.js")>("listener/server.js");
-const { Store } = await fromDist<typeof import("../src/store/store.js")>("store/store.js");
+const { SqliteStore: Store } = await fromDist<typeof import("../src/store/sqlite.js")>("store/sqlite.js");
 const { systemClock } = await fromDist<typeof import("../src/util/clock.js")>("util/clock.js");
 const { Identity } = await fromDist<typeof import("../src/util/identity.js")>("util/identity.js");
 const { createLogger } = await fromDist<typeof import("../src/util/logger.js")>("util/logger.js");
@@ -82,7 +82,7 @@ export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{
   store.onWrite = (_op, ms) => commits.push(ms);
   const fleet = Fleet.of([parkedBackend()], systemClock);
   const identity = Identity.ephemeral();
-  const manager = new GrantManager({ store, fleet, almanac: new Almanac(new Date("2026-01-01T00:00:00Z"), 1), identity, log, clock: systemClock, providerId: "bench", maxAttempts: 1 });
+  const manager = await GrantManager.open({ store, fleet, almanac: new Almanac(new Date("2026-01-01T00:00:00Z"), 1), identity, log, clock: systemClock, providerId: "bench", maxAttempts: 1 });
   const cfg = parseConfigText(CFG, "bench");
   const l = buildListener({ manager, store, card: () => buildCard(cfg, fleet, identity), token: TOKEN, log, bodyLimit: 1 << 20 });
   await l.app.listen({ host: "127.0.0.1", port: 0 });

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# System packages the test suite needs: a real OpenSSH server (bare-metal backend tests).
+# System packages the test suite needs: a real OpenSSH server (bare-metal backend tests) and
+# PostgreSQL (every store test runs on SQLite and on a throwaway PostgreSQL cluster the tests start
+# themselves: test/helpers/postgres.ts).
 # Installed automatically when run as root (as CI does); otherwise the exact packages are named.
 # Then, optionally, promtool and real libvirt + QEMU (scripts/libvirt-up.sh) for the real-libvirt test: a failure
 # there does not stop `npm test`; test/backends/baremetal-libvirt.test.ts skips and says why.
@@ -10,6 +12,8 @@ need=()
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v openssl >/dev/null || need+=(openssl)
+# initdb/postgres on PATH, or where Debian's package puts them (/usr/lib/postgresql/<version>/bin).
+if ! command -v initdb >/dev/null && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then need+=(postgresql); fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "test-deps: installing ${need[*]}" >&2

@@ -9,6 +9,7 @@ import { pricingRows } from "./fleet/spend.js";
 import { NotBuiltError } from "./backends/registry.js";
 import type { CheckResult } from "./backends/backend.js";
 import { readSecret } from "./config/secrets.js";
+import { checkStore } from "./store/check.js";
 import { splitHostPort } from "./util/hostport.js";
 import { fleetOrder, LogConfig } from "./config/schema.js";
 import { systemClock } from "./util/clock.js";
@@ -187,13 +188,13 @@ async function offlineFleet(file: string, skipUnbuilt: boolean) {
 }
 
 async function checkConfig(argv: string[], io: Io): Promise<number> {
-  const usage = usageOf("  compute-bridge check-config [--config FILE | FILE]\n\nValidates the boot TOML (exit 2 with the key path of every problem) and prints the card it would publish.");
+  const usage = usageOf("  compute-bridge check-config [--config FILE | FILE]\n\nValidates the boot TOML (exit 2 with the key path of every problem), checks the state store (a PostgreSQL\nstore's connection and schema version; exit 1 if that fails) and prints the card it would publish.");
   const a = parse(argv, "check-config", usage, CONFIG_OPT, 1);
   const given = a.positionals[0];
   if (given !== undefined && a.values.config !== undefined && given !== a.values.config)
     throw new UsageError(`check-config: give the file once (--config ${a.values.config} or ${given})`);
   const file = configPath(a.values.config ?? given);
-  const { cfg, fleet, stateDir, notBuilt } = await offlineFleet(file, true);
+  const { loaded, cfg, fleet, stateDir, notBuilt } = await offlineFleet(file, true);
   const keyFile = path.join(stateDir, "identity.key");
   const identity = existsSync(keyFile) ? Identity.loadOrCreate(stateDir) : Identity.ephemeral();
   for (const e of notBuilt) io.err(`warning: ${e.message} (run would refuse this config)\n`);
@@ -201,6 +202,14 @@ async function checkConfig(argv: string[], io: Io): Promise<number> {
   io.out(`${JSON.stringify(buildCard(cfg, fleet, identity), null, 2)}\n`);
   // Prices and caps for the operator (stderr: stdout stays the card, for tools).
   io.err(formatTable([["SCOPE", "PRICING", "VALUE"], ...pricingRows(cfg)]));
+  // The state database: reachable (PostgreSQL) and at a schema version this build runs on.
+  const store = await checkStore(cfg.store, loaded.dir, stateDir);
+  io.err(formatTable([["STORE", "CHECK", "RESULT", "DETAIL"], ...store.map((c) => [cfg.store.kind, c.check, c.ok ? "ok" : "FAIL", c.detail])]));
+  const failed = store.filter((c) => !c.ok);
+  if (failed.length > 0) {
+    io.err(`config valid, but the store check failed: ${failed.map((c) => c.detail).join("; ")}\n`);
+    return EXIT.failure;
+  }
   io.err(`config ok: ${path.resolve(file)}\n`);
   return EXIT.ok;
 }
@@ -348,7 +357,7 @@ function formatTable(rows: string[][]): string {
 
 /** Read-only checks of every configured backend: credentials, reachability, tools. */
 async function doctor(argv: string[], io: Io): Promise<number> {
-  const a = parse(argv, "doctor", usageOf("  compute-bridge doctor [--config FILE]\n\nRead-only checks of every configured backend; exit 1 if any fails."), CONFIG_OPT);
+  const a = parse(argv, "doctor", usageOf("  compute-bridge doctor [--config FILE]\n\nRead-only checks of the state store and every configured backend; exit 1 if any fails."), CONFIG_OPT);
   const { loaded, cfg, fleet, notBuilt } = await offlineFleet(configPath(a.values.config), true);
   const rows: string[][] = [["BACKEND", "CHECK", "RESULT", "DETAIL"]];
   let failed = notBuilt.length > 0;
@@ -359,6 +368,10 @@ async function doctor(argv: string[], io: Io): Promise<number> {
   } catch (e) {
     failed = true;
     rows.push(["listener", "token readable", "FAIL", (e as Error).message]);
+  }
+  for (const c of await checkStore(cfg.store, loaded.dir, resolveFromConfig(loaded, cfg.bridge.state_dir))) {
+    if (!c.ok) failed = true;
+    rows.push([`store (${cfg.store.kind})`, c.check, c.ok ? "ok" : "FAIL", c.detail]);
   }
   for (const b of fleet.backends) {
     if (!b.check) {

@@ -10,8 +10,7 @@ import { Fleet } from "./fleet/fleet.js";
 import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
 import { buildListener, readTls, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
-import { Store } from "./store/store.js";
-import { assertDatabaseNotLost } from "./store/state-check.js";
+import { isStoreUnavailable, openCheckedStore, storeSpec, type Store } from "./store/store.js";
 import type { BackendOptions } from "./backends/registry.js";
 import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
@@ -98,17 +97,16 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
 
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
   const releaseLock = lockStateDir(stateDir);
-  let newDatabaseCreated: () => void;
+  // The store first: a lost database (state-check.ts) is refused before the identity is created.
+  let store: Store;
   try {
-    newDatabaseCreated = assertDatabaseNotLost(stateDir);
+    store = await openCheckedStore(storeSpec(cfg.store, loaded.dir, stateDir), clock);
   } catch (e) {
     releaseLock();
     throw e;
   }
   const identity = Identity.loadOrCreate(stateDir);
   const almanac = new Almanac(cfg.almanac.genesis, cfg.almanac.tick_seconds);
-  const store = new Store(stateDir, clock);
-  newDatabaseCreated();
   let manager!: GrantManager;
   const metrics = new BridgeMetrics(store, () => manager.activeCount);
   const imagePolicy = new ImagePolicy({ fileRoots: cfg.backends.local?.image_roots ?? [], allowCidrs: cfg.bridge.image_allow_cidrs });
@@ -116,7 +114,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const publisher = cfg.market && marketToken ? new MarketPublisher(store, cfg.market, marketToken, log.child({ component: "market" }), clock) : null;
 
   const events = metrics.managerEvents();
-  manager = new GrantManager({
+  manager = await GrantManager.open({
     store,
     fleet,
     almanac,
@@ -162,7 +160,14 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     // Ended grants of past months no longer count against any cap.
     fleet.spend?.budgets.prune(clock.now());
     try {
-      const live = new Set(store.nonTerminal().map((g) => g.request_id));
+      let live: Set<string>;
+      try {
+        live = new Set((await store.nonTerminal()).map((g) => g.request_id));
+      } catch (e) {
+        // Without the list of live grants nothing can be told apart from an orphan: skip this pass.
+        log.error({ err: e }, "reconcile skipped: the state database cannot be read; it runs again at the next interval");
+        return;
+      }
       for (const b of fleet.backends) {
         if (!b.reconcile) continue;
         try {
@@ -182,7 +187,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   let resumed = false;
   let storeFailure: Error | null = null;
   void store.failed.then((e) => (storeFailure = e));
-  const notReadyReason = () => (storeFailure ? "the state database cannot be written" : resumed ? null : "resuming open grants");
+  const notReadyReason = () => (storeFailure ? "the state database cannot be written" : (store.unavailable() ?? (resumed ? null : "resuming open grants")));
   const promText = { contentType: metrics.registry.contentType, text: () => metrics.registry.metrics() };
   const listener = buildListener({
     manager,
@@ -241,7 +246,20 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const ready = (async () => {
     await reconcileAll();
     if (stopping) return 0;
-    const n = manager.resumeAll();
+    // A database that cannot be read right now (PostgreSQL restarting) is waited for: resuming
+    // is what readiness waits on.
+    let n = 0;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        n = await manager.resumeAll();
+        break;
+      } catch (e) {
+        if (!isStoreUnavailable(e)) throw e;
+        log.warn({ err: { message: (e as Error).message }, attempt }, "cannot read the open grants to resume them; retrying");
+        await clock.sleep(Math.min(30_000, 500 * 2 ** Math.min(attempt, 6)));
+        if (stopping) return 0;
+      }
+    }
     resumed = true;
     log.info({ resumed: n }, n > 0 ? "resumed open grants" : "no open grants to resume");
     reconcileTimer = setInterval(() => void reconcileAll(), o.reconcileIntervalMs ?? 60_000);

@@ -154,7 +154,7 @@ describe("CLI", () => {
       grant: { request_id: "cli-1", region: "local", tdx_required: false, cpu_millicores: 100, ram_mib: 64, valid_to: tickIn(120) },
       envelope: { image: { url: img.url, sha256: img.sha256, format: "bundle" } },
     });
-    await until(() => td.d.store.get("cli-1")?.state === "running", "running");
+    await until(async () => (await td.d.store.get("cli-1"))?.state === "running", "running");
     const list = await runCli(["grants", "list", "--config", f]);
     assert.equal(list.code, 0, list.err);
     assert.match(list.out, /^REQUEST_ID\s+STATE/);
@@ -164,7 +164,7 @@ describe("CLI", () => {
     assert.ok(!show.out.includes("PRIVATE KEY"), "show never prints the per-grant private key");
     const cancel = await runCli(["grants", "cancel", "cli-1", "--config", f]);
     assert.equal(cancel.code, 0, cancel.err);
-    await until(() => td.d.store.get("cli-1")?.state === "cancelled", "cancelled");
+    await until(async () => (await td.d.store.get("cli-1"))?.state === "cancelled", "cancelled");
     const shown = JSON.parse((await runCli(["grants", "show", "cli-1", "--config", f])).out);
     assert.equal(shown.compute_log.exit_reason, "cancelled");
     const missing = await runCli(["grants", "show", "nope", "--config", f]);

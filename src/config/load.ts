@@ -35,7 +35,7 @@ export function formatPath(p: ReadonlyArray<PropertyKey>): string {
   return out || "(root)";
 }
 
-const SECRETISH = /(secret|token|password|passwd|private_key|access_key|credential)s?$/i;
+const SECRETISH = /(secret|token|password|passwd|private_key|access_key|credential)s?$|^url$/i;
 
 /** Human messages for zod issues, each naming the key path. */
 export function formatIssues(error: z.ZodError): string[] {

@@ -76,6 +76,27 @@ export const BridgeConfig = z.strictObject({
   image_allow_cidrs: z.array(Cidr).default([]),
 });
 
+const storeUrl = secretRef("url", false);
+/**
+ * Where grant state lives (issue #19). `sqlite` (the default): bridge.db in bridge.state_dir, one
+ * bridge per state_dir. `postgres`: a PostgreSQL database, its URL (which holds the password) read
+ * from `url_file` or `url_env`, never inline.
+ */
+export const StoreConfig = z
+  .strictObject({
+    kind: z.enum(["sqlite", "postgres"]).default("sqlite"),
+    ...storeUrl.shape,
+    /** Connections to PostgreSQL at most (postgres only). */
+    pool_size: PositiveInt.max(100).default(8),
+  })
+  .superRefine((v, ctx) => {
+    storeUrl.check(v, ctx);
+    if (v.kind === "postgres" && v.url_file === undefined && v.url_env === undefined)
+      ctx.addIssue({ code: "custom", path: ["url_file"], message: 'required with kind = "postgres": url_file (a file holding the postgres:// URL) or url_env (an environment variable name)' });
+    if (v.kind === "sqlite" && (v.url_file !== undefined || v.url_env !== undefined))
+      ctx.addIssue({ code: "custom", path: [v.url_file !== undefined ? "url_file" : "url_env"], message: 'only for kind = "postgres" (SQLite keeps bridge.db in bridge.state_dir)' });
+  });
+
 export const AlmanacConfig = z.strictObject({
   genesis: z.union([z.date(), z.string()]).transform((v, ctx) => {
     const d = v instanceof Date ? v : new Date(v);
@@ -429,6 +450,7 @@ export const BootConfig = z
     listener: ListenerConfig,
     almanac: AlmanacConfig,
     log: LogConfig.default({ level: "info" }),
+    store: StoreConfig.default({ kind: "sqlite", pool_size: 8 }),
     fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300, provision_concurrency: 32, policy: "ordered", currency: "USD", publish_prices: false }),
     market: MarketConfig.optional(),
     backends: BackendsConfig.default({}),
@@ -479,6 +501,7 @@ export type BareMetalConfig = z.infer<typeof BareMetalConfig>;
 export type BareMetalMachine = z.infer<typeof BareMetalMachine>;
 export type MarketConfig = z.infer<typeof MarketConfig>;
 export type ListenerConfig = z.infer<typeof ListenerConfig>;
+export type StoreConfig = z.infer<typeof StoreConfig>;
 
 /** The fleet order: the operator's, or the default preference among configured backends. */
 export function fleetOrder(cfg: BootConfig): BackendName[] {

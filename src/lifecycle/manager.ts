@@ -130,11 +130,14 @@ export class GrantManager {
   private readonly tasks = new Map<string, Task>();
   private readonly queue: ProvisionQueue<Waiter>;
   private stopping = false;
+  /** resumeAll() ran: from then on an open grant without a task here is driven by no one. */
+  private resumed = false;
   private readonly graceMs: number;
   private readonly baseMs: number;
   private readonly capMs: number;
 
-  constructor(private readonly o: ManagerOptions) {
+  /** Use GrantManager.open(), which restores the ledgers from the store. */
+  private constructor(private readonly o: ManagerOptions) {
     this.graceMs = o.expiryGraceMs ?? 5000;
     this.baseMs = o.retryBaseMs ?? 1000;
     this.capMs = o.retryCapMs ?? 60_000;
@@ -148,22 +151,54 @@ export class GrantManager {
         if (ms > 0) this.o.events?.dequeued?.(key.slice(0, key.indexOf("|")), ms / 1000);
       },
     });
+  }
+
+  /**
+   * A manager whose ledgers hold what the store promised before a restart: open it before the
+   * listener can accept anything (the daemon does).
+   */
+  static async open(o: ManagerOptions): Promise<GrantManager> {
+    const m = new GrantManager(o);
+    await m.restoreLedgers();
+    return m;
+  }
+
+  private async restoreLedgers(): Promise<void> {
+    const o = this.o;
     // Capacity promised before a restart is still promised: the ledger is rebuilt from the open
-    // grants before the listener can accept anything (the daemon builds the manager first).
-    for (const rec of o.store.nonTerminal()) if (rec.backend) o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
+    // grants before the listener can accept anything.
+    for (const rec of await o.store.nonTerminal()) if (rec.backend) o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
     // Spend caps: every grant accepted this month is charged again, an open one its worst case
     // from its accept, an ended one what it cost.
-    const spend = o.fleet.spend;
-    if (spend?.budgets.active) {
+    if (o.fleet.spend?.budgets.active) {
       const monthStart = `${windowOf("month", o.clock.now())}-01T00:00:00.000Z`;
-      for (const rec of o.store.acceptedSince(monthStart)) {
-        if (!rec.backend) continue;
-        const at = Date.parse(rec.created_at);
-        const open = !TERMINAL.includes(rec.state);
-        const amount = open ? spend.worstCase(rec.backend, rec.grant, rec.price_per_hour, at) : (rec.cost ?? 0);
-        spend.budgets.charge({ request_id: rec.request_id, backend: rec.backend, amount, at_ms: at, settled: !open });
-      }
+      for (const rec of await o.store.acceptedSince(monthStart)) this.charge(rec);
     }
+  }
+
+  /** Charge a stored grant to the spend caps (restore, adopt). */
+  private charge(rec: GrantRecord): void {
+    const spend = this.o.fleet.spend;
+    if (!spend?.budgets.active || !rec.backend) return;
+    const at = Date.parse(rec.created_at);
+    const open = !TERMINAL.includes(rec.state);
+    const amount = open ? spend.worstCase(rec.backend, rec.grant, rec.price_per_hour, at) : (rec.cost ?? 0);
+    spend.budgets.charge({ request_id: rec.request_id, backend: rec.backend, amount, at_ms: at, settled: !open });
+  }
+
+  /**
+   * A re-post answered as a duplicate of an open grant nothing here drives: its accept committed
+   * although the answer to it failed (PostgreSQL: a connection lost during the commit; the first
+   * post got 503). Once open grants have resumed, it is driven from its record here, with its
+   * reservation and charge as a restart would rebuild them.
+   */
+  private adoptIfUndriven(rec: GrantRecord): void {
+    if (!this.resumed || this.stopping || TERMINAL.includes(rec.state) || !rec.backend) return;
+    if (this.tasks.has(rec.request_id) || this.queue.info(rec.request_id) || this.o.fleet.reservations.get(rec.request_id)) return;
+    this.o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
+    this.charge(rec);
+    this.o.log.warn({ request_id: rec.request_id, backend: rec.backend, state: rec.state }, "a re-posted grant was accepted earlier without being driven (its accept's answer failed); driving it now");
+    this.start(rec);
   }
 
   /** Grants the bridge is responsible for right now: driven by a task or waiting for a slot. */
@@ -206,19 +241,19 @@ export class GrantManager {
     // taken): it is looked up whenever the new grant would be refused, and otherwise inside the
     // accept commit itself (where the writer digests the body), so the common path reads the
     // database once, in the writer.
-    const known = (): SubmitResult | null => {
-      const existing = this.o.store.get(grant.request_id);
+    const known = async (): Promise<SubmitResult | null> => {
+      const existing = await this.o.store.get(grant.request_id);
       return existing ? { status: existing.body_digest === grantRequestDigest(req) ? "duplicate" : "conflict", record: existing } : null;
     };
     if (this.o.almanac.toWallMs(grant.valid_to) <= this.o.clock.now()) {
-      const k = known();
+      const k = await known();
       if (k) return k;
       throw new ValidationError("grant.valid_to", `tick ${grant.valid_to} (${this.o.almanac.toDate(grant.valid_to).toISOString()}) is already in the past`);
     }
     // A grant still open holds its reservation: answered from the store, never routed again.
     const held = this.o.fleet.reservations.get(grant.request_id);
     if (held) {
-      const k = known();
+      const k = await known();
       if (k) return k;
       // Its accept is being committed right now (a concurrent re-post): the writer answers this one
       // after it, as a duplicate or a conflict. Only if that accept failed is this one created.
@@ -233,7 +268,7 @@ export class GrantManager {
     // made durable by the accept commit below (the grant row names its backend and placement).
     const route = this.o.fleet.admit(grant, envelope);
     if (!route.ok) {
-      const k = known();
+      const k = await known();
       if (k) return k;
       this.o.events?.decline?.(route.declines);
       this.o.log.info({ request_id: grant.request_id, region: grant.region, declines: route.declines }, "grant declined");
@@ -263,8 +298,10 @@ export class GrantManager {
       throw e;
     }
     // A grant that had ended already (a re-post or a conflict) holds nothing.
-    if (r.status !== "created") this.o.fleet.release(grant.request_id);
-    else {
+    if (r.status !== "created") {
+      this.o.fleet.release(grant.request_id);
+      if (r.status === "duplicate") this.adoptIfUndriven(r.record);
+    } else {
       this.o.events?.transition?.(route.backend.name, "none", "provisioning");
       this.o.log.info(
         { request_id: grant.request_id, backend: route.backend.name, state: "provisioning", region: grant.region, ...(route.price_per_hour !== null ? { price_per_hour: route.price_per_hour, worst_case: route.worst_case } : {}) },
@@ -276,19 +313,20 @@ export class GrantManager {
   }
 
   /** Continue every grant that was not terminal when the bridge last stopped. */
-  resumeAll(): number {
+  async resumeAll(): Promise<number> {
     // The listener is up before this runs: grants accepted since the start already have a task.
-    const open = this.o.store.nonTerminal().filter((rec) => !this.tasks.has(rec.request_id));
+    const open = (await this.o.store.nonTerminal()).filter((rec) => !this.tasks.has(rec.request_id));
     for (const rec of open) {
       this.o.log.info({ request_id: rec.request_id, backend: rec.backend, state: rec.state }, "resuming grant after restart");
       this.start(rec);
     }
+    this.resumed = true;
     return open.length;
   }
 
   /** Request cancellation; the grant ends as `cancelled` once its instance is terminated. */
   async cancel(id: string): Promise<GrantRecord | null> {
-    const rec = this.o.store.get(id);
+    const rec = await this.o.store.get(id);
     if (!rec || rec.outcome || ["completed", "failed", "expired", "cancelled"].includes(rec.state)) return rec;
     // Recorded before acting on it: a restart still cancels.
     const updated = await this.o.store.requestCancel(id);
@@ -339,9 +377,18 @@ export class GrantManager {
 
   /** A waiting grant's turn: its task starts from what the store holds now. */
   private launchStored(id: string, slot: string | null): void {
-    const rec = this.o.store.get(id);
-    if (rec && !TERMINAL.includes(rec.state)) return this.launch(rec, slot);
-    if (slot) this.queue.release(slot);
+    this.o.store.get(id).then(
+      (rec) => {
+        if (rec && !TERMINAL.includes(rec.state)) return this.launch(rec, slot);
+        if (slot) this.queue.release(slot);
+      },
+      (e: unknown) => {
+        // Unreadable now (the database unreachable): the slot is freed and the grant resumes on
+        // the next start, or the next resume pass.
+        if (slot) this.queue.release(slot);
+        this.o.log.error({ request_id: id, err: e }, "could not read a queued grant from the store; it resumes on the next start");
+      },
+    );
   }
 
   private releaseSlot(task: Task): void {
@@ -370,7 +417,17 @@ export class GrantManager {
           if (!isStoreUnavailable(e)) throw e;
           this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: isStorageFull(e) ? "storage_full" : "store_unavailable", message: messageOf(e) }, failures }, "a state database write failed; retrying from the last committed state");
           await this.o.clock.sleep(backoffMs(failures, this.baseMs, this.capMs) + this.baseMs, signal);
-          rec = this.o.store.get(id) ?? rec;
+          // The last committed state, read again (a database that cannot be read yet is waited for).
+          for (;;) {
+            try {
+              rec = (await this.o.store.get(id)) ?? rec;
+              break;
+            } catch (e2) {
+              if (!isStoreUnavailable(e2)) throw e2;
+              failures++;
+              await this.o.clock.sleep(backoffMs(failures, this.baseMs, this.capMs) + this.baseMs, signal);
+            }
+          }
           if (TERMINAL.includes(rec.state)) return;
         }
       }
@@ -413,7 +470,7 @@ export class GrantManager {
         const outcome = cut ? this.outcome(cut.state, null) : this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
         if (cut) this.o.log.info({ request_id: id, backend: rec.backend, reason: cut.message }, "provisioning stopped");
         else this.o.log.warn({ request_id: id, backend: rec.backend, err: { kind: outcome.error_kind, message: outcome.error_message } }, "provisioning failed");
-        rec = this.o.store.get(id)!;
+        rec = (await this.o.store.get(id))!;
         // Whatever a failed or interrupted create left behind is found by request_id and removed.
         await this.terminateAndFinish(await this.toTerminating(rec, outcome), outcome, signal);
         return;

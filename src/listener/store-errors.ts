@@ -1,6 +1,8 @@
+import { pgStoreFault } from "../store/errors.js";
+
 /**
  * What a failed store write means for the caller. The listener answers 507 when the disk (or
- * SQLite's database) is full, 503 with Retry-After for any other store I/O failure (an I/O error,
+ * SQLite's database, or PostgreSQL's disk) is full, 503 with Retry-After for any other store I/O failure (an I/O error,
  * a read-only or locked database, a writer that stopped), and never 500 for either: nothing was
  * acknowledged, and the market may retry.
  */
@@ -25,10 +27,11 @@ export function classifyStoreError(e: unknown): StoreFault | null {
   if (!(e instanceof Error)) return null;
   const code = (e as { code?: unknown }).code;
   const msg = e.message;
-  const full = (typeof code === "string" && FULL_CODES.has(code)) || (e.name === "SqliteError" && FULL_MESSAGES.some((m) => msg.includes(m)));
+  const pg = pgStoreFault(e);
+  const full = (typeof code === "string" && FULL_CODES.has(code)) || (e.name === "SqliteError" && FULL_MESSAGES.some((m) => msg.includes(m))) || pg === "full";
   if (full) return { status: 507, error: "insufficient_storage", message: "the bridge's state database cannot be written: no space left; nothing was stored" };
   const unavailable =
-    (typeof code === "string" && UNAVAILABLE_CODES.test(code)) || (e.name === "SqliteError" && UNAVAILABLE_MESSAGES.some((m) => msg.includes(m))) || WRITER_GONE.test(msg);
+    (typeof code === "string" && UNAVAILABLE_CODES.test(code)) || (e.name === "SqliteError" && UNAVAILABLE_MESSAGES.some((m) => msg.includes(m))) || WRITER_GONE.test(msg) || pg === "unavailable";
   if (unavailable) return { status: 503, error: "unavailable", message: "the bridge's state database cannot be written right now; nothing was stored, retry later" };
   return null;
 }

@@ -44,7 +44,7 @@ export class MarketPublisher {
 
   private async run(): Promise<void> {
     while (!this.stopped) {
-      const due = this.store.dueOutbox(50);
+      const due = await this.store.dueOutbox(50);
       for (const item of due) {
         if (this.stopped) return;
         const url = item.kind === "card" ? this.cfg.card_url : this.cfg.log_url;
@@ -73,7 +73,7 @@ export class MarketPublisher {
         }
       }
       if (this.stopped) return;
-      const next = this.store.nextOutboxAt();
+      const next = await this.store.nextOutboxAt();
       const wait = next === null ? 60_000 : Math.max(0, next - this.clock.now());
       if (wait === 0 && due.length > 0) continue;
       await new Promise<void>((resolve) => {

@@ -47,7 +47,7 @@ export class BridgeMetrics implements BackendMetrics {
       },
     });
     new Gauge({ name: "cb_grants_in_flight", help: "Grants the bridge is driving right now", registers: [this.registry], collect() { this.set(activeGrants()); } });
-    new Gauge({ name: "cb_market_outbox", help: "Card/log deliveries waiting for the market", registers: [this.registry], collect() { this.set(store.outboxSize()); } });
+    new Gauge({ name: "cb_market_outbox", help: "Card/log deliveries waiting for the market", registers: [this.registry], async collect() { this.set(await store.outboxSize()); } });
     store.onWrite = (op, ms) => this.storeWrite.observe({ op }, ms / 1000);
   }
 

@@ -1,9 +1,12 @@
 import Database from "better-sqlite3";
 import { appendFileSync, closeSync, fsyncSync, openSync } from "node:fs";
 import type { ComputeGrant, Envelope, GrantState, ProvisionedInstance } from "../domain/index.js";
+import type { GrantChanges, Transition } from "./store.js";
+import type { ColumnChanges } from "./writer.js";
 
-// The state database's schema and row mapping, shared by the reading side (store.ts, main thread)
-// and the single writer (writer.ts, in its own thread).
+// The state database's schema (SQLite) and the row mapping every engine shares: the reading side
+// (sqlite.ts, main thread), the single writer (writer.ts, in its own thread) and the PostgreSQL
+// engine (postgres.ts, whose own migrations are in pg-schema.ts).
 
 /** What a grant will end as once its instance is terminated: recorded before terminating. */
 export interface Outcome {
@@ -243,4 +246,65 @@ export function toRecord(r: Row): GrantRecord {
     updated_at: r.updated_at,
     attestation_nonce: r.attestation_nonce ?? null,
   };
+}
+
+/** The record of a grant just accepted, built from what was written (no read-back on the accept path). */
+export function acceptedRecord(g: NewGrant, w: { seq: number; body_digest: string; now: string; attestation_nonce: string | null }): GrantRecord {
+  return {
+    seq: w.seq,
+    request_id: g.request_id,
+    body_digest: w.body_digest,
+    grant: g.grant,
+    envelope: g.envelope,
+    state: "provisioning",
+    backend: g.backend,
+    placement: g.placement ?? null,
+    price_per_hour: g.price_per_hour ?? null,
+    cost: null,
+    instance: null,
+    private_key: g.private_key,
+    public_key: g.public_key,
+    error_kind: null,
+    error_message: null,
+    attempts: [],
+    cancel_requested: false,
+    outcome: null,
+    created_at: w.now,
+    updated_at: w.now,
+    attestation_nonce: w.attestation_nonce,
+  };
+}
+
+/**
+ * A grant's history: its accept (from the grants row, see Writer.accept), then the audit rows of
+ * every later transition. Databases written before that change hold an audit row for the accept
+ * too; it is shown as it is.
+ */
+export function historyOf(row: Row, audit: Transition[]): Transition[] {
+  if (audit[0]?.from_state === null) return audit;
+  // The backend it was routed to, wherever it went since (rows from before routed_backend was
+  // recorded: the first backend tried, which is the routed one unless it left the config).
+  const rec = toRecord(row);
+  const routed = row.routed_backend ?? rec.attempts[0]?.backend ?? rec.backend;
+  const accept: Transition = { from_state: null, to_state: "provisioning", backend: routed, note: "accepted and routed; idempotency key derived from request_id", at: rec.created_at };
+  return [accept, ...audit];
+}
+
+/** The key of Store.countByState(). */
+export function countKey(state: string, backend: string | null): string {
+  return `${state}|${backend ?? ""}`;
+}
+
+/** A transition's changes as the grant columns they set, serialized; nothing else reaches the SQL. */
+export function columns(c: GrantChanges): ColumnChanges {
+  const out: ColumnChanges = {};
+  if (c.backend !== undefined) out.backend = c.backend;
+  if (c.placement !== undefined) out.placement = c.placement;
+  if (c.price_per_hour !== undefined) out.price_per_hour = c.price_per_hour;
+  if (c.instance !== undefined) out.instance_json = c.instance ? JSON.stringify(c.instance) : null;
+  if (c.error_kind !== undefined) out.error_kind = c.error_kind;
+  if (c.error_message !== undefined) out.error_message = c.error_message;
+  if (c.attempts !== undefined) out.attempts_json = JSON.stringify(c.attempts);
+  if (c.outcome !== undefined) out.outcome_json = c.outcome ? JSON.stringify(c.outcome) : null;
+  return out;
 }

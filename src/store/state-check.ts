@@ -58,3 +58,24 @@ export function assertDatabaseNotLost(stateDir: string): () => void {
       `See docs/operations.md, "Lost database".`,
   );
 }
+
+/**
+ * The same guard for a PostgreSQL store (called by PostgresStore.open when the database has no
+ * compute-bridge schema yet, before creating it): a state_dir that shows earlier use next to an
+ * empty database means the URL names the wrong database, a restore that did not happen, or a
+ * switch from SQLite whose grants stay behind in bridge.db. Returns the function to call once the
+ * schema exists (it consumes ALLOW_NEW_DATABASE).
+ */
+export function assertPgDatabaseNotLost(stateDir: string): () => void {
+  const used = previousUse(stateDir);
+  if (existsSync(path.join(stateDir, "bridge.db"))) used.push("bridge.db (a SQLite state database)");
+  if (used.length === 0) return () => {};
+  const ack = path.join(stateDir, ALLOW_NEW_DATABASE);
+  if (existsSync(ack)) return () => rmSync(ack, { force: true });
+  throw new LostDatabaseError(
+    `state_dir ${stateDir} was used before (${used.join(", ")}) but the PostgreSQL database of [store] has no compute-bridge schema (a new, empty database). ` +
+      `Not starting: it would forget every grant, and workloads still running for them would be taken for orphans. ` +
+      `Check that store.url names the right database, or restore it; moving from SQLite to PostgreSQL does not carry bridge.db's grants over (let them finish first). ` +
+      `To start on the empty database deliberately, create the file ${ack} (it allows one start). See docs/operations.md, "Lost database".`,
+  );
+}

@@ -20,7 +20,7 @@ export interface ColumnChanges {
   attempts_json?: string;
   outcome_json?: string | null;
 }
-const CHANGEABLE: readonly (keyof ColumnChanges)[] = ["backend", "placement", "price_per_hour", "cost", "instance_json", "error_kind", "error_message", "attempts_json", "outcome_json"];
+export const CHANGEABLE: readonly (keyof ColumnChanges)[] = ["backend", "placement", "price_per_hour", "cost", "instance_json", "error_kind", "error_message", "attempts_json", "outcome_json"];
 
 export type WriteOp =
   | { op: "accept"; row: NewGrant; now: string }

@@ -23,6 +23,8 @@ export const REDACT_PATHS = [
   "*.accessKeyId",
   "*.client_secret",
   "*.sessionToken",
+  "connectionString",
+  "*.connectionString",
 ];
 
 /**

@@ -8,7 +8,7 @@ import { buildComputeLog } from "../../src/lifecycle/compute-log.js";
 import type { GrantManager } from "../../src/lifecycle/manager.js";
 import { buildListener } from "../../src/listener/server.js";
 import { createLogger } from "../../src/util/logger.js";
-import { Store } from "../../src/store/store.js";
+import { SqliteStore as Store } from "../../src/store/sqlite.js";
 import { systemClock } from "../../src/util/clock.js";
 import { Identity } from "../../src/util/identity.js";
 import { tickIn } from "../helpers/config.js";

@@ -297,7 +297,7 @@ async function runGrant(m: GrantManager, store: Store, req: GrantRequest) {
   const r = await m.submit(req);
   assert.equal(r.status, "created", JSON.stringify(r));
   await m.settled(req.grant.request_id);
-  return { rec: store.get(req.grant.request_id)!, log: store.computeLog(req.grant.request_id)! };
+  return { rec: (await store.get(req.grant.request_id))!, log: (await store.computeLog(req.grant.request_id))! };
 }
 
 // ---- tests ------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ describe("aws backend with the EC2 fake", () => {
     const aws = makeBackend(t, awsConfig(t, fake), { unavailable });
     const guest = new GuestSim(fake, dir, { script: true });
     t.after(() => guest.stop());
-    const { store, manager } = bridge(t, path.join(dir, "state"), [aws], unavailable);
+    const { store, manager } = await bridge(t, path.join(dir, "state"), [aws], unavailable);
 
     const img = image("exit3", '#!/bin/sh\n[ "$GREETING" = hello ] || exit 99\nexit 3\n');
     const { rec, log } = await runGrant(manager, store, { grant: grant("happy-1"), envelope: { image: { ...img, format: "bundle" }, env: { GREETING: "hello" } } });
@@ -394,7 +394,7 @@ describe("aws backend with the EC2 fake", () => {
     const aws = makeBackend(t, awsConfig(t, fake), { unavailable });
     const guest = new GuestSim(fake, dir, { script: true });
     t.after(() => guest.stop());
-    const { store, manager } = bridge(t, path.join(dir, "state"), [aws], unavailable);
+    const { store, manager } = await bridge(t, path.join(dir, "state"), [aws], unavailable);
     const canary = path.join(dir, "canary");
     const img = image("evil", `#!/bin/sh\ntouch ${canary}\n`);
     const { rec, log } = await runGrant(manager, store, { grant: grant("bad-hash-1"), envelope: { image: { url: img.url, sha256: "0".repeat(64), format: "bundle" } } });
@@ -416,7 +416,7 @@ describe("aws backend with the EC2 fake", () => {
     const local = localBackend(path.join(dir, "local-state"), { region: "us-east-1" }, loopbackImages());
     const guest = new GuestSim(fake, dir, { script: true });
     t.after(() => guest.stop());
-    const { store, manager, fleet } = bridge(t, path.join(dir, "state"), [aws, local], unavailable);
+    const { store, manager, fleet } = await bridge(t, path.join(dir, "state"), [aws, local], unavailable);
 
     const img = image("exit5", "#!/bin/sh\nexit 5\n");
     const env: Envelope = { image: { ...img, format: "bundle" } };
@@ -460,7 +460,7 @@ describe("aws backend with the EC2 fake", () => {
     // First life: the instance is launched, then the daemon goes away mid-provision.
     const u1 = new OfferingCache(60_000, systemClock);
     const aws1 = makeBackend(t, awsConfig(t, fake), { unavailable: u1 });
-    const life1 = bridge(t, stateDir, [aws1], u1);
+    const life1 = await bridge(t, stateDir, [aws1], u1);
     assert.equal((await life1.manager.submit(req)).status, "created");
     await until(() => fake.createdCount === 1 && aws1.stats().booting === 1, "the instance to be launched and waited for");
     await life1.close();
@@ -471,15 +471,15 @@ describe("aws backend with the EC2 fake", () => {
     // Second life: resume, adopt, finish.
     const u2 = new OfferingCache(60_000, systemClock);
     const aws2 = makeBackend(t, awsConfig(t, fake), { unavailable: u2 });
-    const life2 = bridge(t, stateDir, [aws2], u2);
-    assert.equal(life2.store.get("restart-1")?.state, "provisioning");
-    assert.equal(life2.manager.resumeAll(), 1);
+    const life2 = await bridge(t, stateDir, [aws2], u2);
+    assert.equal((await life2.store.get("restart-1"))?.state, "provisioning");
+    assert.equal(await life2.manager.resumeAll(), 1);
     await until(() => aws2.stats().booting === 1, "the resumed provision to wait for boot");
     fake.bootAll();
     await life2.manager.settled("restart-1");
-    const rec = life2.store.get("restart-1")!;
+    const rec = (await life2.store.get("restart-1"))!;
     assert.equal(rec.state, "completed", JSON.stringify(rec));
-    assert.equal(life2.store.computeLog("restart-1")?.exit_code, 0);
+    assert.equal((await life2.store.computeLog("restart-1"))?.exit_code, 0);
     assert.equal(rec.instance?.instance_id, first.instanceId);
     assert.equal(fake.createdCount, 1);
     assert.equal(fake.createsByToken.get(ec2ClientToken(PROVIDER, "restart-1", "m6i.large")), 1);
@@ -550,7 +550,7 @@ describe("aws backend with the EC2 fake", () => {
     const codes = new Map<string, number>();
     const guest = new GuestSim(fake, dir, { codeFor: (rid) => codes.get(rid) ?? 255 });
     t.after(() => guest.stop());
-    const { store, manager } = bridge(t, path.join(dir, "state"), [aws], unavailable);
+    const { store, manager } = await bridge(t, path.join(dir, "state"), [aws], unavailable);
     // One launch whose reply is lost after it committed, on top of the storm.
     fake.failNext("RunInstances", "InternalError", 500, { afterCommit: true });
 
@@ -561,9 +561,9 @@ describe("aws backend with the EC2 fake", () => {
     await Promise.all(ids.map((id) => manager.settled(id)));
 
     for (const id of ids) {
-      const rec = store.get(id)!;
+      const rec = (await store.get(id))!;
       assert.equal(rec.state, "completed", `${id}: ${JSON.stringify(rec.outcome)} ${rec.error_message}`);
-      assert.equal(store.computeLog(id)?.exit_code, codes.get(id));
+      assert.equal((await store.computeLog(id))?.exit_code, codes.get(id));
     }
     assert.equal(fake.createdCount, ids.length, "exactly one instance per grant");
     assert.deepEqual([...fake.duplicateTagValues(REQUEST_TAG)], []);

@@ -519,12 +519,12 @@ describe("azure backend: the guest's SSH host key", { timeout: SUITE_TIMEOUT_MS 
 
     // The grant runs on: through the manager it reaches running with no host key.
     const s2 = await setup(t, { fake, cfg: { host_key_timeout_seconds: 20 } });
-    const { manager, store } = lifecycle(t, s2.dir, [s2.backend], s2.ctx.unavailable);
+    const { manager, store } = await lifecycle(t, s2.dir, [s2.backend], s2.ctx.unavailable);
     const id2 = "hk-none-2";
     fake.guestHostKey(RG, naming.names(id2).vm, "none");
     await manager.submit({ grant: grant(id2), envelope: { image: IMAGE } });
-    await until(() => store.get(id2)?.state === "running", "the grant to run");
-    assert.equal(store.get(id2)?.instance?.host_key_sha256, null);
+    await until(async () => (await store.get(id2))?.state === "running", "the grant to run");
+    assert.equal((await store.get(id2))?.instance?.host_key_sha256, null);
     await manager.cancel(id2);
     await manager.settled(id2);
     await backend.terminate(inst);
@@ -770,40 +770,40 @@ describe("azure backend: terminate and the orphan sweep", { timeout: SUITE_TIMEO
 describe("azure backend through the GrantManager", { timeout: SUITE_TIMEOUT_MS }, () => {
   it("runs a grant end to end: exit code in the ComputeLog, nothing billable left", async (t) => {
     const s = await setup(t);
-    const { manager, store } = lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
+    const { manager, store } = await lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
     const id = "life.1";
     const r = await manager.submit({ grant: grant(id), envelope: { image: IMAGE } });
     assert.equal(r.status, "created");
-    await until(() => store.get(id)?.state === "running", "the grant to run");
-    const rec = store.get(id)!;
+    await until(async () => (await store.get(id))?.state === "running", "the grant to run");
+    const rec = (await store.get(id))!;
     assert.equal(rec.instance?.backend, "azure");
     // The manager generated the key pair; the VM got its public half.
     assert.equal(vmBody(s.fake, naming.names(id).vm)["properties"]["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"], rec.public_key);
     s.fake.guestPowerOff(RG, naming.names(id).vm, `${exitMarker(id, 3)}\n`);
     await manager.settled(id);
-    const done = store.get(id)!;
+    const done = (await store.get(id))!;
     assert.equal(done.state, "completed");
-    assert.equal(store.computeLog(id)?.exit_code, 3);
-    assert.equal(store.computeLog(id)?.instance_id, naming.names(id).vm);
+    assert.equal((await store.computeLog(id))?.exit_code, 3);
+    assert.equal((await store.computeLog(id))?.instance_id, naming.names(id).vm);
     assert.deepEqual(leftovers(s.fake), []);
 
     // No marker on the serial console: Azure does not tell a guest's own power-off from a stop by
     // someone else, so the workload is lost: the grant fails, its exit code null in the ComputeLog.
     const quiet = "life.2";
     await manager.submit({ grant: grant(quiet), envelope: { image: IMAGE } });
-    await until(() => store.get(quiet)?.state === "running", "the second grant to run");
+    await until(async () => (await store.get(quiet))?.state === "running", "the second grant to run");
     s.fake.guestPowerOff(RG, naming.names(quiet).vm);
     await manager.settled(quiet);
-    assert.equal(store.get(quiet)?.state, "failed");
-    assert.equal(store.computeLog(quiet)?.exit_code, null);
+    assert.equal((await store.get(quiet))?.state, "failed");
+    assert.equal((await store.computeLog(quiet))?.exit_code, null);
 
     // Cancelled while running: terminated, nothing left.
     const cancelled = "life.3";
     await manager.submit({ grant: grant(cancelled), envelope: { image: IMAGE } });
-    await until(() => store.get(cancelled)?.state === "running", "the third grant to run");
+    await until(async () => (await store.get(cancelled))?.state === "running", "the third grant to run");
     await manager.cancel(cancelled);
     await manager.settled(cancelled);
-    assert.equal(store.get(cancelled)?.state, "cancelled");
+    assert.equal((await store.get(cancelled))?.state, "cancelled");
     assert.deepEqual(leftovers(s.fake), []);
   });
 
@@ -827,11 +827,11 @@ describe("azure backend through the GrantManager", { timeout: SUITE_TIMEOUT_MS }
     t.after(() => new Promise<void>((r) => server.close(() => r())));
     const image = { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/wl.tar.gz`, sha256: img.sha256, format: "bundle" as const };
     const local = localBackend(path.join(s.dir, "local"), { region: REGION }, loopbackImages());
-    const { manager, store, fleet } = lifecycle(t, s.dir, [s.backend, local], s.ctx.unavailable);
+    const { manager, store, fleet } = await lifecycle(t, s.dir, [s.backend, local], s.ctx.unavailable);
     const id = "failover-1";
     await manager.submit({ grant: grant(id), envelope: { image } });
     await manager.settled(id);
-    const rec = store.get(id)!;
+    const rec = (await store.get(id))!;
     assert.equal(rec.state, "completed", JSON.stringify(rec.attempts));
     assert.equal(rec.backend, "local");
     assert.deepEqual(rec.attempts.map((a) => [a.backend, a.error_kind]), [["azure", "capacity"]]);
@@ -876,7 +876,7 @@ describe("azure backend through the GrantManager", { timeout: SUITE_TIMEOUT_MS }
 
   it("a restart mid-create adopts the VM, NIC and IP (deterministic names): nothing is duplicated", async (t) => {
     const s = await setup(t, { fakeOpts: { lroInProgressPolls: 1_000_000 } });
-    const first = lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
+    const first = await lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
     const id = "restart_1.x";
     const n = naming.names(id);
     await first.manager.submit({ grant: grant(id), envelope: { image: IMAGE } });
@@ -893,13 +893,13 @@ describe("azure backend through the GrantManager", { timeout: SUITE_TIMEOUT_MS }
     // A new process: fresh backend and manager over the same state.
     const b2 = new AzureBackend(s.cfg, s.ctx, { credential: s.fake.credential(), retryDelayInMs: 1 });
     t.after(() => b2.close());
-    const second = lifecycle(t, s.dir, [b2], s.ctx.unavailable);
+    const second = await lifecycle(t, s.dir, [b2], s.ctx.unavailable);
     const getsBefore = s.fake.countCalls({ method: "GET", path: new RegExp(`virtualMachines/${n.vm}$`) });
-    assert.equal(second.manager.resumeAll(), 1);
+    assert.equal(await second.manager.resumeAll(), 1);
     // It finds the VM still creating and polls it; ARM then finishes the create.
     await until(() => s.fake.countCalls({ method: "GET", path: new RegExp(`virtualMachines/${n.vm}$`) }) > getsBefore + 1, "the adopted VM to be polled");
     s.fake.settleOperations();
-    await until(() => second.store.get(id)?.state === "running", "the grant to run after the restart");
+    await until(async () => (await second.store.get(id))?.state === "running", "the grant to run after the restart");
     assert.deepEqual(s.fake.createsByName, { [n.vm]: 1 });
     assert.equal(s.fake.createCount("networkInterfaces"), 1);
     assert.equal(s.fake.createCount("publicIPAddresses"), 1);
@@ -909,7 +909,7 @@ describe("azure backend through the GrantManager", { timeout: SUITE_TIMEOUT_MS }
     s.fake.faults.lroInProgressPolls = 0;
     s.fake.faults.deleteInProgressPolls = 0;
     await second.manager.settled(id);
-    assert.equal(second.store.get(id)?.state, "completed");
+    assert.equal((await second.store.get(id))?.state, "completed");
     assert.deepEqual(leftovers(s.fake), []);
   });
 });

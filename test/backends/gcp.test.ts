@@ -174,15 +174,15 @@ function metadata(body: JsonObject | undefined): Record<string, string> {
 }
 
 /** GrantManager + Store + Fleet, wired as in src/daemon.ts. */
-function lifecycle(t: { after: (fn: () => unknown) => void }, fleet: Fleet, stateDir: string, log: Logger = createLogger("silent")) {
-  const { store, manager, close } = testBridge(t, { stateDir, fleet, almanac: MS_ALMANAC, providerId: PROVIDER, log, persistentIdentity: true, retryBaseMs: 5, retryCapMs: 50 });
+async function lifecycle(t: { after: (fn: () => unknown) => void }, fleet: Fleet, stateDir: string, log: Logger = createLogger("silent")) {
+  const { store, manager, close } = await testBridge(t, { stateDir, fleet, almanac: MS_ALMANAC, providerId: PROVIDER, log, persistentIdentity: true, retryBaseMs: 5, retryCapMs: 50 });
   return { store, manager, close };
 }
 
 const TERMINAL = new Set(["completed", "failed", "expired", "cancelled"]);
 async function settledRecord(store: Store, id: string, what = `grant ${id} to finish`) {
-  return until(() => {
-    const r = store.get(id);
+  return until(async () => {
+    const r = await store.get(id);
     return r && TERMINAL.has(r.state) ? r : null;
   }, what, 20_000, 5);
 }
@@ -266,11 +266,11 @@ function rigCtx(t: { after: (fn: () => unknown) => void }): BackendContext {
 describe("gcp backend through GrantManager + Store + Fleet", () => {
   it("plain grant: insert body, labels, metadata, SSH readiness, exit code from the serial console, instance deleted", async (t) => {
     const { fake, backend } = await rig(t);
-    const { store, manager } = lifecycle(t, Fleet.of([backend], systemClock), tempDir(t));
+    const { store, manager } = await lifecycle(t, Fleet.of([backend], systemClock), tempDir(t));
     const rid = "Plain.Grant_1";
     const r = await manager.submit({ grant: grant(rid), envelope });
     assert.equal(r.status, "created");
-    const rec = await until(() => store.get(rid)?.state === "running" && store.get(rid), "running");
+    const rec = await until(async () => (await store.get(rid))?.state === "running" && (await store.get(rid)), "running");
     const name = nameOf(rid);
     assert.match(name, /^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])$/);
     assert.equal(rec.instance?.instance_id, name);
@@ -304,7 +304,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     const done = await settledRecord(store, rid);
     assert.equal(done.state, "completed");
     assert.equal(done.outcome?.exit_code, 3);
-    assert.equal(store.computeLog(rid)?.usage.cpu_seconds, 2.5, "the workload's CPU time from the marker, in the ComputeLog");
+    assert.equal((await store.computeLog(rid))?.usage.cpu_seconds, 2.5, "the workload's CPU time from the marker, in the ComputeLog");
     assert.equal(fake.instancesByLabel("compute-bridge-rid", ridLabel(rid)).length, 0, "nothing billable left");
     assert.equal(fake.countCalls({ method: "delete", status: 200 }), 1);
   });
@@ -317,13 +317,13 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
       { ...rigCtx(t), stateDir: path.join(dir, "local"), ...loopbackImages() },
     );
     const fleet = Fleet.of([local, backend], systemClock);
-    const { store, manager } = lifecycle(t, fleet, path.join(dir, "state"));
+    const { store, manager } = await lifecycle(t, fleet, path.join(dir, "state"));
     const rid = "tdx-1";
     const g = grant(rid, { tdx_required: true });
     const declined = local.canSatisfy(g);
     assert.equal(declined.ok === false && declined.code, "tdx_not_supported");
     assert.equal((await manager.submit({ grant: g, envelope })).status, "created");
-    const rec = await until(() => store.get(rid)?.state === "running" && store.get(rid), "running");
+    const rec = await until(async () => (await store.get(rid))?.state === "running" && (await store.get(rid)), "running");
     assert.equal(rec.backend, "gcp");
     assert.equal(rec.instance?.details["tdx"], "true");
 
@@ -352,7 +352,7 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
       { ...rigCtx(t), stateDir: path.join(dir, "local"), ...loopbackImages() },
     );
     const fleet = new Fleet([backend, local], unavailable);
-    const { store, manager } = lifecycle(t, fleet, path.join(dir, "state"));
+    const { store, manager } = await lifecycle(t, fleet, path.join(dir, "state"));
     const rid = "pool-1";
     await manager.submit({ grant: grant(rid), envelope });
     const done = await settledRecord(store, rid);
@@ -401,20 +401,20 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     // wait returns at once while the insert is pending, so provisioning sits in its wait loop.
     const { fake, backend, restart } = await rig(t, { fake: { waitTimeoutMs: 0 }, cfg: { poll_interval_seconds: 0.02 } });
     const stateDir = tempDir(t);
-    const first = lifecycle(t, Fleet.of([backend], systemClock), stateDir);
+    const first = await lifecycle(t, Fleet.of([backend], systemClock), stateDir);
     const rid = "restart-1";
     await first.manager.submit({ grant: grant(rid), envelope });
     await until(() => fake.countCalls("wait") >= 2, "the insert to be in flight");
-    assert.equal(first.store.get(rid)?.state, "provisioning");
+    assert.equal((await first.store.get(rid))?.state, "provisioning");
     await first.close(); // the daemon stops mid-provision
     await backend.close();
 
     const again = restart();
     fake.waitTimeoutMs = 120_000;
-    const second = lifecycle(t, Fleet.of([again], systemClock), stateDir);
+    const second = await lifecycle(t, Fleet.of([again], systemClock), stateDir);
     await again.reconcile(new Set([rid]));
-    assert.equal(second.manager.resumeAll(), 1);
-    const rec = await until(() => second.store.get(rid)?.state === "running" && second.store.get(rid), "running after restart");
+    assert.equal(await second.manager.resumeAll(), 1);
+    const rec = await until(async () => (await second.store.get(rid))?.state === "running" && (await second.store.get(rid)), "running after restart");
     assert.equal(rec.instance?.instance_id, nameOf(rid));
     const inserts = fake.callsMatching("insert");
     assert.equal(inserts.length, 2, "the insert was re-sent ...");
@@ -431,11 +431,11 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
   it("credential errors: a refused token fails the grant as `credential`, no token in errors or logs, cleanup resumes once credentials work", async (t) => {
     const { fake, backend, logs } = await rig(t, { token: "wrong-secret-token-123456" });
     const log = createLogger("debug", logs);
-    const { store, manager } = lifecycle(t, Fleet.of([backend], systemClock), tempDir(t), log);
+    const { store, manager } = await lifecycle(t, Fleet.of([backend], systemClock), tempDir(t), log);
     const rid = "cred-1";
     await manager.submit({ grant: grant(rid), envelope });
-    await until(() => store.get(rid)?.state === "terminating", "provisioning to fail");
-    const rec = store.get(rid)!;
+    await until(async () => (await store.get(rid))?.state === "terminating", "provisioning to fail");
+    const rec = (await store.get(rid))!;
     assert.equal(rec.outcome?.error_kind, "credential");
     assert.match(rec.outcome?.error_message ?? "", /HTTP 401.*credentials_file/);
     const s = backend.canSatisfy(grant("cred-2"));
@@ -452,12 +452,12 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     assert.equal(done.error_kind, "credential");
     assert.equal(backend.canSatisfy(grant("cred-2")).ok, true, "a successful call clears the refusal");
     assert.ok(!logs.text.includes("wrong-secret-token-123456"), "the token never reaches a log line");
-    assert.ok(!JSON.stringify(store.get(rid)).includes("wrong-secret-token-123456"));
+    assert.ok(!JSON.stringify((await store.get(rid))).includes("wrong-secret-token-123456"));
   });
 
   it("valid_to is enforced: the watch reports expired and the instance is deleted", async (t) => {
     const { fake, backend } = await rig(t);
-    const { store, manager } = lifecycle(t, Fleet.of([backend], systemClock), tempDir(t));
+    const { store, manager } = await lifecycle(t, Fleet.of([backend], systemClock), tempDir(t));
     const rid = "expire-1";
     // Long enough to be provisioned on a loaded machine (1.5 s was not: valid_to then aborted the
     // provisioning, and no instance was ever created), so that the watch is what meets valid_to.

@@ -1,7 +1,8 @@
 import type { Almanac } from "../../src/domain/index.js";
 import type { Fleet } from "../../src/fleet/fleet.js";
 import { GrantManager } from "../../src/lifecycle/manager.js";
-import { Store } from "../../src/store/store.js";
+import { SqliteStore } from "../../src/store/sqlite.js";
+import type { Store } from "../../src/store/store.js";
 import { systemClock, type Clock } from "../../src/util/clock.js";
 import { Identity } from "../../src/util/identity.js";
 import { createLogger, type Logger } from "../../src/util/logger.js";
@@ -22,10 +23,13 @@ export interface TestBridgeOptions {
   provisionConcurrency?: number;
 }
 
-/** GrantManager + Store over a Fleet, wired as src/daemon.ts wires them; closed after the test. */
-export function testBridge(t: { after: (fn: () => unknown) => void }, o: TestBridgeOptions) {
-  const store = new Store(o.stateDir, systemClock);
-  const manager = new GrantManager({
+/**
+ * GrantManager + Store over a Fleet, wired as src/daemon.ts wires them; closed after the test.
+ * The store is SQLite in `stateDir` unless `o.store` opens another (a PostgreSQL one).
+ */
+export async function testBridge(t: { after: (fn: () => unknown) => void }, o: TestBridgeOptions & { store?: Store }) {
+  const store: Store = o.store ?? new SqliteStore(o.stateDir, systemClock);
+  const manager = await GrantManager.open({
     store,
     fleet: o.fleet,
     almanac: o.almanac,

@@ -76,7 +76,7 @@ describe("listener", () => {
     assert.equal((await call(url, "GET", "/v1/grants/..%2F..%2Fetc")).status, 400);
     assert.equal((await call(url, "GET", "/v1/grants/nope")).status, 404);
     assert.equal((await call(url, "GET", "/v1/grants?state=bogus")).status, 400);
-    assert.equal(d.store.list({ limit: 100 }).length, 0, "nothing persisted");
+    assert.equal((await d.store.list({ limit: 100 })).length, 0, "nothing persisted");
     assert.equal((await call(url, "GET", "/healthz")).status, 200, "still up");
   });
 
@@ -127,7 +127,7 @@ describe("listener", () => {
     assert.deepEqual(r.body.declines, [{ backend: "local", code: "region_not_served", message: "local serves region local only" }]);
     const tdx = await call(url, "POST", "/v1/grants", body("big-2", img, { tdx_required: true }));
     assert.equal(tdx.body.declines[0].code, "tdx_not_supported");
-    assert.equal(d.store.get("big-1"), null);
+    assert.equal((await d.store.get("big-1")), null);
   });
 
   it("hash mismatch -> failed, and the command never ran", async (t) => {
@@ -186,9 +186,9 @@ describe("listener", () => {
     const ids = Array.from({ length: 200 }, (_, i) => `c-${i}`);
     const res = await Promise.all(ids.map((id) => call(url, "POST", "/v1/grants", body(id, img))));
     assert.ok(res.every((r) => r.status === 202), JSON.stringify(res.find((r) => r.status !== 202)?.body));
-    await until(() => d.store.list({ state: "completed", limit: 1000 }).length === 200, "all 200 grants to complete", 180_000, 100);
-    for (const id of ids) assert.ok(d.store.computeLog(id), `log for ${id}`);
-    assert.equal(d.store.list({ limit: 1000 }).length, 200);
+    await until(async () => (await d.store.list({ state: "completed", limit: 1000 })).length === 200, "all 200 grants to complete", 180_000, 100);
+    for (const id of ids) assert.ok((await d.store.computeLog(id)), `log for ${id}`);
+    assert.equal((await d.store.list({ limit: 1000 })).length, 200);
     const page1 = await call(url, "GET", "/v1/grants?limit=150");
     assert.equal(page1.body.grants.length, 150);
     const page2 = await call(url, "GET", `/v1/grants?limit=150&after=${page1.body.next_after}`);
@@ -205,7 +205,7 @@ describe("listener", () => {
     assert.equal(r.status, 503, "a store that cannot be written is unavailable, never a 500");
     assert.equal(r.body.error, "unavailable");
     assert.equal(r.headers.get("retry-after"), "5");
-    assert.equal(d.store.get("nowrite-1"), null);
+    assert.equal((await d.store.get("nowrite-1")), null);
     assert.equal((await call(url, "GET", "/healthz")).status, 200, "the listener still answers (the CLI exits non-zero on `failed`)");
     assert.ok(logs.lines.some((l) => l.includes('"level":"fatal"') && l.includes("can no longer be written")), `a fatal log line: ${logs.lines.filter((l) => l.includes("writer")).join("\n")}`);
     // The failed request's own log line carries its request id (the per-request logger is built on first use).

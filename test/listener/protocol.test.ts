@@ -52,16 +52,16 @@ describe("listener protocol points", () => {
     const { url, d } = await startTestDaemon(t);
     const img = scriptImage(tempDir(t), "forever", "sleep 600");
     assert.equal((await call(url, "POST", "/v1/grants", body("del-1", img))).status, 202);
-    await until(() => d.store.get("del-1")?.state === "running", "running");
+    await until(async () => (await d.store.get("del-1"))?.state === "running", "running");
     const del = await fetch(`${url}/v1/grants/del-1`, { method: "DELETE", headers: { authorization: `Bearer ${TEST_TOKEN}`, "content-type": "application/json" } });
     assert.equal(del.status, 202, await del.text());
-    await until(() => d.store.get("del-1")?.state === "cancelled", "cancelled");
+    await until(async () => (await d.store.get("del-1"))?.state === "cancelled", "cancelled");
 
     const text = JSON.stringify(body("utf16-1", img));
     const utf16 = await fetch(`${url}/v1/grants`, { method: "POST", headers: { authorization: `Bearer ${TEST_TOKEN}`, "content-type": "application/json; charset=utf-16" }, body: Buffer.from(`\ufeff${text}`, "utf16le") });
     assert.equal(utf16.status, 415);
     assert.match(((await utf16.json()) as { message: string }).message, /charset utf-16/);
-    assert.equal(d.store.get("utf16-1"), null, "nothing stored");
+    assert.equal((await d.store.get("utf16-1")), null, "nothing stored");
     const utf8 = await call(url, "POST", "/v1/grants", text, { "content-type": 'application/json; charset="UTF-8"' });
     assert.equal(utf8.status, 202, utf8.text);
     assert.equal((await call(url, "POST", "/v1/grants", "", { "content-type": "application/json" })).body.message, "(body): a JSON body is required");
@@ -71,9 +71,9 @@ describe("listener protocol points", () => {
     const { url, d } = await startTestDaemon(t);
     const img = scriptImage(tempDir(t), "quick", "exit 0");
     await call(url, "POST", "/v1/grants", body("pk-1", img));
-    await until(() => d.store.get("pk-1")?.state === "completed", "completed");
+    await until(async () => (await d.store.get("pk-1"))?.state === "completed", "completed");
     const g = await call(url, "GET", "/v1/grants/pk-1");
-    assert.ok(d.store.get("pk-1")!.private_key, "the bridge did generate a key (no ssh_public_key in the envelope)");
+    assert.ok((await d.store.get("pk-1"))!.private_key, "the bridge did generate a key (no ssh_public_key in the envelope)");
     assert.equal(g.body.private_key, undefined, "but a local grant has no SSH host to use it on");
     GrantView.parse(g.body);
   });

@@ -65,7 +65,7 @@ retry_max_seconds = 0.2
       grant: { request_id: "m-1", region: "local", tdx_required: false, cpu_millicores: 100, ram_mib: 64, valid_to: tickIn(60) },
       envelope: { image: { url: img.url, sha256: img.sha256, format: "bundle" } },
     });
-    await until(() => td.d.store.computeLog("m-1"), "grant m-1 to finish");
+    await until(async () => (await td.d.store.computeLog("m-1")), "grant m-1 to finish");
     await until(() => (m.seen.get("/logs") ?? 0) >= 1, "a failed delivery attempt");
     td = await td.restart();
     m.setDown(false);
@@ -73,7 +73,7 @@ retry_max_seconds = 0.2
     const log = m.got.find((g) => g.url === "/logs")!;
     assert.equal(log.method, "POST");
     assert.equal((log.body as { request_id: string }).request_id, "m-1");
-    await until(() => td.d.store.outboxSize() === 0, "the outbox to drain");
+    await until(async () => (await td.d.store.outboxSize()) === 0, "the outbox to drain");
     assert.equal(m.got.filter((g) => g.url === "/logs").length, 1);
     assert.ok(!td.logs.text.includes(MARKET_TOKEN), "the market token never reaches the log");
   });

@@ -20,7 +20,7 @@ describe("/metrics", () => {
     });
     await call(url, "POST", "/v1/grants", grant("pm-1"));
     await call(url, "POST", "/v1/grants", grant("pm-2", "elsewhere"));
-    await until(() => d.store.get("pm-1")?.state === "completed", "completed");
+    await until(async () => (await d.store.get("pm-1"))?.state === "completed", "completed");
     const text = (await call(url, "GET", "/metrics")).text;
     const r = spawnSync(promtool, ["check", "metrics"], { input: text, encoding: "utf8", timeout: 60_000 });
     assert.equal(r.status, 0, `promtool check metrics:\n${r.stdout}${r.stderr}`);

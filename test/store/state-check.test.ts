@@ -1,11 +1,15 @@
 import assert from "node:assert/strict";
 import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import path from "node:path";
-import { describe, it } from "node:test";
+import { after, describe, it } from "node:test";
 import { ALLOW_NEW_DATABASE, assertDatabaseNotLost, LostDatabaseError, previousUse } from "../../src/store/state-check.js";
-import { Store } from "../../src/store/store.js";
+import { SqliteStore as Store } from "../../src/store/sqlite.js";
+import { openCheckedStore } from "../../src/store/store.js";
 import { systemClock } from "../../src/util/clock.js";
+import { ENGINES, stopEngines } from "../helpers/store-engines.js";
 import { tempDir } from "../helpers/tmp.js";
+
+after(stopEngines);
 
 describe("lost database check at start", () => {
   it("a fresh state dir starts (nothing shows earlier use)", (t) => {
@@ -51,3 +55,35 @@ describe("lost database check at start", () => {
     assertDatabaseNotLost(dir)();
   });
 });
+
+for (const engine of ENGINES) {
+  describe(`lost database check when the store opens (${engine.name})`, () => {
+    const spec = (p: { dir: string; url: string | null }) => (p.url === null ? { kind: "sqlite" as const, stateDir: p.dir } : { kind: "postgres" as const, stateDir: p.dir, url: p.url });
+
+    it("a fresh state dir opens a new database; reopening it needs nothing", async (t) => {
+      const p = await engine.place(t);
+      await (await openCheckedStore(spec(p), systemClock)).close();
+      writeFileSync(path.join(p.dir, "identity.key"), "k");
+      await (await openCheckedStore(spec(p), systemClock)).close();
+    });
+
+    it("a used state dir next to a new, empty database refuses, creates nothing, and the allow file allows one start", async (t) => {
+      const p = await engine.place(t);
+      writeFileSync(path.join(p.dir, "identity.key"), "k");
+      writeFileSync(path.join(p.dir, "compute-log.jsonl"), "{}\n");
+      await assert.rejects(openCheckedStore(spec(p), systemClock), (e: unknown) => {
+        assert.ok(e instanceof LostDatabaseError);
+        assert.match(e.message, /identity\.key, compute-log\.jsonl/);
+        assert.match(e.message, new RegExp(ALLOW_NEW_DATABASE));
+        if (engine.name === "postgres") assert.match(e.message, /no compute-bridge schema/);
+        return true;
+      });
+      if (engine.name === "sqlite") assert.equal(existsSync(path.join(p.dir, "bridge.db")), false, "no database was created");
+      else assert.equal(await p.version().catch(() => 0), 0, "no schema was created");
+      writeFileSync(path.join(p.dir, ALLOW_NEW_DATABASE), "");
+      await (await openCheckedStore(spec(p), systemClock)).close();
+      assert.equal(existsSync(path.join(p.dir, ALLOW_NEW_DATABASE)), false, "used up");
+      await (await openCheckedStore(spec(p), systemClock)).close();
+    });
+  });
+}

@@ -127,7 +127,7 @@ describe("hostile input", () => {
     t.diagnostic(`status counts: ${JSON.stringify(Object.fromEntries(statuses))}`);
     const sent = [...statuses.values()].reduce((a, b) => a + b, 0);
     assert.ok(sent >= 5000, `at least 5,000 requests reached the listener (${sent})`);
-    assert.equal(d.store.list({ limit: 10 }).length, 0, "nothing persisted");
+    assert.equal((await d.store.list({ limit: 10 })).length, 0, "nothing persisted");
     assert.equal((await call(url, "GET", "/healthz")).status, 200, "the daemon is still up");
     assert.ok(!existsSync(canary), "no injected command ran");
   });
@@ -144,7 +144,7 @@ describe("hostile input", () => {
       envelope: { image: { url: `${img.url}?x=$(touch%20${canary})`, sha256: img.sha256, format: "bundle" }, command: ["./workload", hostile], env: { V: hostile } },
     });
     assert.equal(r.status, 202, r.text);
-    await until(() => d.store.get("h-1")?.state === "completed", "completed");
+    await until(async () => (await d.store.get("h-1"))?.state === "completed", "completed");
     const { readFileSync } = await import("node:fs");
     assert.equal(readFileSync(out, "utf8"), `${hostile}\n${hostile}\n`);
     assert.ok(!existsSync(canary));
@@ -192,8 +192,11 @@ work_dir = ${JSON.stringify(path.join(dir, "work"))}
       assert.equal(r.status, 202, r.text);
       assert.equal(r.body.backend, "baremetal");
     }
-    await until(() => ids.every((id) => ["completed", "failed"].includes(d.store.get(id)?.state ?? "")), "the bare-metal grants to finish", 60_000, 50);
-    for (const id of ids) assert.equal(d.store.get(id)?.state, "completed", `${id}: ${d.store.get(id)?.error_message}`);
+    await until(async () => (await Promise.all(ids.map((id) => d.store.get(id)))).every((r) => ["completed", "failed"].includes(r?.state ?? "")), "the bare-metal grants to finish", 60_000, 50);
+    for (const id of ids) {
+      const r = await d.store.get(id);
+      assert.equal(r?.state, "completed", `${id}: ${r?.error_message}`);
+    }
     const { readFileSync } = await import("node:fs");
     const lines = readFileSync(out, "utf8").split("\n");
     // systemd expands $ in arguments; the backend escapes it, so each arrives as sent.

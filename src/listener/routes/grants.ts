@@ -71,7 +71,7 @@ export const grantRoutes: FastifyPluginCallback<RouteDeps> = (app, o, done) => {
         case "created":
           return reply.code(202).send({ request_id: r.record.request_id, state: r.record.state, backend: r.record.backend });
         case "duplicate":
-          return reply.code(200).send(grantView(o.store.get(r.record.request_id) ?? r.record));
+          return reply.code(200).send(grantView((await o.store.get(r.record.request_id)) ?? r.record));
         case "conflict":
           return refuse(reply, 409, { error: "conflict", message: `request_id ${r.record.request_id} was already accepted with a different body`, request_id: r.record.request_id });
         case "declined":
@@ -85,7 +85,7 @@ export const grantRoutes: FastifyPluginCallback<RouteDeps> = (app, o, done) => {
     { schema: { summary: "List grants, oldest first, a page at a time", querystring: S.ListQuery, response: { 200: S.GrantList, 400: S.ValidationErrorBody } } satisfies RouteSchema },
     async (req) => {
       const q = req.query;
-      const rows = o.store.list({ limit: q.limit, after: q.after, ...(q.state ? { state: q.state } : {}) });
+      const rows = await o.store.list({ limit: q.limit, after: q.after, ...(q.state ? { state: q.state } : {}) });
       const last = rows.at(-1);
       return { grants: rows.map((r) => grantView(r)), next_after: rows.length === q.limit && last ? last.seq : null };
     },
@@ -95,7 +95,7 @@ export const grantRoutes: FastifyPluginCallback<RouteDeps> = (app, o, done) => {
     "/v1/grants/:id",
     { schema: { summary: "One grant", params: S.IdParams, response: { 200: S.GrantView, 400: S.ValidationErrorBody, 404: S.ErrorBody } } satisfies RouteSchema },
     async (req, reply) => {
-      const rec = o.store.get(req.params.id);
+      const rec = await o.store.get(req.params.id);
       if (!rec) return refuse(reply, 404, notFound(req.params.id));
       return grantView(rec, { privateKey: true, queued: o.manager.queued(rec.request_id), cost: o.manager.cost(rec) });
     },
@@ -130,9 +130,9 @@ export const grantRoutes: FastifyPluginCallback<RouteDeps> = (app, o, done) => {
     },
     async (req, reply) => {
       const id = req.params.id;
-      const rec = o.store.get(id);
+      const rec = await o.store.get(id);
       if (!rec) return refuse(reply, 404, notFound(id));
-      const log = o.store.computeLog(id);
+      const log = await o.store.computeLog(id);
       if (!log) return refuse(reply, 409, { error: "not_terminal", message: `grant ${id} is ${rec.state}; its ComputeLog exists once it is terminal`, state: rec.state });
       return log;
     },
@@ -150,7 +150,7 @@ export const grantRoutes: FastifyPluginCallback<RouteDeps> = (app, o, done) => {
       } satisfies RouteSchema,
     },
     async (req, reply) => {
-      const rec = o.store.get(req.params.id);
+      const rec = await o.store.get(req.params.id);
       if (!rec) return refuse(reply, 404, notFound(req.params.id));
       // The exact bytes the ComputeLog digests (never re-serialized).
       return reply.type("application/json; charset=utf-8").send(evidenceJson(grantEvidence(rec)));

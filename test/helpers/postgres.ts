@@ -1,0 +1,186 @@
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
+import { chownSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import pg from "pg";
+
+// A throwaway PostgreSQL cluster for tests: `initdb` into a temp dir, the server on 127.0.0.1 on
+// a free port (and a socket in the temp dir), password authentication over TCP, `fsync=off`.
+// One cluster per test file (startPostgres is memoized); each test takes its own database.
+//
+// The server always stops: `stop()` (registered with t.after / after by the callers), a process
+// exit hook, and, should this process be killed outright, the shell wrapper the server runs under,
+// which stops it as soon as its stdin (a pipe from this process) closes.
+//
+// initdb refuses to run as root: as root the cluster runs as the `postgres` user Debian's package
+// creates (the temp dir is handed to it); otherwise as the current user.
+
+export const PG_USER = "cb";
+export const PG_PASSWORD = "cb-test-pw-0c1d2e3f";
+
+export interface PgCluster {
+  port: number;
+  /** The URL of `database` (with the password). */
+  url(database: string): string;
+  /** A new empty database; returns its URL. */
+  createDatabase(): Promise<string>;
+  /** Run SQL as the cluster's superuser on `database`. */
+  query<R extends pg.QueryResultRow = pg.QueryResultRow>(database: string, sql: string, params?: unknown[]): Promise<R[]>;
+  stop(): Promise<void>;
+}
+
+/** Where the PostgreSQL binaries are: on PATH, else Debian's /usr/lib/postgresql/<version>/bin. */
+export function postgresBinDir(): string | null {
+  for (const dir of (process.env["PATH"] ?? "").split(":")) if (dir && existsSync(path.join(dir, "initdb")) && existsSync(path.join(dir, "postgres"))) return dir;
+  const root = "/usr/lib/postgresql";
+  if (!existsSync(root)) return null;
+  const versions = readdirSync(root).filter((v) => existsSync(path.join(root, v, "bin", "initdb"))).sort((a, b) => Number(b) - Number(a));
+  return versions[0] ? path.join(root, versions[0], "bin") : null;
+}
+
+const MISSING = "PostgreSQL is not installed: Debian's package `postgresql` (scripts/test-deps.sh installs it as root; otherwise: sudo apt-get install -y postgresql)";
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function runAs(): { uid: number; gid: number } | null {
+  if (process.getuid?.() !== 0) return null;
+  try {
+    const uid = Number(execFileSync("id", ["-u", "postgres"], { encoding: "utf8" }).trim());
+    const gid = Number(execFileSync("id", ["-g", "postgres"], { encoding: "utf8" }).trim());
+    return { uid, gid };
+  } catch {
+    throw new Error("running as root, and there is no `postgres` user to run the test cluster as (initdb refuses root): install Debian's package postgresql");
+  }
+}
+
+let started: Promise<PgCluster> | null = null;
+
+/** The test file's cluster, started on first use. */
+export function startPostgres(): Promise<PgCluster> {
+  return (started ??= start());
+}
+
+async function start(): Promise<PgCluster> {
+  const bin = postgresBinDir();
+  if (!bin) throw new Error(MISSING);
+  const owner = runAs();
+  const base = mkdtempSync(path.join(os.tmpdir(), "cb-pg-"));
+  const data = path.join(base, "data");
+  if (owner) chownSync(base, owner.uid, owner.gid);
+  const as = owner ? { uid: owner.uid, gid: owner.gid } : {};
+  const pwfile = path.join(base, "pw");
+  writeFileSync(pwfile, `${PG_PASSWORD}\n`, { mode: 0o600 });
+  if (owner) chownSync(pwfile, owner.uid, owner.gid);
+  execFileSync(path.join(bin, "initdb"), ["-D", data, "-U", PG_USER, `--pwfile=${pwfile}`, "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"], { stdio: "pipe", cwd: base, ...as });
+
+  let child: ChildProcess | null = null;
+  let port = 0;
+  const logFile = path.join(base, "postgres.log");
+  const killNow = () => {
+    // The postmaster (its pid file's first line): SIGQUIT, immediate shutdown of it and its children.
+    try {
+      const pid = Number(readFileSync(path.join(data, "postmaster.pid"), "utf8").split("\n")[0]);
+      if (pid > 0) process.kill(pid, "SIGQUIT");
+    } catch {
+      /* not running */
+    }
+    child?.kill("SIGKILL");
+  };
+  const onExit = () => {
+    killNow();
+    rmSync(base, { recursive: true, force: true });
+  };
+  process.on("exit", onExit);
+
+  for (let attempt = 1; ; attempt++) {
+    port = await freePort();
+    const out = openSync(logFile, "a");
+    // The wrapper: the server in the background; when stdin closes (stop(), or this process gone),
+    // a fast shutdown (SIGINT), waited for.
+    child = spawn(
+      "sh",
+      ["-c", '"$@" & pid=$!; cat >/dev/null; kill -INT "$pid" 2>/dev/null; wait "$pid"', "sh", path.join(bin, "postgres"), "-D", data, "-p", String(port), "-k", base, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=16MB"],
+      { stdio: ["pipe", out, out], cwd: base, ...as },
+    );
+    const exited = new Promise<number | null>((r) => child!.once("exit", (code) => r(code)));
+    const ready = await waitReady(port, exited);
+    if (ready) break;
+    child.stdin?.end();
+    child.kill("SIGKILL");
+    if (attempt >= 3) throw new Error(`the test PostgreSQL did not start; its log:\n${readFileSync(logFile, "utf8").slice(-4000)}`);
+  }
+
+  const url = (database: string) => `postgres://${PG_USER}:${encodeURIComponent(PG_PASSWORD)}@127.0.0.1:${port}/${database}`;
+  let n = 0;
+  const query = async <R extends pg.QueryResultRow>(database: string, sql: string, params: unknown[] = []): Promise<R[]> => {
+    const c = new pg.Client({ connectionString: url(database) });
+    await c.connect();
+    try {
+      return (await c.query<R>(sql, params)).rows;
+    } finally {
+      await c.end();
+    }
+  };
+  let stopping: Promise<void> | null = null;
+  return {
+    port,
+    url,
+    query,
+    async createDatabase() {
+      const name = `t${process.pid}_${++n}`;
+      await query("postgres", `CREATE DATABASE ${name}`);
+      return url(name);
+    },
+    stop: () =>
+      (stopping ??= (async () => {
+        const c = child!;
+        if (c.exitCode === null && c.signalCode === null) {
+          const gone = new Promise<void>((r) => c.once("exit", () => r()));
+          c.stdin?.end();
+          const timer = setTimeout(killNow, 10_000);
+          await gone;
+          clearTimeout(timer);
+        }
+        process.off("exit", onExit);
+        rmSync(base, { recursive: true, force: true });
+      })()),
+  };
+}
+
+/** Until the server accepts a connection (true), or its process ended (false). */
+async function waitReady(port: number, exited: Promise<number | null>): Promise<boolean> {
+  let done = false;
+  void exited.then(() => (done = true));
+  const deadline = Date.now() + 30_000;
+  while (!done && Date.now() < deadline) {
+    const c = new pg.Client({ host: "127.0.0.1", port, user: PG_USER, password: PG_PASSWORD, database: "postgres", connectionTimeoutMillis: 2000 });
+    try {
+      await c.connect();
+      await c.end();
+      return true;
+    } catch {
+      await c.end().catch(() => undefined);
+      // Polling a condition (the server accepting connections): there is nothing to wait on instead.
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  return false;
+}
+
+/** Stop the test file's cluster if one was started. */
+export async function stopPostgres(): Promise<void> {
+  if (!started) return;
+  const c = await started.catch(() => null);
+  started = null;
+  await c?.stop();
+}
