@@ -863,11 +863,11 @@ describe("azure backend through the GrantManager", { timeout: SUITE_TIMEOUT_MS }
     assert.deepEqual(leftovers(s.fake), []);
 
     // Through the manager: a failover (no other TDX backend here, so the grant fails), the reason in its attempts.
-    const { manager, store } = lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
+    const { manager, store } = await lifecycle(t, s.dir, [s.backend], s.ctx.unavailable);
     const id = "cvm-img-2";
     await manager.submit({ grant: grant(id, { tdx_required: true }), envelope: { image: IMAGE } });
     await manager.settled(id);
-    const rec = store.get(id)!;
+    const rec = (await store.get(id))!;
     assert.equal(rec.state, "failed");
     assert.deepEqual(rec.attempts.map((a) => [a.backend, a.error_kind]), [["azure", "capacity"]]);
     assert.match(rec.attempts[0]!.message, /not supported by given image.*must be a confidential-VM image/);

@@ -462,7 +462,10 @@ describe("gcp backend through GrantManager + Store + Fleet", () => {
     // Long enough to be provisioned on a loaded machine (1.5 s was not: valid_to then aborted the
     // provisioning, and no instance was ever created), so that the watch is what meets valid_to.
     await manager.submit({ grant: grant(rid, { valid_to: Date.now() + 8000 }), envelope });
-    const running = await until(() => (store.get(rid)?.state === "running" || TERMINAL.has(store.get(rid)?.state ?? "")) && store.get(rid), "running");
+    const running = await until(async () => {
+      const r = await store.get(rid);
+      return (r?.state === "running" || TERMINAL.has(r?.state ?? "")) && r;
+    }, "running");
     assert.equal(running.state, "running", `provisioned before valid_to: ${JSON.stringify(running)}`);
     const done = await settledRecord(store, rid);
     assert.equal(done.state, "expired", JSON.stringify(done));

@@ -9,7 +9,7 @@ import { bundleImage, scriptImage } from "../helpers/images.js";
 import { until } from "../helpers/http.js";
 import { localBackend, localGrant } from "../helpers/local.js";
 import { tempDir } from "../helpers/tmp.js";
-import { alive } from "../helpers/proc.js";
+import { alive, workloadPid } from "../helpers/proc.js";
 
 const never = new AbortController().signal;
 
@@ -82,7 +82,7 @@ describe("local backend", () => {
     const b = localBackend(path.join(dir, "state"));
     const g = localGrant("term-1");
     const inst = await b.provision(g, { image: { ...img, format: "bundle" } }, never);
-    const pid = Number(readFileSync(path.join(inst.details.run_dir!, "started", "workload_pid"), "utf8"));
+    const pid = await workloadPid(inst.details.run_dir!);
     assert.ok(alive(pid));
     await b.terminate(inst);
     // Gone once its supervisor has reaped it (a moment after terminate on a loaded machine).
@@ -156,11 +156,11 @@ describe("local backend", () => {
     // An orphan: started by an earlier daemon, no live grant any more.
     const old = localBackend(state);
     const orphan = await old.provision(localGrant("orphan-1"), { image: { ...img, format: "bundle" } }, never);
-    const orphanPid = Number(readFileSync(path.join(orphan.details.run_dir!, "started", "workload_pid"), "utf8"));
+    const orphanPid = await workloadPid(orphan.details.run_dir!);
     const b = localBackend(state);
     // Provisioned after the caller's snapshot of live grants (an empty set here).
     const mine = await b.provision(localGrant("mine-1"), { image: { ...img, format: "bundle" } }, never);
-    const minePid = Number(readFileSync(path.join(mine.details.run_dir!, "started", "workload_pid"), "utf8"));
+    const minePid = await workloadPid(mine.details.run_dir!);
     await b.reconcile(new Set());
     await until(() => !alive(orphanPid), "the orphan to be stopped", 5000);
     assert.ok(alive(minePid), "a workload this backend provisioned is not an orphan");

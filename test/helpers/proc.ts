@@ -59,3 +59,23 @@ export function killLocalRuns(stateDir: string): void {
     }
   }
 }
+
+/**
+ * The local workload's pid from its run dir, once the supervisor has written it (it writes the
+ * file right after starting the workload: an empty read would be pid 0, which proves nothing).
+ */
+export async function workloadPid(runDir: string, timeoutMs = 10_000): Promise<number> {
+  const file = path.join(runDir, "started", "workload_pid");
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    let pid = 0;
+    try {
+      pid = Number(readFileSync(file, "utf8"));
+    } catch {
+      /* not written yet */
+    }
+    if (pid > 0) return pid;
+    if (Date.now() > end) throw new Error(`no pid in ${file} within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

@@ -9,7 +9,7 @@ import { tickIn, writeLocalConfig } from "../helpers/config.js";
 import { call, until } from "../helpers/http.js";
 import { scriptImage } from "../helpers/images.js";
 import { tempDir } from "../helpers/tmp.js";
-import { aliveInRun, liveLocalRuns } from "../helpers/proc.js";
+import { aliveInRun, liveLocalRuns, workloadPid } from "../helpers/proc.js";
 
 const TERMINAL = ["completed", "failed", "expired", "cancelled"];
 
@@ -132,7 +132,7 @@ describe("crash safety", () => {
     });
     assert.equal(r.status, 202);
     await until(async () => (await call(daemon!.url, "GET", "/v1/grants/term-1")).body.state === "running", "running");
-    const pid = Number(readFileSync(path.join(stateDir, "local", "runs", "term-1", "started", "workload_pid"), "utf8"));
+    const pid = await workloadPid(path.join(stateDir, "local", "runs", "term-1"));
     const t0 = Date.now();
     assert.equal(await daemon.stop(), 0);
     daemon = null;
