@@ -5,10 +5,10 @@ import { loadConfig, resolveFromConfig, type LoadedConfig } from "./config/load.
 import { readSecret } from "./config/secrets.js";
 import type { BootConfig } from "./config/schema.js";
 import { Almanac, type ProviderCard } from "./domain/index.js";
-import { buildCard } from "./fleet/card.js";
+import { buildCard, configDigest } from "./fleet/card.js";
 import { Fleet } from "./fleet/fleet.js";
 import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
-import { buildListener, readTls, type Listener } from "./listener/server.js";
+import { buildListener, readTls, ZOD_SCHEMA_CONTROLLER, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
 import { Store } from "./store/store.js";
 import { assertDatabaseNotLost } from "./store/state-check.js";
@@ -208,7 +208,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   try {
     if (cfg.listener.metrics_bind) {
       binding = cfg.listener.metrics_bind;
-      metricsServer = Fastify({ logger: false });
+      metricsServer = Fastify({ logger: false, schemaController: ZOD_SCHEMA_CONTROLLER });
       metricsServer.get("/metrics", async (_req, reply) => reply.type(promText.contentType).send(await promText.text()));
       // The probes too, so a container health check or a load balancer needs neither TLS nor the token.
       metricsServer.get("/healthz", async () => ({ status: "ok" }));
@@ -235,6 +235,17 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const boundPort = typeof addr === "object" && addr ? addr.port : port;
   const url = `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
 
+  // The start-up line is written whatever the level (unless silent): where the daemon listens is
+  // what an operator (and a supervisor waiting for it) needs first, so it comes before the resume
+  // below starts (whose first steps, reading the open grants, run before its first await).
+  const configured = log.level;
+  if (configured !== "silent" && !log.isLevelEnabled("info")) log.level = "info";
+  log.info(
+    { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), state_dir: stateDir, config_digest: configDigest(cfg) },
+    "compute-bridge listening",
+  );
+  log.level = configured;
+
   // Listening comes first (a slow or unreachable cloud must not keep the listener down); then each
   // backend reconciles what it holds and every open grant resumes. Backends count grants they
   // provision themselves as live, so grants accepted meanwhile are never taken for orphans.
@@ -253,15 +264,6 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const cardTimer = setInterval(publishCardIfChanged, o.cardCheckIntervalMs ?? 30_000);
   cardTimer.unref();
 
-  // The start-up line is written whatever the level (unless silent): where the daemon listens is
-  // what an operator (and a supervisor waiting for it) needs first.
-  const configured = log.level;
-  if (configured !== "silent" && !log.isLevelEnabled("info")) log.level = "info";
-  log.info(
-    { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), state_dir: stateDir, config_digest: card().config_digest },
-    "compute-bridge listening",
-  );
-  log.level = configured;
 
   let currentToken = token;
   const reload = async () => {
