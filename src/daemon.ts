@@ -163,14 +163,18 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     fleet.spend?.budgets.prune(clock.now());
     try {
       const live = new Set(store.nonTerminal().map((g) => g.request_id));
-      for (const b of fleet.backends) {
-        if (!b.reconcile) continue;
-        try {
-          await b.reconcile(live);
-        } catch (e) {
-          log.error({ backend: b.name, err: e }, "reconcile failed; it runs again at the next interval");
-        }
-      }
+      // Every backend at once: each loads its own SDK and asks its own cloud, so a slow or
+      // unreachable one no longer holds up the others (at a restart, the resume waits for all).
+      await Promise.all(
+        fleet.backends.map(async (b) => {
+          if (!b.reconcile) return;
+          try {
+            await b.reconcile(live);
+          } catch (e) {
+            log.error({ backend: b.name, err: e }, "reconcile failed; it runs again at the next interval");
+          }
+        }),
+      );
     } finally {
       reconciling = false;
     }
