@@ -7,11 +7,11 @@
  *    take, against a fleet of the local backend alone.
  *  - RSS with 10,000 active grants (accepted, parked mid-provision) against the same process idle.
  *  - Cold start to listening with every backend configured, against local only and `node -e 0`.
- *  - Resume after restart with 1,000 active grants (running EC2 instances on the fake) against a
- *    restart with none.
+ *  - Resume after restart with 10,000 running grants (EC2 and GCE instances on their fakes), to
+ *    the first batched poll of each backend, against a restart with none.
  */
 import { execFileSync, spawn } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync, existsSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -22,17 +22,22 @@ import { parseConfigText } from "../src/config/load.js";
 import { Almanac, type ComputeGrant } from "../src/domain/index.js";
 import { Fleet } from "../src/fleet/fleet.js";
 import { GrantManager } from "../src/lifecycle/manager.js";
-import { startDaemon } from "../src/daemon.js";
 import { Store } from "../src/store/store.js";
 import { systemClock } from "../src/util/clock.js";
 import { Identity } from "../src/util/identity.js";
 import { createLogger } from "../src/util/logger.js";
 import { Ec2Fake } from "../test/fakes/ec2.js";
+import { GceFake } from "../test/fakes/gce.js";
+import { gceNaming } from "../src/backends/gcp/naming.js";
 import { table } from "./lib/load.js";
 
 process.env.AWS_EC2_METADATA_DISABLED = "true";
 const ROOT = path.resolve(fileURLToPath(new URL("..", import.meta.url)));
 const TOKEN = "bench-token-0123456789";
+const AWS_REGIONS = ["us-east-1", "eu-west-1"];
+const GCP_PROJECT = "bench-project-1";
+const GCP_ZONES = ["us-central1-a", "europe-west4-b"];
+const INJECTED_RUNNER = fileURLToPath(new URL("../test/system/run-daemon-injected.ts", import.meta.url));
 
 export function head(o: { stateDir: string; logLevel?: string }): string {
   return `[bridge]
@@ -226,58 +231,143 @@ export async function coldStart(): Promise<{ all_ms: number; local_ms: number; n
   return r;
 }
 
-/** Restart with N running EC2 grants: time until every grant is re-attached and one batched poll ran. */
-export async function resume(n = 1000): Promise<{ n: number; resume_ms: number; empty_ms: number; describe_calls: number }> {
-  const fake = await Ec2Fake.start({ publicIp: "127.0.0.1" });
-  const measure = async (count: number) => {
+/** CPU time (user + system, every thread) a process has used so far, from /proc (10 ms ticks). */
+function cpuMs(pid: number): number {
+  const f = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ");
+  return ((Number(f[11]) + Number(f[12])) * 1000) / 100;
+}
+
+/**
+ * Restart with running grants spread over the cloud backends, each on its wire fake with the real
+ * SDK (EC2 in two regions; GCE in two zones): time from the new process's spawn until every backend
+ * holding grants has sent its first batched poll after the resume (DescribeInstances; an
+ * aggregatedList), against a restart with none to its listening line. The restart is a new process
+ * (modules and SDKs load as in production) run from source through tsx
+ * (test/system/run-daemon-injected.ts, which injects the GCE fake's token). The Azure fake creates
+ * VMs only through the SDK's long-running operations (thousands take minutes) and bare metal
+ * needs SSH hosts: neither is in this figure.
+ */
+export async function resume(counts: { aws: number; gcp: number } = { aws: 5000, gcp: 5000 }): Promise<{ n: number; aws: number; gcp: number; resume_ms: number; empty_ms: number; resume_cpu_ms: number; empty_cpu_ms: number; describe_calls: number; list_calls: number; phases: Record<string, number> }> {
+  // Both fakes on the wall clock: a call's time is compared with the daemon's log line times.
+  const fake = await Ec2Fake.start({ publicIp: "127.0.0.1", now: Date.now });
+  const gce = await GceFake.start({ project: GCP_PROJECT, zones: GCP_ZONES, bootDelayMs: 0, now: Date.now });
+  const measure = async (c: { aws: number; gcp: number }) => {
     const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-resume-"));
     const creds = fake.credentials;
     writeFileSync(path.join(dir, "token"), TOKEN);
     writeFileSync(path.join(dir, "aws_key"), creds.accessKeyId);
     writeFileSync(path.join(dir, "aws_secret"), creds.secretAccessKey);
+    writeFileSync(path.join(dir, "sa.json"), "{}");
     const stateDir = path.join(dir, "state");
     const cfgFile = path.join(dir, "bridge.toml");
-    writeFileSync(cfgFile, head({ stateDir, logLevel: "error" }) + awsSection(fake.endpoint, ["us-east-1"]) + LOCAL);
-    // The state a crashed daemon leaves: N grants running on N instances.
-    const ec2 = new EC2Client({ region: "us-east-1", endpoint: fake.endpoint, credentials: creds });
-    const ids: string[] = [];
-    for (let i = 0; i < count; i += 500) {
-      const out = await ec2.send(new RunInstancesCommand({ ImageId: "ami-0123456789abcdef0", InstanceType: "m6i.large", MinCount: Math.min(500, count - i), MaxCount: Math.min(500, count - i), TagSpecifications: [{ ResourceType: "instance", Tags: [{ Key: "compute-bridge:bridge-id", Value: "bench" }] }] }));
-      ids.push(...(out.Instances ?? []).map((x) => x.InstanceId!));
+    const gcpSection = `[backends.gcp]
+project = "${GCP_PROJECT}"
+zones = ${JSON.stringify(GCP_ZONES)}
+machine_types = [{ name = "n2-standard-2", vcpus = 2, memory_mib = 8192 }]
+max_concurrent_instances = 100000
+image = "img"
+credentials_file = "sa.json"
+api_endpoint = "http://127.0.0.1:${gce.port}"
+poll_interval_seconds = 1
+`;
+    writeFileSync(cfgFile, head({ stateDir, logLevel: "info" }) + awsSection(fake.endpoint, AWS_REGIONS) + gcpSection + LOCAL);
+    // The state a crashed daemon leaves: grants running on instances that are still there.
+    const grants: { rid: string; backend: string; region: string; instance_id: string; details: Record<string, string> }[] = [];
+    for (const [ri, region] of AWS_REGIONS.entries()) {
+      const ec2 = new EC2Client({ region, endpoint: fake.endpoint, credentials: creds });
+      const n = Math.floor(c.aws / AWS_REGIONS.length) + (ri < c.aws % AWS_REGIONS.length ? 1 : 0);
+      for (let i = 0; i < n; i += 500) {
+        const k = Math.min(500, n - i);
+        const out = await ec2.send(new RunInstancesCommand({ ImageId: "ami-0123456789abcdef0", InstanceType: "m6i.large", MinCount: k, MaxCount: k, TagSpecifications: [{ ResourceType: "instance", Tags: [{ Key: "compute-bridge:bridge-id", Value: "bench" }] }] }));
+        for (const x of out.Instances ?? []) grants.push({ rid: `res-aws-${grants.length}`, backend: "aws", region, instance_id: x.InstanceId!, details: {} });
+      }
+      ec2.destroy();
     }
     fake.bootAll();
+    const naming = gceNaming("compute-bridge", "bench");
+    for (let i = 0; i < c.gcp; i++) {
+      const rid = `res-gcp-${i}`;
+      const zone = GCP_ZONES[i % GCP_ZONES.length]!;
+      const name = naming.instanceName(rid);
+      gce.addInstance(zone, { name, machineType: `zones/${zone}/machineTypes/n2-standard-2`, labels: { [naming.bridgeKey]: naming.bridgeValue, [naming.requestKey]: naming.requestValue(rid) } });
+      grants.push({ rid, backend: "gcp", region: zone.replace(/-[a-z]$/, ""), instance_id: name, details: { project: GCP_PROJECT, zone } });
+    }
     const store = new Store(stateDir, systemClock);
-    await Promise.all(
-      ids.map(async (id, i) => {
-        const rid = `res-${count}-${i}`;
-        await store.accept({ request_id: rid, grant: { request_id: rid, region: "us-east-1", tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e10 }, envelope: { image: { url: "https://x/y", sha256: "a".repeat(64), format: "bundle" } }, backend: "aws", private_key: null, public_key: null });
-        await store.transition(rid, "running", { instance: { request_id: rid, backend: "aws", instance_id: id, region: "us-east-1", host: "127.0.0.1", ssh_port: 22, ssh_user: "ec2-user", host_key_sha256: null, started_at: new Date().toISOString(), cpu_millicores: 1000, ram_mib: 1024, details: {} } });
-      }),
-    );
-    store.close();
+    for (let i = 0; i < grants.length; i += 1000)
+      await Promise.all(
+        grants.slice(i, i + 1000).map(async (g) => {
+          await store.accept({ request_id: g.rid, grant: { request_id: g.rid, region: g.region, tdx_required: false, cpu_millicores: 1000, ram_mib: 1024, valid_to: 1e10 }, envelope: { image: { url: "https://x/y", sha256: "a".repeat(64), format: "bundle" } }, backend: g.backend, private_key: null, public_key: null });
+          await store.transition(g.rid, "running", { instance: { request_id: g.rid, backend: g.backend, instance_id: g.instance_id, region: g.region, host: "127.0.0.1", ssh_port: 22, ssh_user: "bench", host_key_sha256: null, started_at: new Date().toISOString(), cpu_millicores: 1000, ram_mib: 1024, details: g.details } });
+        }),
+      );
+    await store.close();
     fake.resetCalls();
-    const t0 = performance.now();
-    const d = await startDaemon({ configFile: cfgFile, logDestination: { write: () => true } as never });
-    await d.ready;
-    // Re-attached: the first batched DescribeInstances covering them has answered.
-    while (count > 0 && fake.countCalls("DescribeInstances") < 1) await new Promise((r) => setTimeout(r, 5));
-    const ms = performance.now() - t0;
-    const calls = fake.countCalls("DescribeInstances");
-    await d.close();
+    gce.resetCalls();
+    // The restart: a new process (modules and the cloud SDKs load as in production), with the GCE
+    // fake's token injected (test/system/run-daemon-injected.ts) so nothing talks to Google's OAuth.
+    const t0 = Date.now();
+    const child = spawn(process.execPath, ["--import", "tsx", INJECTED_RUNNER, cfgFile], { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, CB_TEST_INJECT: JSON.stringify({ gcp: { accessToken: gce.accessToken } }) } });
+    let err = "";
+    let listening = 0;
+    let listeningCpu = 0;
+    child.stderr.on("data", (d: Buffer) => {
+      err += d.toString();
+      if (!listening && err.includes("compute-bridge listening")) {
+        listening = Date.now() - t0;
+        listeningCpu = cpuMs(child.pid!);
+      }
+    });
+    // The daemon logs at info, as in production (a line per resumed grant); "resumed open grants"
+    // is written when every open grant has its task, i.e. when the watchers start.
+    let readyAt = 0;
+    let out = "";
+    child.stdout.on("data", (d: Buffer) => {
+      if (readyAt) return;
+      out += d.toString();
+      const lines = out.split("\n");
+      out = lines.pop()!;
+      for (const l of lines) if (l.includes('"msg":"resumed open grants"') || l.includes('"msg":"no open grants to resume"')) readyAt = Date.parse((JSON.parse(l) as { time: string }).time);
+    });
+    const exited = new Promise<number | null>((r) => child.once("exit", r));
+    void exited.then((code) => (err += `\n(exited ${code})`));
+    // Re-attached: after the resume, every backend holding grants has sent its first batched poll
+    // (the describes before it are the reconcile's).
+    const firstAfter = (times: number[]) => times.find((at) => at >= readyAt);
+    const polledAt = () => {
+      if (!readyAt || !listening) return null;
+      const a = c.aws === 0 ? readyAt : firstAfter(fake.calls.filter((x) => x.action === "DescribeInstances").map((x) => x.at));
+      const g = c.gcp === 0 ? readyAt : firstAfter(gce.callsMatching("aggregatedList").map((x) => x.at));
+      return a === undefined || g === undefined ? null : Math.max(a, g);
+    };
+    const deadline = t0 + 300_000;
+    let at: number | null;
+    while ((at = polledAt()) === null) {
+      if (child.exitCode !== null || Date.now() > deadline) throw new Error(`resume bench: the daemon did not poll: ${err}`);
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    const cpu = cpuMs(child.pid!);
+    const ms = c.aws + c.gcp === 0 ? listening : at - t0;
+    const calls = { describe: fake.countCalls("DescribeInstances"), list: gce.countCalls("aggregatedList") };
+    child.kill("SIGTERM");
+    await exited;
     rmSync(dir, { recursive: true, force: true });
-    return { ms, calls };
+    return { ms, cpu_ms: c.aws + c.gcp === 0 ? listeningCpu : cpu, ...calls, phases: { listening, listening_cpu: listeningCpu, resumed: readyAt - t0 } };
   };
-  const empty = await measure(0);
-  const full = await measure(n);
-  await fake.close();
-  return { n, resume_ms: full.ms, empty_ms: empty.ms, describe_calls: full.calls };
+  try {
+    const empty = await measure({ aws: 0, gcp: 0 });
+    const full = await measure(counts);
+    return { n: counts.aws + counts.gcp, ...counts, resume_ms: full.ms, empty_ms: empty.ms, resume_cpu_ms: full.cpu_ms, empty_cpu_ms: empty.cpu_ms, describe_calls: full.describe, list_calls: full.list, phases: full.phases };
+  } finally {
+    await fake.close();
+    await gce.close();
+  }
 }
 
 export async function run(): Promise<{ text: string; figures: Record<string, unknown> }> {
   const r = await routing();
   const rss = JSON.parse(execFileSync(process.execPath, ["--expose-gc", "--import", "tsx", fileURLToPath(import.meta.url), "--rss-child"], { cwd: ROOT, encoding: "utf8" })) as Awaited<ReturnType<typeof rssChild>>;
   const cold = await coldStart();
-  const res = await resume(1000);
+  const res = await resume();
   const text = table([
     ["figure", "value", "baseline", "value", "ratio"],
     [`Fleet routing per grant (${r.backends.join(", ")}${r.machines ? `; ${r.machines} bare-metal machines` : ""})`, `${r.fleet_us.toFixed(2)} µs`, "local backend alone", `${r.local_only_us.toFixed(2)} µs`, (r.fleet_us / r.local_only_us).toFixed(1)],
@@ -285,12 +375,18 @@ export async function run(): Promise<{ text: string; figures: Record<string, unk
     [`RSS with ${rss.grants} active grants`, `${rss.active_mib.toFixed(0)} MiB`, "same process, idle", `${rss.idle_mib.toFixed(0)} MiB`, `+${(((rss.active_mib - rss.idle_mib) * 1024) / rss.grants).toFixed(1)} KiB/grant`],
     ["cold start to listening, every backend configured", `${cold.all_ms.toFixed(0)} ms`, "local backend only", `${cold.local_ms.toFixed(0)} ms`, (cold.all_ms / cold.local_ms).toFixed(2)],
     ["cold start, local only", `${cold.local_ms.toFixed(0)} ms`, "node -e 0", `${cold.node_ms.toFixed(0)} ms`, (cold.local_ms / cold.node_ms).toFixed(1)],
-    [`resume after restart, ${res.n} running grants (to first batched poll)`, `${res.resume_ms.toFixed(0)} ms`, "restart with no grants", `${res.empty_ms.toFixed(0)} ms`, (res.resume_ms / res.empty_ms).toFixed(1)],
+    [`resume after restart, ${res.n} running grants (${res.aws} EC2, ${res.gcp} GCE; to the first batched poll of each)`, `${res.resume_ms.toFixed(0)} ms`, "restart with no grants, to listening", `${res.empty_ms.toFixed(0)} ms`, (res.resume_ms / res.empty_ms).toFixed(1)],
+    [`  the same, CPU time of the daemon process (all threads)`, `${res.resume_cpu_ms.toFixed(0)} ms`, "restart with no grants, to listening", `${res.empty_cpu_ms.toFixed(0)} ms`, (res.resume_cpu_ms / res.empty_cpu_ms).toFixed(1)],
   ]);
   return { text, figures: { routing: r, rss, cold, resume: res } };
 }
 
-if (process.argv.includes("--rss-child")) {
+if (process.argv.includes("--resume")) {
+  // node --import tsx bench/core.ts --resume [EC2 grants] [GCE grants]: that figure alone.
+  const i = process.argv.indexOf("--resume");
+  process.stdout.write(`${JSON.stringify(await resume({ aws: Number(process.argv[i + 1] ?? 5000), gcp: Number(process.argv[i + 2] ?? 5000) }))}\n`);
+  process.exit(0);
+} else if (process.argv.includes("--rss-child")) {
   process.stdout.write(JSON.stringify(await rssChild()));
   process.exit(0);
 } else if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
