@@ -6,7 +6,8 @@
  *    machines when that backend is built, local) routing grants that only the last backend can
  *    take, against a fleet of the local backend alone.
  *  - RSS with 10,000 active grants (accepted, parked mid-provision) against the same process idle.
- *  - Cold start to listening with every backend configured, against local only and `node -e 0`.
+ *  - Cold start to listening with every backend configured, against `node -e 0`, local only and
+ *    the same start from the unbundled tsc output.
  *  - Resume after restart with 10,000 running grants (EC2 and GCE instances on their fakes), to
  *    the first batched poll of each backend, against a restart with none.
  */
@@ -178,57 +179,66 @@ function submit(m: GrantManager, id: string) {
   });
 }
 
-/** Time from spawn to the daemon's "compute-bridge listening" log line (JSON on stdout), median of `runs`. */
-async function timeToListening(args: string[], runs: number): Promise<number> {
-  const times: number[] = [];
-  for (let i = 0; i < runs; i++) {
-    const t0 = performance.now();
-    const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
-    await new Promise<void>((resolve, reject) => {
-      let out = "";
-      let err = "";
-      let listening = false;
-      child.stderr.on("data", (d: Buffer) => (err += d.toString()));
-      child.stdout.on("data", (d: Buffer) => {
-        out += d.toString();
-        if (!listening && out.includes('"msg":"compute-bridge listening"')) {
-          listening = true;
-          times.push(performance.now() - t0);
-          child.kill("SIGTERM");
-          resolve();
-        }
-      });
-      child.on("exit", (code) => {
-        if (!listening) reject(new Error(`daemon exited (${code}) before listening: ${err}${out}`));
-      });
+/** One start: time from spawn to the daemon's "compute-bridge listening" log line (JSON on stdout), and the process's CPU time then. */
+async function startOnce(args: string[]): Promise<{ ms: number; cpu_ms: number }> {
+  const t0 = performance.now();
+  const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
+  const r = await new Promise<{ ms: number; cpu_ms: number }>((resolve, reject) => {
+    let out = "";
+    let err = "";
+    let listening = false;
+    child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+    child.stdout.on("data", (d: Buffer) => {
+      out += d.toString();
+      if (!listening && out.includes('"msg":"compute-bridge listening"')) {
+        listening = true;
+        const ms = performance.now() - t0;
+        resolve({ ms, cpu_ms: cpuMs(child.pid!) });
+        child.kill("SIGTERM");
+      }
     });
-    await new Promise((r) => (child.exitCode !== null ? r(undefined) : child.once("exit", r)));
-  }
-  times.sort((a, b) => a - b);
-  return times[Math.floor(times.length / 2)]!;
+    child.on("exit", (code) => {
+      if (!listening) reject(new Error(`daemon exited (${code}) before listening: ${err}${out}`));
+    });
+  });
+  await new Promise((res) => (child.exitCode !== null ? res(undefined) : child.once("exit", res)));
+  return r;
 }
 
-export async function coldStart(): Promise<{ all_ms: number; local_ms: number; node_ms: number }> {
-  if (!existsSync(path.join(ROOT, "dist", "cli.js"))) execFileSync("npm", ["run", "build"], { cwd: ROOT, stdio: "ignore" });
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+/**
+ * Cold starts, `runs` rounds; each round starts every variant once (and `node -e 0`), so a change
+ * in the machine's load hits them alike. Medians of wall time and of the process's CPU time.
+ */
+export async function coldStart(runs = 5): Promise<{ all_ms: number; local_ms: number; node_ms: number; unbundled_all_ms: number; cpu: { all_ms: number; local_ms: number; unbundled_all_ms: number } }> {
+  if (!existsSync(path.join(ROOT, "dist", "bundle", "compute-bridge.js"))) execFileSync("npm", ["run", "build"], { cwd: ROOT, stdio: "ignore" });
   const dir = mkdtempSync(path.join(os.tmpdir(), "cb-bench-cold-"));
   writeFileSync(path.join(dir, "token"), TOKEN);
   writeFileSync(path.join(dir, "aws_key"), "AKIDBENCH\n");
   writeFileSync(path.join(dir, "aws_secret"), "benchsecret\n");
   const all = path.join(dir, "all.toml");
   writeFileSync(all, head({ stateDir: path.join(dir, "s-all") }) + allBackends(dir, 1000));
+  const allUnbundled = path.join(dir, "all-unbundled.toml");
+  writeFileSync(allUnbundled, head({ stateDir: path.join(dir, "s-all-unbundled") }) + allBackends(dir, 1000));
   const local = path.join(dir, "local.toml");
   writeFileSync(local, head({ stateDir: path.join(dir, "s-local") }) + LOCAL);
   const bin = path.join(ROOT, "bin", "compute-bridge.js");
-  const nodeTimes: number[] = [];
-  for (let i = 0; i < 5; i++) {
+  // The same start from tsc's one-module-per-file output (dist/cli.js), as bin ran it before the bundle.
+  const unbundled = `const { main } = await import(${JSON.stringify(pathToFileURL(path.join(ROOT, "dist", "cli.js")).href)}); process.exitCode = await main(process.argv.slice(1)); setTimeout(() => process.exit(), 300).unref();`;
+  const t = { all: [] as { ms: number; cpu_ms: number }[], local: [] as { ms: number; cpu_ms: number }[], unbundled: [] as { ms: number; cpu_ms: number }[], node: [] as number[] };
+  for (let i = 0; i < runs; i++) {
     const t0 = performance.now();
     execFileSync(process.execPath, ["-e", "0"]);
-    nodeTimes.push(performance.now() - t0);
+    t.node.push(performance.now() - t0);
+    t.all.push(await startOnce([bin, "run", "--config", all]));
+    t.local.push(await startOnce([bin, "run", "--config", local]));
+    t.unbundled.push(await startOnce(["--input-type=module", "-e", unbundled, "run", "--config", allUnbundled]));
   }
-  nodeTimes.sort((a, b) => a - b);
-  const r = { all_ms: await timeToListening([bin, "run", "--config", all], 5), local_ms: await timeToListening([bin, "run", "--config", local], 5), node_ms: nodeTimes[2]! };
   rmSync(dir, { recursive: true, force: true });
-  return r;
+  const ms = (xs: { ms: number }[]) => median(xs.map((x) => x.ms));
+  const cpu = (xs: { cpu_ms: number }[]) => median(xs.map((x) => x.cpu_ms));
+  return { all_ms: ms(t.all), local_ms: ms(t.local), node_ms: median(t.node), unbundled_all_ms: ms(t.unbundled), cpu: { all_ms: cpu(t.all), local_ms: cpu(t.local), unbundled_all_ms: cpu(t.unbundled) } };
 }
 
 /** CPU time (user + system, every thread) a process has used so far, from /proc (10 ms ticks). */
@@ -373,7 +383,10 @@ export async function run(): Promise<{ text: string; figures: Record<string, unk
     [`Fleet routing per grant (${r.backends.join(", ")}${r.machines ? `; ${r.machines} bare-metal machines` : ""})`, `${r.fleet_us.toFixed(2)} µs`, "local backend alone", `${r.local_only_us.toFixed(2)} µs`, (r.fleet_us / r.local_only_us).toFixed(1)],
     [`Fleet routing per grant, policy "cheapest" (same fleet, priced)`, `${r.cheapest_us.toFixed(2)} µs`, `policy "ordered"`, `${r.fleet_us.toFixed(2)} µs`, (r.cheapest_us / r.fleet_us).toFixed(1)],
     [`RSS with ${rss.grants} active grants`, `${rss.active_mib.toFixed(0)} MiB`, "same process, idle", `${rss.idle_mib.toFixed(0)} MiB`, `+${(((rss.active_mib - rss.idle_mib) * 1024) / rss.grants).toFixed(1)} KiB/grant`],
+    ["cold start to listening, every backend configured (goal <= 3x)", `${cold.all_ms.toFixed(0)} ms`, "node -e 0", `${cold.node_ms.toFixed(0)} ms`, (cold.all_ms / cold.node_ms).toFixed(1)],
     ["cold start to listening, every backend configured", `${cold.all_ms.toFixed(0)} ms`, "local backend only", `${cold.local_ms.toFixed(0)} ms`, (cold.all_ms / cold.local_ms).toFixed(2)],
+    ["cold start, every backend, bundle (bin)", `${cold.all_ms.toFixed(0)} ms`, "tsc output unbundled (dist/cli.js)", `${cold.unbundled_all_ms.toFixed(0)} ms`, (cold.all_ms / cold.unbundled_all_ms).toFixed(2)],
+    ["  the same, CPU time of the process to listening", `${cold.cpu.all_ms.toFixed(0)} ms`, "tsc output unbundled (dist/cli.js)", `${cold.cpu.unbundled_all_ms.toFixed(0)} ms`, (cold.cpu.all_ms / cold.cpu.unbundled_all_ms).toFixed(2)],
     ["cold start, local only", `${cold.local_ms.toFixed(0)} ms`, "node -e 0", `${cold.node_ms.toFixed(0)} ms`, (cold.local_ms / cold.node_ms).toFixed(1)],
     [`resume after restart, ${res.n} running grants (${res.aws} EC2, ${res.gcp} GCE; to the first batched poll of each)`, `${res.resume_ms.toFixed(0)} ms`, "restart with no grants, to listening", `${res.empty_ms.toFixed(0)} ms`, (res.resume_ms / res.empty_ms).toFixed(1)],
     [`  the same, CPU time of the daemon process (all threads)`, `${res.resume_cpu_ms.toFixed(0)} ms`, "restart with no grants, to listening", `${res.empty_cpu_ms.toFixed(0)} ms`, (res.resume_cpu_ms / res.empty_cpu_ms).toFixed(1)],
@@ -385,6 +398,10 @@ if (process.argv.includes("--resume")) {
   // node --import tsx bench/core.ts --resume [EC2 grants] [GCE grants]: that figure alone.
   const i = process.argv.indexOf("--resume");
   process.stdout.write(`${JSON.stringify(await resume({ aws: Number(process.argv[i + 1] ?? 5000), gcp: Number(process.argv[i + 2] ?? 5000) }))}\n`);
+  process.exit(0);
+} else if (process.argv.includes("--cold")) {
+  // node --import tsx bench/core.ts --cold: the cold-start figures alone.
+  process.stdout.write(`${JSON.stringify(await coldStart())}\n`);
   process.exit(0);
 } else if (process.argv.includes("--rss-child")) {
   process.stdout.write(JSON.stringify(await rssChild()));
