@@ -61,14 +61,14 @@ ram_mib = 8192
 max_concurrent = 100000
 `;
 
-function awsSection(endpoint: string, regions: string[], extra = ""): string {
+function awsSection(endpoint: string, regions: string[], extra = "", pollSeconds = 1): string {
   return `[backends.aws]
 instance_types = ["m6i.large", "m6i.xlarge"]
 max_concurrent_instances = 100000
 access_key_id_file = "aws_key"
 secret_access_key_file = "aws_secret"
 endpoint = "${endpoint}"
-poll_interval_seconds = 1
+poll_interval_seconds = ${pollSeconds}
 orphan_grace_seconds = 3600
 ${extra}
 ${regions.map((r) => `[backends.aws.regions.${r}]\nimage_id = "ami-0123456789abcdef0"\nsubnet_id = "subnet-0123456789abcdef0"\nsecurity_group_ids = ["sg-0123456789abcdef0"]\n`).join("\n")}`;
@@ -278,9 +278,10 @@ max_concurrent_instances = 100000
 image = "img"
 credentials_file = "sa.json"
 api_endpoint = "http://127.0.0.1:${gce.port}"
-poll_interval_seconds = 1
 `;
-    writeFileSync(cfgFile, head({ stateDir, logLevel: "info" }) + awsSection(fake.endpoint, AWS_REGIONS) + gcpSection + LOCAL);
+    // Poll intervals at their default (10 s): at 1 s, one EC2 poll of 2,500 instances (XML parsed
+    // by the SDK) takes longer than the interval here, and back-to-back polls starve the resume.
+    writeFileSync(cfgFile, head({ stateDir, logLevel: "info" }) + awsSection(fake.endpoint, AWS_REGIONS, "", 10) + gcpSection + LOCAL);
     // The state a crashed daemon leaves: grants running on instances that are still there.
     const grants: { rid: string; backend: string; region: string; instance_id: string; details: Record<string, string> }[] = [];
     for (const [ri, region] of AWS_REGIONS.entries()) {
