@@ -1,12 +1,16 @@
 #!/usr/bin/env node
-// Entry point: runs the compiled CLI from dist/ (built by `npm run build`, which `npm ci` runs via `prepare`).
+// Entry point: runs the bundled CLI from dist/bundle/ (built by `npm run build`, which `npm ci` runs via `prepare`).
 import { existsSync } from "node:fs";
+import module from "node:module";
 
-const entry = new URL("../dist/cli.js", import.meta.url);
+const entry = new URL("../dist/bundle/compute-bridge.js", import.meta.url);
 if (!existsSync(entry)) {
-  process.stderr.write('{"level":"fatal","service":"compute-bridge","msg":"dist/ is missing; run `npm run build` first"}\n');
+  process.stderr.write('{"level":"fatal","service":"compute-bridge","msg":"dist/bundle/ is missing; run `npm run build` first"}\n');
   process.exit(1);
 }
+// Node 22.1+ keeps V8's compiled code between starts (in $NODE_COMPILE_CACHE, else under the OS
+// temp dir), which shortens the next start; Node 20 has no such cache and starts without it.
+module.enableCompileCache?.();
 const { main } = await import(entry.href);
 const code = await main(process.argv.slice(2));
 process.exitCode = code;

@@ -5,10 +5,10 @@ import { loadConfig, resolveFromConfig, type LoadedConfig } from "./config/load.
 import { readSecret } from "./config/secrets.js";
 import type { BootConfig } from "./config/schema.js";
 import { Almanac, type ProviderCard } from "./domain/index.js";
-import { buildCard } from "./fleet/card.js";
+import { buildCard, configDigest } from "./fleet/card.js";
 import { Fleet } from "./fleet/fleet.js";
 import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
-import { buildListener, readTls, type Listener } from "./listener/server.js";
+import { buildListener, readTls, ZOD_SCHEMA_CONTROLLER, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
 import { isStoreUnavailable, openCheckedStore, storeSpec, type Store } from "./store/store.js";
 import type { BackendOptions } from "./backends/registry.js";
@@ -168,14 +168,18 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
         log.error({ err: e }, "reconcile skipped: the state database cannot be read; it runs again at the next interval");
         return;
       }
-      for (const b of fleet.backends) {
-        if (!b.reconcile) continue;
-        try {
-          await b.reconcile(live);
-        } catch (e) {
-          log.error({ backend: b.name, err: e }, "reconcile failed; it runs again at the next interval");
-        }
-      }
+      // Every backend at once: each loads its own SDK and asks its own cloud, so a slow or
+      // unreachable one no longer holds up the others (at a restart, the resume waits for all).
+      await Promise.all(
+        fleet.backends.map(async (b) => {
+          if (!b.reconcile) return;
+          try {
+            await b.reconcile(live);
+          } catch (e) {
+            log.error({ backend: b.name, err: e }, "reconcile failed; it runs again at the next interval");
+          }
+        }),
+      );
     } finally {
       reconciling = false;
     }
@@ -213,7 +217,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   try {
     if (cfg.listener.metrics_bind) {
       binding = cfg.listener.metrics_bind;
-      metricsServer = Fastify({ logger: false });
+      metricsServer = Fastify({ logger: false, schemaController: ZOD_SCHEMA_CONTROLLER });
       metricsServer.get("/metrics", async (_req, reply) => reply.type(promText.contentType).send(await promText.text()));
       // The probes too, so a container health check or a load balancer needs neither TLS nor the token.
       metricsServer.get("/healthz", async () => ({ status: "ok" }));
@@ -239,6 +243,17 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const addr = listener.app.server.address();
   const boundPort = typeof addr === "object" && addr ? addr.port : port;
   const url = `${tls ? "https" : "http"}://${host.includes(":") ? `[${host}]` : host}:${boundPort}`;
+
+  // The start-up line is written whatever the level (unless silent): where the daemon listens is
+  // what an operator (and a supervisor waiting for it) needs first, so it comes before the resume
+  // below starts (whose first steps, reading the open grants, run before its first await).
+  const configured = log.level;
+  if (configured !== "silent" && !log.isLevelEnabled("info")) log.level = "info";
+  log.info(
+    { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), state_dir: stateDir, config_digest: configDigest(cfg) },
+    "compute-bridge listening",
+  );
+  log.level = configured;
 
   // Listening comes first (a slow or unreachable cloud must not keep the listener down); then each
   // backend reconciles what it holds and every open grant resumes. Backends count grants they
@@ -271,15 +286,6 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const cardTimer = setInterval(publishCardIfChanged, o.cardCheckIntervalMs ?? 30_000);
   cardTimer.unref();
 
-  // The start-up line is written whatever the level (unless silent): where the daemon listens is
-  // what an operator (and a supervisor waiting for it) needs first.
-  const configured = log.level;
-  if (configured !== "silent" && !log.isLevelEnabled("info")) log.level = "info";
-  log.info(
-    { url, provider_id: cfg.bridge.provider_id, backends: fleet.backends.map((b) => b.name), state_dir: stateDir, config_digest: card().config_digest },
-    "compute-bridge listening",
-  );
-  log.level = configured;
 
   let currentToken = token;
   const reload = async () => {

@@ -6,10 +6,10 @@ import { describe, it } from "node:test";
 import { build, isStale, STAMP } from "../../scripts/build.mjs";
 import { tempDir } from "../helpers/tmp.js";
 
-type Build = (root: string, o?: { ifChanged?: boolean; tsc?: string[] }) => boolean;
+type Build = (root: string, o?: { ifChanged?: boolean; tsc?: string[]; bundler?: (root: string) => Promise<void> }) => Promise<boolean>;
 
 describe("npm start builds only when the sources changed (scripts/build.mjs)", () => {
-  it("builds when unstamped or an input is newer, not otherwise; a failed build leaves it stale", (t) => {
+  it("builds when unstamped or an input is newer, not otherwise; a failed build leaves it stale", async (t) => {
     const root = tempDir(t);
     mkdirSync(path.join(root, "src/sub"), { recursive: true });
     mkdirSync(path.join(root, "dist"));
@@ -18,26 +18,31 @@ describe("npm start builds only when the sources changed (scripts/build.mjs)", (
     const fakeTsc = [process.execPath, "-e", `require("fs").appendFileSync(${JSON.stringify(runs)}, "built\\n")`];
     const count = () => readFileSync(runs, "utf8").split("\n").filter(Boolean).length;
     const past = (f: string, s: number) => utimesSync(path.join(root, f), new Date(Date.now() - s * 1000), new Date(Date.now() - s * 1000));
-    const b = build as Build;
+    const bundled: string[] = [];
+    const bundler = async (r: string) => void bundled.push(r);
+    const b = (r: string, o: Parameters<Build>[1] = {}) => (build as Build)(r, { bundler, ...o });
 
     assert.equal(isStale(root), true, "never built");
-    assert.equal(b(root, { ifChanged: true, tsc: fakeTsc }), true);
+    assert.equal(await b(root, { ifChanged: true, tsc: fakeTsc }), true);
     for (const f of ["src/a.ts", "src/sub/b.ts", "src/sub", "src", "tsconfig.json", "package.json"]) past(f, 60);
     assert.equal(isStale(root), false);
-    assert.equal(b(root, { ifChanged: true, tsc: fakeTsc }), false, "nothing changed: no build");
+    assert.equal(await b(root, { ifChanged: true, tsc: fakeTsc }), false, "nothing changed: no build");
     assert.equal(count(), 1);
 
     writeFileSync(path.join(root, "src/sub/b.ts"), "changed");
-    assert.equal(b(root, { ifChanged: true, tsc: fakeTsc }), true, "a changed source rebuilds");
+    assert.equal(await b(root, { ifChanged: true, tsc: fakeTsc }), true, "a changed source rebuilds");
     past("src/sub/b.ts", 60);
     past("src/sub", 60);
     assert.equal(isStale(root), false);
     rmSync(path.join(root, "src/a.ts"));
     assert.equal(isStale(root), true, "a deleted source (its directory's mtime) rebuilds");
-    assert.throws(() => b(root, { ifChanged: true, tsc: [process.execPath, "-e", "process.exit(2)"] }), /the build failed/);
+    await assert.rejects(b(root, { ifChanged: true, tsc: [process.execPath, "-e", "process.exit(2)"] }), /the build failed/);
     assert.equal(isStale(root), true, "still stale after a failed build");
-    assert.equal(b(root, { tsc: fakeTsc }), true, "without --if-changed it always builds");
-    assert.equal(count(), 3);
+    await assert.rejects(b(root, { ifChanged: true, tsc: fakeTsc, bundler: async () => Promise.reject(new Error("esbuild said no")) }), /the build failed \(bundling dist\/bundle: esbuild said no\)/);
+    assert.equal(isStale(root), true, "still stale after a failed bundle");
+    assert.equal(await b(root, { tsc: fakeTsc }), true, "without --if-changed it always builds");
+    assert.equal(count(), 4);
+    assert.equal(bundled.length, 3, "every successful compile is bundled");
     assert.match(readFileSync(path.join(root, STAMP as string), "utf8"), /^\d{4}-/);
   });
 

@@ -64,7 +64,7 @@ describe("README", () => {
     assert.doesNotMatch(out, /"error":"/, "no error answer anywhere");
   });
 
-  const verifyReady = !existsSync("dist/cli.js")
+  const verifyReady = !existsSync("dist/bundle/compute-bridge.js")
     ? "dist/ is not built (npm run build): npx compute-bridge runs the build"
     : spawnSync("python3", ["-c", "import cryptography"]).status !== 0
       ? "python3 with the cryptography module is not installed"
