@@ -23,7 +23,6 @@ import { parseConfigText } from "../src/config/load.js";
 import { Almanac, type ComputeGrant } from "../src/domain/index.js";
 import { Fleet } from "../src/fleet/fleet.js";
 import { GrantManager } from "../src/lifecycle/manager.js";
-import { startDaemon } from "../src/daemon.js";
 import { SqliteStore as Store } from "../src/store/sqlite.js";
 import { systemClock } from "../src/util/clock.js";
 import { Identity } from "../src/util/identity.js";
