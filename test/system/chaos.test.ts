@@ -502,10 +502,17 @@ describe("chaos", { timeout: 280_000 }, () => {
       const submitMs = Date.now() - submitStart;
       type View = { request_id: string; state: string; backend: string | null; error: { kind: string; message: string } | null; attempts: { backend: string; error_kind: string }[] };
       let grants: View[] = [];
+      let lastCallError = "";
       try {
         await poll(
           async () => {
-            const r = await call(base, "GET", "/v1/grants?limit=1000");
+            // A call that fails (a loaded machine resets a connection now and then) is asked again;
+            // a daemon that stays unreachable ends the wait with that error.
+            const r = await call(base, "GET", "/v1/grants?limit=1000").catch((e: unknown) => {
+              lastCallError = `; last call failed: ${(e as Error).message} (${String((e as { cause?: unknown }).cause ?? "")})`;
+              return null;
+            });
+            if (!r) return false;
             grants = r.body.grants as View[];
             return grants.length === GRANTS && grants.every((g) => TERMINAL.includes(g.state));
           },
@@ -515,7 +522,7 @@ describe("chaos", { timeout: 280_000 }, () => {
         );
       } catch (e) {
         const open = grants.filter((g) => !TERMINAL.includes(g.state)).map((g) => `${g.request_id}:${g.backend}:${g.state}`);
-        throw new Error(`${(e as Error).message}; ${grants.length} grants listed, open: ${open.join(", ")}`);
+        throw new Error(`${(e as Error).message}${lastCallError}; ${grants.length} grants listed, open: ${open.join(", ")}`);
       }
       const drainMs = Date.now() - started;
 
