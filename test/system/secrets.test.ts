@@ -325,7 +325,7 @@ describe("secrets", { timeout: 180_000 }, () => {
       const keep = (o: Outcome) => results.set(o.id, o);
 
       // ---- Azure first, while the authority refuses the client secret (the start-up sweep already met the refusal) ----
-      await poll(() => authority.refused > 0, "the start-up reconcile to ask the authority for a token", 20_000);
+      await poll(() => authority.refused > 0, "the start-up reconcile to ask the authority for a token", 120_000); // a ceiling: the reconcile loads the cloud SDKs first, slow on a loaded machine
       await api("GET", "/v1/provider-card"); // with the reconcile error in the azure backend's status
       assert.equal((await post("az-auth", "westeurope")).status, 202);
       // It fails on the refused credential; its terminate (which must look for anything it left
