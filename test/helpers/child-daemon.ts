@@ -1,4 +1,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { fileURLToPath } from "node:url";
 
 const RUNNER = fileURLToPath(new URL("./run-daemon.ts", import.meta.url));
@@ -24,9 +27,18 @@ process.on("exit", () => {
  * the log level). A child that does not start in time is killed, never left behind.
  */
 export async function spawnDaemon(configFile: string, env: Record<string, string> = {}, runner = RUNNER): Promise<ChildDaemon> {
-  const proc = spawn(process.execPath, ["--import", "tsx", runner, configFile], { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } });
+  // SIGUSR2 makes the child write a diagnostic report (its JS stack and live handles): asked for
+  // when it does not start in time, so the failure says where it stood.
+  const reports = mkdtempSync(path.join(os.tmpdir(), "cb-child-report-"));
+  const proc = spawn(process.execPath, ["--report-on-signal", "--report-signal=SIGUSR2", `--report-directory=${reports}`, "--import", "tsx", runner, configFile], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...env },
+  });
   children.add(proc);
-  proc.once("exit", () => children.delete(proc));
+  proc.once("exit", () => {
+    children.delete(proc);
+    rmSync(reports, { recursive: true, force: true });
+  });
   let out = "";
   proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
   proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
@@ -44,8 +56,11 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
     void exited.then((code) => reject(new Error(`daemon exited (${code}) before listening:\n${out}`)));
     // Generous: on a loaded 2-core machine loading the modules alone has taken over 30 s.
     setTimeout(() => {
-      proc.kill("SIGKILL");
-      reject(new Error(`daemon did not start listening within 90 s (killed):\n${out}`));
+      proc.kill("SIGUSR2");
+      setTimeout(() => {
+        proc.kill("SIGKILL");
+        reject(new Error(`daemon did not start listening within 90 s (killed):\n${out}\n${diagnosticReport(reports)}`));
+      }, 5000).unref();
     }, 90_000).unref();
   });
   return {
@@ -61,4 +76,17 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
       return exited;
     },
   };
+}
+
+/** The JS stack and active handles from a child's diagnostic report, if it wrote one. */
+function diagnosticReport(dir: string): string {
+  try {
+    const file = readdirSync(dir).find((f) => f.endsWith(".json"));
+    if (!file) return "(no diagnostic report: the process did not answer SIGUSR2)";
+    const r = JSON.parse(readFileSync(path.join(dir, file), "utf8")) as { javascriptStack?: { message?: string; stack?: string[] }; libuv?: { type: string; is_active: boolean }[] };
+    const handles = (r.libuv ?? []).filter((h) => h.is_active).map((h) => h.type);
+    return `diagnostic report: ${r.javascriptStack?.message ?? ""}\n${(r.javascriptStack?.stack ?? []).slice(0, 25).join("\n")}\nactive handles: ${handles.join(", ")}`;
+  } catch (e) {
+    return `(diagnostic report unreadable: ${(e as Error).message})`;
+  }
 }
