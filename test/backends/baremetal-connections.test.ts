@@ -16,20 +16,13 @@ import { after, afterEach, before, describe, it } from "node:test";
 import { CapacityError, type ManagedBackend } from "../../src/backends/backend.js";
 import type { ComputeGrant } from "../../src/domain/index.js";
 import { Reservations } from "../../src/fleet/reservations.js";
-import { shJoin } from "../../src/util/shell.js";
 import { ensureSshdInstalled, startSshd, type FakeSshd } from "../fakes/sshd.js";
-import { until as untilWithin } from "../helpers/http.js";
 import { scriptImage } from "../helpers/images.js";
-import { alive, backend, grant, imageServer, machine, recorder, sshRun, unitsOn, type ImageServer } from "./baremetal/harness.js";
+import { alive, backend, grant, imageServer, machine, readPid, recorder, removeLeftovers, unitsOn, until, type ImageServer } from "./baremetal/harness.js";
 
 const never = new AbortController().signal;
 
-/** Wait for a condition; the default ceiling is generous for a loaded machine (it only bounds a failure). */
-const until = <T>(fn: Parameters<typeof untilWithin<T>>[0], what: string, timeoutMs = 120_000) => untilWithin<T>(fn, what, timeoutMs);
 
-function readPid(file: string): number {
-  return Number(readFileSync(file, "utf8").trim());
-}
 
 describe("bare-metal backend over SSH: connections, restart, doctor", () => {
   let tmp: string;
@@ -55,14 +48,7 @@ describe("bare-metal backend over SSH: connections, restart, doctor", () => {
     rmSync(tmp, { recursive: true, force: true });
   });
 
-  // A test that failed half-way must not leave its units to the next one (a passing test has
-  // asserted by now that it left nothing behind).
-  afterEach(async () => {
-    for (const s of [A, B]) {
-      const units = unitsOn(s).filter((u) => /^[A-Za-z0-9._-]+\.service$/.test(u));
-      if (units.length > 0) await sshRun(s, shJoin(["/bin/sh", "-c", 'for u; do systemctl stop "$u"; systemctl reset-failed "$u"; done >/dev/null 2>&1; exit 0', "cb-cleanup", ...units]));
-    }
-  });
+  afterEach(() => removeLeftovers([A, B]));
 
   function executable(name: string, body: string) {
     const img = scriptImage(tmp, name, body);

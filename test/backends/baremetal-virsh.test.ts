@@ -15,39 +15,14 @@ import { after, afterEach, before, describe, it } from "node:test";
 import { CapacityError, InvalidRequestError, type ManagedBackend } from "../../src/backends/backend.js";
 import { bindingDigest } from "../../src/attestation/binding.js";
 import { verifyTdxQuote } from "../../src/attestation/verify.js";
-import type { ComputeGrant, ProvisionedInstance } from "../../src/domain/index.js";
-import { shJoin } from "../../src/util/shell.js";
+import { placeholder } from "../../src/lifecycle/manager.js";
 import { ensureSshdInstalled, startSshd, type FakeSshd } from "../fakes/sshd.js";
-import { until as untilWithin } from "../helpers/http.js";
 import { scriptImage } from "../helpers/images.js";
-import {
-  backend,
-  domainsOn,
-  TD_QUOTE,
-  grant,
-  imageServer,
-  installGuestCommand,
-  lineLogger,
-  machine,
-  precache,
-  qcow2,
-  recorder,
-  sshRun,
-  unitConf,
-  unitsOn,
-  virshBinDir,
-  type ImageServer,
-} from "./baremetal/harness.js";
+import { backend, domainsOn, grant, imageServer, installGuestCommand, lineLogger, machine, precache, qcow2, recorder, removeLeftovers, sshRun, TD_QUOTE, unitConf, unitsOn, until, virshBinDir, type ImageServer } from "./baremetal/harness.js";
 
 const never = new AbortController().signal;
 
-/** Wait for a condition; the default ceiling is generous for a loaded machine (it only bounds a failure). */
-const until = <T>(fn: Parameters<typeof untilWithin<T>>[0], what: string, timeoutMs = 120_000) => untilWithin<T>(fn, what, timeoutMs);
 
-/** What the manager hands terminate() when it only knows the request_id. */
-function placeholder(g: ComputeGrant): ProvisionedInstance {
-  return { request_id: g.request_id, backend: "baremetal", instance_id: "", region: g.region, host: null, ssh_port: null, ssh_user: null, host_key_sha256: null, started_at: new Date(0).toISOString(), cpu_millicores: g.cpu_millicores, ram_mib: g.ram_mib, details: {} };
-}
 
 describe("bare-metal backend over SSH: virsh machines (TDX)", () => {
   let tmp: string;
@@ -89,17 +64,7 @@ describe("bare-metal backend over SSH: virsh machines (TDX)", () => {
   after(async () => {
     await Promise.allSettled([T?.stop(), V?.stop()]);
   });
-  // A test that failed half-way must not leave its guests and units to the next one (a passing
-  // test has asserted by now that it left nothing behind).
-  afterEach(async () => {
-    for (const s of [A, T, V]) {
-      const doms = domainsOn(s).filter((d) => /^[A-Za-z0-9._-]+$/.test(d));
-      const units = unitsOn(s).filter((u) => /^[A-Za-z0-9._-]+\.service$/.test(u));
-      if (doms.length + units.length === 0) continue;
-      const script = 'n=$1; shift; i=0; for x; do i=$((i+1)); if [ $i -le "$n" ]; then virsh destroy "$x"; virsh undefine --nvram "$x"; else systemctl stop "$x"; systemctl reset-failed "$x"; fi; done >/dev/null 2>&1; exit 0';
-      await sshRun(s, shJoin(["/bin/sh", "-c", script, "cb-cleanup", String(doms.length), ...doms, ...units]));
-    }
-  });
+  afterEach(() => removeLeftovers([A, T, V]));
   const tdxMachine = (name: string, s: FakeSshd, over: Record<string, unknown> = {}) =>
     machine(name, s, work, { mode: "virsh", tdx_capable: true, ovmf_path: "/usr/share/ovmf/OVMF.inteltdx.fd", ...over });
 
@@ -268,7 +233,7 @@ describe("bare-metal backend over SSH: virsh machines (TDX)", () => {
     assert.equal((b.status().machines as Record<string, { grants: number }>).v1!.grants, 3, "its capacity is given back");
     rmSync(cached);
     for (const i of [first, second, third]) await b.terminate(i);
-    await b.terminate(placeholder(grant("warm-4")));
+    await b.terminate(placeholder(grant("warm-4"), "baremetal"));
     assert.ok(!domainsOn(V).some((d) => d.startsWith("cb-warm-")), JSON.stringify(domainsOn(V)));
     assert.ok(!unitsOn(V).some((u) => u.startsWith("cb-deadline-warm")), JSON.stringify(unitsOn(V)));
   });

@@ -13,39 +13,16 @@ import os from "node:os";
 import path from "node:path";
 import { after, afterEach, before, describe, it } from "node:test";
 import { CapacityError, ImageVerificationError, InvalidRequestError, type ManagedBackend } from "../../src/backends/backend.js";
-import type { ComputeGrant, ProvisionedInstance } from "../../src/domain/index.js";
 import { Reservations } from "../../src/fleet/reservations.js";
-import { shJoin } from "../../src/util/shell.js";
+import { placeholder } from "../../src/lifecycle/manager.js";
 import { ensureSshdInstalled, startSshd, type FakeSshd } from "../fakes/sshd.js";
-import { until as untilWithin } from "../helpers/http.js";
 import { bundleImage, scriptImage } from "../helpers/images.js";
-import {
-  alive,
-  backend,
-  grant,
-  imageServer,
-  machine,
-  precache,
-  recorder,
-  sshRun,
-  unitState,
-  unitsOn,
-  type ImageServer,
-} from "./baremetal/harness.js";
+import { alive, backend, grant, imageServer, machine, precache, readPid, recorder, removeLeftovers, sshRun, unitsOn, unitState, until, type ImageServer } from "./baremetal/harness.js";
 
 const never = new AbortController().signal;
 
-/** Wait for a condition; the default ceiling is generous for a loaded machine (it only bounds a failure). */
-const until = <T>(fn: Parameters<typeof untilWithin<T>>[0], what: string, timeoutMs = 120_000) => untilWithin<T>(fn, what, timeoutMs);
 
-/** What the manager hands terminate() when it only knows the request_id. */
-function placeholder(g: ComputeGrant): ProvisionedInstance {
-  return { request_id: g.request_id, backend: "baremetal", instance_id: "", region: g.region, host: null, ssh_port: null, ssh_user: null, host_key_sha256: null, started_at: new Date(0).toISOString(), cpu_millicores: g.cpu_millicores, ram_mib: g.ram_mib, details: {} };
-}
 
-function readPid(file: string): number {
-  return Number(readFileSync(file, "utf8").trim());
-}
 
 describe("bare-metal backend over SSH", () => {
   let tmp: string;
@@ -71,14 +48,7 @@ describe("bare-metal backend over SSH", () => {
     rmSync(tmp, { recursive: true, force: true });
   });
 
-  // A test that failed half-way must not leave its units to the next one, whose assertions would
-  // then fail too (a passing test has asserted by now that it left nothing behind).
-  afterEach(async () => {
-    for (const s of [A, B]) {
-      const units = unitsOn(s).filter((u) => /^[A-Za-z0-9._-]+\.service$/.test(u));
-      if (units.length > 0) await sshRun(s, shJoin(["/bin/sh", "-c", 'for u; do systemctl stop "$u"; systemctl reset-failed "$u"; done >/dev/null 2>&1; exit 0', "cb-cleanup", ...units]));
-    }
-  });
+  afterEach(() => removeLeftovers([A, B]));
 
   /** A bundle served over http: { url, sha256, format }. */
   function bundle(name: string, body: string) {
@@ -334,11 +304,11 @@ describe("bare-metal backend over SSH", () => {
     watching.abort();
     await assert.rejects(watch, (e: Error) => e.name === "AbortError");
     const fresh = track(backend([machine("m1", A, work), machine("m2", B, work)]));
-    await fresh.terminate(placeholder(g));
+    await fresh.terminate(placeholder(g, "baremetal"));
     await until(() => !alive(pid), "the workload to be stopped", 60_000);
     assert.deepEqual(unitsOn(A), []);
     assert.equal(existsSync(path.join(work, "m1", "runs", "cancel-1")), false);
-    await fresh.terminate(placeholder(g));
+    await fresh.terminate(placeholder(g, "baremetal"));
     await b.terminate(inst);
   });
 

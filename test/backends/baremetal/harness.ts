@@ -15,8 +15,10 @@ import { OfferingCache } from "../../../src/backends/offering-cache.js";
 import { BareMetalConfig, type BareMetalMachine } from "../../../src/config/schema.js";
 import { Almanac, type ComputeGrant } from "../../../src/domain/index.js";
 import { systemClock } from "../../../src/util/clock.js";
+import { shJoin } from "../../../src/util/shell.js";
 import { createLogger, type Logger } from "../../../src/util/logger.js";
 import { STANDINS_BIN_DIR, type FakeSshd } from "../../fakes/sshd.js";
+import { until as untilWithin } from "../../helpers/http.js";
 import { tempDir } from "../../helpers/tmp.js";
 
 /** Genesis at the epoch and 1 ms ticks: valid_to in ticks is a wall-clock ms timestamp. */
@@ -177,18 +179,7 @@ export function domainsOn(sshd: FakeSshd): string[] {
   return readdirSync(d).filter((n) => !n.startsWith(".")).sort();
 }
 
-export function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch {
-    return false;
-  }
-  try {
-    return !/^\S+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
-  } catch {
-    return false;
-  }
-}
+export { alive } from "../../helpers/proc.js";
 
 // ---- virsh machines: stand-ins + qemu-img ----------------------------------------------------
 
@@ -306,6 +297,27 @@ exit 0
 export const TD_QUOTE = readFileSync(new URL("../../attestation/vectors/go-tdx-guest_cos-113-tdx-quote.dat", import.meta.url)).subarray(0, 4935);
 
 /** Run one command on a fake machine through its real sshd (test-side observation). */
+/** Wait for a condition; the default ceiling is generous for a loaded machine (it only bounds a failure). */
+export const until = <T>(fn: Parameters<typeof untilWithin<T>>[0], what: string, timeoutMs = 120_000) => untilWithin<T>(fn, what, timeoutMs);
+
+export function readPid(file: string): number {
+  return Number(readFileSync(file, "utf8").trim());
+}
+
+/**
+ * Destroys the guests and stops the units a test left on these hosts: run after each test, so one
+ * that failed half-way does not fail the next (a passing test has asserted it left nothing).
+ */
+export async function removeLeftovers(hosts: readonly FakeSshd[]): Promise<void> {
+  for (const s of hosts) {
+    const doms = domainsOn(s).filter((d) => /^[A-Za-z0-9._-]+$/.test(d));
+    const units = unitsOn(s).filter((u) => /^[A-Za-z0-9._-]+\.service$/.test(u));
+    if (doms.length + units.length === 0) continue;
+    const script = 'n=$1; shift; i=0; for x; do i=$((i+1)); if [ $i -le "$n" ]; then virsh destroy "$x"; virsh undefine --nvram "$x"; else systemctl stop "$x"; systemctl reset-failed "$x"; fi; done >/dev/null 2>&1; exit 0';
+    await sshRun(s, shJoin(["/bin/sh", "-c", script, "cb-cleanup", String(doms.length), ...doms, ...units]));
+  }
+}
+
 export async function sshRun(sshd: FakeSshd, command: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const { Client } = (await import("ssh2")).default;
   const c = new Client();
