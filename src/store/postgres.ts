@@ -5,7 +5,7 @@ import pg from "pg";
 import { grantRequestDigest } from "../domain/grant.js";
 import { canTransition } from "../domain/grant-record.js";
 import type { ComputeLog, GrantState } from "../domain/index.js";
-import type { Clock } from "../util/clock.js";
+import { isoFormatter, type Clock } from "../util/clock.js";
 import { pgStoreFault } from "./errors.js";
 import { pgMigrate, pgSchemaVersion } from "./pg-schema.js";
 import { acceptedRecord, columns, countKey, historyOf, toRecord, type AcceptResult, type GrantRecord, type NewGrant, type OutboxItem, type Row } from "./schema.js";
@@ -90,15 +90,10 @@ export class PostgresStore implements Store {
     return s;
   }
 
-  private lastMs = Number.NaN;
-  private lastIso = "";
+  private readonly iso = isoFormatter();
+  /** The clock as an ISO timestamp (formatted once per millisecond: every write carries one). */
   private nowIso(): string {
-    const ms = this.clock.now();
-    if (ms !== this.lastMs) {
-      this.lastMs = ms;
-      this.lastIso = new Date(ms).toISOString();
-    }
-    return this.lastIso;
+    return this.iso(this.clock.now());
   }
 
   // ---- plumbing -------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { Worker } from "node:worker_threads";
 import type { ComputeLog, GrantState } from "../domain/index.js";
-import type { Clock } from "../util/clock.js";
+import { isoFormatter, type Clock } from "../util/clock.js";
 import { acceptedRecord, columns, countKey, flushJsonl, historyOf, migrate, openDatabase, toRecord, type AcceptResult, type GrantRecord, type NewGrant, type OutboxItem, type Row } from "./schema.js";
 import type { GrantChanges, Store, Transition } from "./store.js";
 import type { AcceptOutcome, FromWriter, ToWriter, Transitioned, WriteOp } from "./writer.js";
@@ -78,16 +78,10 @@ export class SqliteStore implements Store {
     });
   }
 
-  private lastMs = Number.NaN;
-  private lastIso = "";
+  private readonly iso = isoFormatter();
   /** The clock as an ISO timestamp (formatted once per millisecond: every write carries one). */
   private nowIso(): string {
-    const ms = this.clock.now();
-    if (ms !== this.lastMs) {
-      this.lastMs = ms;
-      this.lastIso = new Date(ms).toISOString();
-    }
-    return this.lastIso;
+    return this.iso(this.clock.now());
   }
 
   // ---- the writer ---------------------------------------------------------------------------

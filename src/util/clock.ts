@@ -50,3 +50,16 @@ export function backoffMs(attempt: number, baseMs: number, capMs: number, random
   const exp = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
   return Math.floor(random() * exp);
 }
+
+/** ms -> ISO timestamp, formatted once per distinct millisecond (for paths that stamp every write). */
+export function isoFormatter(): (ms: number) => string {
+  let lastMs = Number.NaN;
+  let lastIso = "";
+  return (ms) => {
+    if (ms !== lastMs) {
+      lastMs = ms;
+      lastIso = new Date(ms).toISOString();
+    }
+    return lastIso;
+  };
+}
