@@ -372,8 +372,11 @@ describe("chaos", { timeout: 280_000 }, () => {
       const postStatus = new Map<number, number>();
       let declined = 0;
       let cancels = 0;
+      // One body per grant, re-posted unchanged across kills and 422s (a market retry is the same
+      // grant). A hanging grant's validity must outlast that: 45 s covers a loaded machine's retries
+      // (20 s did not: its re-post was answered 400 "valid_to already in the past").
       const body = (p: Planned) => ({
-        grant: { request_id: p.id, region: p.region, tdx_required: false, cpu_millicores: p.cpu, ram_mib: p.ram, valid_to: tickIn("hang" in p.guest ? 20 : 180) },
+        grant: { request_id: p.id, region: p.region, tdx_required: false, cpu_millicores: p.cpu, ram_mib: p.ram, valid_to: tickIn("hang" in p.guest ? 45 : 180) },
         envelope: {
           image: { url: image.url, sha256: image.sha256, format: "bundle" },
           env: { CB_GRANT: p.id, HANG: "hang" in p.guest ? "1" : "0", RUN_S: "hang" in p.guest ? "0" : (p.guest.runMs / 1000).toFixed(3), CODE: "hang" in p.guest ? "0" : String(p.guest.code) },
