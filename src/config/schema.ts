@@ -88,6 +88,16 @@ export const StoreConfig = z
     ...storeUrl.shape,
     /** Connections to PostgreSQL at most (postgres only). */
     pool_size: PositiveInt.max(100).default(8),
+    /**
+     * Replicas sharing one PostgreSQL database (postgres only): a replica that has not renewed its
+     * leases for this long loses them, and another takes its grants over. Renewed every third of it.
+     */
+    lease_ttl_seconds: z.number().min(3, "must be at least 3 (leases are renewed every third of it)").max(600).default(15),
+    /** This replica's name on leases, logs and metrics; default: hostname-pid. */
+    replica_id: z
+      .string()
+      .regex(/^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$/, "letters, digits and . _ : - (at most 100), starting with a letter or digit")
+      .optional(),
   })
   .superRefine((v, ctx) => {
     storeUrl.check(v, ctx);
@@ -450,7 +460,7 @@ export const BootConfig = z
     listener: ListenerConfig,
     almanac: AlmanacConfig,
     log: LogConfig.default({ level: "info" }),
-    store: StoreConfig.default({ kind: "sqlite", pool_size: 8 }),
+    store: StoreConfig.default({ kind: "sqlite", pool_size: 8, lease_ttl_seconds: 15 }),
     fleet: FleetConfig.default({ max_attempts: 3, unavailable_ttl_seconds: 300, provision_concurrency: 32, policy: "ordered", currency: "USD", publish_prices: false }),
     market: MarketConfig.optional(),
     backends: BackendsConfig.default({}),

@@ -8,9 +8,10 @@ import {
 import { grantRequestDigest, type Almanac, type ComputeGrant, type Decline, type Envelope, type ExitObservation, type GrantRequest, type ProvisionedInstance } from "../domain/index.js";
 import { windowOf } from "../fleet/budget.js";
 import { costOf } from "../fleet/pricing.js";
-import { NoBackendError, reservationOf, type Fleet } from "../fleet/fleet.js";
+import { NoBackendError, reservationOf, type Fleet, type Route } from "../fleet/fleet.js";
+import type { Reservation } from "../fleet/reservations.js";
 import { isStorageFull, isStoreUnavailable } from "../store/errors.js";
-import type { Attempt, GrantRecord, Outcome, Store } from "../store/store.js";
+import { LeaseLostError, type AcceptResult, type Attempt, type GrantChanges, type GrantRecord, type Outcome, type Store } from "../store/store.js";
 import { backoffMs, isAbort, type Clock } from "../util/clock.js";
 import type { Identity } from "../util/identity.js";
 import type { Logger } from "../util/logger.js";
@@ -53,6 +54,10 @@ export interface ManagerEvents {
   failover?(from: string, kind: string): void;
   /** A grant got its provisioning slot after waiting in its backend's queue. */
   dequeued?(backend: string, seconds: number): void;
+  /** This replica took over a grant another replica's lease held (issue #19). */
+  takeover?(from: string): void;
+  /** This replica lost the lease of a grant it drove: another replica took it over, or it lapsed. */
+  leaseLost?(): void;
 }
 
 export class ValidationError extends Error {
@@ -165,6 +170,8 @@ export class GrantManager {
 
   private async restoreLedgers(): Promise<void> {
     const o = this.o;
+    // With other replicas, later changes to the ledgers arrive with each admission (applyLedger).
+    await o.store.ledgerStart();
     // Capacity promised before a restart is still promised: the ledger is rebuilt from the open
     // grants before the listener can accept anything.
     for (const rec of await o.store.nonTerminal()) if (rec.backend) o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
@@ -187,12 +194,28 @@ export class GrantManager {
   }
 
   /**
+   * Other replicas' admissions, moves and ends (and this one's, again: applying is idempotent),
+   * reported by the store under its admission lock: the ledgers then count every replica's grants,
+   * so that replicas together never over-admit.
+   */
+  private applyLedger(changes: GrantRecord[]): void {
+    const fleet = this.o.fleet;
+    for (const rec of changes) {
+      if (TERMINAL.includes(rec.state)) fleet.reservations.release(rec.request_id);
+      else if (rec.backend) fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
+      this.charge(rec);
+    }
+  }
+
+  /**
    * A re-post answered as a duplicate of an open grant nothing here drives: its accept committed
    * although the answer to it failed (PostgreSQL: a connection lost during the commit; the first
    * post got 503). Once open grants have resumed, it is driven from its record here, with its
    * reservation and charge as a restart would rebuild them.
    */
   private adoptIfUndriven(rec: GrantRecord): void {
+    // With leases, its lease lapses (it was never renewed) and a replica's next claim takes it.
+    if (this.o.store.shared) return;
     if (!this.resumed || this.stopping || TERMINAL.includes(rec.state) || !rec.backend) return;
     if (this.tasks.has(rec.request_id) || this.queue.info(rec.request_id) || this.o.fleet.reservations.get(rec.request_id)) return;
     this.o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
@@ -252,50 +275,42 @@ export class GrantManager {
     }
     // A grant still open holds its reservation: answered from the store, never routed again.
     const held = this.o.fleet.reservations.get(grant.request_id);
-    if (held) {
-      const k = await known();
-      if (k) return k;
-      // Its accept is being committed right now (a concurrent re-post): the writer answers this one
-      // after it, as a duplicate or a conflict. Only if that accept failed is this one created.
-      const r = await this.o.store.accept({ request_id: grant.request_id, grant, envelope, backend: held.backend, placement: held.placement, private_key: null, public_key: null });
-      if (r.status === "created") {
-        this.o.fleet.reservations.reserve(held);
-        this.start(r.record);
-      }
-      return r;
-    }
+    if (held) return this.answerHeld(req, held, known);
     // Routed and its capacity reserved in this same turn of the event loop; the reservation is
-    // made durable by the accept commit below (the grant row names its backend and placement).
-    const route = this.o.fleet.admit(grant, envelope);
-    if (!route.ok) {
-      const k = await known();
-      if (k) return k;
-      this.o.events?.decline?.(route.declines);
-      this.o.log.info({ request_id: grant.request_id, region: grant.region, declines: route.declines }, "grant declined");
-      return { status: "declined", declines: route.declines };
-    }
-    let privateKey: string | null = null;
-    let publicKey: string | null = null;
-    if (!envelope.ssh_public_key) {
-      const kp = generateEd25519(`compute-bridge-${grant.request_id}`);
-      privateKey = kp.private;
-      publicKey = kp.public.trim();
-    }
-    let r: Awaited<ReturnType<Store["accept"]>>;
+    // made durable by the accept commit (the grant row names its backend and placement). With
+    // other replicas the decision is made under the store's admission lock, after taking in
+    // their admissions and ends since this replica's last one.
+    let route = { ok: false, declines: [] } as Route;
+    let r: AcceptResult | null;
     try {
-      r = await this.o.store.accept({
-        request_id: grant.request_id,
-        grant,
-        envelope,
-        backend: route.backend.name,
-        placement: route.placement,
-        price_per_hour: route.price_per_hour,
-        private_key: privateKey,
-        public_key: publicKey,
+      r = await this.o.store.admit((changes) => {
+        this.applyLedger(changes);
+        // Another replica accepted it since this one last looked: answered as a re-post below.
+        if (this.o.fleet.reservations.get(grant.request_id)) return null;
+        route = this.o.fleet.admit(grant, envelope);
+        if (!route.ok) return null;
+        let privateKey: string | null = null;
+        let publicKey: string | null = null;
+        if (!envelope.ssh_public_key) {
+          const kp = generateEd25519(`compute-bridge-${grant.request_id}`);
+          privateKey = kp.private;
+          publicKey = kp.public.trim();
+        }
+        return { request_id: grant.request_id, grant, envelope, backend: route.backend.name, placement: route.placement, price_per_hour: route.price_per_hour, private_key: privateKey, public_key: publicKey };
       });
     } catch (e) {
       this.o.fleet.release(grant.request_id);
       throw e;
+    }
+    if (!r || !route.ok) {
+      const other = this.o.fleet.reservations.get(grant.request_id);
+      if (other) return this.answerHeld(req, other, known);
+      const declines = route.ok ? [] : route.declines;
+      const k = await known();
+      if (k) return k;
+      this.o.events?.decline?.(declines);
+      this.o.log.info({ request_id: grant.request_id, region: grant.region, declines }, "grant declined");
+      return { status: "declined", declines };
     }
     // A grant that had ended already (a re-post or a conflict) holds nothing.
     if (r.status !== "created") {
@@ -312,16 +327,111 @@ export class GrantManager {
     return r;
   }
 
-  /** Continue every grant that was not terminal when the bridge last stopped. */
+  /** A re-post of a grant that holds a reservation (it is open): answered from the store. */
+  private async answerHeld(req: GrantRequest, held: Reservation, known: () => Promise<SubmitResult | null>): Promise<SubmitResult> {
+    const k = await known();
+    if (k) return k;
+    // Its accept is being committed right now (a concurrent re-post): the writer answers this one
+    // after it, as a duplicate or a conflict. Only if that accept failed is this one created.
+    const { grant, envelope } = req;
+    const r = await this.o.store.accept({ request_id: grant.request_id, grant, envelope, backend: held.backend, placement: held.placement, private_key: null, public_key: null });
+    if (r.status === "created") {
+      this.o.fleet.reservations.reserve(held);
+      this.start(r.record);
+    }
+    return r;
+  }
+
+  /**
+   * Continue every grant that was not terminal when the bridge last stopped. With other replicas:
+   * the open grants no replica holds a lease on; from then on, leases are renewed and lapsed ones
+   * taken over (leaseLoop).
+   */
   async resumeAll(): Promise<number> {
     // The listener is up before this runs: grants accepted since the start already have a task.
-    const open = (await this.o.store.nonTerminal()).filter((rec) => !this.tasks.has(rec.request_id));
-    for (const rec of open) {
-      this.o.log.info({ request_id: rec.request_id, backend: rec.backend, state: rec.state }, "resuming grant after restart");
+    const n = await this.claimAndStart();
+    this.resumed = true;
+    if (this.o.store.shared && !this.stopping) this.leases = this.leaseLoop();
+    return n;
+  }
+
+  /** Take the leases of open grants nobody drives (SQLite: every open grant) and start them. */
+  private async claimAndStart(): Promise<number> {
+    const claimed = (await this.o.store.claim(CLAIM_BATCH)).filter((c) => !this.tasks.has(c.record.request_id) && !this.queue.info(c.record.request_id));
+    for (const { record: rec, previous } of claimed) {
+      if (previous !== null && previous !== this.o.store.replicaId) {
+        this.o.events?.takeover?.(previous);
+        this.o.log.warn({ request_id: rec.request_id, backend: rec.backend, state: rec.state, from_replica: previous }, "taking over a grant whose replica's lease lapsed");
+      } else this.o.log.info({ request_id: rec.request_id, backend: rec.backend, state: rec.state }, "resuming grant after restart");
       this.start(rec);
     }
-    this.resumed = true;
-    return open.length;
+    return claimed.length;
+  }
+
+  private leases: Promise<void> | null = null;
+  private readonly leaseStop = new AbortController();
+
+  /**
+   * Several replicas: every third of the lease TTL, renew the leases held (dropping the grants
+   * another replica took, cancelling those whose cancel was recorded elsewhere), then take over
+   * lapsed ones. A replica that cannot renew for a whole TTL drops everything it drives: other
+   * replicas may hold those grants by now.
+   */
+  private async leaseLoop(): Promise<void> {
+    const store = this.o.store;
+    const every = Math.max(100, Math.floor(store.leaseTtlMs / 3));
+    let renewedAt = this.o.clock.now();
+    for (;;) {
+      try {
+        await this.o.clock.sleep(every, this.leaseStop.signal);
+      } catch {
+        return;
+      }
+      try {
+        const r = await store.renew();
+        renewedAt = this.o.clock.now();
+        for (const id of r.lost) this.drop(id, "another replica took its lease over");
+        for (const id of r.cancelled) this.cancelLocal(id);
+      } catch (e) {
+        const silent = this.o.clock.now() - renewedAt;
+        this.o.log.warn({ err: { message: messageOf(e) }, since_ms: silent }, "could not renew this replica's leases");
+        if (silent >= store.leaseTtlMs) for (const id of [...this.tasks.keys(), ...this.queue.ids()]) this.drop(id, "its lease could not be renewed for a whole TTL");
+        continue;
+      }
+      try {
+        await this.claimAndStart();
+      } catch (e) {
+        this.o.log.warn({ err: { message: messageOf(e) } }, "could not take over lapsed leases; trying again at the next renewal");
+      }
+    }
+  }
+
+  /** Stop driving a grant whose lease this replica lost, without writing or acting on it. */
+  private drop(id: string, why: string): void {
+    const task = this.tasks.get(id);
+    // A live task waiting for a slot (a failover) leaves the queue through its own abort.
+    const queued = task ? undefined : this.queue.take(id);
+    if (!task && !queued) return;
+    this.o.store.forget(id);
+    task?.shutdown.abort(new LeaseLostError(id));
+    this.o.events?.leaseLost?.();
+    this.o.log.warn({ request_id: id, reason: why }, "lease lost: this replica stops driving the grant");
+  }
+
+  /** A cancel recorded through another replica: acted on here, where the grant is driven. */
+  private cancelLocal(id: string): void {
+    const task = this.tasks.get(id);
+    if (task && !task.cancelRequested) {
+      this.o.log.info({ request_id: id }, "cancel requested (recorded by another replica)");
+      task.cancel();
+    }
+    // Still waiting for a slot: it starts now, outside the limit, only to end as cancelled.
+    if (!task && this.queue.take(id)) this.launchStored(id, null);
+  }
+
+  /** Before a side effect (create, terminate): this replica's lease on the grant must still be current. */
+  private async leaseCheck(id: string): Promise<void> {
+    if (this.o.store.shared && !(await this.o.store.holds(id))) throw new LeaseLostError(id);
   }
 
   /** Request cancellation; the grant ends as `cancelled` once its instance is terminated. */
@@ -340,11 +450,17 @@ export class GrantManager {
   /** Stop driving grants without terminating anything; the next start resumes them. */
   async shutdown(timeoutMs = 8000): Promise<void> {
     this.stopping = true;
+    this.leaseStop.abort();
+    await this.leases;
     // Waiting grants stay as they are in the store: the next start queues them again.
     this.queue.close();
     for (const t of this.tasks.values()) t.shutdown.abort(new Shutdown());
     const all = Promise.allSettled([...this.tasks.values()].map((t) => t.done));
     await Promise.race([all, new Promise((r) => setTimeout(r, timeoutMs).unref())]);
+    // Other replicas take the grants over at once instead of after a TTL (a write still in flight
+    // stays fenced by its token).
+    if (this.o.store.shared)
+      await this.o.store.releaseAll().catch((e: unknown) => this.o.log.warn({ err: { message: messageOf(e) } }, "could not release this replica's leases; they lapse after their TTL"));
   }
 
   /** Resolves when the grant's task (if any) has finished; for tests and the CLI. */
@@ -411,6 +527,11 @@ export class GrantManager {
           return;
         } catch (e) {
           if (isAbort(e, signal)) return;
+          if (e instanceof LeaseLostError) {
+            this.o.events?.leaseLost?.();
+            this.o.log.warn({ request_id: id, backend: rec.backend }, "lease lost: another replica drives this grant now; dropping it here");
+            return;
+          }
           // A state write that did not happen (disk full, I/O error): the grant continues from its
           // last committed state after a pause, by the same idempotent calls, instead of stalling
           // until a restart.
@@ -432,7 +553,11 @@ export class GrantManager {
         }
       }
     } catch (e) {
-      if (!isAbort(e, signal)) this.o.log.error({ request_id: id, backend: rec.backend, err: e }, "grant task failed unexpectedly; it resumes on the next start");
+      if (!isAbort(e, signal)) {
+        this.o.log.error({ request_id: id, backend: rec.backend, err: e }, "grant task failed unexpectedly; it resumes on the next start");
+        // With other replicas, at the next claim (perhaps by this one).
+        this.o.store.forget(id);
+      }
     } finally {
       this.releaseSlot(task);
       this.tasks.delete(id);
@@ -553,6 +678,7 @@ export class GrantManager {
       if (rec.state !== "provisioning" || rec.backend !== backend.name)
         rec = await this.transition(rec, "provisioning", { backend: backend.name, placement, price_per_hour: price, attempts, note: `idempotency key derived from request_id ${grant.request_id}` });
       await this.holdSlot(task, grant.request_id, slotKey(backend.name, grant.region), signal);
+      await this.leaseCheck(grant.request_id);
       const t0 = this.o.clock.now();
       try {
         const instance = await backend.provision(grant, this.envelopeFor(rec), signal, placement ?? undefined);
@@ -576,11 +702,18 @@ export class GrantManager {
         await this.terminateWithRetry(backend, placeholder(grant, backend.name), signal);
         const tried = new Set(attempts.map((a) => a.backend));
         // The reservation moves with the grant; with nowhere to go it stays until the grant ends.
-        const next = attempts.length < this.o.maxAttempts ? this.o.fleet.admit(grant, rec.envelope, tried) : null;
-        if (!next || !next.ok) {
+        // Routed again as an admission is (under the store's admission lock, with other replicas).
+        let next = null as Route | null;
+        const moved = await this.moveTo(rec, (changes) => {
+          this.applyLedger(changes);
+          next = attempts.length < this.o.maxAttempts ? this.o.fleet.admit(grant, rec.envelope, tried) : null;
+          return next?.ok ? { backend: next.backend.name, placement: next.placement, price_per_hour: next.price_per_hour, attempts, note: `idempotency key derived from request_id ${grant.request_id}` } : null;
+        });
+        if (!moved || !next?.ok) {
           rec = await this.transition(rec, "provisioning", { attempts, note: "no backend left to try" });
           throw e;
         }
+        rec = moved;
         this.o.log.warn({ request_id: grant.request_id, backend: backend.name, next_backend: next.backend.name, err: { kind, message: messageOf(e) } }, "failing over to the next backend");
         backend = next.backend;
         placement = next.placement;
@@ -650,6 +783,7 @@ export class GrantManager {
   /** Terminate until the backend confirms; a paid instance is never left behind. */
   private async terminateWithRetry(backend: ManagedBackend, instance: ProvisionedInstance, signal: AbortSignal): Promise<void> {
     for (let attempt = 1; ; attempt++) {
+      await this.leaseCheck(instance.request_id);
       try {
         await backend.terminate(instance);
         return;
@@ -680,10 +814,20 @@ export class GrantManager {
     this.o.onLogWritten?.();
   }
 
-  private async transition(rec: GrantRecord, to: GrantRecord["state"], changes: Parameters<Store["transition"]>[2]): Promise<GrantRecord> {
-    const next = await this.o.store.transition(rec.request_id, to, changes);
-    this.o.events?.transition?.(next.backend, rec.state, to);
-    this.o.log.info({ request_id: rec.request_id, backend: next.backend, state: to, instance_id: next.instance?.instance_id }, `grant ${to}`);
+  private async transition(rec: GrantRecord, to: GrantRecord["state"], changes: GrantChanges): Promise<GrantRecord> {
+    return this.transitioned(rec, await this.o.store.transition(rec.request_id, to, changes));
+  }
+
+  /** A move to another backend decided under the admission lock (Store.admitMove); null: none. */
+  private async moveTo(rec: GrantRecord, decide: (changes: GrantRecord[]) => GrantChanges | null): Promise<GrantRecord | null> {
+    const next = await this.o.store.admitMove(rec.request_id, decide);
+    return next && this.transitioned(rec, next);
+  }
+
+  /** Every committed transition is logged and counted here. */
+  private transitioned(rec: GrantRecord, next: GrantRecord): GrantRecord {
+    this.o.events?.transition?.(next.backend, rec.state, next.state);
+    this.o.log.info({ request_id: rec.request_id, backend: next.backend, state: next.state, instance_id: next.instance?.instance_id }, `grant ${next.state}`);
     return next;
   }
 
@@ -701,6 +845,9 @@ export class GrantManager {
     return { ...this.outcome("failed", null), error_kind: kind, error_message: message };
   }
 }
+
+/** Leases taken at most per claim (several replicas): a takeover of more spreads over renewals. */
+const CLAIM_BATCH = 1000;
 
 /** Provision calls in flight per backend and region unless fleet.provision_concurrency says otherwise. */
 export const DEFAULT_PROVISION_CONCURRENCY = 32;

@@ -88,6 +88,11 @@ export class ProvisionQueue<T> {
     return e.value;
   }
 
+  /** The ids of every waiting grant. */
+  ids(): string[] {
+    return [...this.byId.keys()];
+  }
+
   /** Where a waiting grant stands: for the grant record. O(queue length). */
   info(id: string): { queued_at: string; position: number } | null {
     const e = this.byId.get(id);

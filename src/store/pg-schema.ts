@@ -65,6 +65,14 @@ export const PG_MIGRATIONS: string[] = [
    ALTER TABLE grants ADD COLUMN cost DOUBLE PRECISION;
    CREATE INDEX grants_created ON grants(created_at);`,
   `ALTER TABLE grants ADD COLUMN attestation_nonce TEXT;`,
+  `ALTER TABLE grants ADD COLUMN lease_owner TEXT;
+   ALTER TABLE grants ADD COLUMN lease_token BIGINT NOT NULL DEFAULT 0;
+   ALTER TABLE grants ADD COLUMN lease_expires_at BIGINT NOT NULL DEFAULT 0;
+   ALTER TABLE grants ADD COLUMN ledger_seq BIGINT NOT NULL DEFAULT 0;
+   CREATE SEQUENCE grants_ledger_seq;
+   CREATE INDEX grants_ledger ON grants(ledger_seq);
+   CREATE INDEX grants_open_leases ON grants(lease_expires_at, seq) WHERE state IN ('accepted','provisioning','running','terminating');
+   CREATE TABLE roles (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token BIGINT NOT NULL, expires_at BIGINT NOT NULL);`,
 ];
 
 /** Any constant: the advisory lock that serializes migrations between replicas starting together. */

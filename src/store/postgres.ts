@@ -3,12 +3,13 @@ import { appendFileSync, closeSync, fsyncSync, mkdirSync, openSync } from "node:
 import path from "node:path";
 import pg from "pg";
 import { grantRequestDigest } from "../domain/grant.js";
-import { canTransition } from "../domain/grant-record.js";
+import { canTransition, isTerminal } from "../domain/grant-record.js";
 import type { ComputeLog, GrantState } from "../domain/index.js";
 import { isoFormatter, type Clock } from "../util/clock.js";
 import { pgStoreFault } from "./errors.js";
 import { pgMigrate, pgSchemaVersion } from "./pg-schema.js";
 import { acceptedRecord, columns, countKey, historyOf, toRecord, type AcceptResult, type GrantRecord, type NewGrant, type OutboxItem, type Row } from "./schema.js";
+import { defaultReplicaId, LeaseLostError } from "./lease.js";
 import type { GrantChanges, Store, Transition } from "./store.js";
 import { CHANGEABLE, type ColumnChanges } from "./writer.js";
 
@@ -31,7 +32,25 @@ export interface PostgresStoreOptions {
   connectTimeoutMs?: number;
   /** Called before the schema is created in an empty database; throw to refuse it (state-check.ts). */
   onNewDatabase?: () => void;
+  /** This replica's name on its leases (default: hostname-pid). */
+  replicaId?: string;
+  /** Lease length (default 15 s). */
+  leaseTtlMs?: number;
 }
+
+/** Default lease length: renewed every 5 s (a third), as SkyPilot's lease elector renews. */
+export const DEFAULT_LEASE_TTL_MS = 15_000;
+/** The database's clock in ms: lease expiries are compared on one clock, whatever the replicas' clocks say. */
+const NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+const OPEN = "('accepted','provisioning','running','terminating')";
+/**
+ * Any constant: the advisory lock that orders changes to the capacity and spend ledgers. An
+ * admission holds it exclusively (it reads the changes since its last one, then writes); a write
+ * that changes a ledger without reading it (an end, a plain accept) holds it shared. So while an
+ * admission reads, no ledger change is between its sequence number and its commit, and reading
+ * `ledger_seq > cursor` misses nothing.
+ */
+const LEDGER_LOCK = 0x6362_1901;
 
 /**
  * The PostgreSQL engine: the grant state of every replica of one provider in one database
@@ -65,19 +84,32 @@ export class PostgresStore implements Store {
   private idleWaiters: (() => void)[] = [];
   private flushing: Promise<void> = Promise.resolve();
 
+  readonly shared = true;
+  readonly replicaId: string;
+  readonly leaseTtlMs: number;
+  /** The fencing token of every grant lease this replica holds, by request_id. */
+  private readonly held = new Map<string, number>();
+  /** The token of every role this replica holds. */
+  private readonly roles = new Map<string, number>();
+  /** The last ledger change this replica has seen (admit). */
+  private ledgerCursor = 0;
+
   private constructor(
     private readonly pool: pg.Pool,
     private readonly clock: Clock,
     stateDir: string,
+    o: { replicaId?: string; leaseTtlMs?: number },
   ) {
     this.jsonlPath = path.join(stateDir, "compute-log.jsonl");
+    this.replicaId = o.replicaId ?? defaultReplicaId();
+    this.leaseTtlMs = o.leaseTtlMs ?? DEFAULT_LEASE_TTL_MS;
   }
 
   /** Connect, migrate (or refuse a newer schema), count, and append logs a crash kept out of the jsonl. */
   static async open(o: PostgresStoreOptions): Promise<PostgresStore> {
     mkdirSync(o.stateDir, { recursive: true, mode: 0o700 });
     const pool = newPool(o.url, o.poolSize ?? 8, o.connectTimeoutMs ?? 10_000);
-    const s = new PostgresStore(pool, o.clock, o.stateDir);
+    const s = new PostgresStore(pool, o.clock, o.stateDir, o);
     try {
       await pgMigrate(pool, o.onNewDatabase);
       const r = await pool.query<{ state: string; backend: string | null; n: number }>("SELECT state, backend, COUNT(*) AS n FROM grants GROUP BY state, backend");
@@ -183,41 +215,86 @@ export class PostgresStore implements Store {
 
   // ---- writes ---------------------------------------------------------------------------------
 
-  async accept(g: NewGrant): Promise<AcceptResult> {
+  /** A plain accept (no admission decision to make): it changes the ledgers, so it holds their lock shared. */
+  accept(g: NewGrant): Promise<AcceptResult> {
+    return this.write("accept", () =>
+      this.tx(async (c) => {
+        await c.query("SELECT pg_advisory_xact_lock_shared($1)", [LEDGER_LOCK]);
+        return this.insert(c, g);
+      }),
+    ).then((r) => this.accepted(r));
+  }
+
+  /**
+   * Insert a new grant, leased to this replica (token 1) and sequenced in the ledger feed; a
+   * request_id seen before inserts nothing and is answered from its row.
+   */
+  private async insert(c: pg.ClientBase, g: NewGrant): Promise<AcceptResult> {
     const now = this.nowIso();
     const attestation_nonce = g.envelope.attestation_nonce ?? (g.grant.tdx_required ? randomBytes(32).toString("hex") : null);
     const body_digest = grantRequestDigest({ grant: g.grant, envelope: g.envelope });
-    return this.write("accept", async () => {
-      // Accepted and routed in one statement (see Writer.accept): a request_id seen before inserts nothing.
-      const ins = await this.pool.query<{ seq: number }>(
-        `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, routed_backend, placement, price_per_hour, private_key, public_key, created_at, updated_at, attestation_nonce)
-         VALUES ($1, $2, $3, $4, 'provisioning', $5, $5, $6, $7, $8, $9, $10, $10, $11)
-         ON CONFLICT (request_id) DO NOTHING RETURNING seq`,
-        [g.request_id, body_digest, JSON.stringify(g.grant), JSON.stringify(g.envelope), g.backend, g.placement ?? null, g.price_per_hour ?? null, g.private_key, g.public_key, now, attestation_nonce],
-      );
-      const seq = ins.rows[0]?.seq;
-      if (seq === undefined) {
-        const row = (await this.pool.query<Row>("SELECT * FROM grants WHERE request_id = $1", [g.request_id])).rows[0]!;
-        return { status: row.body_digest === body_digest ? "duplicate" : "conflict", record: toRecord(row) };
-      }
-      this.count("provisioning", g.backend, 1);
-      return { status: "created", record: acceptedRecord(g, { seq, body_digest, now, attestation_nonce }) };
-    });
+    // Accepted and routed in one statement (see Writer.accept).
+    const ins = await c.query<{ seq: number }>(
+      `INSERT INTO grants (request_id, body_digest, grant_json, envelope_json, state, backend, routed_backend, placement, price_per_hour, private_key, public_key, created_at, updated_at, attestation_nonce,
+                           lease_owner, lease_token, lease_expires_at, ledger_seq)
+       VALUES ($1, $2, $3, $4, 'provisioning', $5, $5, $6, $7, $8, $9, $10, $10, $11, $12, 1, ${NOW_MS} + $13, nextval('grants_ledger_seq'))
+       ON CONFLICT (request_id) DO NOTHING RETURNING seq`,
+      [g.request_id, body_digest, JSON.stringify(g.grant), JSON.stringify(g.envelope), g.backend, g.placement ?? null, g.price_per_hour ?? null, g.private_key, g.public_key, now, attestation_nonce, this.replicaId, this.leaseTtlMs],
+    );
+    const seq = ins.rows[0]?.seq;
+    if (seq === undefined) {
+      const row = (await c.query<Row>("SELECT * FROM grants WHERE request_id = $1", [g.request_id])).rows[0]!;
+      return { status: row.body_digest === body_digest ? "duplicate" : "conflict", record: toRecord(row) };
+    }
+    return { status: "created", record: { ...acceptedRecord(g, { seq, body_digest, now, attestation_nonce }), lease_owner: this.replicaId } };
   }
 
-  /** Lock the grant's row, check the state machine, update it and write its audit entry. */
-  private async move(c: pg.ClientBase, id: string, to: string, changes: ColumnChanges, note: string | null, now: string): Promise<{ row: Row; from: Row }> {
+  /** After the commit: a created grant is counted, and its lease (token 1) is this replica's. */
+  private accepted(r: AcceptResult): AcceptResult {
+    if (r.status === "created") {
+      this.count("provisioning", r.record.backend, 1);
+      this.held.set(r.record.request_id, 1);
+    }
+    return r;
+  }
+
+  /**
+   * Lock the grant's row, check that this replica's lease still fences it and that the state
+   * machine allows the move, then update it and write its audit entry. The update is guarded by
+   * the lease token: a replica whose lease was taken over changes nothing (LeaseLostError).
+   */
+  private async move(c: pg.ClientBase, id: string, to: GrantState, changes: ColumnChanges, note: string | null, now: string): Promise<{ row: Row; from: Row }> {
+    // A move that changes a ledger (an end, another backend or placement) is sequenced in its feed.
+    const ledger = isTerminal(to) || changes.backend !== undefined || changes.placement !== undefined;
+    if (ledger) await c.query("SELECT pg_advisory_xact_lock_shared($1)", [LEDGER_LOCK]);
     const from = (await c.query<Row>("SELECT * FROM grants WHERE request_id = $1 FOR UPDATE", [id])).rows[0];
     if (!from) throw new Error(`unknown grant ${id}`);
+    const token = this.held.get(id);
+    if (token === undefined || from.lease_owner !== this.replicaId || from.lease_token !== token) throw this.lost(id);
     if (!canTransition(from.state, to)) throw new Error(`grant ${id}: ${from.state} -> ${to} is not an allowed transition`);
     const cols = CHANGEABLE.filter((k) => changes[k] !== undefined);
-    const params: unknown[] = [id, to, now, ...cols.map((k) => changes[k])];
-    const row = (await c.query<Row>(`UPDATE grants SET state = $2, updated_at = $3${cols.map((k, i) => `, ${k} = $${i + 4}`).join("")} WHERE request_id = $1 RETURNING *`, params)).rows[0]!;
+    const params: unknown[] = [id, to, now, this.replicaId, token, ...cols.map((k) => changes[k])];
+    const extra = (ledger ? ", ledger_seq = nextval('grants_ledger_seq')" : "") + (isTerminal(to) ? ", lease_owner = NULL, lease_expires_at = 0" : "");
+    const row = (
+      await c.query<Row>(
+        `UPDATE grants SET state = $2, updated_at = $3${cols.map((k, i) => `, ${k} = $${i + 6}`).join("")}${extra}
+         WHERE request_id = $1 AND lease_owner = $4 AND lease_token = $5 RETURNING *`,
+        params,
+      )
+    ).rows[0];
+    if (!row) throw this.lost(id);
     await c.query("INSERT INTO transitions (request_id, from_state, to_state, backend, note, at) VALUES ($1, $2, $3, $4, $5, $6)", [id, from.state, to, changes.backend ?? from.backend, note, now]);
     return { row, from };
   }
 
+  /** This replica no longer holds `id`: it stops renewing it, and the caller drops the grant. */
+  private lost(id: string): LeaseLostError {
+    this.held.delete(id);
+    return new LeaseLostError(id);
+  }
+
   private moved(t: { row: Row; from: Row }): GrantRecord {
+    if (isTerminal(t.row.state)) this.held.delete(t.row.request_id);
     this.count(t.from.state, t.from.backend, -1);
     this.count(t.row.state, t.row.backend, 1);
     return toRecord(t.row);
@@ -301,6 +378,149 @@ export class PostgresStore implements Store {
     );
     this.flushing = run.catch(() => undefined);
     return run;
+  }
+
+  // ---- leases, roles and admission (several replicas, issue #19) -------------------------------
+
+  async claim(limit: number): Promise<{ record: GrantRecord; previous: string | null }[]> {
+    // Open grants whose lease lapsed (or was never taken, or was released), oldest first; rows
+    // another replica is claiming at this moment are skipped, not waited for.
+    const rows = await this.write("claim", async () =>
+      (
+        await this.pool.query<Row & { previous: string | null }>(
+          `UPDATE grants g SET lease_owner = $1, lease_token = g.lease_token + 1, lease_expires_at = ${NOW_MS} + $2
+           FROM (SELECT seq, lease_owner AS previous FROM grants WHERE state IN ${OPEN} AND lease_expires_at < ${NOW_MS}
+                 ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) p
+           WHERE g.seq = p.seq RETURNING g.*, p.previous`,
+          [this.replicaId, this.leaseTtlMs, limit],
+        )
+      ).rows,
+    );
+    rows.sort((a, b) => a.seq - b.seq);
+    for (const r of rows) this.held.set(r.request_id, r.lease_token!);
+    return rows.map((r) => ({ record: toRecord(r), previous: r.previous }));
+  }
+
+  async renew(): Promise<{ renewed: number; lost: string[]; cancelled: string[] }> {
+    const ids = [...this.held.keys()];
+    if (ids.length === 0) return { renewed: 0, lost: [], cancelled: [] };
+    const tokens = ids.map((id) => this.held.get(id)!);
+    const rows = await this.write("renew", async () =>
+      (
+        await this.pool.query<{ id: string; renewed: boolean; cancel_requested: number | null; state: string | null }>(
+          `WITH h AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS h(id, token)),
+                r AS (UPDATE grants g SET lease_expires_at = ${NOW_MS} + $4 FROM h
+                      WHERE g.request_id = h.id AND g.lease_owner = $3 AND g.lease_token = h.token AND g.state IN ${OPEN}
+                      RETURNING g.request_id, g.cancel_requested)
+           SELECT h.id, r.request_id IS NOT NULL AS renewed, r.cancel_requested, g.state
+           FROM h LEFT JOIN r ON r.request_id = h.id LEFT JOIN grants g ON g.request_id = h.id`,
+          [ids, tokens, this.replicaId, this.leaseTtlMs],
+        )
+      ).rows,
+    );
+    const out = { renewed: 0, lost: [] as string[], cancelled: [] as string[] };
+    const sent = new Map(ids.map((id, i) => [id, tokens[i]!]));
+    for (const r of rows) {
+      if (r.renewed) {
+        out.renewed++;
+        if (r.cancel_requested === 1) out.cancelled.push(r.id);
+        continue;
+      }
+      // Not renewed: ended meanwhile (its finish removes it), or taken by another replica. A token
+      // that changed during the query is a newer claim by this replica: still held.
+      if (this.held.get(r.id) !== sent.get(r.id)) continue;
+      this.held.delete(r.id);
+      if (r.state !== null && !isTerminal(r.state as GrantState)) out.lost.push(r.id);
+    }
+    return out;
+  }
+
+  async holds(id: string): Promise<boolean> {
+    const token = this.held.get(id);
+    if (token === undefined) return false;
+    const r = await this.read<{ one: number }>(`SELECT 1 AS one FROM grants WHERE request_id = $1 AND lease_owner = $2 AND lease_token = $3 AND lease_expires_at > ${NOW_MS}`, [id, this.replicaId, token]);
+    if (r.length === 0) this.held.delete(id);
+    return r.length > 0;
+  }
+
+  forget(id: string): void {
+    const token = this.held.get(id);
+    if (token === undefined) return;
+    this.held.delete(id);
+    // Released at once, so a replica (perhaps this one) takes it at its next claim; should this
+    // fail, the lease lapses by itself.
+    this.pool.query("UPDATE grants SET lease_expires_at = 0 WHERE request_id = $1 AND lease_owner = $2 AND lease_token = $3", [id, this.replicaId, token]).catch(() => undefined);
+  }
+
+  async releaseAll(): Promise<void> {
+    this.held.clear();
+    this.roles.clear();
+    await this.pool.query(`UPDATE grants SET lease_expires_at = 0 WHERE lease_owner = $1 AND state IN ${OPEN}`, [this.replicaId]);
+    await this.pool.query("UPDATE roles SET expires_at = 0 WHERE owner = $1", [this.replicaId]);
+  }
+
+  async role(name: string, opts: { fenced?: boolean } = {}): Promise<boolean> {
+    const token = this.roles.get(name);
+    if (opts.fenced) {
+      if (token === undefined) return false;
+      const r = await this.read<{ one: number }>(`SELECT 1 AS one FROM roles WHERE name = $1 AND owner = $2 AND token = $3 AND expires_at > ${NOW_MS}`, [name, this.replicaId, token]);
+      if (r.length === 0) this.roles.delete(name);
+      return r.length > 0;
+    }
+    // Renewed by its holder (same token), or taken once lapsed (a new token fences the old holder).
+    const r = await this.write("role", async () =>
+      (
+        await this.pool.query<{ token: number }>(
+          `INSERT INTO roles (name, owner, token, expires_at) VALUES ($1, $2, 1, ${NOW_MS} + $3)
+           ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at,
+             token = CASE WHEN roles.owner = excluded.owner AND roles.token = $4 THEN roles.token ELSE roles.token + 1 END
+           WHERE (roles.owner = excluded.owner AND roles.token = $4) OR roles.expires_at < ${NOW_MS}
+           RETURNING token`,
+          [name, this.replicaId, this.leaseTtlMs, token ?? -1],
+        )
+      ).rows,
+    );
+    if (r[0]) this.roles.set(name, r[0].token);
+    else this.roles.delete(name);
+    return r[0] !== undefined;
+  }
+
+  /** Under the ledgers' lock held exclusively: the changes since this replica's last look. */
+  private async ledgerChanges(c: pg.ClientBase): Promise<GrantRecord[]> {
+    await c.query("SELECT pg_advisory_xact_lock($1)", [LEDGER_LOCK]);
+    const rows = (await c.query<Row & { ledger_seq: number }>("SELECT * FROM grants WHERE ledger_seq > $1 ORDER BY ledger_seq", [this.ledgerCursor])).rows;
+    if (rows.length > 0) this.ledgerCursor = rows[rows.length - 1]!.ledger_seq;
+    return rows.map(toRecord);
+  }
+
+  async admit(decide: (changes: GrantRecord[]) => NewGrant | null): Promise<AcceptResult | null> {
+    const r = await this.write("accept", () =>
+      this.tx(async (c) => {
+        const g = decide(await this.ledgerChanges(c));
+        return g ? this.insert(c, g) : null;
+      }),
+    );
+    return r && this.accepted(r);
+  }
+
+  async admitMove(id: string, decide: (changes: GrantRecord[]) => GrantChanges | null): Promise<GrantRecord | null> {
+    const now = this.nowIso();
+    const t = await this.write("transition", () =>
+      this.tx(async (c) => {
+        const changes = decide(await this.ledgerChanges(c));
+        return changes ? this.move(c, id, "provisioning", columns(changes), changes.note ?? null, now) : null;
+      }),
+    );
+    return t && this.moved(t);
+  }
+
+  async ledgerStart(): Promise<void> {
+    await this.write("ledger", () =>
+      this.tx(async (c) => {
+        await c.query("SELECT pg_advisory_xact_lock($1)", [LEDGER_LOCK]);
+        this.ledgerCursor = (await c.query<{ n: number }>("SELECT COALESCE(MAX(ledger_seq), 0)::bigint AS n FROM grants")).rows[0]!.n;
+      }),
+    );
   }
 
   // ---- reads ----------------------------------------------------------------------------------

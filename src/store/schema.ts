@@ -54,6 +54,8 @@ export interface GrantRecord {
    * bridge chose at accept (recorded here, never in the envelope). Null for other grants.
    */
   attestation_nonce?: string | null;
+  /** The replica whose lease drives the grant (PostgreSQL, several replicas); null when none does. */
+  lease_owner?: string | null;
 }
 
 /** A grant to accept; its body digest is computed by the writer (grantRequestDigest). */
@@ -96,6 +98,8 @@ export interface Row {
   price_per_hour: number | null;
   cost: number | null;
   attestation_nonce?: string | null;
+  lease_owner?: string | null;
+  lease_token?: number;
 }
 
 /** Forward-only migrations; PRAGMA user_version records how many have run. */
@@ -165,6 +169,16 @@ const MIGRATIONS: string[] = [
   // The nonce a TDX grant's attestation evidence binds: the envelope's attestation_nonce, or the
   // random one the bridge chose at accept.
   `ALTER TABLE grants ADD COLUMN attestation_nonce TEXT;`,
+  // Several replicas on one database (issue #19; used by the PostgreSQL engine, kept here so a
+  // schema version means the same on both): the replica driving an open grant, its fencing token
+  // (raised by every takeover) and when its lease lapses (ms); the order in which changes to the
+  // capacity and spend ledgers committed; and leased roles (the leader running the singletons).
+  `ALTER TABLE grants ADD COLUMN lease_owner TEXT;
+   ALTER TABLE grants ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE grants ADD COLUMN lease_expires_at INTEGER NOT NULL DEFAULT 0;
+   ALTER TABLE grants ADD COLUMN ledger_seq INTEGER NOT NULL DEFAULT 0;
+   CREATE INDEX grants_ledger ON grants(ledger_seq);
+   CREATE TABLE roles (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -245,6 +259,7 @@ export function toRecord(r: Row): GrantRecord {
     created_at: r.created_at,
     updated_at: r.updated_at,
     attestation_nonce: r.attestation_nonce ?? null,
+    lease_owner: r.lease_owner ?? null,
   };
 }
 

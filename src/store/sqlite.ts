@@ -6,6 +6,7 @@ import { Worker } from "node:worker_threads";
 import type { ComputeLog, GrantState } from "../domain/index.js";
 import { isoFormatter, type Clock } from "../util/clock.js";
 import { acceptedRecord, columns, countKey, flushJsonl, historyOf, migrate, openDatabase, toRecord, type AcceptResult, type GrantRecord, type NewGrant, type OutboxItem, type Row } from "./schema.js";
+import { defaultReplicaId } from "./lease.js";
 import type { GrantChanges, Store, Transition } from "./store.js";
 import type { AcceptOutcome, FromWriter, ToWriter, Transitioned, WriteOp } from "./writer.js";
 
@@ -56,6 +57,7 @@ export class SqliteStore implements Store {
   constructor(
     stateDir: string,
     private readonly clock: Clock,
+    readonly replicaId: string = defaultReplicaId(),
   ) {
     mkdirSync(stateDir, { recursive: true, mode: 0o700 });
     const dbPath = path.join(stateDir, "bridge.db");
@@ -295,6 +297,44 @@ export class SqliteStore implements Store {
   async outboxSize(): Promise<number> {
     return (this.stmts.outboxSize.get() as { n: number }).n;
   }
+
+  // ---- one replica: every lease is this process's (state_dir is locked to it) ------------------
+
+  readonly shared = false;
+  readonly leaseTtlMs = Infinity;
+
+  async claim(): Promise<{ record: GrantRecord; previous: string | null }[]> {
+    return (await this.nonTerminal()).map((record) => ({ record, previous: null }));
+  }
+
+  async renew(): Promise<{ renewed: number; lost: string[]; cancelled: string[] }> {
+    return { renewed: 0, lost: [], cancelled: [] };
+  }
+
+  async holds(): Promise<boolean> {
+    return true;
+  }
+
+  forget(): void {}
+
+  async releaseAll(): Promise<void> {}
+
+  async role(): Promise<boolean> {
+    return true;
+  }
+
+  /** Synchronous up to the accept: route, reserve and write in one turn of the event loop. */
+  admit(decide: (changes: GrantRecord[]) => NewGrant | null): Promise<AcceptResult | null> {
+    const g = decide([]);
+    return g ? this.accept(g) : Promise.resolve(null);
+  }
+
+  admitMove(id: string, decide: (changes: GrantRecord[]) => GrantChanges | null): Promise<GrantRecord | null> {
+    const c = decide([]);
+    return c ? this.transition(id, "provisioning", c) : Promise.resolve(null);
+  }
+
+  async ledgerStart(): Promise<void> {}
 
   /** Let outstanding writes commit, stop the writer, close the database. */
   close(): Promise<void> {

@@ -2,12 +2,14 @@ import { readSecret, registerSecret } from "../config/secrets.js";
 import type { StoreConfig } from "../config/schema.js";
 import type { ComputeLog, GrantState, ProvisionedInstance } from "../domain/index.js";
 import type { Clock } from "../util/clock.js";
+import { defaultReplicaId } from "./lease.js";
 import { assertDatabaseNotLost, assertPgDatabaseNotLost } from "./state-check.js";
 import type { AcceptResult, Attempt, GrantRecord, NewGrant, OutboxItem, Outcome } from "./schema.js";
 
 export { SCHEMA_VERSION } from "./schema.js";
 export { isStorageFull, isStoreUnavailable } from "./errors.js";
 export type { AcceptResult, Attempt, GrantRecord, NewGrant, OutboxItem, Outcome } from "./schema.js";
+export { LeaseLostError, defaultReplicaId } from "./lease.js";
 
 /** One entry of a grant's history. */
 export interface Transition {
@@ -99,12 +101,64 @@ export interface Store {
   nextOutboxAt(): Promise<number | null>;
   outboxSize(): Promise<number>;
 
+  // ---- several replicas (issue #19) ----
+  /** This process among the replicas sharing the database: on every log line, lease and role. */
+  readonly replicaId: string;
+  /**
+   * True when other replicas may share the database (PostgreSQL): grants are then driven under
+   * leases, admissions are serialized across replicas and the singletons run on a leader. SQLite
+   * serves one process (state_dir is locked): every lease is its own and every check passes.
+   */
+  readonly shared: boolean;
+  /** The lease length (ms): a replica that does not renew for this long loses its grants. */
+  readonly leaseTtlMs: number;
+  /**
+   * Take the leases of open grants that no replica holds (never leased, released, or lapsed: their
+   * replica died or stalled), at most `limit`, each with a new fencing token. From then on every
+   * write of such a grant's state is guarded by that token. Returns the grants, and the replica
+   * that held each before (null: none).
+   */
+  claim(limit: number): Promise<{ record: GrantRecord; previous: string | null }[]>;
+  /**
+   * Extend every lease this replica holds (one statement). `lost`: grants another replica took
+   * (their writes would be refused from now on); `cancelled`: held grants whose cancel was
+   * recorded, perhaps through another replica.
+   */
+  renew(): Promise<{ renewed: number; lost: string[]; cancelled: string[] }>;
+  /** Whether this replica's lease on `id` is still current (checked before a create or terminate). */
+  holds(id: string): Promise<boolean>;
+  /** Stop renewing `id` (its task ended without finishing it: another replica may take it now). */
+  forget(id: string): void;
+  /** Give up every lease and role (a clean shutdown): other replicas take the grants at once. */
+  releaseAll(): Promise<void>;
+  /**
+   * Take or keep the leased role `name` (one holder at a time across replicas, fenced like a
+   * grant's lease): true while this replica holds it. `fenced` asks only whether it still does.
+   */
+  role(name: string, opts?: { fenced?: boolean }): Promise<boolean>;
+  /**
+   * Admission, one at a time across replicas: `decide` runs (synchronously) with the grants whose
+   * capacity or spend changed since the last admission or ledgerStart() (other replicas' accepts,
+   * moves and ends), then the accept it returns commits under the same lock. null: it accepted
+   * nothing. SQLite: no other replica; `decide` gets no changes.
+   */
+  admit(decide: (changes: GrantRecord[]) => NewGrant | null): Promise<AcceptResult | null>;
+  /** As admit(), for a grant moving to another backend (a failover): `decide` returns its changes. */
+  admitMove(id: string, decide: (changes: GrantRecord[]) => GrantChanges | null): Promise<GrantRecord | null>;
+  /**
+   * Where the ledgers' change feed starts: call before reading the open grants that rebuild the
+   * ledgers, so that admit() later reports everything committed since.
+   */
+  ledgerStart(): Promise<void>;
+
   /** Let outstanding writes commit, then close. Later writes are refused. */
   close(): Promise<void>;
 }
 
 /** Where the state lives: the `[store]` section of the boot TOML, resolved (the URL read from its secret). */
-export type StoreSpec = { kind: "sqlite"; stateDir: string } | { kind: "postgres"; stateDir: string; url: string; poolSize?: number };
+export type StoreSpec =
+  | { kind: "sqlite"; stateDir: string; replicaId?: string }
+  | { kind: "postgres"; stateDir: string; url: string; poolSize?: number; replicaId?: string; leaseTtlMs?: number };
 
 /**
  * Open the configured store, refusing a new empty database where state_dir shows that a bridge
@@ -119,7 +173,7 @@ export async function openCheckedStore(spec: StoreSpec, clock: Clock): Promise<S
   }
   let created = () => {};
   const { PostgresStore } = await import("./postgres.js");
-  const s = await PostgresStore.open({ url: spec.url, stateDir: spec.stateDir, clock, ...(spec.poolSize !== undefined ? { poolSize: spec.poolSize } : {}), onNewDatabase: () => (created = assertPgDatabaseNotLost(spec.stateDir)) });
+  const s = await PostgresStore.open({ ...pgOptions(spec, clock), onNewDatabase: () => (created = assertPgDatabaseNotLost(spec.stateDir)) });
   created();
   return s;
 }
@@ -132,10 +186,21 @@ export async function openCheckedStore(spec: StoreSpec, clock: Clock): Promise<S
 export async function openStore(spec: StoreSpec, clock: Clock): Promise<Store> {
   if (spec.kind === "sqlite") {
     const { SqliteStore } = await import("./sqlite.js");
-    return new SqliteStore(spec.stateDir, clock);
+    return new SqliteStore(spec.stateDir, clock, spec.replicaId);
   }
   const { PostgresStore } = await import("./postgres.js");
-  return PostgresStore.open({ url: spec.url, stateDir: spec.stateDir, clock, ...(spec.poolSize !== undefined ? { poolSize: spec.poolSize } : {}) });
+  return PostgresStore.open(pgOptions(spec, clock));
+}
+
+function pgOptions(spec: Extract<StoreSpec, { kind: "postgres" }>, clock: Clock) {
+  return {
+    url: spec.url,
+    stateDir: spec.stateDir,
+    clock,
+    ...(spec.poolSize !== undefined ? { poolSize: spec.poolSize } : {}),
+    ...(spec.replicaId !== undefined ? { replicaId: spec.replicaId } : {}),
+    ...(spec.leaseTtlMs !== undefined ? { leaseTtlMs: spec.leaseTtlMs } : {}),
+  };
 }
 
 /**
@@ -144,7 +209,8 @@ export async function openStore(spec: StoreSpec, clock: Clock): Promise<Store> {
  * logs never carry them; errors name the config key, never the value.
  */
 export function storeSpec(cfg: StoreConfig, configDir: string, stateDir: string): StoreSpec {
-  if (cfg.kind === "sqlite") return { kind: "sqlite", stateDir };
+  const replicaId = cfg.replica_id ?? defaultReplicaId();
+  if (cfg.kind === "sqlite") return { kind: "sqlite", stateDir, replicaId };
   const url = readSecret(configDir, "store.url", { file: cfg.url_file, env: cfg.url_env });
   let parsed: URL;
   try {
@@ -158,5 +224,5 @@ export function storeSpec(cfg: StoreConfig, configDir: string, stateDir: string)
     registerSecret(parsed.password);
     registerSecret(decodeURIComponent(parsed.password));
   }
-  return { kind: "postgres", stateDir, url, poolSize: cfg.pool_size };
+  return { kind: "postgres", stateDir, url, poolSize: cfg.pool_size, replicaId, leaseTtlMs: cfg.lease_ttl_seconds * 1000 };
 }

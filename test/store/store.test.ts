@@ -36,6 +36,12 @@ async function downgrade(p: Place, version: number): Promise<void> {
     4: ["ALTER TABLE grants DROP COLUMN placement"],
     5: ["DROP INDEX grants_created", "ALTER TABLE grants DROP COLUMN price_per_hour", "ALTER TABLE grants DROP COLUMN cost"],
     6: ["ALTER TABLE grants DROP COLUMN attestation_nonce"],
+    7: [
+      "DROP INDEX grants_ledger",
+      ...(p.engine === "postgres" ? ["DROP INDEX grants_open_leases", "DROP SEQUENCE grants_ledger_seq"] : []),
+      ...["lease_owner", "lease_token", "lease_expires_at", "ledger_seq"].map((c) => `ALTER TABLE grants DROP COLUMN ${c}`),
+      "DROP TABLE roles",
+    ],
   };
   assert.equal(Object.keys(undo).length + 1, SCHEMA_VERSION, "every migration has its undo here");
   for (let v = SCHEMA_VERSION; v > version; v--) for (const q of undo[v]!) await p.sql(q);
