@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
 import path from "node:path";
-import type { LocalConfig } from "../config/schema.js";
+import { localRunsDir, type LocalConfig } from "../config/schema.js";
 import type { Almanac, Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
 import { abortError, type Clock } from "../util/clock.js";
 import { DigestMismatchError, FetchError, fetchVerified, ImageRefusedError } from "../util/fetch-verify.js";
@@ -42,8 +42,9 @@ interface RunResult {
 
 /**
  * Runs workloads as local processes, each under a detached supervisor (local/supervisor.ts) that
- * records its exit and usage in state_dir, so a restarted daemon re-attaches instead of losing or
- * re-running it. Development and single-host use; not TDX-capable.
+ * records its exit and usage in the workload's run directory (under runs_dir), so a restarted
+ * daemon, or another replica sharing runs_dir, re-attaches instead of losing or re-running it.
+ * Development and single-host use; not TDX-capable.
  */
 export class LocalBackend implements ManagedBackend {
   readonly name = "local";
@@ -67,7 +68,7 @@ export class LocalBackend implements ManagedBackend {
     this.stateDir = ctx.stateDir;
     this.metrics = ctx.metrics;
     this.root = path.join(ctx.stateDir, "local");
-    this.runs = path.join(this.root, "runs");
+    this.runs = localRunsDir(cfg, ctx.stateDir);
     this.images = path.join(this.root, "images");
     this.supervisor = path.join(this.root, "supervisor.sh");
     this.log = ctx.log.child({ backend: this.name });
@@ -226,7 +227,7 @@ export class LocalBackend implements ManagedBackend {
     const out: CheckResult[] = [];
     try {
       this.ensureReady();
-      out.push({ check: "state directory writable", ok: true, detail: this.root });
+      out.push({ check: "state directory writable", ok: true, detail: `${this.root}, runs in ${this.runs}` });
     } catch (e) {
       out.push({ check: "state directory writable", ok: false, detail: (e as Error).message });
     }
