@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
+import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, readlinkSync, realpathSync, rmSync, statSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
 import path from "node:path";
 import { localRunsDir, type LocalConfig } from "../config/schema.js";
 import type { Almanac, Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
@@ -357,12 +357,13 @@ export class LocalBackend implements ManagedBackend {
   /**
    * This run's supervisor, by its pid file when that was written and names it, else by scanning
    * /proc for it (its command line names the run directory): a full disk may have kept the pid
-   * file from being written, and a recycled pid must not count.
+   * file from being written, and a recycled pid must not count. The replica that started it may
+   * have named the directory otherwise (runs_dir through a symlink): the same directory counts.
    */
   private supervisorPid(runDir: string): number | null {
     const isOurs = (pid: number) => {
       try {
-        return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")[2] === runDir;
+        return sameDir(readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")[2], runDir);
       } catch {
         return false;
       }
@@ -403,7 +404,13 @@ export class LocalBackend implements ManagedBackend {
     const out = new Set<number>();
     // Only a live supervisor verified by its command line: a dead one's pid may name another session.
     const sup = this.supervisorPid(runDir);
-    const work = path.join(runDir, "work");
+    // As /proc shows a cwd: symlinks resolved (runs_dir may be named through one).
+    let work = path.join(runDir, "work");
+    try {
+      work = realpathSync(work);
+    } catch {
+      /* gone: no process works in it */
+    }
     const own = procStat(process.pid)?.pgrp;
     for (const p of procPids()) {
       const st = procStat(p);
@@ -421,6 +428,20 @@ export class LocalBackend implements ManagedBackend {
       if ((cwd === work || cwd.startsWith(work + path.sep)) && st.pgrp !== own) out.add(st.pgrp);
     }
     return [...out];
+  }
+}
+
+/** Is `arg` (a supervisor's run directory argument) `runDir`, however either is spelt? */
+function sameDir(arg: string | undefined, runDir: string): boolean {
+  if (arg === runDir) return true;
+  // Only a candidate named like the run (its request_id) costs the two stats.
+  if (arg === undefined || !path.isAbsolute(arg) || path.basename(arg) !== path.basename(runDir)) return false;
+  try {
+    const a = statSync(arg);
+    const b = statSync(runDir);
+    return a.dev === b.dev && a.ino === b.ino;
+  } catch {
+    return false;
   }
 }
 

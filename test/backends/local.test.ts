@@ -1,7 +1,7 @@
 import { Fleet } from "../../src/fleet/fleet.js";
 import { systemClock } from "../../src/util/clock.js";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { CapacityError, ImageVerificationError, InvalidRequestError } from "../../src/backends/backend.js";
@@ -226,5 +226,33 @@ describe("local backend: replicas sharing one runs_dir", () => {
     const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
     assert.equal(obs.kind, "exited");
     assert.equal(obs.exit_code, 128 + 15, "stopped by the second replica's SIGTERM");
+  });
+
+  it("replicas that name runs_dir differently (a symlink) still find each other's workloads", async (t) => {
+    const dir = tempDir(t);
+    const runs = path.join(dir, "runs");
+    mkdirSync(runs);
+    const link = path.join(dir, "runs-link");
+    symlinkSync(runs, link);
+    const gate = path.join(dir, "gate");
+    const gated = scriptImage(dir, "gated", `while [ ! -e ${gate} ]; do sleep 0.02; done; exit 3`);
+    const forever = scriptImage(dir, "forever", "sleep 600");
+    const a = localBackend(path.join(dir, "a"), { runs_dir: runs });
+    const g1 = localGrant("spelt-1");
+    const g2 = localGrant("spelt-2");
+    const i1 = await a.provision(g1, { image: { ...gated, format: "bundle" } }, never);
+    const i2 = await a.provision(g2, { image: { ...forever, format: "bundle" } }, never);
+    reap(t, await workloadPid(i1.details.run_dir!));
+    const pid = await workloadPid(i2.details.run_dir!);
+    reap(t, pid);
+    const b = localBackend(path.join(dir, "b"), { runs_dir: link });
+    const watching = b.watchUntilExit(i1, new Date(g1.valid_to), never);
+    writeFileSync(gate, "");
+    const obs = await watching;
+    assert.equal(obs.kind, "exited", "alive for the replica that names it by the symlink, not lost");
+    assert.equal(obs.exit_code, 3);
+    await b.terminate(i2);
+    await until(() => !alive(pid), "the workload to be gone", 10_000);
+    assert.equal((await b.watchUntilExit(i2, new Date(g2.valid_to), never)).exit_code, 128 + 15);
   });
 });
