@@ -200,9 +200,9 @@ export const LocalConfig = z.strictObject({
   image_idle_timeout_seconds: z.number().positive().default(60),
   /**
    * Where the run directories are (localRunsDir: <state_dir>/local/runs when absent). Replicas on
-   * one machine, each with its own state_dir, share one, so that any of them can watch and stop a
-   * workload another started: its files are the workloads' state (the supervisor's pids, exit
-   * and usage), not a cache.
+   * one machine, each with its own state_dir, share one (running as the same user, seeing each
+   * other's processes), so that any of them can watch and stop a workload another started: its
+   * files are the workloads' state (the supervisor's pids, exit and usage), not a cache.
    */
   runs_dir: z.string().regex(/^\//, "must be an absolute path").optional(),
 });
