@@ -3,7 +3,7 @@ import path from "node:path";
 import type { DestinationStream } from "pino";
 import { loadConfig, resolveFromConfig, type LoadedConfig } from "./config/load.js";
 import { readSecret } from "./config/secrets.js";
-import type { BootConfig } from "./config/schema.js";
+import { localRunsDir, type BootConfig } from "./config/schema.js";
 import { Almanac, type ProviderCard } from "./domain/index.js";
 import { buildCard, configDigest } from "./fleet/card.js";
 import { Fleet } from "./fleet/fleet.js";
@@ -100,7 +100,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   // The store first: a lost database (state-check.ts) is refused before the identity is created.
   let store: Store;
   try {
-    store = await openCheckedStore(storeSpec(cfg.store, loaded.dir, stateDir), clock);
+    store = await openCheckedStore(storeSpec(cfg.store, loaded.dir, stateDir), clock, localRunsDir(cfg.backends.local, stateDir));
   } catch (e) {
     releaseLock();
     throw e;

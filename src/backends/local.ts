@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
-import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
+import { existsSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, readlinkSync, realpathSync, rmSync, statSync, writeFileSync, chmodSync, readSync, renameSync, copyFileSync } from "node:fs";
 import path from "node:path";
-import type { LocalConfig } from "../config/schema.js";
+import { localRunsDir, type LocalConfig } from "../config/schema.js";
 import type { Almanac, Capabilities, ComputeGrant, Envelope, ExitObservation, ProvisionedInstance } from "../domain/index.js";
 import { abortError, type Clock } from "../util/clock.js";
 import { DigestMismatchError, FetchError, fetchVerified, ImageRefusedError } from "../util/fetch-verify.js";
@@ -42,8 +42,9 @@ interface RunResult {
 
 /**
  * Runs workloads as local processes, each under a detached supervisor (local/supervisor.ts) that
- * records its exit and usage in state_dir, so a restarted daemon re-attaches instead of losing or
- * re-running it. Development and single-host use; not TDX-capable.
+ * records its exit and usage in the workload's run directory (under runs_dir), so a restarted
+ * daemon, or another replica sharing runs_dir, re-attaches instead of losing or re-running it.
+ * Development and single-host use; not TDX-capable.
  */
 export class LocalBackend implements ManagedBackend {
   readonly name = "local";
@@ -67,7 +68,7 @@ export class LocalBackend implements ManagedBackend {
     this.stateDir = ctx.stateDir;
     this.metrics = ctx.metrics;
     this.root = path.join(ctx.stateDir, "local");
-    this.runs = path.join(this.root, "runs");
+    this.runs = localRunsDir(cfg, ctx.stateDir);
     this.images = path.join(this.root, "images");
     this.supervisor = path.join(this.root, "supervisor.sh");
     this.log = ctx.log.child({ backend: this.name });
@@ -226,7 +227,7 @@ export class LocalBackend implements ManagedBackend {
     const out: CheckResult[] = [];
     try {
       this.ensureReady();
-      out.push({ check: "state directory writable", ok: true, detail: this.root });
+      out.push({ check: "state directory writable", ok: true, detail: `${this.root}, runs in ${this.runs}` });
     } catch (e) {
       out.push({ check: "state directory writable", ok: false, detail: (e as Error).message });
     }
@@ -356,12 +357,13 @@ export class LocalBackend implements ManagedBackend {
   /**
    * This run's supervisor, by its pid file when that was written and names it, else by scanning
    * /proc for it (its command line names the run directory): a full disk may have kept the pid
-   * file from being written, and a recycled pid must not count.
+   * file from being written, and a recycled pid must not count. The replica that started it may
+   * have named the directory otherwise (runs_dir through a symlink): the same directory counts.
    */
   private supervisorPid(runDir: string): number | null {
     const isOurs = (pid: number) => {
       try {
-        return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")[2] === runDir;
+        return sameDir(readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")[2], runDir);
       } catch {
         return false;
       }
@@ -402,7 +404,13 @@ export class LocalBackend implements ManagedBackend {
     const out = new Set<number>();
     // Only a live supervisor verified by its command line: a dead one's pid may name another session.
     const sup = this.supervisorPid(runDir);
-    const work = path.join(runDir, "work");
+    // As /proc shows a cwd: symlinks resolved (runs_dir may be named through one).
+    let work = path.join(runDir, "work");
+    try {
+      work = realpathSync(work);
+    } catch {
+      /* gone: no process works in it */
+    }
     const own = procStat(process.pid)?.pgrp;
     for (const p of procPids()) {
       const st = procStat(p);
@@ -420,6 +428,20 @@ export class LocalBackend implements ManagedBackend {
       if ((cwd === work || cwd.startsWith(work + path.sep)) && st.pgrp !== own) out.add(st.pgrp);
     }
     return [...out];
+  }
+}
+
+/** Is `arg` (a supervisor's run directory argument) `runDir`, however either is spelt? */
+function sameDir(arg: string | undefined, runDir: string): boolean {
+  if (arg === runDir) return true;
+  // Only a candidate named like the run (its request_id) costs the two stats.
+  if (arg === undefined || !path.isAbsolute(arg) || path.basename(arg) !== path.basename(runDir)) return false;
+  try {
+    const a = statSync(arg);
+    const b = statSync(runDir);
+    return a.dev === b.dev && a.ino === b.ino;
+  } catch {
+    return false;
   }
 }
 

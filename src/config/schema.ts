@@ -1,3 +1,4 @@
+import path from "node:path";
 import { z } from "zod";
 import { Region } from "../domain/grant.js";
 import { HOST_KEY_FINGERPRINT } from "../domain/instance.js";
@@ -207,7 +208,19 @@ export const LocalConfig = z.strictObject({
   image_roots: z.array(z.string().regex(/^\//, "must be an absolute path")).default([]),
   /** An image fetch fails when no byte arrives for this long (also the connect timeout). */
   image_idle_timeout_seconds: z.number().positive().default(60),
+  /**
+   * Where the run directories are (localRunsDir: <state_dir>/local/runs when absent). Replicas on
+   * one machine, each with its own state_dir, share one (running as the same user, seeing each
+   * other's processes), so that any of them can watch and stop a workload another started: its
+   * files are the workloads' state (the supervisor's pids, exit and usage), not a cache.
+   */
+  runs_dir: z.string().regex(/^\//, "must be an absolute path").optional(),
 });
+
+/** The local backend's run directories: `runs_dir`, else under state_dir as before it existed. */
+export function localRunsDir(cfg: Pick<LocalConfig, "runs_dir"> | undefined, stateDir: string): string {
+  return cfg?.runs_dir ?? path.join(stateDir, "local", "runs");
+}
 
 const AwsRegion = z.strictObject({
   image_id: z.string().regex(/^ami-[0-9a-f]{8,17}$/, 'must be an AMI id like "ami-0123456789abcdef0"'),

@@ -16,19 +16,22 @@ function size(file: string): number | null {
   }
 }
 
-/** What in `stateDir` shows that a bridge ran there before (empty when nothing does). */
-export function previousUse(stateDir: string): string[] {
+/**
+ * What in `stateDir`, and in the local backend's run directories (`localRunsDir`: its runs_dir,
+ * maybe outside state_dir), shows that a bridge ran there before (empty when nothing does).
+ */
+export function previousUse(stateDir: string, localRunsDir: string): string[] {
   const found: string[] = [];
   if (existsSync(path.join(stateDir, "identity.key"))) found.push("identity.key");
   if ((size(path.join(stateDir, "compute-log.jsonl")) ?? 0) > 0) found.push("compute-log.jsonl");
   if (existsSync(path.join(stateDir, "bridge.db-wal"))) found.push("bridge.db-wal");
   let runs = 0;
   try {
-    runs = readdirSync(path.join(stateDir, "local", "runs")).length;
+    runs = readdirSync(localRunsDir).length;
   } catch {
     /* none */
   }
-  if (runs > 0) found.push(`${runs} local run director${runs === 1 ? "y" : "ies"} (local/runs)`);
+  if (runs > 0) found.push(`${runs} local run director${runs === 1 ? "y" : "ies"} (${localRunsDir})`);
   return found;
 }
 
@@ -41,12 +44,12 @@ export function previousUse(stateDir: string): string[] {
  * Returns a function to call once the new database exists: with the operator's ALLOW_NEW_DATABASE
  * file present the start goes ahead, and that call removes the file (it allows one start only).
  */
-export function assertDatabaseNotLost(stateDir: string): () => void {
+export function assertDatabaseNotLost(stateDir: string, localRunsDir: string): () => void {
   const db = path.join(stateDir, "bridge.db");
   const dbSize = size(db);
   // A SQLite database starts with a 100-byte header: anything shorter is no database.
   if (dbSize !== null && dbSize >= 100) return () => {};
-  const used = previousUse(stateDir);
+  const used = previousUse(stateDir, localRunsDir);
   if (used.length === 0) return () => {};
   const ack = path.join(stateDir, ALLOW_NEW_DATABASE);
   if (existsSync(ack)) return () => rmSync(ack, { force: true });
@@ -66,8 +69,8 @@ export function assertDatabaseNotLost(stateDir: string): () => void {
  * switch from SQLite whose grants stay behind in bridge.db. Returns the function to call once the
  * schema exists (it consumes ALLOW_NEW_DATABASE).
  */
-export function assertPgDatabaseNotLost(stateDir: string): () => void {
-  const used = previousUse(stateDir);
+export function assertPgDatabaseNotLost(stateDir: string, localRunsDir: string): () => void {
+  const used = previousUse(stateDir, localRunsDir);
   if (existsSync(path.join(stateDir, "bridge.db"))) used.push("bridge.db (a SQLite state database)");
   if (used.length === 0) return () => {};
   const ack = path.join(stateDir, ALLOW_NEW_DATABASE);

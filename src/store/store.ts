@@ -161,19 +161,20 @@ export type StoreSpec =
   | { kind: "postgres"; stateDir: string; url: string; poolSize?: number; replicaId?: string; leaseTtlMs?: number };
 
 /**
- * Open the configured store, refusing a new empty database where state_dir shows that a bridge
- * ran before (state-check.ts: a lost or wrong database would forget every grant).
+ * Open the configured store, refusing a new empty database where state_dir, or the local
+ * backend's run directories (`localRunsDir`, config/schema.ts), show that a bridge ran before
+ * (state-check.ts: a lost or wrong database would forget every grant).
  */
-export async function openCheckedStore(spec: StoreSpec, clock: Clock): Promise<Store> {
+export async function openCheckedStore(spec: StoreSpec, clock: Clock, localRunsDir: string): Promise<Store> {
   if (spec.kind === "sqlite") {
-    const created = assertDatabaseNotLost(spec.stateDir);
+    const created = assertDatabaseNotLost(spec.stateDir, localRunsDir);
     const s = await openStore(spec, clock);
     created();
     return s;
   }
   let created = () => {};
   const { PostgresStore } = await import("./postgres.js");
-  const s = await PostgresStore.open({ ...pgOptions(spec, clock), onNewDatabase: () => (created = assertPgDatabaseNotLost(spec.stateDir)) });
+  const s = await PostgresStore.open({ ...pgOptions(spec, clock), onNewDatabase: () => (created = assertPgDatabaseNotLost(spec.stateDir, localRunsDir)) });
   created();
   return s;
 }

@@ -1,7 +1,7 @@
 import { Fleet } from "../../src/fleet/fleet.js";
 import { systemClock } from "../../src/util/clock.js";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { CapacityError, ImageVerificationError, InvalidRequestError } from "../../src/backends/backend.js";
@@ -174,5 +174,85 @@ describe("local backend", () => {
     const insts = await Promise.all(Array.from({ length: 12 }, (_, i) => b.provision(localGrant(`same-${i}`), { image: { ...img, format: "bundle" } }, never)));
     const obs = await Promise.all(insts.map((i) => b.watchUntilExit(i, new Date(Date.now() + 60_000), never)));
     assert.ok(obs.every((o) => o.exit_code === 0));
+  });
+});
+
+describe("local backend: replicas sharing one runs_dir", () => {
+  /** Kills what a failed test left running (a passing one leaves nothing). */
+  const reap = (t: { after(fn: () => void): void }, pid: number) =>
+    t.after(() => {
+      try {
+        process.kill(-pid, "SIGKILL");
+      } catch {
+        /* stopped */
+      }
+    });
+
+  it("a second replica (its own state_dir) re-attaches to a workload the first started and sees its exit", async (t) => {
+    const dir = tempDir(t);
+    const runs = path.join(dir, "runs");
+    const gate = path.join(dir, "gate");
+    const img = scriptImage(dir, "gated", `while [ ! -e ${gate} ]; do sleep 0.02; done; exit 3`);
+    const a = path.join(dir, "a");
+    const g = localGrant("shared-1");
+    const inst = await localBackend(a, { runs_dir: runs }).provision(g, { image: { ...img, format: "bundle" } }, never);
+    assert.equal(inst.details.run_dir, path.join(runs, "shared-1"));
+    assert.equal(existsSync(path.join(a, "local", "runs")), false, "nothing under the first replica's state_dir/local/runs");
+    reap(t, await workloadPid(inst.details.run_dir!));
+    // The workload needs nothing of the replica that started it: not its supervisor script (the
+    // running supervisor still reads it, to write the result), not its image cache.
+    rmSync(a, { recursive: true, force: true });
+    const b = localBackend(path.join(dir, "b"), { runs_dir: runs });
+    const watching = b.watchUntilExit(inst, new Date(g.valid_to), never);
+    writeFileSync(gate, "");
+    const obs = await watching;
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 3);
+  });
+
+  it("a second replica terminates a workload the first started", async (t) => {
+    const dir = tempDir(t);
+    const runs = path.join(dir, "runs");
+    const img = scriptImage(dir, "forever", "sleep 600");
+    const a = path.join(dir, "a");
+    const g = localGrant("shared-2");
+    const inst = await localBackend(a, { runs_dir: runs }).provision(g, { image: { ...img, format: "bundle" } }, never);
+    const pid = await workloadPid(inst.details.run_dir!);
+    reap(t, pid);
+    rmSync(a, { recursive: true, force: true });
+    const b = localBackend(path.join(dir, "b"), { runs_dir: runs });
+    await b.terminate(inst);
+    await until(() => !alive(pid), "the workload to be gone", 10_000);
+    const obs = await b.watchUntilExit(inst, new Date(g.valid_to), never);
+    assert.equal(obs.kind, "exited");
+    assert.equal(obs.exit_code, 128 + 15, "stopped by the second replica's SIGTERM");
+  });
+
+  it("replicas that name runs_dir differently (a symlink) still find each other's workloads", async (t) => {
+    const dir = tempDir(t);
+    const runs = path.join(dir, "runs");
+    mkdirSync(runs);
+    const link = path.join(dir, "runs-link");
+    symlinkSync(runs, link);
+    const gate = path.join(dir, "gate");
+    const gated = scriptImage(dir, "gated", `while [ ! -e ${gate} ]; do sleep 0.02; done; exit 3`);
+    const forever = scriptImage(dir, "forever", "sleep 600");
+    const a = localBackend(path.join(dir, "a"), { runs_dir: runs });
+    const g1 = localGrant("spelt-1");
+    const g2 = localGrant("spelt-2");
+    const i1 = await a.provision(g1, { image: { ...gated, format: "bundle" } }, never);
+    const i2 = await a.provision(g2, { image: { ...forever, format: "bundle" } }, never);
+    reap(t, await workloadPid(i1.details.run_dir!));
+    const pid = await workloadPid(i2.details.run_dir!);
+    reap(t, pid);
+    const b = localBackend(path.join(dir, "b"), { runs_dir: link });
+    const watching = b.watchUntilExit(i1, new Date(g1.valid_to), never);
+    writeFileSync(gate, "");
+    const obs = await watching;
+    assert.equal(obs.kind, "exited", "alive for the replica that names it by the symlink, not lost");
+    assert.equal(obs.exit_code, 3);
+    await b.terminate(i2);
+    await until(() => !alive(pid), "the workload to be gone", 10_000);
+    assert.equal((await b.watchUntilExit(i2, new Date(g2.valid_to), never)).exit_code, 128 + 15);
   });
 });

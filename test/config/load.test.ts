@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { describe, it } from "node:test";
 import { ConfigError, parseConfigText } from "../../src/config/load.js";
+import { localRunsDir } from "../../src/config/schema.js";
 import { configDigest } from "../../src/fleet/card.js";
 
 const BASE = `
@@ -93,6 +94,9 @@ describe("boot config", () => {
     assert.equal(c.fleet.max_attempts, 3);
     assert.equal(c.listener.body_limit_bytes, 1024 * 1024);
     assert.equal(c.backends.local?.poll_interval_ms, 200);
+    assert.equal(localRunsDir(c.backends.local, "/var/lib/cb"), "/var/lib/cb/local/runs", "runs under state_dir, as before runs_dir");
+    const shared = parseConfigText(BASE + LOCAL + 'runs_dir = "/srv/cb-runs"\n', "t");
+    assert.equal(localRunsDir(shared.backends.local, "/var/lib/cb"), "/srv/cb-runs");
   });
 
   const cases: [string, string, string[]][] = [
@@ -222,6 +226,7 @@ managed_identity_client_id = "my-identity"
 `,
       ["backends.azure.managed_identity_client_id: must be the identity's client id (GUID)"],
     ],
+    ["relative local runs_dir", BASE + LOCAL + 'runs_dir = "runs"\n', ["backends.local.runs_dir: must be an absolute path"]],
     ["client_ca without TLS", BASE.replace('token_file = "token"', 'token_file = "token"\nclient_ca_file = "ca.pem"') + LOCAL, ["listener.client_ca_file: client_ca_file needs tls_cert_file and tls_key_file"]],
   ];
   for (const [name, text, fragments] of cases) it(`rejects: ${name}`, () => expectProblem(text, ...fragments));

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, describe, it } from "node:test";
+import { localRunsDir } from "../../src/config/schema.js";
 import { ALLOW_NEW_DATABASE, assertDatabaseNotLost, LostDatabaseError, previousUse } from "../../src/store/state-check.js";
 import { SqliteStore as Store } from "../../src/store/sqlite.js";
 import { openCheckedStore } from "../../src/store/store.js";
@@ -11,11 +12,14 @@ import { tempDir } from "../helpers/tmp.js";
 
 after(stopEngines);
 
+/** The local backend's run directories where runs_dir is not set. */
+const runsOf = (stateDir: string) => localRunsDir(undefined, stateDir);
+
 describe("lost database check at start", () => {
   it("a fresh state dir starts (nothing shows earlier use)", (t) => {
     const dir = tempDir(t);
-    assert.deepEqual(previousUse(dir), []);
-    assertDatabaseNotLost(dir)();
+    assert.deepEqual(previousUse(dir, runsOf(dir)), []);
+    assertDatabaseNotLost(dir, runsOf(dir))();
   });
 
   it("a used state dir with a missing database refuses, naming what it found and the way out", (t) => {
@@ -23,7 +27,7 @@ describe("lost database check at start", () => {
     writeFileSync(path.join(dir, "identity.key"), "k");
     writeFileSync(path.join(dir, "compute-log.jsonl"), "{}\n");
     mkdirSync(path.join(dir, "local", "runs", "g1"), { recursive: true });
-    assert.throws(() => assertDatabaseNotLost(dir), (e: unknown) => {
+    assert.throws(() => assertDatabaseNotLost(dir, runsOf(dir)), (e: unknown) => {
       assert.ok(e instanceof LostDatabaseError);
       assert.match(e.message, /identity\.key, compute-log\.jsonl, 1 local run directory/);
       assert.match(e.message, /bridge\.db is missing/);
@@ -34,25 +38,38 @@ describe("lost database check at start", () => {
     });
   });
 
+  it("counts the run directories in the configured runs_dir, wherever it is", (t) => {
+    const dir = tempDir(t);
+    const shared = path.join(tempDir(t), "runs");
+    mkdirSync(path.join(shared, "g1"), { recursive: true });
+    mkdirSync(path.join(shared, "g2"));
+    assert.throws(() => assertDatabaseNotLost(dir, shared), (e: unknown) => {
+      assert.ok(e instanceof LostDatabaseError);
+      assert.match(e.message, new RegExp(`2 local run directories \\(${shared}\\)`));
+      return true;
+    });
+    assert.deepEqual(previousUse(dir, path.join(dir, "elsewhere")), [], "a runs_dir without runs shows nothing");
+  });
+
   it("an empty (0-byte) or truncated database counts as lost", (t) => {
     const dir = tempDir(t);
     writeFileSync(path.join(dir, "identity.key"), "k");
     writeFileSync(path.join(dir, "bridge.db"), "");
-    assert.throws(() => assertDatabaseNotLost(dir), /bridge\.db is empty \(0 bytes\)/);
+    assert.throws(() => assertDatabaseNotLost(dir, runsOf(dir)), /bridge\.db is empty \(0 bytes\)/);
     writeFileSync(path.join(dir, "bridge.db"), "SQLite format 3\0");
-    assert.throws(() => assertDatabaseNotLost(dir), /only 16 bytes/);
+    assert.throws(() => assertDatabaseNotLost(dir, runsOf(dir)), /only 16 bytes/);
   });
 
   it("a real database passes; the operator's allow-new-database file allows exactly one start", (t) => {
     const dir = tempDir(t);
     writeFileSync(path.join(dir, "identity.key"), "k");
     writeFileSync(path.join(dir, ALLOW_NEW_DATABASE), "");
-    const created = assertDatabaseNotLost(dir);
+    const created = assertDatabaseNotLost(dir, runsOf(dir));
     const s = new Store(dir, systemClock);
     t.after(() => s.close());
     created();
     assert.equal(existsSync(path.join(dir, ALLOW_NEW_DATABASE)), false, "used up");
-    assertDatabaseNotLost(dir)();
+    assertDatabaseNotLost(dir, runsOf(dir))();
   });
 });
 
@@ -62,16 +79,16 @@ for (const engine of ENGINES) {
 
     it("a fresh state dir opens a new database; reopening it needs nothing", async (t) => {
       const p = await engine.place(t);
-      await (await openCheckedStore(spec(p), systemClock)).close();
+      await (await openCheckedStore(spec(p), systemClock, runsOf(p.dir))).close();
       writeFileSync(path.join(p.dir, "identity.key"), "k");
-      await (await openCheckedStore(spec(p), systemClock)).close();
+      await (await openCheckedStore(spec(p), systemClock, runsOf(p.dir))).close();
     });
 
     it("a used state dir next to a new, empty database refuses, creates nothing, and the allow file allows one start", async (t) => {
       const p = await engine.place(t);
       writeFileSync(path.join(p.dir, "identity.key"), "k");
       writeFileSync(path.join(p.dir, "compute-log.jsonl"), "{}\n");
-      await assert.rejects(openCheckedStore(spec(p), systemClock), (e: unknown) => {
+      await assert.rejects(openCheckedStore(spec(p), systemClock, runsOf(p.dir)), (e: unknown) => {
         assert.ok(e instanceof LostDatabaseError);
         assert.match(e.message, /identity\.key, compute-log\.jsonl/);
         assert.match(e.message, new RegExp(ALLOW_NEW_DATABASE));
@@ -81,9 +98,9 @@ for (const engine of ENGINES) {
       if (engine.name === "sqlite") assert.equal(existsSync(path.join(p.dir, "bridge.db")), false, "no database was created");
       else assert.equal(await p.version().catch(() => 0), 0, "no schema was created");
       writeFileSync(path.join(p.dir, ALLOW_NEW_DATABASE), "");
-      await (await openCheckedStore(spec(p), systemClock)).close();
+      await (await openCheckedStore(spec(p), systemClock, runsOf(p.dir))).close();
       assert.equal(existsSync(path.join(p.dir, ALLOW_NEW_DATABASE)), false, "used up");
-      await (await openCheckedStore(spec(p), systemClock)).close();
+      await (await openCheckedStore(spec(p), systemClock, runsOf(p.dir))).close();
     });
   });
 }

@@ -1,6 +1,9 @@
 /**
  * The local backend's per-workload supervisor (cf. containerd's shim), as a bash script the
  * daemon writes into state_dir and starts detached in its own session, so it outlives the daemon.
+ * Once started it needs nothing of that state_dir (bash keeps its script open; the image is
+ * copied or unpacked into RUN_DIR/work): another replica sharing runs_dir watches and stops it by
+ * RUN_DIR and /proc alone, even after the starting one and its state_dir are gone.
  *
  * Contract with src/backends/local.ts (all paths inside RUN_DIR):
  *   started/            created with mkdir (atomic): whoever creates it owns the run. A second
