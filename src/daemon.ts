@@ -10,7 +10,7 @@ import { Fleet } from "./fleet/fleet.js";
 import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
 import { buildListener, readTls, ZOD_SCHEMA_CONTROLLER, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
-import { isStoreUnavailable, openCheckedStore, storeSpec, type Store } from "./store/store.js";
+import { defaultReplicaId, isStoreUnavailable, openCheckedStore, storeSpec, type Store } from "./store/store.js";
 import type { BackendOptions } from "./backends/registry.js";
 import { canonicalJson, sha256Hex } from "./util/canonical-json.js";
 import { systemClock, type Clock } from "./util/clock.js";
@@ -85,7 +85,9 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const loaded = loadConfig(o.configFile);
   const cfg = loaded.config;
   const clock = o.clock ?? systemClock;
-  const log = createLogger(o.logLevel ?? cfg.log.level, o.logDestination);
+  // Several replicas may share one database: every line says which one wrote it.
+  const replicaId = cfg.store.replica_id ?? defaultReplicaId();
+  const log = createLogger(o.logLevel ?? cfg.log.level, o.logDestination, replicaId);
   const stateDir = resolveFromConfig(loaded, cfg.bridge.state_dir);
   const token = readSecret(loaded.dir, "listener.token", { file: cfg.listener.token_file, env: cfg.listener.token_env });
   const marketToken = cfg.market ? readSecret(loaded.dir, "market.token", { file: cfg.market.token_file, env: cfg.market.token_env }) : null;
@@ -111,7 +113,9 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const metrics = new BridgeMetrics(store, () => manager.activeCount);
   const imagePolicy = new ImagePolicy({ fileRoots: cfg.backends.local?.image_roots ?? [], allowCidrs: cfg.bridge.image_allow_cidrs });
   const fleet = await Fleet.build(cfg, { providerId: cfg.bridge.provider_id, stateDir, configDir: loaded.dir, log, clock, almanac, metrics, imagePolicy }, o.backendOptions);
-  const publisher = cfg.market && marketToken ? new MarketPublisher(store, cfg.market, marketToken, log.child({ component: "market" }), clock) : null;
+  // The market outbox is delivered by the leader alone (with one replica: by it).
+  let publisher: MarketPublisher | null = null;
+  const newPublisher = () => (cfg.market && marketToken ? new MarketPublisher(store, cfg.market, marketToken, log.child({ component: "market" }), clock) : null);
 
   const events = metrics.managerEvents();
   manager = await GrantManager.open({
@@ -137,7 +141,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const card = () => buildCard(cfg, fleet, identity);
   let lastCardDigest = "";
   const publishCardIfChanged = () => {
-    if (!cfg.market?.card_url) return;
+    if (!cfg.market?.card_url || !leader) return;
     const c = card();
     const d = sha256Hex(canonicalJson(c));
     if (d === lastCardDigest) return;
@@ -151,11 +155,50 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     );
   };
 
+  // The singletons (orphan sweep, card, market outbox) run on one replica: the holder of the
+  // leased, fenced "leader" role. With SQLite there is one replica, and it is the leader.
+  let leader = !store.shared;
+  let stopping = false;
+  const leaderStop = new AbortController();
+  const leaderTick = async () => {
+    let now = false;
+    try {
+      now = await store.role("leader");
+    } catch (e) {
+      // Unsure: step down (a sweep also checks the role, fenced, right before it runs).
+      if (leader) log.warn({ err: { message: (e as Error).message } }, "could not renew the leader role");
+    }
+    if (now === leader || stopping) return;
+    leader = now;
+    metrics.leader.set(now ? 1 : 0);
+    log.info({ leader: now }, now ? "this replica is the leader now: it runs the orphan sweep, card publishing and the market outbox" : "this replica is no longer the leader");
+    if (now) {
+      publisher = newPublisher();
+      publisher?.start();
+      lastCardDigest = "";
+      publishCardIfChanged();
+      if (resumed) void reconcileAll();
+    } else {
+      const p = publisher;
+      publisher = null;
+      await p?.stop();
+    }
+  };
+  const leaderLoop = async () => {
+    for (;;) {
+      try {
+        await clock.sleep(Math.max(100, Math.floor(store.leaseTtlMs / 3)), leaderStop.signal);
+      } catch {
+        return;
+      }
+      await leaderTick();
+    }
+  };
+
   // Re-attach or sweep what backends hold, then continue every open grant.
   let reconciling = false;
-  let stopping = false;
   const reconcileAll = async () => {
-    if (reconciling || stopping) return;
+    if (reconciling || stopping || !leader) return;
     reconciling = true;
     // Ended grants of past months no longer count against any cap.
     fleet.spend?.budgets.prune(clock.now());
@@ -174,6 +217,8 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
         fleet.backends.map(async (b) => {
           if (!b.reconcile) return;
           try {
+            // Fenced: a leader that stalled (and lost the role meanwhile) sweeps nothing.
+            if (store.shared && !(await store.role("leader", { fenced: true }))) return;
             await b.reconcile(live);
           } catch (e) {
             log.error({ backend: b.name, err: e }, "reconcile failed; it runs again at the next interval");
@@ -258,7 +303,12 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   // Listening comes first (a slow or unreachable cloud must not keep the listener down); then each
   // backend reconciles what it holds and every open grant resumes. Backends count grants they
   // provision themselves as live, so grants accepted meanwhile are never taken for orphans.
+  let leaderLoopDone: Promise<void> = Promise.resolve();
   const ready = (async () => {
+    if (store.shared) {
+      await leaderTick();
+      leaderLoopDone = leaderLoop();
+    }
     await reconcileAll();
     if (stopping) return 0;
     // A database that cannot be read right now (PostgreSQL restarting) is waited for: resuming
@@ -281,7 +331,10 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     reconcileTimer.unref();
     return n;
   })();
-  publisher?.start();
+  if (leader) {
+    publisher = newPublisher();
+    publisher?.start();
+  }
   publishCardIfChanged();
   const cardTimer = setInterval(publishCardIfChanged, o.cardCheckIntervalMs ?? 30_000);
   cardTimer.unref();
@@ -346,6 +399,8 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
         clearInterval(cardTimer);
         stopping = true;
         clearInterval(reconcileTimer);
+        leaderStop.abort();
+        await leaderLoopDone;
         await manager.shutdown();
         await Promise.race([listener.app.close(), new Promise((r) => setTimeout(r, 1000).unref())]);
         await publisher?.stop();

@@ -24,6 +24,10 @@ export class BridgeMetrics implements BackendMetrics {
   private readonly ssh = new Gauge({ name: "cb_ssh_session_up", help: "1 when the persistent SSH session to a machine is up", labelNames: ["backend", "machine"], registers: [this.registry] });
   private readonly orphans = new Counter({ name: "cb_orphans_swept_total", help: "Resources without a live grant that were removed", labelNames: ["backend", "kind"], registers: [this.registry] });
   private readonly queueWait = new Histogram({ name: "cb_provision_queue_wait_seconds", help: "Time accepted grants waited for a provisioning slot, per backend", labelNames: ["backend"], buckets: SECONDS, registers: [this.registry] });
+  private readonly takeovers = new Counter({ name: "cb_lease_takeovers_total", help: "Grants this replica took over after another replica's lease lapsed, by the replica that held them", labelNames: ["from_replica"], registers: [this.registry] });
+  private readonly leaseLosses = new Counter({ name: "cb_lease_losses_total", help: "Grants this replica stopped driving because its lease was taken over or could not be renewed", registers: [this.registry] });
+  /** 1 while this replica holds the leader role (the orphan sweep, the card, the market outbox). */
+  readonly leader = new Gauge({ name: "cb_leader", help: "1 while this replica is the leader (it runs the orphan sweep, card publishing and the market outbox)", registers: [this.registry] });
   readonly storeWrite = new Histogram({ name: "cb_store_write_seconds", help: "Durable store write (group commit) latency", labelNames: ["op"], buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25], registers: [this.registry] });
 
   constructor(store: Store, activeGrants: () => number) {
@@ -47,6 +51,8 @@ export class BridgeMetrics implements BackendMetrics {
       },
     });
     new Gauge({ name: "cb_grants_in_flight", help: "Grants the bridge is driving right now", registers: [this.registry], collect() { this.set(activeGrants()); } });
+    new Gauge({ name: "cb_replica_info", help: "This replica's id (several replicas may share one database)", labelNames: ["replica", "store"], registers: [this.registry] }).set({ replica: store.replicaId, store: store.engine }, 1);
+    if (store.shared) new Gauge({ name: "cb_leases_held", help: "Grant leases this replica holds (the grants it drives)", registers: [this.registry], collect() { this.set(activeGrants()); } });
     new Gauge({ name: "cb_market_outbox", help: "Card/log deliveries waiting for the market", registers: [this.registry], async collect() { this.set(await store.outboxSize()); } });
     store.onWrite = (op, ms) => this.storeWrite.observe({ op }, ms / 1000);
   }
@@ -60,6 +66,8 @@ export class BridgeMetrics implements BackendMetrics {
       ready: (backend, seconds) => this.readySeconds.observe({ backend }, seconds),
       failover: (backend, kind) => this.failovers.inc({ backend, kind }),
       dequeued: (backend, seconds) => this.queueWait.observe({ backend }, seconds),
+      takeover: (from) => this.takeovers.inc({ from_replica: from }),
+      leaseLost: () => this.leaseLosses.inc(),
     };
   }
 

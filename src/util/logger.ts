@@ -41,10 +41,11 @@ export function scrubSecrets(line: string): string {
   return out;
 }
 
-export function createLogger(level: string, destination?: DestinationStream): Logger {
+/** `replica`: on every line when given (several replicas share one database: whose line is it). */
+export function createLogger(level: string, destination?: DestinationStream, replica?: string): Logger {
   const opts: LoggerOptions = {
     level,
-    base: { service: "compute-bridge" },
+    base: { service: "compute-bridge", ...(replica !== undefined ? { replica } : {}) },
     timestamp: pino.stdTimeFunctions.isoTime,
     redact: { paths: REDACT_PATHS, censor: "[REDACTED]" },
     formatters: { level: (label) => ({ level: label }) },
