@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -15,8 +15,26 @@ const RUNNER = path.join(ROOT, "bin", "compute-bridge.js");
 let bundleChecked = false;
 function ensureBundle(): void {
   if (bundleChecked) return;
-  const r = spawnSync(process.execPath, [path.join(ROOT, "scripts", "build.mjs"), "--if-changed"], { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"], encoding: "utf8" });
-  if (r.status !== 0) throw new Error(`could not build dist/bundle for the child daemons: ${r.stderr}`);
+  // One build at a time across test files running in parallel: a rebuild replaces dist/bundle/,
+  // and a child starting meanwhile would miss its chunks. A lock older than 5 min is a dead one's.
+  const lock = path.join(ROOT, "dist", ".test-build-lock");
+  mkdirSync(path.dirname(lock), { recursive: true });
+  for (const t0 = Date.now(); ; ) {
+    try {
+      mkdirSync(lock);
+      break;
+    } catch {
+      if (Date.now() - (statSync(lock, { throwIfNoEntry: false })?.mtimeMs ?? Date.now()) > 300_000) rmSync(lock, { recursive: true, force: true });
+      else if (Date.now() - t0 > 600_000) throw new Error(`${lock} is held for 10 min: remove it if no test run is building`);
+      else Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 200);
+    }
+  }
+  try {
+    const r = spawnSync(process.execPath, [path.join(ROOT, "scripts", "build.mjs"), "--if-changed"], { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"], encoding: "utf8" });
+    if (r.status !== 0) throw new Error(`could not build dist/bundle for the child daemons: ${r.stderr}`);
+  } finally {
+    rmSync(lock, { recursive: true, force: true });
+  }
   bundleChecked = true;
 }
 /** Exits the way bin/compute-bridge.js does: only once nothing is left pending. */

@@ -8,7 +8,7 @@ export interface TestConfigOptions {
   stateDir: string;
   genesis?: string;
   tickSeconds?: number;
-  local?: Partial<{ region: string; cpu_millicores: number; ram_mib: number; max_concurrent: number; poll_interval_ms: number; terminate_grace_seconds: number; image_roots: string[]; image_idle_timeout_seconds: number }>;
+  local?: Partial<{ region: string; cpu_millicores: number; ram_mib: number; max_concurrent: number; poll_interval_ms: number; terminate_grace_seconds: number; image_roots: string[]; image_idle_timeout_seconds: number; runs_dir: string }>;
   /** [bridge] image_allow_cidrs (e.g. ["127.0.0.0/8"] for an image server on loopback). */
   imageAllowCidrs?: string[];
   extra?: string;

@@ -27,9 +27,11 @@ export function aliveInRun(pid: number, runDir: string): boolean {
   }
 }
 
-/** Supervisors and workloads of the local backend under `stateDir` that are still alive, as `id/file` → pid. */
-export function liveLocalRuns(stateDir: string): Map<string, number> {
-  const runs = path.join(stateDir, "local", "runs");
+/**
+ * Supervisors and workloads of the local backend under `stateDir` (or in `runs`, a runs_dir of its
+ * own) that are still alive, as `id/file` → pid.
+ */
+export function liveLocalRuns(stateDir: string, runs = path.join(stateDir, "local", "runs")): Map<string, number> {
   const out = new Map<string, number>();
   for (const id of existsSync(runs) ? readdirSync(runs) : []) {
     for (const f of ["supervisor_pid", "workload_pid"]) {
@@ -50,8 +52,8 @@ export function liveLocalRuns(stateDir: string): Map<string, number> {
  * Kills what a test left running under `stateDir` (workloads outlive a daemon's close by design):
  * the workload's process group, then its supervisor.
  */
-export function killLocalRuns(stateDir: string): void {
-  for (const [key, pid] of liveLocalRuns(stateDir)) {
+export function killLocalRuns(stateDir: string, runs?: string): void {
+  for (const [key, pid] of liveLocalRuns(stateDir, runs)) {
     try {
       process.kill(key.endsWith("workload_pid") ? -pid : pid, "SIGKILL");
     } catch {
