@@ -27,6 +27,8 @@ export interface PgCluster {
   createDatabase(): Promise<string>;
   /** Run SQL as the cluster's superuser on `database`. */
   query<R extends pg.QueryResultRow = pg.QueryResultRow>(database: string, sql: string, params?: unknown[]): Promise<R[]>;
+  /** Fast shutdown, `downMs` without a server, then up again on the same port (a database restart). */
+  restart(downMs?: number): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -102,8 +104,9 @@ async function start(): Promise<PgCluster> {
   };
   process.on("exit", onExit);
 
-  for (let attempt = 1; ; attempt++) {
-    port = await freePort();
+  /** Start the server on `port` (a free one when 0); false if it did not come up. */
+  const launch = async (on: number): Promise<boolean> => {
+    port = on || (await freePort());
     const out = openSync(logFile, "a");
     // The wrapper: the server in the background; when stdin closes (stop(), or this process gone),
     // a fast shutdown (SIGINT), waited for.
@@ -113,12 +116,26 @@ async function start(): Promise<PgCluster> {
       { stdio: ["pipe", out, out], cwd: base, ...as },
     );
     const exited = new Promise<number | null>((r) => child!.once("exit", (code) => r(code)));
-    const ready = await waitReady(port, exited);
-    if (ready) break;
+    if (await waitReady(port, exited)) return true;
     child.stdin?.end();
     child.kill("SIGKILL");
-    if (attempt >= 3) throw new Error(`the test PostgreSQL did not start; its log:\n${readFileSync(logFile, "utf8").slice(-4000)}`);
-  }
+    return false;
+  };
+  /** Fast shutdown (SIGINT to the postmaster through the wrapper), waited for. */
+  const shutdown = async () => {
+    const c = child!;
+    if (c.exitCode !== null || c.signalCode !== null) return;
+    const gone = new Promise<void>((r) => c.once("exit", () => r()));
+    c.stdin?.end();
+    const timer = setTimeout(killNow, 10_000);
+    await gone;
+    clearTimeout(timer);
+  };
+  const up = async (on: number) => {
+    for (let attempt = 1; !(await launch(on)); attempt++)
+      if (attempt >= 3) throw new Error(`the test PostgreSQL did not start; its log:\n${readFileSync(logFile, "utf8").slice(-4000)}`);
+  };
+  await up(0);
 
   const url = (database: string) => `postgres://${PG_USER}:${encodeURIComponent(PG_PASSWORD)}@127.0.0.1:${port}/${database}`;
   let n = 0;
@@ -141,16 +158,15 @@ async function start(): Promise<PgCluster> {
       await query("postgres", `CREATE DATABASE ${name}`);
       return url(name);
     },
+    async restart(downMs = 0) {
+      await shutdown();
+      // The outage lasts this long (a restart's length in real life), then the same port again.
+      if (downMs > 0) await new Promise((r) => setTimeout(r, downMs));
+      await up(port);
+    },
     stop: () =>
       (stopping ??= (async () => {
-        const c = child!;
-        if (c.exitCode === null && c.signalCode === null) {
-          const gone = new Promise<void>((r) => c.once("exit", () => r()));
-          c.stdin?.end();
-          const timer = setTimeout(killNow, 10_000);
-          await gone;
-          clearTimeout(timer);
-        }
+        await shutdown();
         process.off("exit", onExit);
         rmSync(base, { recursive: true, force: true });
       })()),

@@ -159,4 +159,27 @@ describe("replicas on one PostgreSQL database", () => {
     assert.equal(liveLocalRuns("", r.runs).size, 0, "nothing left running");
     assert.match(c.output(), /taking over a grant whose replica's lease lapsed/);
   });
+
+  it("the database restarts mid-run: replicas answer 503 meanwhile, reconnect by themselves, and nothing is lost", async (t) => {
+    const r = await replicas(t);
+    const [a, b] = [await r.start("r1"), await r.start("r2")];
+    const ids = Array.from({ length: 10 }, (_, i) => `db-${i}`);
+    for (const [i, id] of ids.entries()) assert.equal((await post(r, (i % 2 ? b : a).url, id)).status, 202);
+    await until(() => startsOf(r).length === 10, "the 10 workloads to start", 90_000);
+    // Down for 4 s, longer than the lease TTL: leases lapse and are taken again once it is back.
+    const restarted = r.cluster.restart(4000);
+    // Once the replica has noticed (its lease renewal failed), a POST is answered 503 and writes nothing.
+    await until(async () => (await call(a.url, "GET", "/readyz")).status === 503, "the replica to report the outage on /readyz", 30_000, 100);
+    assert.equal((await post(r, a.url, "db-during")).status, 503);
+    await restarted;
+    // Back: both replicas accept again without a restart of their own, and every grant completes once.
+    await until(async () => (await post(r, b.url, "db-after")).status === 202, "a POST after the restart to be accepted", 60_000, 200);
+    writeFileSync(r.gate, "");
+    const done = () => r.sql<{ n: string }>("SELECT COUNT(*) AS n FROM grants WHERE state = 'completed'");
+    await until(async () => (await done())[0]!.n === "11", "the 11 grants to complete", 90_000, 200);
+    assert.equal((await r.sql<{ n: string }>("SELECT COUNT(*) AS n FROM grants"))[0]!.n, "11", "the POST answered 503 wrote nothing");
+    assert.equal((await r.sql<{ n: string }>("SELECT COUNT(*) AS n FROM compute_logs"))[0]!.n, "11");
+    assert.deepEqual(startsOf(r).sort(), [...ids, "db-after"].sort(), "every workload started exactly once");
+    for (const d of [a, b]) assert.equal((await call(d.url, "GET", "/readyz")).status, 200);
+  });
 });
