@@ -108,6 +108,24 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     throw e;
   }
   const identity = Identity.loadOrCreate(stateDir);
+  // Replicas sharing a database are one provider: one signature on the card and every ComputeLog.
+  if (store.shared) {
+    let pinned: string;
+    try {
+      pinned = await store.pinIdentity(identity.publicKeyBase64);
+    } catch (e) {
+      await store.close().catch(() => undefined);
+      releaseLock();
+      throw e;
+    }
+    if (pinned !== identity.publicKeyBase64) {
+      await store.close().catch(() => undefined);
+      releaseLock();
+      throw new Error(
+        `${path.join(stateDir, "identity.key")} is not the provider identity the other replicas on this database sign with (public key ${pinned.slice(0, 24)}...): copy identity.key from a replica's state_dir into this one (docs/operations.md, "Several replicas")`,
+      );
+    }
+  }
   const almanac = new Almanac(cfg.almanac.genesis, cfg.almanac.tick_seconds);
   let manager!: GrantManager;
   const metrics = new BridgeMetrics(store, () => manager.activeCount);

@@ -429,6 +429,18 @@ export class GrantManager {
     if (!task && this.queue.take(id)) this.launchStored(id, null);
   }
 
+  /**
+   * A grant dropped for its lease is still open, driven by another replica: it stays in this
+   * replica's ledgers (this task may have settled it just before its final write was fenced), as
+   * the database has it, until the change feed reports its end.
+   */
+  private async keepCounted(id: string, last: GrantRecord): Promise<void> {
+    const rec = (await this.o.store.get(id).catch(() => null)) ?? last;
+    if (TERMINAL.includes(rec.state) || !rec.backend) return;
+    this.o.fleet.reservations.reserve(reservationOf(rec.grant, rec.backend, rec.placement));
+    this.charge(rec);
+  }
+
   /** Before a side effect (create, terminate): this replica's lease on the grant must still be current. */
   private async leaseCheck(id: string): Promise<void> {
     if (this.o.store.shared && !(await this.o.store.holds(id))) throw new LeaseLostError(id);
@@ -526,12 +538,17 @@ export class GrantManager {
           await this.driveFrom(rec, task);
           return;
         } catch (e) {
-          if (isAbort(e, signal)) return;
-          if (e instanceof LeaseLostError) {
-            this.o.events?.leaseLost?.();
-            this.o.log.warn({ request_id: id, backend: rec.backend }, "lease lost: another replica drives this grant now; dropping it here");
+          // Dropped by the lease renewal (counted and logged there), or fenced at a write or a check.
+          const dropped = signal.reason instanceof LeaseLostError;
+          if (dropped || e instanceof LeaseLostError) {
+            if (!dropped) {
+              this.o.events?.leaseLost?.();
+              this.o.log.warn({ request_id: id, backend: rec.backend }, "lease lost: another replica drives this grant now; dropping it here");
+            }
+            await this.keepCounted(id, rec);
             return;
           }
+          if (isAbort(e, signal)) return;
           // A state write that did not happen (disk full, I/O error): the grant continues from its
           // last committed state after a pause, by the same idempotent calls, instead of stalling
           // until a restart.

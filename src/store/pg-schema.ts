@@ -72,7 +72,8 @@ export const PG_MIGRATIONS: string[] = [
    CREATE SEQUENCE grants_ledger_seq;
    CREATE INDEX grants_ledger ON grants(ledger_seq);
    CREATE INDEX grants_open_leases ON grants(lease_expires_at, seq) WHERE state IN ('accepted','provisioning','running','terminating');
-   CREATE TABLE roles (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token BIGINT NOT NULL, expires_at BIGINT NOT NULL);`,
+   CREATE TABLE roles (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token BIGINT NOT NULL, expires_at BIGINT NOT NULL);
+   CREATE TABLE provider_identity (one INTEGER PRIMARY KEY CHECK (one = 1), public_key TEXT NOT NULL);`,
 ];
 
 /** Any constant: the advisory lock that serializes migrations between replicas starting together. */

@@ -514,6 +514,13 @@ export class PostgresStore implements Store {
     return t && this.moved(t);
   }
 
+  async pinIdentity(publicKey: string): Promise<string> {
+    return this.write("identity", async () => {
+      await this.pool.query("INSERT INTO provider_identity (one, public_key) VALUES (1, $1) ON CONFLICT (one) DO NOTHING", [publicKey]);
+      return (await this.pool.query<{ public_key: string }>("SELECT public_key FROM provider_identity")).rows[0]!.public_key;
+    });
+  }
+
   async ledgerStart(): Promise<void> {
     await this.write("ledger", () =>
       this.tx(async (c) => {

@@ -172,13 +172,15 @@ const MIGRATIONS: string[] = [
   // Several replicas on one database (issue #19; used by the PostgreSQL engine, kept here so a
   // schema version means the same on both): the replica driving an open grant, its fencing token
   // (raised by every takeover) and when its lease lapses (ms); the order in which changes to the
-  // capacity and spend ledgers committed; and leased roles (the leader running the singletons).
+  // capacity and spend ledgers committed; leased roles (the leader running the singletons); and the
+  // provider's public key every replica must sign with.
   `ALTER TABLE grants ADD COLUMN lease_owner TEXT;
    ALTER TABLE grants ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0;
    ALTER TABLE grants ADD COLUMN lease_expires_at INTEGER NOT NULL DEFAULT 0;
    ALTER TABLE grants ADD COLUMN ledger_seq INTEGER NOT NULL DEFAULT 0;
    CREATE INDEX grants_ledger ON grants(ledger_seq);
-   CREATE TABLE roles (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);`,
+   CREATE TABLE roles (name TEXT PRIMARY KEY, owner TEXT NOT NULL, token INTEGER NOT NULL, expires_at INTEGER NOT NULL);
+   CREATE TABLE provider_identity (one INTEGER PRIMARY KEY CHECK (one = 1), public_key TEXT NOT NULL);`,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

@@ -336,6 +336,10 @@ export class SqliteStore implements Store {
 
   async ledgerStart(): Promise<void> {}
 
+  async pinIdentity(publicKey: string): Promise<string> {
+    return publicKey;
+  }
+
   /** Let outstanding writes commit, stop the writer, close the database. */
   close(): Promise<void> {
     return (this.closing ??= (async () => {

@@ -137,6 +137,12 @@ export interface Store {
    */
   role(name: string, opts?: { fenced?: boolean }): Promise<boolean>;
   /**
+   * The provider's public key (base64 SPKI) every replica signs with: the first replica records
+   * its own; the database's is returned (a replica with another identity.key must not start).
+   * SQLite: one replica; returns `publicKey`.
+   */
+  pinIdentity(publicKey: string): Promise<string>;
+  /**
    * Admission, one at a time across replicas: `decide` runs (synchronously) with the grants whose
    * capacity or spend changed since the last admission or ledgerStart() (other replicas' accepts,
    * moves and ends), then the accept it returns commits under the same lock. null: it accepted

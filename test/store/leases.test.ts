@@ -164,6 +164,17 @@ describe("leases (postgres)", () => {
   });
 });
 
+describe("provider identity (postgres)", () => {
+  it("the first replica records its public key; the others get it back to compare with theirs", async (t) => {
+    const p = await postgres.place(t);
+    const a = await replica(t, p, "a");
+    const b = await replica(t, p, "b");
+    assert.equal(await a.pinIdentity("key-A"), "key-A");
+    assert.equal(await b.pinIdentity("key-B"), "key-A");
+    assert.equal(await b.pinIdentity("key-A"), "key-A");
+  });
+});
+
 describe("leases (sqlite: one replica)", () => {
   it("every open grant is this replica's, every check passes, and admission reports no changes", async (t) => {
     const p = await sqlite.place(t);
@@ -180,5 +191,6 @@ describe("leases (sqlite: one replica)", () => {
     assert.equal(await s.holds("g1"), true);
     assert.equal(await s.role("leader"), true);
     assert.deepEqual(await s.renew(), { renewed: 0, lost: [], cancelled: [] });
+    assert.equal(await s.pinIdentity("key"), "key");
   });
 });

@@ -41,6 +41,7 @@ async function downgrade(p: Place, version: number): Promise<void> {
       ...(p.engine === "postgres" ? ["DROP INDEX grants_open_leases", "DROP SEQUENCE grants_ledger_seq"] : []),
       ...["lease_owner", "lease_token", "lease_expires_at", "ledger_seq"].map((c) => `ALTER TABLE grants DROP COLUMN ${c}`),
       "DROP TABLE roles",
+      "DROP TABLE provider_identity",
     ],
   };
   assert.equal(Object.keys(undo).length + 1, SCHEMA_VERSION, "every migration has its undo here");

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, describe, it } from "node:test";
 import { spawnDaemon, type ChildDaemon } from "../helpers/child-daemon.js";
@@ -8,6 +8,7 @@ import { call, until } from "../helpers/http.js";
 import { scriptImage } from "../helpers/images.js";
 import { startPostgres, stopPostgres, type PgCluster } from "../helpers/postgres.js";
 import { killLocalRuns, liveLocalRuns } from "../helpers/proc.js";
+import { verifySignedDoc } from "../../src/util/identity.js";
 import { tempDir } from "../helpers/tmp.js";
 
 // Several bridges, one provider (issue #19): replicas as separate processes (the production entry
@@ -26,7 +27,8 @@ interface Replicas {
   starts: string;
   gate: string;
   image: { url: string; sha256: string };
-  start(name: string): Promise<ChildDaemon>;
+  /** Start a replica; `ownIdentity`: with an identity.key of its own instead of the provider's. */
+  start(name: string, o?: { ownIdentity?: boolean }): Promise<ChildDaemon>;
   sql<R>(query: string, params?: unknown[]): Promise<R[]>;
 }
 
@@ -42,6 +44,7 @@ async function replicas(t: { after(fn: () => unknown): void }, local: Record<str
   writeFileSync(path.join(dir, "db.url"), `${url}\n`, { mode: 0o600 });
   const image = scriptImage(dir, "work", `echo "$ID" >> ${starts}; while [ ! -e ${gate} ]; do sleep 0.05; done; exit 7`);
   const started: ChildDaemon[] = [];
+  let firstName: string | undefined;
   t.after(async () => {
     for (const d of started) await d.kill9();
     killLocalRuns(dir, runs);
@@ -53,9 +56,13 @@ async function replicas(t: { after(fn: () => unknown): void }, local: Record<str
     starts,
     gate,
     image,
-    async start(name) {
+    async start(name, o = {}) {
       const rdir = path.join(dir, name);
-      mkdirSync(rdir, { recursive: true });
+      mkdirSync(path.join(rdir, "state"), { recursive: true, mode: 0o700 });
+      // One provider: every replica signs with the first one's identity.key (as the docs say to set them up).
+      const first = started.length > 0 ? path.join(dir, firstName!, "state", "identity.key") : null;
+      if (first && !o.ownIdentity) copyFileSync(first, path.join(rdir, "state", "identity.key"));
+      firstName ??= name;
       const config = writeLocalConfig(rdir, {
         stateDir: path.join(rdir, "state"),
         logLevel: "info",
@@ -155,6 +162,9 @@ describe("replicas on one PostgreSQL database", () => {
     const logs = await r.sql<{ log_json: string }>("SELECT log_json FROM compute_logs");
     assert.equal(logs.length, 16);
     assert.ok(logs.every((l) => (JSON.parse(l.log_json) as { exit_code: number }).exit_code === 7));
+    // One provider signature, whichever replica wrote the log: the card's key verifies every one.
+    const card = (await call(c.url, "GET", "/v1/card")).body as { public_key: string };
+    assert.ok(logs.every((l) => verifySignedDoc(JSON.parse(l.log_json), card.public_key)), "every ComputeLog verifies with the provider's key");
     assert.deepEqual(startsOf(r).sort(), [...ids.r1, ...ids.r2].sort(), "every workload started exactly once");
     assert.equal(liveLocalRuns("", r.runs).size, 0, "nothing left running");
     assert.match(c.output(), /taking over a grant whose replica's lease lapsed/);
@@ -181,5 +191,11 @@ describe("replicas on one PostgreSQL database", () => {
     assert.equal((await r.sql<{ n: string }>("SELECT COUNT(*) AS n FROM compute_logs"))[0]!.n, "11");
     assert.deepEqual(startsOf(r).sort(), [...ids, "db-after"].sort(), "every workload started exactly once");
     for (const d of [a, b]) assert.equal((await call(d.url, "GET", "/readyz")).status, 200);
+  });
+
+  it("a replica whose identity.key is not the provider's refuses to start, saying which file to copy", async (t) => {
+    const r = await replicas(t);
+    await r.start("r1");
+    await assert.rejects(r.start("r2", { ownIdentity: true }), /identity\.key is not the provider identity the other replicas on this database sign with.*copy identity\.key/s);
   });
 });
