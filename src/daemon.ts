@@ -319,7 +319,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   log.level = configured;
 
   // Listening comes first (a slow or unreachable cloud must not keep the listener down); then each
-  // backend reconciles what it holds and every open grant resumes. Backends count grants they
+  // backend reconciles what it holds while every open grant resumes. Backends count grants they
   // provision themselves as live, so grants accepted meanwhile are never taken for orphans.
   let leaderLoopDone: Promise<void> = Promise.resolve();
   const ready = (async () => {
@@ -327,8 +327,11 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
       await leaderTick();
       leaderLoopDone = leaderLoop();
     }
-    await reconcileAll();
-    if (stopping) return 0;
+    // The start-up sweep runs beside the resume, not before it: a sweep held up by a throttling
+    // or unreachable cloud must not leave every open grant undriven (under load, a bridge killed
+    // again and again before its sweeps ended resumed nothing, and its grants ran out of time).
+    // Resumed grants are in the sweep's live set, and grants provisioned meanwhile count as live.
+    const sweep = reconcileAll();
     // A database that cannot be read right now (PostgreSQL restarting) is waited for: resuming
     // is what readiness waits on.
     let n = 0;
@@ -345,6 +348,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     }
     resumed = true;
     log.info({ resumed: n }, n > 0 ? "resumed open grants" : "no open grants to resume");
+    await sweep;
     reconcileTimer = setInterval(() => void reconcileAll(), o.reconcileIntervalMs ?? 60_000);
     reconcileTimer.unref();
     return n;
