@@ -8,6 +8,7 @@ import { Almanac, type ProviderCard } from "./domain/index.js";
 import { buildCard, configDigest } from "./fleet/card.js";
 import { Fleet } from "./fleet/fleet.js";
 import { GrantManager, type ManagerEvents } from "./lifecycle/manager.js";
+import { SweepGuard } from "./lifecycle/sweep-guard.js";
 import { buildListener, readTls, ZOD_SCHEMA_CONTROLLER, type Listener } from "./listener/server.js";
 import { MarketPublisher } from "./market/publisher.js";
 import { defaultReplicaId, isStoreUnavailable, openCheckedStore, storeSpec, type Store } from "./store/store.js";
@@ -215,15 +216,18 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
 
   // Re-attach or sweep what backends hold, then continue every open grant.
   let reconciling = false;
+  // Other replicas accept grants while the leader sweeps: see sweep-guard.ts.
+  const sweepGuard = store.shared ? new SweepGuard() : null;
   const reconcileAll = async () => {
     if (reconciling || stopping || !leader) return;
     reconciling = true;
     // Ended grants of past months no longer count against any cap.
     fleet.spend?.budgets.prune(clock.now());
     try {
-      let live: Set<string>;
+      let live: ReadonlySet<string>;
       try {
-        live = new Set((await store.nonTerminal()).map((g) => g.request_id));
+        const snapshot = (await store.nonTerminal()).map((g) => g.request_id);
+        live = sweepGuard ? sweepGuard.pass(snapshot) : new Set(snapshot);
       } catch (e) {
         // Without the list of live grants nothing can be told apart from an orphan: skip this pass.
         log.error({ err: e }, "reconcile skipped: the state database cannot be read; it runs again at the next interval");
