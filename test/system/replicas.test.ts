@@ -124,6 +124,7 @@ describe("replicas on one PostgreSQL database", () => {
     for (const id of ids.r1) assert.equal((await post(r, a.url, id)).status, 202);
     for (const id of ids.r2) assert.equal((await post(r, b.url, id)).status, 202);
     await until(() => startsOf(r).length === 16, "the 16 workloads to start", 90_000);
+    await until(async () => (await r.sql<{ n: string }>("SELECT COUNT(*) AS n FROM grants WHERE state = 'running'"))[0]!.n === "16", "the 16 grants to be running", 60_000, 100);
     const owners = await r.sql<{ request_id: string; lease_owner: string; state: string }>("SELECT request_id, lease_owner, state FROM grants ORDER BY request_id");
     assert.deepEqual(
       owners.map((o) => [o.request_id.slice(0, 1), o.lease_owner, o.state]),
