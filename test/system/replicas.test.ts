@@ -164,7 +164,7 @@ describe("replicas on one PostgreSQL database", () => {
     assert.equal(logs.length, 16);
     assert.ok(logs.every((l) => (JSON.parse(l.log_json) as { exit_code: number }).exit_code === 7));
     // One provider signature, whichever replica wrote the log: the card's key verifies every one.
-    const card = (await call(c.url, "GET", "/v1/card")).body as { public_key: string };
+    const card = (await call(c.url, "GET", "/v1/provider-card")).body as { public_key: string };
     assert.ok(logs.every((l) => verifySignedDoc(JSON.parse(l.log_json), card.public_key)), "every ComputeLog verifies with the provider's key");
     assert.deepEqual(startsOf(r).sort(), [...ids.r1, ...ids.r2].sort(), "every workload started exactly once");
     assert.equal(liveLocalRuns("", r.runs).size, 0, "nothing left running");
