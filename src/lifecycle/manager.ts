@@ -590,7 +590,8 @@ export class GrantManager {
       try {
         ({ rec, instance } = await this.provisionWithFailover(rec, task, wait.signal));
       } catch (e) {
-        if (signal.aborted) throw e;
+        // A lost lease is no provisioning failure: this replica writes and terminates nothing (drive() drops the grant).
+        if (signal.aborted || e instanceof LeaseLostError) throw e;
         const cut = wait.signal.reason instanceof Interrupted ? wait.signal.reason : null;
         const outcome = cut ? this.outcome(cut.state, null) : this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
         if (cut) this.o.log.info({ request_id: id, backend: rec.backend, reason: cut.message }, "provisioning stopped");
