@@ -382,17 +382,18 @@ export class PostgresStore implements Store {
 
   // ---- leases, roles and admission (several replicas, issue #19) -------------------------------
 
-  async claim(limit: number): Promise<{ record: GrantRecord; previous: string | null }[]> {
-    // Open grants whose lease lapsed (or was never taken, or was released), oldest first; rows
-    // another replica is claiming at this moment are skipped, not waited for.
+  async claim(limit: number, exclude: readonly string[] = []): Promise<{ record: GrantRecord; previous: string | null }[]> {
+    // Open grants whose lease lapsed (or was never taken, or was released), oldest first, but not
+    // those this replica still drives; rows another replica is claiming at this moment are
+    // skipped, not waited for.
     const rows = await this.write("claim", async () =>
       (
         await this.pool.query<Row & { previous: string | null }>(
           `UPDATE grants g SET lease_owner = $1, lease_token = g.lease_token + 1, lease_expires_at = ${NOW_MS} + $2
-           FROM (SELECT seq, lease_owner AS previous FROM grants WHERE state IN ${OPEN} AND lease_expires_at < ${NOW_MS}
+           FROM (SELECT seq, lease_owner AS previous FROM grants WHERE state IN ${OPEN} AND lease_expires_at < ${NOW_MS} AND NOT (request_id = ANY($4::text[]))
                  ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) p
            WHERE g.seq = p.seq RETURNING g.*, p.previous`,
-          [this.replicaId, this.leaseTtlMs, limit],
+          [this.replicaId, this.leaseTtlMs, limit, exclude],
         )
       ).rows,
     );

@@ -98,6 +98,20 @@ describe("leases (postgres)", () => {
     assert.deepEqual(await a.renew(), { renewed: 0, lost: [], cancelled: [] });
   });
 
+  it("a replica does not claim back a lapsed lease of a grant it says it still drives", async (t) => {
+    const p = await postgres.place(t);
+    const a = await replica(t, p, "a");
+    await a.accept(newGrant("g1"));
+    await a.accept(newGrant("g2"));
+    // a stalls past its TTL; its task of g1 is still unwinding: only g2 is taken back.
+    const first = await until(async () => {
+      const c = await a.claim(10, ["g1"]);
+      return c.length > 0 ? c : null;
+    }, "a claims its lapsed lease of g2");
+    assert.deepEqual(first.map((c) => [c.record.request_id, c.previous]), [["g2", "a"]]);
+    assert.deepEqual((await a.claim(10)).map((c) => c.record.request_id), ["g1"], "once no longer driven, g1 too");
+  });
+
   it("a released lease (a clean stop, or a task that gave up) is taken at once", async (t) => {
     const p = await postgres.place(t);
     const a = await replica(t, p, "a", 60_000);
