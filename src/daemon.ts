@@ -204,6 +204,10 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
     fleet.spend?.budgets.prune(clock.now());
     try {
       let live: Set<string>;
+      // Read before the query is sent: whatever a backend holds that started since may belong to a
+      // grant another replica accepted after this read (not an orphan). Wall time, as the times
+      // backends compare it with (file times, cloud launch times) are.
+      const asOf = Date.now();
       try {
         live = new Set((await store.nonTerminal()).map((g) => g.request_id));
       } catch (e) {
@@ -219,7 +223,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
           try {
             // Fenced: a leader that stalled (and lost the role meanwhile) sweeps nothing.
             if (store.shared && !(await store.role("leader", { fenced: true }))) return;
-            await b.reconcile(live);
+            await b.reconcile(live, asOf);
           } catch (e) {
             log.error({ backend: b.name, err: e }, "reconcile failed; it runs again at the next interval");
           }

@@ -111,8 +111,11 @@ export interface BackendHooks {
    * Called at start (before grants resume) and then about every minute, with the request_ids of
    * every non-terminal grant: stop what this backend holds for anything else (orphans). A backend
    * may skip calls that come sooner than its own reconcile interval, except the first.
+   * `asOfMs`: when `live` was read (taken before the query was sent). With other replicas sharing
+   * what a backend holds, something started since may be a grant another replica accepted after
+   * that read: it is no orphan by `live`, and is left for the next pass.
    */
-  reconcile?(live: ReadonlySet<string>): Promise<void>;
+  reconcile?(live: ReadonlySet<string>, asOfMs?: number): Promise<void>;
   /** Extra per-backend status for the card (e.g. machines that are down). */
   status?(): Record<string, unknown>;
   /** Counters for metrics, tests and benchmarks (not on the card: they change with every poll). */

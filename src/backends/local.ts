@@ -200,14 +200,18 @@ export class LocalBackend implements ManagedBackend {
     }
   }
 
-  /** Stop workloads no live grant owns (e.g. state restored from a backup). */
-  async reconcile(live: ReadonlySet<string>): Promise<void> {
+  /**
+   * Stop workloads no live grant owns (e.g. state restored from a backup). Runs started at or
+   * after `asOfMs`, when `live` was read, are not judged by it (see BackendHooks.reconcile).
+   */
+  async reconcile(live: ReadonlySet<string>, asOfMs = Infinity): Promise<void> {
     this.ensureReady();
     for (const id of readdirSync(this.runs)) {
-      // `active` covers grants provisioned after the caller took its snapshot of live grants.
+      // `active` covers grants this replica provisioned after the caller took its snapshot of live
+      // grants; `asOfMs` those another replica sharing runs_dir started since.
       if (live.has(id) || this.active.has(id)) continue;
       const runDir = this.runDir(id);
-      if (readResult(runDir) || !this.supervisorAlive(runDir)) continue;
+      if (readResult(runDir) || !this.supervisorAlive(runDir) || this.startedSince(runDir, asOfMs)) continue;
       // Never stopped without a record of what it was (orphans.jsonl), written first.
       const processes = this.runProcesses(runDir);
       const recorded = tryRecordOrphan(this.stateDir, this.clock.now(), {
@@ -341,6 +345,19 @@ export class LocalBackend implements ManagedBackend {
       ended_at: r.ended_ms ? new Date(r.ended_ms).toISOString() : null,
       failure: r.failure ? { kind: "workload_start", message: r.failure } : null,
     };
+  }
+
+  /**
+   * Was the run started at or after `ms`? By its `started` directory's mtime (later than the start
+   * once the pid files are in it), with a second to spare: file times come from a coarse clock that
+   * may lag the wall clock by a few ms.
+   */
+  private startedSince(runDir: string, ms: number): boolean {
+    try {
+      return statSync(path.join(runDir, "started")).mtimeMs >= ms - 1000;
+    } catch {
+      return false;
+    }
   }
 
   private supervisorAlive(runDir: string): boolean {

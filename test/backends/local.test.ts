@@ -228,6 +228,24 @@ describe("local backend: replicas sharing one runs_dir", () => {
     assert.equal(obs.exit_code, 128 + 15, "stopped by the second replica's SIGTERM");
   });
 
+  it("the leader's orphan sweep leaves a workload another replica started after the live grants were read", async (t) => {
+    const dir = tempDir(t);
+    const runs = path.join(dir, "runs");
+    const img = scriptImage(dir, "forever", "sleep 600");
+    const leader = localBackend(path.join(dir, "leader"), { runs_dir: runs });
+    // The leader reads the live grants (none); then another replica accepts a grant and starts it.
+    const asOf = Date.now();
+    const inst = await localBackend(path.join(dir, "a"), { runs_dir: runs }).provision(localGrant("late-1"), { image: { ...img, format: "bundle" } }, never);
+    const pid = await workloadPid(inst.details.run_dir!);
+    reap(t, pid);
+    await leader.reconcile(new Set(), asOf);
+    assert.ok(alive(pid), "not an orphan by a read older than its start");
+    assert.equal(existsSync(path.join(dir, "leader", "orphans.jsonl")), false);
+    // A later pass whose read found no live grant for it does stop it.
+    await leader.reconcile(new Set(), Date.now() + 2000);
+    await until(() => !alive(pid), "the orphan to be stopped", 10_000);
+  });
+
   it("replicas that name runs_dir differently (a symlink) still find each other's workloads", async (t) => {
     const dir = tempDir(t);
     const runs = path.join(dir, "runs");
