@@ -87,7 +87,7 @@ export const StoreConfig = z
   .strictObject({
     kind: z.enum(["sqlite", "postgres"]).default("sqlite"),
     ...storeUrl.shape,
-    /** Connections to PostgreSQL at most (postgres only). */
+    /** Connections to PostgreSQL at most for the grants (postgres only); the leases keep 2 more of their own. */
     pool_size: PositiveInt.max(100).default(8),
     /**
      * Replicas sharing one PostgreSQL database (postgres only): a replica that has not renewed its

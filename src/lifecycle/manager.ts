@@ -357,7 +357,11 @@ export class GrantManager {
 
   /** Take the leases of open grants nobody drives (SQLite: every open grant) and start them. */
   private async claimAndStart(): Promise<number> {
-    const claimed = (await this.o.store.claim(CLAIM_BATCH)).filter((c) => !this.tasks.has(c.record.request_id) && !this.queue.info(c.record.request_id));
+    // Never a grant this replica still drives: a task dropped after losing its lease may still be
+    // unwinding, and a new token under it would let its stale writes through (or leave the grant
+    // leased here, renewed, with no task once it ends).
+    const driven = [...this.tasks.keys(), ...this.queue.ids()];
+    const claimed = (await this.o.store.claim(CLAIM_BATCH, driven)).filter((c) => !this.tasks.has(c.record.request_id) && !this.queue.info(c.record.request_id));
     for (const { record: rec, previous } of claimed) {
       if (previous !== null && previous !== this.o.store.replicaId) {
         this.o.events?.takeover?.(previous);
@@ -607,7 +611,8 @@ export class GrantManager {
       try {
         ({ rec, instance } = await this.provisionWithFailover(rec, task, wait.signal));
       } catch (e) {
-        if (signal.aborted) throw e;
+        // A lost lease is no provisioning failure: this replica writes and terminates nothing (drive() drops the grant).
+        if (signal.aborted || e instanceof LeaseLostError) throw e;
         const cut = wait.signal.reason instanceof Interrupted ? wait.signal.reason : null;
         const outcome = cut ? this.outcome(cut.state, null) : this.failOutcome(e instanceof NoBackendError ? "declined" : errorKind(e), messageOf(e));
         if (cut) this.o.log.info({ request_id: id, backend: rec.backend, reason: cut.message }, "provisioning stopped");

@@ -38,6 +38,8 @@ export interface PostgresStoreOptions {
   leaseTtlMs?: number;
 }
 
+/** Connections of the leases' own pool (renewal and takeover; the leader role), beside pool_size. */
+const LEASE_POOL_SIZE = 2;
 /** Default lease length: renewed every 5 s (a third), as SkyPilot's lease elector renews. */
 export const DEFAULT_LEASE_TTL_MS = 15_000;
 /** The database's clock in ms: lease expiries are compared on one clock, whatever the replicas' clocks say. */
@@ -96,6 +98,12 @@ export class PostgresStore implements Store {
 
   private constructor(
     private readonly pool: pg.Pool,
+    /**
+     * The leases' and roles' own connections: a renewal never waits for a connection behind this
+     * replica's grant writes (a takeover of a hundred grants at once fills the main pool's queue
+     * for seconds), which would let its leases lapse although it is healthy.
+     */
+    private readonly leasePool: pg.Pool,
     private readonly clock: Clock,
     stateDir: string,
     o: { replicaId?: string; leaseTtlMs?: number },
@@ -109,14 +117,15 @@ export class PostgresStore implements Store {
   static async open(o: PostgresStoreOptions): Promise<PostgresStore> {
     mkdirSync(o.stateDir, { recursive: true, mode: 0o700 });
     const pool = newPool(o.url, o.poolSize ?? 8, o.connectTimeoutMs ?? 10_000);
-    const s = new PostgresStore(pool, o.clock, o.stateDir, o);
+    const leasePool = newPool(o.url, LEASE_POOL_SIZE, o.connectTimeoutMs ?? 10_000);
+    const s = new PostgresStore(pool, leasePool, o.clock, o.stateDir, o);
     try {
       await pgMigrate(pool, o.onNewDatabase);
       const r = await pool.query<{ state: string; backend: string | null; n: number }>("SELECT state, backend, COUNT(*) AS n FROM grants GROUP BY state, backend");
       for (const row of r.rows) s.counts.set(countKey(row.state, row.backend), row.n);
       await s.flushJsonl();
     } catch (e) {
-      await pool.end().catch(() => undefined);
+      await Promise.all([pool.end().catch(() => undefined), leasePool.end().catch(() => undefined)]);
       throw e;
     }
     return s;
@@ -382,17 +391,18 @@ export class PostgresStore implements Store {
 
   // ---- leases, roles and admission (several replicas, issue #19) -------------------------------
 
-  async claim(limit: number): Promise<{ record: GrantRecord; previous: string | null }[]> {
-    // Open grants whose lease lapsed (or was never taken, or was released), oldest first; rows
-    // another replica is claiming at this moment are skipped, not waited for.
+  async claim(limit: number, exclude: readonly string[] = []): Promise<{ record: GrantRecord; previous: string | null }[]> {
+    // Open grants whose lease lapsed (or was never taken, or was released), oldest first, but not
+    // those this replica still drives; rows another replica is claiming at this moment are
+    // skipped, not waited for.
     const rows = await this.write("claim", async () =>
       (
-        await this.pool.query<Row & { previous: string | null }>(
+        await this.leasePool.query<Row & { previous: string | null }>(
           `UPDATE grants g SET lease_owner = $1, lease_token = g.lease_token + 1, lease_expires_at = ${NOW_MS} + $2
-           FROM (SELECT seq, lease_owner AS previous FROM grants WHERE state IN ${OPEN} AND lease_expires_at < ${NOW_MS}
+           FROM (SELECT seq, lease_owner AS previous FROM grants WHERE state IN ${OPEN} AND lease_expires_at < ${NOW_MS} AND NOT (request_id = ANY($4::text[]))
                  ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) p
            WHERE g.seq = p.seq RETURNING g.*, p.previous`,
-          [this.replicaId, this.leaseTtlMs, limit],
+          [this.replicaId, this.leaseTtlMs, limit, exclude],
         )
       ).rows,
     );
@@ -407,7 +417,7 @@ export class PostgresStore implements Store {
     const tokens = ids.map((id) => this.held.get(id)!);
     const rows = await this.write("renew", async () =>
       (
-        await this.pool.query<{ id: string; renewed: boolean; cancel_requested: number | null; state: string | null }>(
+        await this.leasePool.query<{ id: string; renewed: boolean; cancel_requested: number | null; state: string | null }>(
           `WITH h AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS h(id, token)),
                 r AS (UPDATE grants g SET lease_expires_at = ${NOW_MS} + $4 FROM h
                       WHERE g.request_id = h.id AND g.lease_owner = $3 AND g.lease_token = h.token AND g.state IN ${OPEN}
@@ -449,14 +459,14 @@ export class PostgresStore implements Store {
     this.held.delete(id);
     // Released at once, so a replica (perhaps this one) takes it at its next claim; should this
     // fail, the lease lapses by itself.
-    this.pool.query("UPDATE grants SET lease_expires_at = 0 WHERE request_id = $1 AND lease_owner = $2 AND lease_token = $3", [id, this.replicaId, token]).catch(() => undefined);
+    this.leasePool.query("UPDATE grants SET lease_expires_at = 0 WHERE request_id = $1 AND lease_owner = $2 AND lease_token = $3", [id, this.replicaId, token]).catch(() => undefined);
   }
 
   async releaseAll(): Promise<void> {
     this.held.clear();
     this.roles.clear();
-    await this.pool.query(`UPDATE grants SET lease_expires_at = 0 WHERE lease_owner = $1 AND state IN ${OPEN}`, [this.replicaId]);
-    await this.pool.query("UPDATE roles SET expires_at = 0 WHERE owner = $1", [this.replicaId]);
+    await this.leasePool.query(`UPDATE grants SET lease_expires_at = 0 WHERE lease_owner = $1 AND state IN ${OPEN}`, [this.replicaId]);
+    await this.leasePool.query("UPDATE roles SET expires_at = 0 WHERE owner = $1", [this.replicaId]);
   }
 
   async role(name: string, opts: { fenced?: boolean } = {}): Promise<boolean> {
@@ -470,7 +480,7 @@ export class PostgresStore implements Store {
     // Renewed by its holder (same token), or taken once lapsed (a new token fences the old holder).
     const r = await this.write("role", async () =>
       (
-        await this.pool.query<{ token: number }>(
+        await this.leasePool.query<{ token: number }>(
           `INSERT INTO roles (name, owner, token, expires_at) VALUES ($1, $2, 1, ${NOW_MS} + $3)
            ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at,
              token = CASE WHEN roles.owner = excluded.owner AND roles.token = $4 THEN roles.token ELSE roles.token + 1 END
@@ -612,7 +622,7 @@ export class PostgresStore implements Store {
     return (this.closing ??= (async () => {
       if (this.inFlight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
       await this.flushing;
-      await this.pool.end();
+      await Promise.all([this.pool.end(), this.leasePool.end()]);
     })());
   }
 }

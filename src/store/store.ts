@@ -116,9 +116,11 @@ export interface Store {
    * Take the leases of open grants that no replica holds (never leased, released, or lapsed: their
    * replica died or stalled), at most `limit`, each with a new fencing token. From then on every
    * write of such a grant's state is guarded by that token. Returns the grants, and the replica
-   * that held each before (null: none).
+   * that held each before (null: none). `exclude`: grants this replica still drives (a task that
+   * may be unwinding after losing its lease): never claimed back under them, so one life of a
+   * replica never holds two tokens of a grant.
    */
-  claim(limit: number): Promise<{ record: GrantRecord; previous: string | null }[]>;
+  claim(limit: number, exclude?: readonly string[]): Promise<{ record: GrantRecord; previous: string | null }[]>;
   /**
    * Extend every lease this replica holds (one statement). `lost`: grants another replica took
    * (their writes would be refused from now on); `cancelled`: held grants whose cancel was

@@ -190,6 +190,37 @@ describe("GrantManager on scripted backends", () => {
     assert.equal(await state("full-1"), "completed");
   });
 
+  it("a lease found lapsed before the create is no provisioning failure: nothing is written or terminated, and the grant is driven once claimed again", async (t) => {
+    const a = new ScriptedBackend("a");
+    const { manager, store, clock, state } = await rig(t, [a]);
+    // Leased as with several replicas on PostgreSQL: the check before the create finds the lease
+    // lapsed once (this replica stalled past its TTL); a later claim (this replica's or another's)
+    // takes the grant again.
+    let checks = 0;
+    Object.assign(store, {
+      shared: true,
+      leaseTtlMs: 3000,
+      holds: async () => ++checks > 1,
+      claim: async () => (await store.nonTerminal()).map((record) => ({ record, previous: "r2" })),
+    });
+    assert.equal(await manager.resumeAll(), 0);
+    await manager.submit(request("ll-1"));
+    await until(() => checks >= 1 && manager.activeCount === 0, "the grant dropped at its lease check");
+    assert.equal(await state("ll-1"), "provisioning");
+    assert.deepEqual((await store.transitions("ll-1")).map((x) => x.to_state), ["provisioning"], "no write after the lease was lost");
+    assert.deepEqual([a.count("provision", "ll-1"), a.count("terminate", "ll-1")], [0, 0]);
+    await until(() => {
+      clock.advance(1000);
+      return a.watching("ll-1");
+    }, "the grant claimed and driven again");
+    a.exit("ll-1", 5);
+    await manager.settled("ll-1");
+    assert.equal(await state("ll-1"), "completed");
+    assert.equal((await store.computeLog("ll-1"))?.exit_code, 5);
+    assert.deepEqual((await store.transitions("ll-1")).map((x) => x.to_state), ["provisioning", "running", "terminating", "completed"]);
+    assert.equal(a.count("provision", "ll-1"), 1);
+  });
+
   it("concurrent posts of one request_id: one is created, an identical one is a duplicate, another body a conflict; one reservation", async (t) => {
     const a = new ScriptedBackend("a");
     const { manager, fleet } = await rig(t, [a]);

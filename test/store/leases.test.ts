@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { after, describe, it } from "node:test";
+import pg from "pg";
 import { PostgresStore } from "../../src/store/postgres.js";
 import { LeaseLostError, type GrantRecord, type NewGrant, type Store } from "../../src/store/store.js";
 import { systemClock } from "../../src/util/clock.js";
@@ -96,6 +97,39 @@ describe("leases (postgres)", () => {
     await a.transition("g2", "terminating");
     await a.finish("g2", "cancelled", log("g2"));
     assert.deepEqual(await a.renew(), { renewed: 0, lost: [], cancelled: [] });
+  });
+
+  it("a replica does not claim back a lapsed lease of a grant it says it still drives", async (t) => {
+    const p = await postgres.place(t);
+    const a = await replica(t, p, "a");
+    await a.accept(newGrant("g1"));
+    await a.accept(newGrant("g2"));
+    // a stalls past its TTL; its task of g1 is still unwinding: only g2 is taken back.
+    const first = await until(async () => {
+      const c = await a.claim(10, ["g1"]);
+      return c.length > 0 ? c : null;
+    }, "a claims its lapsed lease of g2");
+    assert.deepEqual(first.map((c) => [c.record.request_id, c.previous]), [["g2", "a"]]);
+    assert.deepEqual((await a.claim(10)).map((c) => c.record.request_id), ["g1"], "once no longer driven, g1 too");
+  });
+
+  it("renewal and takeover have connections of their own: they never wait behind the grants' writes", async (t) => {
+    const p = await postgres.place(t);
+    // Ended first (after hooks run in order), so that a's blocked accept can end and a close.
+    const blocker = new pg.Client({ connectionString: p.url! });
+    await blocker.connect();
+    t.after(() => blocker.end());
+    const a = await PostgresStore.open({ url: p.url!, stateDir: `${p.dir}/a`, clock: systemClock, replicaId: "a", leaseTtlMs: 60_000, poolSize: 1, connectTimeoutMs: 2000 });
+    t.after(() => a.close());
+    await a.accept(newGrant("g1"));
+    // The ledgers' lock held elsewhere: a's next accept waits for it on a's only grant connection.
+    await blocker.query("SELECT pg_advisory_lock($1)", [0x6362_1901]);
+    const blocked = a.accept(newGrant("g2"));
+    assert.deepEqual(await a.renew(), { renewed: 1, lost: [], cancelled: [] });
+    assert.deepEqual(await a.claim(10), []);
+    assert.equal(await a.role("leader"), true);
+    await blocker.query("SELECT pg_advisory_unlock($1)", [0x6362_1901]);
+    assert.equal((await blocked).status, "created");
   });
 
   it("a released lease (a clean stop, or a task that gave up) is taken at once", async (t) => {
