@@ -21,6 +21,7 @@
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import pg from "pg";
 import type { ManagedBackend } from "../src/backends/backend.js";
 import type { Store } from "../src/store/store.js";
 import { startPostgres, stopPostgres, type PgCluster } from "../test/helpers/postgres.js";
@@ -121,10 +122,17 @@ function clusterCpuMs(postmaster: number): number {
   return ms;
 }
 
-async function postmasterOf(cluster: PgCluster, database: string): Promise<number> {
-  const pid = (await cluster.query<{ pid: number }>(database, "SELECT pg_backend_pid() AS pid"))[0]!.pid;
-  const f = readFileSync(`/proc/${pid}/stat`, "utf8");
-  return Number(f.slice(f.lastIndexOf(")") + 2).split(" ")[1]);
+/** The postmaster's pid: the parent of a backend, read while that backend's connection is open. */
+async function postmasterOf(cluster: PgCluster): Promise<number> {
+  const c = new pg.Client({ connectionString: cluster.url("postgres") });
+  await c.connect();
+  try {
+    const pid = (await c.query<{ pid: number }>("SELECT pg_backend_pid() AS pid")).rows[0]!.pid;
+    const f = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return Number(f.slice(f.lastIndexOf(")") + 2).split(" ")[1]);
+  } finally {
+    await c.end();
+  }
 }
 
 type Config = "sqlite" | "pg" | "pg2";
@@ -146,7 +154,7 @@ export async function run(grants = 2000, connections = 32, rounds = 3): Promise<
     const db1 = await cluster.createDatabase();
     const db2 = await cluster.createDatabase();
     const dbName = (url: string) => new URL(url).pathname.slice(1);
-    const postmaster = await postmasterOf(cluster, "postgres");
+    const postmaster = await postmasterOf(cluster);
     const sqlite = await replica(new SqliteStore(path.join(dir, "sqlite"), systemClock));
     const pg = await replica(await PostgresStore.open({ url: db1, stateDir: path.join(dir, "pg"), clock: systemClock, replicaId: "r1" }));
     const pgA = await replica(await PostgresStore.open({ url: db2, stateDir: path.join(dir, "pg2-r1"), clock: systemClock, replicaId: "r1" }));
