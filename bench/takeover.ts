@@ -154,10 +154,12 @@ export async function measure(cluster: PgCluster, ttl: number, n = 100): Promise
     const cleanMs = performance.now() - c0;
     await stopped;
 
-    // 3. r2 idle; kill -9 r1, right after one of its renewals (r1 renews every TTL/3 from its
-    // claim): its leases then have nearly a whole TTL left, the longest a kill leaves.
+    // 3. r2 idle; kill -9 r1 right after one of its renewals (seen in the database, polled every
+    // 10 ms): its leases then have nearly a whole TTL left, the longest a kill leaves.
     const r2 = await start("r2");
-    await new Promise((r) => setTimeout(r, (ttl * 1000) / 3 + 200));
+    const expiry = async () => Number((await db.query<{ e: string }>("SELECT MAX(lease_expires_at) AS e FROM grants WHERE lease_owner = 'r1'")).rows[0]!.e);
+    const e0 = await expiry();
+    await until(async () => (await expiry()) > e0, "r1 to renew its leases", ttl * 2000, 10);
     const atKill = (
       await db.query<{ lo: string; hi: string; n: string }>(
         "SELECT MIN(lease_expires_at) - (extract(epoch from clock_timestamp()) * 1000)::bigint AS lo, MAX(lease_expires_at) - (extract(epoch from clock_timestamp()) * 1000)::bigint AS hi, COUNT(*) AS n FROM grants WHERE lease_owner = 'r1'",
