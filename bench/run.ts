@@ -14,6 +14,8 @@ const SUITE: { file: string; title: string; args?: string[] }[] = [
   { file: "listener.ts", title: "Listener: durable accept path vs a bare fastify route (32 connections)" },
   { file: "listener.ts", title: "Listener at saturation (128 connections)", args: ["8", "128"] },
   { file: "core.ts", title: "Core: routing, memory, cold start, resume" },
+  { file: "pg-accept.ts", title: "PostgreSQL: durable accepts/s vs SQLite, and two replicas into one database (32 connections)" },
+  { file: "takeover.ts", title: "Replicas: takeover of 100 running grants after kill -9, lease TTL 15 s and 3 s" },
   { file: "burst.ts", title: "Burst: 1,000 grants at once to AWS on the rate-limited EC2 fake" },
   { file: "aws-watch.ts", title: "AWS: batched vs per-instance watch, grant-to-SSH-ready overhead" },
   { file: "gcp-watch.ts", title: "GCP: batched vs per-instance watch" },

@@ -8,7 +8,7 @@ for await (const line of createInterface({ input: process.stdin })) {
   const o = JSON.parse(line) as LoadJob;
   const offset = o.offset ?? 0;
   const cpu0 = process.cpuUsage();
-  const r = await load({ url: o.url, connections: o.connections, seconds: o.seconds, ...(o.headers ? { headers: o.headers } : {}), body: (i) => o.template.replaceAll("__I__", String(i + offset)) });
+  const r = await load({ url: o.url, connections: o.connections, seconds: o.seconds, ...(o.requests !== undefined ? { requests: o.requests } : {}), ...(o.headers ? { headers: o.headers } : {}), body: (i) => o.template.replaceAll("__I__", String(i + offset)) });
   const cpu = process.cpuUsage(cpu0);
   process.stdout.write(`${JSON.stringify({ ...r, clientCpuMs: (cpu.user + cpu.system) / 1000 })}\n`);
 }

@@ -16,7 +16,8 @@ export interface LoadResult {
 
 /**
  * A closed-loop HTTP/1.1 load generator: `connections` keep-alive connections, each sending its
- * next request when the previous answer is complete, for `seconds`. Latencies in ms.
+ * next request when the previous answer is complete, for `seconds` (or until `requests` have been
+ * sent, if given, whichever comes first). Latencies in ms.
  *
  * It speaks HTTP over plain sockets (one preformatted request written per send, answers framed by
  * their content-length) rather than through node's http client, which costs ~40 µs of CPU per
@@ -24,7 +25,7 @@ export interface LoadResult {
  * spends is taken from that server (a market sends from its own machines). Answers without a
  * content-length (chunked) are counted as errors and end that connection.
  */
-export async function load(o: { url: string; connections: number; seconds: number; method?: string; headers?: Record<string, string>; body: (i: number) => string }): Promise<LoadResult> {
+export async function load(o: { url: string; connections: number; seconds: number; requests?: number; method?: string; headers?: Record<string, string>; body: (i: number) => string }): Promise<LoadResult> {
   const target = new URL(o.url);
   const port = Number(target.port || 80);
   const extra = Object.entries({ "content-type": "application/json", ...o.headers })
@@ -50,7 +51,7 @@ export async function load(o: { url: string; connections: number; seconds: numbe
         resolve();
       };
       const send = () => {
-        if (performance.now() >= end) return finish();
+        if (performance.now() >= end || (o.requests !== undefined && seq >= o.requests)) return finish();
         const body = o.body(seq++);
         sentAt = performance.now();
         socket.write(`${head}${Buffer.byteLength(body)}\r\n\r\n${body}`);
@@ -106,6 +107,8 @@ export interface LoadJob {
   url: string;
   connections: number;
   seconds: number;
+  /** Stop after this many requests (`seconds` is then a limit). */
+  requests?: number;
   headers?: Record<string, string>;
   template: string;
   offset?: number;

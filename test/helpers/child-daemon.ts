@@ -77,6 +77,7 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
   proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
   proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
   const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
+  let startTimer: NodeJS.Timeout | undefined;
   const url = await new Promise<string>((resolve, reject) => {
     // The daemon's start-up line (JSON): {"level":"info", ..., "url":"http://...", ..., "msg":"compute-bridge listening"}.
     const onData = () => {
@@ -89,14 +90,14 @@ export async function spawnDaemon(configFile: string, env: Record<string, string
     proc.stdout!.on("data", onData);
     void exited.then((code) => reject(new Error(`daemon exited (${code}) before listening:\n${out}`)));
     // Generous: on a loaded 2-core machine loading the modules alone has taken over 30 s.
-    setTimeout(() => {
+    startTimer = setTimeout(() => {
       proc.kill("SIGUSR2");
-      setTimeout(() => {
+      startTimer = setTimeout(() => {
         proc.kill("SIGKILL");
         reject(new Error(`daemon did not start listening within 90 s (killed):\n${out}\n${diagnosticReport(reports)}`));
       }, 5000).unref();
     }, 90_000).unref();
-  });
+  }).finally(() => clearTimeout(startTimer));
   return {
     proc,
     url,

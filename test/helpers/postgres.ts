@@ -6,7 +6,8 @@ import path from "node:path";
 import pg from "pg";
 
 // A throwaway PostgreSQL cluster for tests: `initdb` into a temp dir, the server on 127.0.0.1 on
-// a free port (and a socket in the temp dir), password authentication over TCP, `fsync=off`.
+// a free port (and a socket in the temp dir), password authentication over TCP, `fsync=off`
+// (`{ durable: true }`: fsync and full-page writes on, as in production, for benchmarks).
 // One cluster per test file (startPostgres is memoized); each test takes its own database.
 //
 // The server always stops: `stop()` (registered with t.after / after by the callers), a process
@@ -66,13 +67,20 @@ function runAs(): { uid: number; gid: number } | null {
 }
 
 let started: Promise<PgCluster> | null = null;
+let startedDurable = false;
 
-/** The test file's cluster, started on first use. */
-export function startPostgres(): Promise<PgCluster> {
-  return (started ??= start());
+/**
+ * The test file's cluster, started on first use. `durable`: commits are flushed to disk (fsync,
+ * full_page_writes), as a production server does; by default they are not (tests run faster).
+ */
+export function startPostgres(o: { durable?: boolean } = {}): Promise<PgCluster> {
+  const durable = o.durable ?? false;
+  if (started && durable !== startedDurable) return Promise.reject(new Error(`the cluster is already running with fsync ${startedDurable ? "on" : "off"}`));
+  startedDurable = durable;
+  return (started ??= start(durable));
 }
 
-async function start(): Promise<PgCluster> {
+async function start(durable: boolean): Promise<PgCluster> {
   const bin = postgresBinDir();
   if (!bin) throw new Error(MISSING);
   const owner = runAs();
@@ -112,7 +120,7 @@ async function start(): Promise<PgCluster> {
     // a fast shutdown (SIGINT), waited for.
     child = spawn(
       "sh",
-      ["-c", '"$@" & pid=$!; cat >/dev/null; kill -INT "$pid" 2>/dev/null; wait "$pid"', "sh", path.join(bin, "postgres"), "-D", data, "-p", String(port), "-k", base, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=16MB"],
+      ["-c", '"$@" & pid=$!; cat >/dev/null; kill -INT "$pid" 2>/dev/null; wait "$pid"', "sh", path.join(bin, "postgres"), "-D", data, "-p", String(port), "-k", base, "-c", "listen_addresses=127.0.0.1", ...(durable ? [] : ["-c", "fsync=off", "-c", "full_page_writes=off"]), "-c", "max_connections=200", "-c", "shared_buffers=16MB"],
       { stdio: ["pipe", out, out], cwd: base, ...as },
     );
     const exited = new Promise<number | null>((r) => child!.once("exit", (code) => r(code)));

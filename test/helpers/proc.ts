@@ -49,15 +49,44 @@ export function liveLocalRuns(stateDir: string, runs = path.join(stateDir, "loca
 }
 
 /**
- * Kills what a test left running under `stateDir` (workloads outlive a daemon's close by design):
- * the workload's process group, then its supervisor.
+ * Kills what a test left running under `stateDir` (or in `runs`; workloads outlive a daemon's
+ * close by design): the workload's process group and its supervisor by their pid files, then
+ * every process still in a run (its command line names the run directory, as the supervisor's
+ * and its deadline watchdog's do, or it works in it, as the workload and the watchdog's `sleep`
+ * do), by process group when the group's leader is one of them. The watchdog is a subshell of
+ * the supervisor in a group of its own: killing the supervisor leaves it sleeping until the
+ * grant's valid_to, and the pid files do not name it.
  */
-export function killLocalRuns(stateDir: string, runs?: string): void {
+export function killLocalRuns(stateDir: string, runs = path.join(stateDir, "local", "runs")): void {
   for (const [key, pid] of liveLocalRuns(stateDir, runs)) {
     try {
       process.kill(key.endsWith("workload_pid") ? -pid : pid, "SIGKILL");
     } catch {
       /* gone meanwhile */
+    }
+  }
+  const dirs = existsSync(runs) ? readdirSync(runs).map((id) => path.join(runs, id)) : [];
+  if (dirs.length === 0) return;
+  for (let pass = 0; pass < 3; pass++) {
+    const found = new Map<number, number>();
+    for (const entry of readdirSync("/proc")) {
+      const pid = Number(entry);
+      if (!/^\d+$/.test(entry) || pid === process.pid || !alive(pid)) continue;
+      if (!dirs.some((d) => aliveInRun(pid, d))) continue;
+      try {
+        const st = readFileSync(`/proc/${pid}/stat`, "utf8");
+        found.set(pid, Number(st.slice(st.lastIndexOf(")") + 2).split(" ")[2]));
+      } catch {
+        /* exited meanwhile */
+      }
+    }
+    if (found.size === 0) return;
+    for (const [pid, pgrp] of found) {
+      try {
+        process.kill(found.has(pgrp) ? -pgrp : pid, "SIGKILL");
+      } catch {
+        /* gone meanwhile */
+      }
     }
   }
 }
