@@ -116,8 +116,9 @@ export class PostgresStore implements Store {
   /** Connect, migrate (or refuse a newer schema), count, and append logs a crash kept out of the jsonl. */
   static async open(o: PostgresStoreOptions): Promise<PostgresStore> {
     mkdirSync(o.stateDir, { recursive: true, mode: 0o700 });
-    const pool = newPool(o.url, o.poolSize ?? 8, o.connectTimeoutMs ?? 10_000);
-    const leasePool = newPool(o.url, LEASE_POOL_SIZE, o.connectTimeoutMs ?? 10_000);
+    const ttl = o.leaseTtlMs ?? DEFAULT_LEASE_TTL_MS;
+    const pool = newPool(o.url, o.poolSize ?? 8, o.connectTimeoutMs ?? 10_000, ttl);
+    const leasePool = newPool(o.url, LEASE_POOL_SIZE, o.connectTimeoutMs ?? 10_000, ttl);
     const s = new PostgresStore(pool, leasePool, o.clock, o.stateDir, o);
     try {
       await pgMigrate(pool, o.onNewDatabase);
@@ -631,8 +632,22 @@ export class PostgresStore implements Store {
  * A pool whose idle-connection errors (the server restarting) are absorbed: the next query
  * reconnects. Idle connections do not keep the process alive (as an idle SQLite store does not).
  */
-export function newPool(url: string, max: number, connectTimeoutMs: number): pg.Pool {
-  const pool = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: connectTimeoutMs, idleTimeoutMillis: 30_000, allowExitOnIdle: true, keepAlive: true, types, application_name: "compute-bridge" });
+export function newPool(url: string, max: number, connectTimeoutMs: number, idleInTransactionMs?: number): pg.Pool {
+  const pool = new pg.Pool({
+    connectionString: url,
+    max,
+    connectionTimeoutMillis: connectTimeoutMs,
+    idleTimeoutMillis: 30_000,
+    allowExitOnIdle: true,
+    keepAlive: true,
+    types,
+    application_name: "compute-bridge",
+    // A replica stalled inside a transaction (SIGSTOP, a long pause) would hold its locks (the
+    // admission lock, grant rows) and stall the other replicas until it woke: the server ends such
+    // a session after this long, rolling it back. A replica stalled that long has lost its leases
+    // anyway (it is the lease TTL).
+    ...(idleInTransactionMs !== undefined ? { idle_in_transaction_session_timeout: idleInTransactionMs } : {}),
+  });
   pool.on("error", () => undefined);
   return pool;
 }

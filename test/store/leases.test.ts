@@ -198,6 +198,17 @@ describe("leases (postgres)", () => {
   });
 });
 
+describe("a stalled replica (postgres)", () => {
+  it("holds no lock past its lease TTL: the server ends its sessions idle in a transaction that long", async (t) => {
+    const p = await postgres.place(t);
+    const a = await replica(t, p, "a");
+    // Both pools (grant writes, and leases with the leader role), as the server sees their sessions.
+    type Q = { query(q: string): Promise<{ rows: Record<string, string>[] }> };
+    const { pool, leasePool } = a as unknown as { pool: Q; leasePool: Q };
+    for (const q of [pool, leasePool]) assert.equal((await q.query("SHOW idle_in_transaction_session_timeout")).rows[0]!.idle_in_transaction_session_timeout, `${TTL}ms`);
+  });
+});
+
 describe("provider identity (postgres)", () => {
   it("the first replica records its public key; the others get it back to compare with theirs", async (t) => {
     const p = await postgres.place(t);
