@@ -169,6 +169,14 @@ describe("replicas on one PostgreSQL database", () => {
     assert.deepEqual(startsOf(r).sort(), [...ids.r1, ...ids.r2].sort(), "every workload started exactly once");
     assert.equal(liveLocalRuns("", r.runs).size, 0, "nothing left running");
     assert.match(c.output(), /taking over a grant whose replica's lease lapsed/);
+    // Who drives what, in r3's metrics and on every one of its log lines.
+    const metrics = (await call(c.url, "GET", "/metrics")).text;
+    assert.match(metrics, /^cb_replica_info\{replica="r3",store="postgres"\} 1$/m);
+    assert.match(metrics, /^cb_leader 1$/m);
+    const taken = [...metrics.matchAll(/^cb_lease_takeovers_total\{from_replica="(r[12])"\} (\d+)$/gm)].reduce((n, m) => n + Number(m[2]), 0);
+    assert.equal(taken, 16, metrics.split("\n").filter((l) => l.startsWith("cb_lease")).join("\n"));
+    const lines = c.output().split("\n").filter((l) => l.startsWith("{"));
+    assert.ok(lines.length > 0 && lines.every((l) => (JSON.parse(l) as { replica?: string }).replica === "r3"), "every log line names its replica");
   });
 
   it("the database restarts mid-run: replicas answer 503 meanwhile, reconnect by themselves, and nothing is lost", async (t) => {
