@@ -20,9 +20,9 @@ function size(file: string): number | null {
  * What in `stateDir`, and in the local backend's run directories (`localRunsDir`: its runs_dir,
  * maybe outside state_dir), shows that a bridge ran there before (empty when nothing does).
  */
-export function previousUse(stateDir: string, localRunsDir: string): string[] {
+export function previousUse(stateDir: string, localRunsDir: string, o: { identity?: boolean } = {}): string[] {
   const found: string[] = [];
-  if (existsSync(path.join(stateDir, "identity.key"))) found.push("identity.key");
+  if ((o.identity ?? true) && existsSync(path.join(stateDir, "identity.key"))) found.push("identity.key");
   if ((size(path.join(stateDir, "compute-log.jsonl")) ?? 0) > 0) found.push("compute-log.jsonl");
   if (existsSync(path.join(stateDir, "bridge.db-wal"))) found.push("bridge.db-wal");
   let runs = 0;
@@ -70,7 +70,9 @@ export function assertDatabaseNotLost(stateDir: string, localRunsDir: string): (
  * schema exists (it consumes ALLOW_NEW_DATABASE).
  */
 export function assertPgDatabaseNotLost(stateDir: string, localRunsDir: string): () => void {
-  const used = previousUse(stateDir, localRunsDir);
+  // identity.key alone shows no grants here: the provider's key is copied into every replica's
+  // state_dir before its first start, the first replica on a new database included.
+  const used = previousUse(stateDir, localRunsDir, { identity: false });
   if (existsSync(path.join(stateDir, "bridge.db"))) used.push("bridge.db (a SQLite state database)");
   if (used.length === 0) return () => {};
   const ack = path.join(stateDir, ALLOW_NEW_DATABASE);

@@ -5,7 +5,7 @@ import { after, describe, it } from "node:test";
 import { localRunsDir } from "../../src/config/schema.js";
 import { ALLOW_NEW_DATABASE, assertDatabaseNotLost, LostDatabaseError, previousUse } from "../../src/store/state-check.js";
 import { SqliteStore as Store } from "../../src/store/sqlite.js";
-import { openCheckedStore } from "../../src/store/store.js";
+import { openCheckedStore, SCHEMA_VERSION } from "../../src/store/store.js";
 import { systemClock } from "../../src/util/clock.js";
 import { ENGINES, stopEngines } from "../helpers/store-engines.js";
 import { tempDir } from "../helpers/tmp.js";
@@ -84,13 +84,21 @@ for (const engine of ENGINES) {
       await (await openCheckedStore(spec(p), systemClock, runsOf(p.dir))).close();
     });
 
+    if (engine.name === "postgres")
+      it("a replica's state dir holding only the provider's identity.key opens a new database (the docs have it copied in first)", async (t) => {
+        const p = await engine.place(t);
+        writeFileSync(path.join(p.dir, "identity.key"), "k");
+        await (await openCheckedStore(spec(p), systemClock, runsOf(p.dir))).close();
+        assert.equal(await p.version(), SCHEMA_VERSION);
+      });
+
     it("a used state dir next to a new, empty database refuses, creates nothing, and the allow file allows one start", async (t) => {
       const p = await engine.place(t);
       writeFileSync(path.join(p.dir, "identity.key"), "k");
       writeFileSync(path.join(p.dir, "compute-log.jsonl"), "{}\n");
       await assert.rejects(openCheckedStore(spec(p), systemClock, runsOf(p.dir)), (e: unknown) => {
         assert.ok(e instanceof LostDatabaseError);
-        assert.match(e.message, /identity\.key, compute-log\.jsonl/);
+        assert.match(e.message, engine.name === "sqlite" ? /identity\.key, compute-log\.jsonl/ : /\(compute-log\.jsonl\)/);
         assert.match(e.message, new RegExp(ALLOW_NEW_DATABASE));
         if (engine.name === "postgres") assert.match(e.message, /no compute-bridge schema/);
         return true;

@@ -33,12 +33,13 @@
  * the chaos.
  */
 import assert from "node:assert/strict";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, describe, it, type TestContext } from "node:test";
 import { Ec2Fake } from "../fakes/ec2.js";
 import { spawnDaemon, type ChildDaemon } from "../helpers/child-daemon.js";
+import { Identity } from "../../src/util/identity.js";
 import { tickIn, TEST_TOKEN, writeLocalConfig } from "../helpers/config.js";
 import { until } from "../helpers/http.js";
 import { startPostgres, stopPostgres } from "../helpers/postgres.js";
@@ -167,6 +168,13 @@ describe("replicas under chaos", { timeout: 175_000 }, () => {
       });
       return { name, config, d: null, stopped: false, busy: false, lives: [] };
     });
+    // One provider: every replica signs with the same identity.key (docs/operations.md).
+    const key = path.join(dir, "identity");
+    Identity.loadOrCreate(key);
+    for (const r of replicas) {
+      mkdirSync(path.join(dir, r.name, "state"), { recursive: true, mode: 0o700 });
+      copyFileSync(path.join(key, "identity.key"), path.join(dir, r.name, "state", "identity.key"));
+    }
     // Every process this test starts is killed, also on a failure or a timeout (a stopped one is woken first).
     // A test that did not pass leaves the replicas' output and its progress samples in a file.
     let closed = false;
