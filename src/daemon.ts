@@ -177,6 +177,7 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   // The singletons (orphan sweep, card, market outbox) run on one replica: the holder of the
   // leased, fenced "leader" role. With SQLite there is one replica, and it is the leader.
   let leader = !store.shared;
+  metrics.leader.set(leader ? 1 : 0);
   let stopping = false;
   const leaderStop = new AbortController();
   const leaderTick = async () => {
