@@ -299,7 +299,8 @@ export class GrantManager {
         return { request_id: grant.request_id, grant, envelope, backend: route.backend.name, placement: route.placement, price_per_hour: route.price_per_hour, private_key: privateKey, public_key: publicKey };
       });
     } catch (e) {
-      this.o.fleet.release(grant.request_id);
+      // Only what this admission reserved (not another replica's grant of this id the feed brought).
+      if (route.ok) this.o.fleet.release(grant.request_id);
       throw e;
     }
     if (!r || !route.ok) {
