@@ -14,6 +14,7 @@ import type { ManagedBackend } from "../src/backends/backend.js";
 import { fromDist } from "./lib/dist.js";
 import { LoadClient, table, type LoadJob, type LoadResult } from "./lib/load.js";
 import { cpuByGroup, threadCpuMs } from "./lib/threads.js";
+import { cardConfigToml } from "./lib/card-config.js";
 
 // The accept path as the daemon runs it: the compiled build, not the source under tsx (whose
 // transform and loader add 10-15% to the CPU per request).
@@ -42,22 +43,7 @@ function parkedBackend(): ManagedBackend {
   };
 }
 
-const CFG = `
-[bridge]
-provider_id = "bench"
-state_dir = "/tmp/unused"
-[listener]
-bind = "127.0.0.1:0"
-token_file = "t"
-[almanac]
-genesis = 2026-01-01T00:00:00Z
-tick_seconds = 1
-[backends.local]
-region = "bench-1"
-cpu_millicores = 1000
-ram_mib = 1000
-max_concurrent = 1
-`;
+const CFG = cardConfigToml("bench-1");
 
 export async function run(seconds = 8, connections = 32, rounds = 10): Promise<{ bare: LoadResult; bridge: LoadResult; text: string }> {
   const dir = mkdtempSync(path.join(process.env.BENCH_STATE_PARENT ?? os.tmpdir(), "cb-bench-"));

@@ -27,6 +27,7 @@ import type { Store } from "../src/store/store.js";
 import { startPostgres, stopPostgres, type PgCluster } from "../test/helpers/postgres.js";
 import { fromDist } from "./lib/dist.js";
 import { LoadClient, table, type LoadResult } from "./lib/load.js";
+import { cardConfigToml } from "./lib/card-config.js";
 
 const { Almanac } = await fromDist<typeof import("../src/domain/index.js")>("domain/index.js");
 const { Fleet } = await fromDist<typeof import("../src/fleet/fleet.js")>("fleet/fleet.js");
@@ -43,22 +44,7 @@ const { createLogger } = await fromDist<typeof import("../src/util/logger.js")>(
 const TOKEN = "bench-token-0123456789";
 const REGION = "bench-1";
 /** For the card route only (never called here); the backend is the parked one below. */
-const CFG = `
-[bridge]
-provider_id = "bench"
-state_dir = "/tmp/unused"
-[listener]
-bind = "127.0.0.1:0"
-token_file = "t"
-[almanac]
-genesis = 2026-01-01T00:00:00Z
-tick_seconds = 1
-[backends.local]
-region = "${REGION}"
-cpu_millicores = 1000
-ram_mib = 1000
-max_concurrent = 1
-`;
+const CFG = cardConfigToml(REGION);
 
 /** Accepts every grant and parks it: the bench measures the accept path, not workloads. */
 function parkedBackend(): ManagedBackend {
