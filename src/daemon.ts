@@ -111,20 +111,16 @@ export async function startDaemon(o: DaemonOptions): Promise<Daemon> {
   const identity = Identity.loadOrCreate(stateDir);
   // Replicas sharing a database are one provider: one signature on the card and every ComputeLog.
   if (store.shared) {
-    let pinned: string;
     try {
-      pinned = await store.pinIdentity(identity.publicKeyBase64);
+      const pinned = await store.pinIdentity(identity.publicKeyBase64);
+      if (pinned !== identity.publicKeyBase64)
+        throw new Error(
+          `${path.join(stateDir, "identity.key")} is not the provider identity the other replicas on this database sign with (public key ${pinned.slice(0, 24)}...): copy identity.key from a replica's state_dir into this one (docs/operations.md, "Several replicas")`,
+        );
     } catch (e) {
       await store.close().catch(() => undefined);
       releaseLock();
       throw e;
-    }
-    if (pinned !== identity.publicKeyBase64) {
-      await store.close().catch(() => undefined);
-      releaseLock();
-      throw new Error(
-        `${path.join(stateDir, "identity.key")} is not the provider identity the other replicas on this database sign with (public key ${pinned.slice(0, 24)}...): copy identity.key from a replica's state_dir into this one (docs/operations.md, "Several replicas")`,
-      );
     }
   }
   const almanac = new Almanac(cfg.almanac.genesis, cfg.almanac.tick_seconds);

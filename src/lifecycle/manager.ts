@@ -361,7 +361,7 @@ export class GrantManager {
     // Never a grant this replica still drives: a task dropped after losing its lease may still be
     // unwinding, and a new token under it would let its stale writes through (or leave the grant
     // leased here, renewed, with no task once it ends).
-    const driven = [...this.tasks.keys(), ...this.queue.ids()];
+    const driven = this.drivenIds();
     const claimed = (await this.o.store.claim(CLAIM_BATCH, driven)).filter((c) => !this.tasks.has(c.record.request_id) && !this.queue.info(c.record.request_id));
     for (const { record: rec, previous } of claimed) {
       if (previous !== null && previous !== this.o.store.replicaId) {
@@ -400,7 +400,7 @@ export class GrantManager {
       } catch (e) {
         const silent = this.o.clock.now() - renewedAt;
         this.o.log.warn({ err: { message: messageOf(e) }, since_ms: silent }, "could not renew this replica's leases");
-        if (silent >= store.leaseTtlMs) for (const id of [...this.tasks.keys(), ...this.queue.ids()]) this.drop(id, "its lease could not be renewed for a whole TTL");
+        if (silent >= store.leaseTtlMs) for (const id of this.drivenIds()) this.drop(id, "its lease could not be renewed for a whole TTL");
         continue;
       }
       try {
@@ -409,6 +409,11 @@ export class GrantManager {
         this.o.log.warn({ err: { message: messageOf(e) } }, "could not take over lapsed leases; trying again at the next renewal");
       }
     }
+  }
+
+  /** Every grant this replica drives: a task, or a place in a provisioning queue. */
+  private drivenIds(): string[] {
+    return [...this.tasks.keys(), ...this.queue.ids()];
   }
 
   /** Stop driving a grant whose lease this replica lost, without writing or acting on it. */
