@@ -484,7 +484,9 @@ export class CloudVmBackend implements ManagedBackend {
         const m = parseMarker(text, instance.request_id);
         if (m) return this.fromMarker(instance, m, endedAt);
       }
-      if (this.clock.now() >= lookUntil) break;
+      // Only a console read that worked and lacked the marker ends the look: a failed one (a
+      // throttled or 5xx read, bounded by MARKER_READ_ERRORS) says nothing about the marker.
+      if (text !== null && this.clock.now() >= lookUntil) break;
       await this.clock.sleep(this.pollMs, signal);
     }
     if (st.selfStopped === true) {
