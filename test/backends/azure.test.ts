@@ -570,6 +570,28 @@ describe("azure backend: the guest's SSH host key", { timeout: SUITE_TIMEOUT_MS 
     await backend.terminate(inst);
   });
 
+  it("failing serial log reads after a power-off do not use up the marker's grace: the exit code is still read; MARKER_READ_ERRORS failures in a row end the watch with the error", async (t) => {
+    const { fake, backend } = await setup(t);
+    const watchOf = async (id: string, failures: number) => {
+      const inst = await backend.provision(grant(id), envelope, never);
+      const watch = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
+      // The grace is two polls (the blob lags the guest); each failure here outlasts a poll.
+      fake.failNext("GET", new RegExp(`${naming.names(id).vm}\\.[^/]*serialconsole\\.log$`, "i"), 503, "ServerBusy", "The server is busy.", failures);
+      fake.guestPowerOff(RG, naming.names(id).vm, `${exitMarker(id, 6)}\n`);
+      return { inst, watch };
+    };
+    // Four failed reads, then one that works: the marker is there, so the workload exited 6 (not lost).
+    const a = await watchOf("marker-flaky", 4);
+    const obs = await a.watch;
+    assert.deepEqual([obs.kind, obs.exit_code, obs.failure], ["exited", 6, null]);
+    assert.equal(fake.countCalls({ method: "GET", kind: "blob", status: 503 }), 4);
+    await backend.terminate(a.inst);
+    // Five in a row (MARKER_READ_ERRORS): the watch ends with the typed error, the manager's to retry.
+    const b = await watchOf("marker-down", 5);
+    assert.ok((await rejection(b.watch)) instanceof TransientError);
+    await backend.terminate(b.inst);
+  });
+
   it("boot diagnostics turned off on an adopted VM: no waiting (ConsoleUnavailable), null host key; its exit is lost (no marker can be read)", async (t) => {
     const { fake, backend, logs } = await setup(t, { cfg: { host_key_timeout_seconds: 20 } });
     const id = "hk-nodiag";
