@@ -575,7 +575,7 @@ describe("azure backend: the guest's SSH host key", { timeout: SUITE_TIMEOUT_MS 
     const watchOf = async (id: string, failures: number) => {
       const inst = await backend.provision(grant(id), envelope, never);
       const watch = backend.watchUntilExit(inst, new Date(Date.now() + 60_000), never);
-      // The grace is two polls (the blob lags the guest); each failure here outlasts a poll.
+      // The grace is two polls (the blob lags the guest): four failed reads and the polls between them outlast it.
       fake.failNext("GET", new RegExp(`${naming.names(id).vm}\\.[^/]*serialconsole\\.log$`, "i"), 503, "ServerBusy", "The server is busy.", failures);
       fake.guestPowerOff(RG, naming.names(id).vm, `${exitMarker(id, 6)}\n`);
       return { inst, watch };
