@@ -52,7 +52,7 @@ const OPEN = "('accepted','provisioning','running','terminating')";
  * admission reads, no ledger change is between its sequence number and its commit, and reading
  * `ledger_seq > cursor` misses nothing.
  */
-const LEDGER_LOCK = 0x6362_1901;
+export const LEDGER_LOCK = 0x6362_1901;
 
 /**
  * The PostgreSQL engine: the grant state of every replica of one provider in one database
@@ -117,8 +117,9 @@ export class PostgresStore implements Store {
   static async open(o: PostgresStoreOptions): Promise<PostgresStore> {
     mkdirSync(o.stateDir, { recursive: true, mode: 0o700 });
     const ttl = o.leaseTtlMs ?? DEFAULT_LEASE_TTL_MS;
-    const pool = newPool(o.url, o.poolSize ?? 8, o.connectTimeoutMs ?? 10_000, ttl);
-    const leasePool = newPool(o.url, LEASE_POOL_SIZE, o.connectTimeoutMs ?? 10_000, ttl);
+    const connectMs = o.connectTimeoutMs ?? 10_000;
+    const pool = newPool(o.url, o.poolSize ?? 8, connectMs, ttl);
+    const leasePool = newPool(o.url, LEASE_POOL_SIZE, connectMs, ttl);
     const s = new PostgresStore(pool, leasePool, o.clock, o.stateDir, o);
     try {
       await pgMigrate(pool, o.onNewDatabase);

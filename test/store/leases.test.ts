@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { after, describe, it } from "node:test";
 import pg from "pg";
-import { PostgresStore } from "../../src/store/postgres.js";
+import { LEDGER_LOCK, PostgresStore } from "../../src/store/postgres.js";
 import { LeaseLostError, type GrantRecord, type NewGrant, type Store } from "../../src/store/store.js";
 import { systemClock } from "../../src/util/clock.js";
 import { until } from "../helpers/http.js";
@@ -123,12 +123,12 @@ describe("leases (postgres)", () => {
     t.after(() => a.close());
     await a.accept(newGrant("g1"));
     // The ledgers' lock held elsewhere: a's next accept waits for it on a's only grant connection.
-    await blocker.query("SELECT pg_advisory_lock($1)", [0x6362_1901]);
+    await blocker.query("SELECT pg_advisory_lock($1)", [LEDGER_LOCK]);
     const blocked = a.accept(newGrant("g2"));
     assert.deepEqual(await a.renew(), { renewed: 1, lost: [], cancelled: [] });
     assert.deepEqual(await a.claim(10), []);
     assert.equal(await a.role("leader"), true);
-    await blocker.query("SELECT pg_advisory_unlock($1)", [0x6362_1901]);
+    await blocker.query("SELECT pg_advisory_unlock($1)", [LEDGER_LOCK]);
     assert.equal((await blocked).status, "created");
   });
 
