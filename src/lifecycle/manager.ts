@@ -360,7 +360,8 @@ export class GrantManager {
   private async claimAndStart(): Promise<number> {
     // Never a grant this replica still drives: a task dropped after losing its lease may still be
     // unwinding, and a new token under it would let its stale writes through (or leave the grant
-    // leased here, renewed, with no task once it ends).
+    // leased here, renewed, with no task once it ends). The filter after the claim is for SQLite,
+    // whose claim is every open grant, and for tasks started while the claim ran.
     const driven = this.drivenIds();
     const claimed = (await this.o.store.claim(CLAIM_BATCH, driven)).filter((c) => !this.tasks.has(c.record.request_id) && !this.queue.info(c.record.request_id));
     for (const { record: rec, previous } of claimed) {
